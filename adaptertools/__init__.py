@@ -1,0 +1,43 @@
+"""adaptertools: convert, merge and validate LoRA adapters.
+
+Library use::
+
+    import adaptertools as at
+    adapter = at.load("path/to/peft_adapter")          # -> Adapter
+    at.save(adapter, "adapter.safetensors", format="safetensors")
+    at.convert("peft_dir", "out.safetensors", to="safetensors")
+    info = at.inspect("peft_dir", layers=True)         # -> dict
+
+Imports are lazy: ``import adaptertools`` does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "api", "save": "api", "convert": "api", "inspect": "api",
+    "Adapter": "adapter", "LoraWeight": "adapter",
+    "AdapterToolsError": "errors", "FormatError": "errors", "UnsupportedError": "errors",
+    "InputNotFoundError": "errors", "OutputExistsError": "errors",
+    "AdapterToolsWarning": "errors",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import Adapter, LoraWeight
+    from .api import convert, inspect, load, save
+    from .errors import (AdapterToolsError, AdapterToolsWarning, FormatError,
+                         InputNotFoundError, OutputExistsError, UnsupportedError)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'adaptertools' has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""Rendering for the CLI: the only module that imports rich. Data to stdout, messages to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+
+
+def warning(message: str) -> None:
+    err.print(f"[bold yellow]warning:[/] {message}")
+
+
+def info(message: str) -> None:
+    err.print(message)
+
+
+def formats_table(rows: list[dict]) -> None:
+    table = Table(title="adapter formats")
+    for column in ("name", "read", "write", "package", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], _yes(row["read"]), _yes(row["write"]), row["package"],
+                      row["description"])
+    out.print(table)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def _fmt_counts(counts: dict) -> str:
+    return ", ".join(f"{k} (x{n})" for k, n in counts.items()) or "-"
+
+
+def inspect_report(report: dict) -> None:
+    table = Table(show_header=False, title=report["path"])
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("format", report["format"]),
+        ("base model", report["base_model"] or "-"),
+        ("size on disk", f"{report['size_bytes'] / 1e6:.2f} MB"),
+        ("adapted tensors", str(report["adapted_tensors"])),
+        ("replaced tensors", ", ".join(report["replaced_tensors"]) or "-"),
+        ("parameters", f"{report['parameters']:,}"),
+        ("dtypes", ", ".join(report["dtypes"])),
+        ("ranks", _fmt_counts(report["ranks"])),
+        ("effective scales", _fmt_counts({f"{float(k):.6g}": n
+                                          for k, n in report["scales"].items()})),
+        ("rsLoRA", _yes(report["rslora"])),
+        ("target modules", ", ".join(report["target_modules"]) or "-"),
+        ("layer kinds", _fmt_counts(report["layer_kinds"])),
+        ("DoRA", _yes(report["dora"])),
+        ("lora_bias", _yes(report["lora_bias"])),
+        ("total delta norm", f"{report['total_delta_norm']:.6g}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+    if "layers" in report:
+        layers = Table(title="per tensor (delta = scale * B @ A, from the factors)")
+        for column in ("tensor", "kind", "shape", "rank", "scale", "||delta||_F", "eff. rank",
+                       "dtype", "flags"):
+            layers.add_column(column, justify="right" if column in ("rank", "scale") else "left")
+        for row in report["layers"]:
+            layers.add_row(row["name"], row["layer"], "x".join(map(str, row["shape"])),
+                           str(row["rank"]), f"{row['scale']:.6g}", f"{row['delta_norm']:.4g}",
+                           f"{row['effective_rank']:.2f}", row["dtype"],
+                           ", ".join(row["flags"]) or "")
+        out.print(layers)
+    for problem in report["problems"]:
+        warning(problem)
+
+
+def convert_result(result: dict) -> None:
+    out.print(f"wrote {result['dst']} ({result['to']}) from {result['src']} ({result['from']}): "
+              f"{result['adapted_tensors']} LoRA tensors, {result['replaced_tensors']} full tensors")

@@ -1,0 +1,132 @@
+"""The data model: one LoRA factor pair per base tensor, in the layout of the stored base weight.
+
+No I/O and no format knowledge lives here. Readers resolve alpha, rank, rsLoRA, patterns and
+transpositions (``fan_in_fan_out``, embeddings) into ``LoraWeight.scale`` and the stored-weight
+layout once; after that every consumer computes ``delta = scale * b @ a``, shaped like the stored
+weight viewed 2-D.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from .errors import FormatError
+
+# How the base layer stores its weight, which decides the layout of the factors and the DoRA axis.
+#   linear    nn.Linear           weight (out, in)        delta = b @ a
+#   embedding nn.Embedding        weight (vocab, dim)     PEFT's (B @ A).T, i.e. a = B.T, b = A.T
+#   conv1d    GPT-2 Conv1D        weight (in, out)        PEFT's (B @ A).T (fan_in_fan_out)
+#   conv      nn.ConvNd           weight (out, in, *k)    viewed (out, in * prod(k))
+LayerKind = Literal["linear", "embedding", "conv1d", "conv"]
+LAYER_KINDS: tuple[str, ...] = ("linear", "embedding", "conv1d", "conv")
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeight:
+    """``delta = scale * (b @ a)`` in the layout of the stored base weight (viewed 2-D).
+
+    a: (r, cols)   cols = stored weight's shape[1] (times the kernel size for conv)
+    b: (rows, r)   rows = stored weight's shape[0]
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    layer: LayerKind = "linear"
+    # DoRA: target norms of the merged weight, 1-D, one per row (norm_dim 1) or column (norm_dim 0).
+    magnitude: torch.Tensor | None = None
+    # lora_bias: (rows,), added to the base bias times ``scale``.
+    bias: torch.Tensor | None = None
+    # Full stored shape of a conv weight, e.g. (out, in, kh, kw); None for 2-D weights.
+    weight_shape: tuple[int, ...] | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the delta as a 2-D matrix (rows, cols)."""
+        return int(self.b.shape[0]), int(self.a.shape[1])
+
+    @property
+    def norm_dim(self) -> int:
+        """Axis of the stored weight (viewed 2-D) the DoRA norm runs over."""
+        return 0 if self.layer in ("embedding", "conv1d") else 1
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter keyed by base tensor names, e.g. ``model.layers.0.self_attn.q_proj.weight``."""
+
+    weights: dict[str, LoraWeight] = field(default_factory=dict)
+    # modules_to_save and other trained full tensors, by base tensor name; they replace the base.
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_model: str | None = None
+    # Provenance and format extras that must survive a round trip; JSON-serialisable.
+    metadata: dict = field(default_factory=dict)
+
+
+def check_weight(name: str, w: LoraWeight, *, where: str = "") -> None:
+    """Raise FormatError when the factors of ``name`` do not fit together."""
+    at = f"{where}: " if where else ""
+    if w.a.dim() != 2 or w.b.dim() != 2:
+        raise FormatError(f"{at}{name}: LoRA factors must be 2-D, got A {tuple(w.a.shape)} and "
+                          f"B {tuple(w.b.shape)}")
+    if w.a.shape[0] != w.b.shape[1]:
+        raise FormatError(f"{at}{name}: rank of A ({w.a.shape[0]}) and B ({w.b.shape[1]}) differ; "
+                          "the file is corrupt or A and B come from different adapters")
+    if w.rank == 0:
+        raise FormatError(f"{at}{name}: rank-0 factors; drop this tensor from the adapter")
+    if w.layer not in LAYER_KINDS:
+        raise FormatError(f"{at}{name}: unknown layer kind {w.layer!r}")
+    if not math.isfinite(w.scale):
+        raise FormatError(f"{at}{name}: scale is {w.scale}; fix lora_alpha / r in the config")
+    rows, cols = w.shape
+    if w.magnitude is not None:
+        expected = rows if w.norm_dim == 1 else cols
+        if w.magnitude.numel() != expected:
+            raise FormatError(f"{at}{name}: DoRA magnitude has {w.magnitude.numel()} values, "
+                              f"expected {expected}")
+    if w.bias is not None and w.bias.numel() != rows:
+        raise FormatError(f"{at}{name}: lora bias has {w.bias.numel()} values, expected {rows}")
+    if w.layer == "conv":
+        if w.weight_shape is None or math.prod(w.weight_shape[1:]) != cols or \
+                w.weight_shape[0] != rows:
+            raise FormatError(f"{at}{name}: conv factors {tuple(w.b.shape)} @ {tuple(w.a.shape)} "
+                              f"do not fit weight shape {w.weight_shape}")
+
+
+def nonfinite_tensors(adapter: Adapter) -> list[str]:
+    """Names ('<tensor>.lora_A' etc.) of every factor or tensor holding NaN or Inf."""
+    bad = []
+    for name, w in adapter.weights.items():
+        parts = {"lora_A": w.a, "lora_B": w.b, "magnitude": w.magnitude, "bias": w.bias}
+        bad += [f"{name} ({part})" for part, t in parts.items()
+                if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
+    bad += [name for name, t in adapter.replacements.items()
+            if t.is_floating_point() and not torch.isfinite(t).all()]
+    return bad
+
+
+def cast_adapter(adapter: Adapter, dtype: torch.dtype | None) -> Adapter:
+    """A copy with every floating tensor in ``dtype`` (None keeps each tensor's own dtype)."""
+    if dtype is None:
+        return adapter
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    weights = {n: replace(w, a=cast(w.a), b=cast(w.b), magnitude=cast(w.magnitude),
+                          bias=cast(w.bias)) for n, w in adapter.weights.items()}
+    replacements = {n: cast(t) for n, t in adapter.replacements.items()}
+    return Adapter(weights, replacements, adapter.base_model, dict(adapter.metadata))
+
+
+def module_name(tensor_name: str) -> str:
+    """``model.layers.0.q_proj.weight`` -> ``model.layers.0.q_proj`` (the LoRA'd parameter's module)."""
+    return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else tensor_name

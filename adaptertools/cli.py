@@ -1,0 +1,120 @@
+"""The ``adaptertools`` command: thin click wrappers around the library.
+
+Exit codes: 0 success, 1 failed operation (bad input, refused conversion), 2 command-line misuse.
+Nothing heavy is imported at module level, so ``adaptertools --help`` stays fast (no torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+
+import click
+
+from . import __version__
+
+DTYPE_CHOICE = click.Choice(["keep", "fp32", "fp16", "bf16"])
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from . import _ui
+
+    _ui.warning(str(message))
+
+
+def handle_errors(func):
+    """Turn the library's errors into one red line on stderr and exit code 1, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from .errors import AdapterToolsError
+
+        warnings.showwarning = _show_warning
+        try:
+            return func(*args, **kwargs)
+        except (AdapterToolsError, OSError) as exc:
+            from . import _ui
+
+            _ui.error(str(exc))
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adaptertools")
+def cli() -> None:
+    """Convert, merge and validate LoRA adapters (PEFT, safetensors, GGUF)."""
+
+
+@cli.command("formats")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def formats_cmd(as_json: bool) -> None:
+    """List the adapter formats, built-in and from plugins."""
+    from . import _ui
+    from .registry import formats
+
+    rows = [{"name": f.name, "read": f.can_read, "write": f.can_write, "package": f.package,
+             "description": f.description} for f in formats().values()]
+    _ui.print_json(rows) if as_json else _ui.formats_table(rows)
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--layers", is_flag=True, help="One row per adapted tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--from", "from_format", metavar="FORMAT", help="Skip format detection.")
+@click.option("--scale", type=float, help="Scale for bare factor files without a config.")
+@handle_errors
+def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
+                scale: float | None) -> None:
+    """Show what an adapter holds: ranks, scales, targets, sizes and problems."""
+    from . import _ui
+    from .api import inspect
+
+    report = inspect(path, layers=layers, format=from_format, scale=scale)
+    _ui.print_json(report) if as_json else _ui.inspect_report(report)
+
+
+@cli.command("convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to_format", required=True, metavar="FORMAT",
+              help="Target format (see `adaptertools formats`).")
+@click.option("--from", "from_format", metavar="FORMAT", help="Skip format detection.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
+              help="Cast the factors.")
+@click.option("--scale", type=float, help="Scale for bare factor files without a config.")
+@click.option("--force", is_flag=True, help="Overwrite DST.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dtype: str,
+                scale: float | None, force: bool, as_json: bool) -> None:
+    """Convert the adapter SRC into DST in another format, losslessly or not at all."""
+    from . import _ui
+    from .api import convert
+
+    result = convert(src, dst, to=to_format, from_format=from_format, dtype=dtype, force=force,
+                     scale=scale)
+    _ui.print_json(result) if as_json else _ui.convert_result(result)
+
+
+@cli.command("demo")
+@click.option("--workdir", type=click.Path(), help="Keep the demo files here (default: a temp dir).")
+@handle_errors
+def demo_cmd(workdir: str | None) -> None:
+    """Build a tiny Llama-style base and adapter in code and run every command on them."""
+    from .demo import run_demo
+
+    ok = run_demo(workdir)
+    sys.exit(0 if ok else 1)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

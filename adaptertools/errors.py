@@ -1,0 +1,31 @@
+"""One exception base and its few subclasses.
+
+Each subclass also inherits the matching builtin, so callers that catch ``ValueError`` or
+``FileNotFoundError`` keep working. Messages name the file or tensor and say what to do next.
+"""
+
+from __future__ import annotations
+
+
+class AdapterToolsError(Exception):
+    """Base of every error adaptertools raises on purpose."""
+
+
+class FormatError(AdapterToolsError, ValueError):
+    """An input file is malformed or inconsistent (bad config, missing factor, bad shapes)."""
+
+
+class UnsupportedError(AdapterToolsError, ValueError):
+    """The input is valid but uses something adaptertools (or the target format) cannot express."""
+
+
+class InputNotFoundError(AdapterToolsError, FileNotFoundError):
+    """A path given as input does not exist."""
+
+
+class OutputExistsError(AdapterToolsError, FileExistsError):
+    """The destination exists and ``force`` was not given."""
+
+
+class AdapterToolsWarning(UserWarning):
+    """Loud warnings the CLI shows on stderr (base-modifying init methods, guessed scales)."""

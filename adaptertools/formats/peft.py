@@ -1,0 +1,396 @@
+"""Hugging Face PEFT LoRA folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Facts this module encodes (FORMATS.md, checked against PEFT 0.21.2):
+
+- keys ``base_model.model.<module>.lora_A.weight`` (r, in) / ``lora_B.weight`` (out, r);
+  embeddings ``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (dim, r), delta ``(B @ A).T``;
+  GPT-2 Conv1D (``fan_in_fan_out``) stores its weight (in, out), delta ``(B @ A).T``;
+  ConvNd ``lora_A`` (r, in, *k), ``lora_B`` (out, r, 1, ...);
+  DoRA ``lora_magnitude_vector`` ((out,), or (1, out, 1, ...) for conv); ``lora_B.bias``;
+  full tensors (modules_to_save, a targeted embedding's ``base_layer.weight``) under their names.
+- scale ``lora_alpha / r`` or ``lora_alpha / sqrt(r)`` (rsLoRA); r and alpha per module from
+  ``rank_pattern`` / ``alpha_pattern`` matched as ``(.*\\.)?(pattern)$``, first match wins.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .._io import load_safetensors, read_json, write_json
+from ..adapter import Adapter, LoraWeight, check_weight, module_name
+from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
+
+DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
+SNIFF_ORDER = 10
+OUTPUT_IS_DIR = True
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+# init_lora_weights values whose adapter only fits a base that PEFT modified at init time.
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+# Config switches that change what the factors mean; reading them as plain LoRA would be wrong.
+UNSUPPORTED_SWITCHES = ("use_qalora", "use_bdlora", "layer_replication", "target_parameters",
+                        "trainable_token_indices")
+
+
+# ----------------------------------------------------------------------------- locating
+
+def locate(path: Path) -> Path | None:
+    """The folder holding ``adapter_config.json`` that ``path`` designates, or None.
+
+    Accepts the folder, its config or weights file, or a parent whose only adapter sits in a
+    named subfolder (PEFT saves adapters not named ``default`` that way).
+    """
+    path = Path(path)
+    if path.is_file():
+        is_ours = path.name in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
+        return path.parent if is_ours and (path.parent / CONFIG_NAME).is_file() else None
+    if not path.is_dir():
+        return None
+    if (path / CONFIG_NAME).is_file():
+        return path
+    subfolders = sorted(p for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+    if len(subfolders) > 1:
+        names = ", ".join(p.name for p in subfolders)
+        raise FormatError(f"{path}: holds several PEFT adapters ({names}); pass one of them, "
+                          f"e.g. {subfolders[0]}")
+    return subfolders[0] if subfolders else None
+
+
+def sniff(path: Path) -> bool:
+    try:
+        return locate(path) is not None
+    except FormatError:
+        return True  # it is PEFT; read() raises the helpful error
+
+
+# ----------------------------------------------------------------------------- config maths
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's ``get_pattern_key``: first pattern matching a dotted suffix of ``module`` wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def resolve_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    rank = pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    return int(rank), alpha
+
+
+def scale_of(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def alpha_for(scale: float, rank: int, use_rslora: bool) -> float:
+    """An alpha for which PEFT's ``alpha / r`` (or ``/ sqrt(r)``) gives back ``scale`` exactly.
+
+    ``scale * r / r`` is not always ``scale`` in float64, so step a few ulps around the product.
+    """
+    denominator = math.sqrt(rank) if use_rslora else rank
+    guess = scale * denominator
+    candidates = [guess]
+    for direction in (math.inf, -math.inf):
+        value = guess
+        for _ in range(4):
+            value = math.nextafter(value, direction)
+            candidates.append(value)
+    for alpha in candidates:
+        if scale_of(alpha, rank, use_rslora) == scale:
+            return int(alpha) if alpha.is_integer() and abs(alpha) < 2**53 else alpha
+    return guess  # within one ulp; cannot be closer in float64
+
+
+def targets_cover(target_modules, module: str) -> bool:
+    """PEFT's target matching: a string is a full regex; a list matches names or dotted suffixes."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in (target_modules or []))
+
+
+def check_config(config: dict, where: Path) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedError(f"{where}: not supported yet: {peft_type} (only LoRA and DoRA "
+                               "adapters are read)")
+    for switch in UNSUPPORTED_SWITCHES:
+        if config.get(switch):
+            raise UnsupportedError(f"{where}: not supported yet: {switch}={config[switch]!r}")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise FormatError(f"{where}: `{key}` is missing or not a positive number "
+                              f"(got {value!r}); set it to the value used in training")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_MODIFYING_INITS):
+        warnings.warn(f"{where}: init_lora_weights={config['init_lora_weights']!r} means this "
+                      "adapter only fits a base that PEFT modified at init time; merging it into "
+                      "the original base gives WRONG weights unless it was converted to plain LoRA "
+                      "(PEFT's path_initial_model_for_weight_conversion)",
+                      AdapterToolsWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- state dict -> Adapter
+
+def split_key(key: str) -> tuple[str, str | None, str | None]:
+    """``base_model.model.m.lora_A.weight`` -> (module ``m``, part ``lora_A``, param ``weight``).
+
+    Non-LoRA keys give (base tensor name, None, None). Adapter names kept by some savers
+    (``lora_A.default.weight``) are dropped.
+    """
+    key = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+    tokens = key.split(".")
+    part_at = max((i for i, t in enumerate(tokens) if t in LORA_PARTS), default=None)
+    if part_at is None or part_at == 0:
+        # a full tensor; ``m.base_layer.weight`` and ``m.modules_to_save.<name>.weight`` are m's
+        if "modules_to_save" in tokens:
+            i = tokens.index("modules_to_save")
+            tokens = tokens[:i] + tokens[i + 2:]
+        return ".".join(t for t in tokens if t != "base_layer"), None, None
+    rest = tokens[part_at + 1:]
+    param = rest[-1] if rest and rest[-1] in ("weight", "bias") else None
+    return ".".join(tokens[:part_at]), tokens[part_at], param
+
+
+def group_state_dict(state_dict: dict[str, torch.Tensor]):
+    """Split a PEFT state dict into {module: {part/param: tensor}} and full replacement tensors."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        module, part, param = split_key(key)
+        if part is None:
+            replacements[module] = tensor
+        else:
+            slot = "lora_B.bias" if (part, param) == ("lora_B", "bias") else part
+            modules.setdefault(module, {})[slot] = tensor
+    return modules, replacements
+
+
+def build_weight(module: str, parts: dict[str, torch.Tensor], scale: float,
+                 fan_in_fan_out: bool, where: Path) -> LoraWeight:
+    """One module's PEFT tensors -> a LoraWeight in the stored-weight layout."""
+    if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
+        first, second, layer = "lora_embedding_A", "lora_embedding_B", "embedding"
+    else:
+        first, second, layer = "lora_A", "lora_B", "linear"
+    for have, need in ((first, second), (second, first)):
+        if have in parts and need not in parts:
+            raise FormatError(f"{where}: {module}.{have} has no matching {need}; the adapter "
+                              "file is incomplete, save it again")
+    if first not in parts:
+        raise FormatError(f"{where}: {module} has {', '.join(parts)} but no LoRA factors")
+    A, B = parts[first], parts[second]  # PEFT layout: A (r, in, ...), B (out, r, ...)
+    if A.shape[0] != B.shape[1]:
+        raise FormatError(f"{where}: {module}: {first} has rank {A.shape[0]} but {second} has "
+                          f"rank {B.shape[1]}; the factors come from different adapters")
+    weight_shape = None
+    if layer == "embedding":
+        a, b = B.T, A.T                      # stored (vocab, dim): a (r, dim), b (vocab, r)
+    elif A.dim() > 2:
+        layer = "conv"
+        weight_shape = (int(B.shape[0]),) + tuple(int(s) for s in A.shape[1:])
+        a, b = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+    elif fan_in_fan_out:
+        layer = "conv1d"
+        a, b = B.T, A.T                      # stored (in, out): a (r, out), b (in, r)
+    else:
+        a, b = A, B
+    magnitude = parts.get("lora_magnitude_vector")
+    weight = LoraWeight(a=a.contiguous(), b=b.contiguous(), scale=scale, layer=layer,
+                        magnitude=None if magnitude is None else magnitude.reshape(-1),
+                        bias=parts.get("lora_B.bias"), weight_shape=weight_shape)
+    check_weight(module, weight, where=str(where))
+    return weight
+
+
+def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], scale_for, *,
+                            fan_in_fan_out: bool, where: Path) -> Adapter:
+    """``scale_for(module, rank) -> float`` resolves each module's effective scale."""
+    modules, full = group_state_dict(state_dict)
+    weights = {}
+    for module, parts in modules.items():
+        rank_tensor = parts.get("lora_A", parts.get("lora_embedding_A"))
+        rank = int(rank_tensor.shape[0]) if rank_tensor is not None else 0
+        weights[module + ".weight"] = build_weight(module, parts, scale_for(module, rank),
+                                                   fan_in_fan_out, where)
+    return Adapter(weights=weights, replacements=full)
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return load_safetensors(weights)[0]
+    legacy = folder / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        return load_legacy_bin(legacy)
+    raise FormatError(f"{folder}: has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor "
+                      f"{LEGACY_WEIGHTS_NAME}; copy the weights file next to the config")
+
+
+def load_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded with ``weights_only=True`` so no code in it can run."""
+    import pickle
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise FormatError(f"{path}: not a plain tensor state dict, refusing to unpickle it "
+                          f"({reason}); convert it with `save_pretrained(safe_serialization=True)` "
+                          "in a trusted environment") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise FormatError(f"{path}: expected a dict of tensors, got {type(data).__name__}; this is "
+                          "not a PEFT adapter_model.bin")
+    return data
+
+
+def read(path: Path) -> Adapter:
+    folder = locate(Path(path))
+    if folder is None:
+        raise FormatError(f"{path}: no {CONFIG_NAME} here; pass the PEFT adapter folder")
+    config_path = folder / CONFIG_NAME
+    config = read_json(config_path)
+    check_config(config, config_path)
+    use_rslora = bool(config.get("use_rslora", False))
+
+    def scale_for(module: str, rank: int) -> float:
+        expected_rank, alpha = resolve_rank_alpha(config, module)
+        if rank and rank != expected_rank:
+            raise FormatError(f"{folder}: {module} has rank {rank} but {CONFIG_NAME} says "
+                              f"{expected_rank} (r / rank_pattern); fix the config")
+        return scale_of(alpha, expected_rank, use_rslora)
+
+    adapter = adapter_from_state_dict(read_state_dict(folder), scale_for,
+                                      fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+                                      where=folder)
+    if not adapter.weights and not adapter.replacements:
+        raise FormatError(f"{folder}: the weights file holds no LoRA tensors")
+    adapter.base_model = config.get("base_model_name_or_path")
+    adapter.metadata = {"source_format": "peft", "peft_config": config}
+    return adapter
+
+
+# ----------------------------------------------------------------------------- Adapter -> folder
+
+DEFAULT_CONFIG = {
+    "peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0,
+    "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+    "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "modules_to_save": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+}
+
+
+def _uniform_flag(adapter: Adapter, flag: str, has) -> bool:
+    """PEFT has one config-wide switch for DoRA, lora_bias and fan_in_fan_out."""
+    values = {has(w) for w in adapter.weights.values()}
+    if len(values) > 1:
+        raise UnsupportedError(f"PEFT cannot express an adapter where only some tensors have "
+                               f"{flag}: it is one switch for the whole adapter; split the adapter")
+    return values == {True}
+
+
+def _scales_reproduced(config: dict, adapter: Adapter) -> bool:
+    try:
+        resolved = {n: resolve_rank_alpha(config, module_name(n)) for n in adapter.weights}
+    except (KeyError, TypeError, ValueError, re.error):
+        return False
+    rslora = bool(config.get("use_rslora"))
+    return all(r == w.rank and scale_of(alpha, r, rslora) == w.scale
+               for (r, alpha), w in zip(resolved.values(), adapter.weights.values()))
+
+
+def _derive_rank_alpha(config: dict, adapter: Adapter) -> None:
+    """Set r, lora_alpha and the patterns so that PEFT resolves every module's scale exactly."""
+    rslora = bool(config.get("use_rslora"))
+    ranks = {module_name(n): w.rank for n, w in adapter.weights.items()}
+    alphas = {module_name(n): alpha_for(w.scale, w.rank, rslora) for n, w in adapter.weights.items()}
+    common_rank = Counter(ranks.values()).most_common(1)[0][0]
+    common_alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config["r"], config["lora_alpha"] = common_rank, common_alpha
+    # full module names as patterns: they match exactly one module each
+    config["rank_pattern"] = {m: r for m, r in sorted(ranks.items()) if r != common_rank}
+    config["alpha_pattern"] = {m: a for m, a in sorted(alphas.items()) if a != common_alpha}
+
+
+def config_for(adapter: Adapter) -> dict:
+    """The adapter_config.json that makes PEFT rebuild exactly ``adapter``."""
+    original = adapter.metadata.get("peft_config")
+    config = dict(original) if isinstance(original, dict) else dict(DEFAULT_CONFIG)
+    config["peft_type"] = "LORA"
+    config["base_model_name_or_path"] = adapter.base_model
+    config["use_dora"] = _uniform_flag(adapter, "DoRA magnitudes", lambda w: w.magnitude is not None)
+    config["lora_bias"] = _uniform_flag(adapter, "lora_bias", lambda w: w.bias is not None)
+    config["fan_in_fan_out"] = _uniform_flag(adapter, "a GPT-2 Conv1D layout",
+                                             lambda w: w.layer == "conv1d")
+    modules = sorted(module_name(n) for n in adapter.weights)
+    if adapter.weights and not _scales_reproduced(config, adapter):
+        _derive_rank_alpha(config, adapter)
+    if not all(targets_cover(config.get("target_modules"), m) for m in modules):
+        config.update(target_modules=modules, exclude_modules=None, layers_to_transform=None,
+                      layers_pattern=None)
+    if not adapter.weights:
+        config.setdefault("r", 8)
+        config.setdefault("lora_alpha", 8)
+        config.setdefault("target_modules", [])
+    lora_modules = set(modules)
+    saved = [module_name(n) for n in adapter.replacements if module_name(n) not in lora_modules]
+    missing = [m for m in dict.fromkeys(saved) if not targets_cover(config.get("modules_to_save"), m)]
+    if missing:
+        config["modules_to_save"] = list(config.get("modules_to_save") or []) + missing
+    return config
+
+
+def state_dict_for(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter as PEFT's saved state dict (adapter name stripped, PEFT's factor layouts)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in adapter.weights.items():
+        stem = KEY_PREFIX + module_name(name)
+        if w.layer == "embedding":
+            out[f"{stem}.lora_embedding_A"] = w.b.T.contiguous()   # (r, vocab)
+            out[f"{stem}.lora_embedding_B"] = w.a.T.contiguous()   # (dim, r)
+        elif w.layer == "conv1d":
+            out[f"{stem}.lora_A.weight"] = w.b.T.contiguous()      # (r, in)
+            out[f"{stem}.lora_B.weight"] = w.a.T.contiguous()      # (out, r)
+        elif w.layer == "conv":
+            kernel = w.weight_shape[1:]
+            out[f"{stem}.lora_A.weight"] = w.a.reshape((w.rank, *kernel)).contiguous()
+            out[f"{stem}.lora_B.weight"] = w.b.reshape(
+                (w.shape[0], w.rank) + (1,) * (len(kernel) - 1)).contiguous()
+        else:
+            out[f"{stem}.lora_A.weight"] = w.a.contiguous()
+            out[f"{stem}.lora_B.weight"] = w.b.contiguous()
+        if w.bias is not None:
+            out[f"{stem}.lora_B.bias"] = w.bias.contiguous()
+        if w.magnitude is not None:
+            magnitude = w.magnitude
+            if w.layer == "conv":  # PEFT keeps it broadcastable: (1, out, 1, ...)
+                magnitude = magnitude.reshape((1, -1) + (1,) * (len(w.weight_shape) - 2))
+            out[f"{stem}.lora_magnitude_vector"] = magnitude.contiguous()
+    lora_modules = {module_name(n) for n in adapter.weights}
+    for name, tensor in adapter.replacements.items():
+        module, param = module_name(name), name.rsplit(".", 1)[-1]
+        key = f"{module}.base_layer.{param}" if module in lora_modules else name
+        out[KEY_PREFIX + key] = tensor.contiguous()
+    return out
+
+
+def write(adapter: Adapter, path: Path) -> None:
+    """Fill the folder ``path`` (it exists and is empty) with a PEFT adapter."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    config = config_for(adapter)
+    save_file(state_dict_for(adapter), str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_json(path / CONFIG_NAME, config)

@@ -1,0 +1,132 @@
+"""One self-describing ``.safetensors`` file, loadable with nothing but ``safetensors``.
+
+Tensors follow the kohya convention with dotted HF module names (``stem`` is the base tensor name
+without its trailing ``.weight``):
+
+    <stem>.lora_down.weight   A, (r, cols)        in the layout of the stored base weight
+    <stem>.lora_up.weight     B, (rows, r)
+    <stem>.alpha              0-d float32, scale * r (so alpha / r is the kohya-style scale)
+    <stem>.dora_scale         DoRA magnitude, 1-D
+    <stem>.lora_up.bias       lora_bias, (rows,)
+    <base tensor name>        full replacement tensors (modules_to_save)
+
+``__metadata__`` holds ``format = adaptertools.lora``, ``format_version``, ``base_model`` and
+``adaptertools``: a JSON string with the exact float64 scale, layer kind and conv shape of each
+tensor plus the adapter's metadata, so a round trip is bit-exact.
+
+Reading also accepts a bare file of PEFT-style keys (``lora_A`` / ``lora_B``) without a config;
+its scale comes from ``scale=`` (``--scale``), else 1 with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from .._io import load_safetensors
+from ..adapter import Adapter, LoraWeight, check_weight
+from ..errors import AdapterToolsWarning, FormatError
+from . import peft
+
+DESCRIPTION = "single self-describing .safetensors file (kohya-style keys, config in __metadata__)"
+SNIFF_ORDER = 50
+FORMAT_TAG = "adaptertools.lora"
+FORMAT_VERSION = "1"
+SUFFIXES = {"a": ".lora_down.weight", "b": ".lora_up.weight", "alpha": ".alpha",
+            "magnitude": ".dora_scale", "bias": ".lora_up.bias"}
+
+
+def stem_of(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def sniff(path: Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix == ".safetensors"
+
+
+def read(path: Path, *, scale: float | None = None) -> Adapter:
+    path = Path(path)
+    tensors, metadata = load_safetensors(path)
+    if metadata.get("format") == FORMAT_TAG:
+        return _read_own(path, tensors, metadata)
+    if any(".lora_A." in k or ".lora_embedding_A" in k for k in tensors):
+        return _read_bare_peft(path, tensors, scale)
+    raise FormatError(f"{path}: neither an adaptertools LoRA file (no `format = {FORMAT_TAG}` in "
+                      "its metadata) nor PEFT-style lora_A/lora_B tensors; pass --from FORMAT")
+
+
+def _read_bare_peft(path: Path, tensors: dict, scale: float | None) -> Adapter:
+    if scale is None:
+        warnings.warn(f"{path}: bare LoRA tensors without a config: using scale 1.0; pass --scale "
+                      "(lora_alpha / r of the training run) if that is wrong",
+                      AdapterToolsWarning, stacklevel=3)
+        scale = 1.0
+    adapter = peft.adapter_from_state_dict(tensors, lambda module, rank: float(scale),
+                                           fan_in_fan_out=False, where=path)
+    adapter.metadata = {"source_format": "bare-peft-safetensors"}
+    return adapter
+
+
+def _read_own(path: Path, tensors: dict, metadata: dict[str, str]) -> Adapter:
+    try:
+        info = json.loads(metadata.get("adaptertools", "{}"))
+        entries = info["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise FormatError(f"{path}: the `adaptertools` metadata entry is missing or not valid "
+                          "JSON; the file was damaged, write it again") from None
+    weights = {}
+    used: set[str] = set()
+    for name, entry in entries.items():
+        stem = stem_of(name)
+        keys = {part: stem + suffix for part, suffix in SUFFIXES.items()}
+        for part in ("a", "b"):
+            if keys[part] not in tensors:
+                other = keys["b" if part == "a" else "a"]
+                raise FormatError(f"{path}: {keys[part]} is missing (its partner {other} is "
+                                  "listed); the file is incomplete, write it again")
+        shape = entry.get("weight_shape")
+        weight = LoraWeight(a=tensors[keys["a"]], b=tensors[keys["b"]], scale=float(entry["scale"]),
+                            layer=entry.get("layer", "linear"),
+                            magnitude=tensors.get(keys["magnitude"]), bias=tensors.get(keys["bias"]),
+                            weight_shape=tuple(shape) if shape is not None else None)
+        check_weight(name, weight, where=str(path))
+        weights[name] = weight
+        used.update(keys.values())
+    stray = [k for k in tensors if k not in used and k.endswith(tuple(SUFFIXES.values()))]
+    if stray:
+        raise FormatError(f"{path}: {stray[0]} has no entry in the metadata (A without B, or an "
+                          "edited file); write the file again")
+    replacements = {k: t for k, t in tensors.items() if k not in used}
+    return Adapter(weights=weights, replacements=replacements,
+                   base_model=metadata.get("base_model") or None,
+                   metadata=info.get("metadata", {}))
+
+
+def write(adapter: Adapter, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries = {}
+    for name, w in adapter.weights.items():
+        stem = stem_of(name)
+        tensors[stem + SUFFIXES["a"]] = w.a.contiguous()
+        tensors[stem + SUFFIXES["b"]] = w.b.contiguous()
+        tensors[stem + SUFFIXES["alpha"]] = torch.tensor(w.scale * w.rank, dtype=torch.float32)
+        if w.magnitude is not None:
+            tensors[stem + SUFFIXES["magnitude"]] = w.magnitude.contiguous()
+        if w.bias is not None:
+            tensors[stem + SUFFIXES["bias"]] = w.bias.contiguous()
+        entries[name] = {"scale": w.scale, "layer": w.layer,
+                         "weight_shape": list(w.weight_shape) if w.weight_shape else None}
+    for name, tensor in adapter.replacements.items():
+        if name in tensors:
+            raise FormatError(f"replacement tensor {name} collides with a LoRA factor key")
+        tensors[name] = tensor.contiguous()
+    info = {"tensors": entries, "metadata": adapter.metadata}
+    header = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
+              "base_model": adapter.base_model or "",
+              "adaptertools": json.dumps(info, sort_keys=True)}
+    save_file(tensors, str(path), metadata=header)

@@ -1,0 +1,112 @@
+"""What an adapter holds, computed from its factors without ever forming ``B @ A``."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter, LoraWeight, module_name, nonfinite_tensors
+
+
+def delta_singular_values(w: LoraWeight) -> torch.Tensor:
+    """Singular values of ``scale * b @ a``, (min(r, rows, cols),), from two thin QRs.
+
+    b = Qb Rb and a.T = Qa Ra give b @ a = Qb (Rb Ra^T) Qa^T, so the spectrum is that of the
+    small (r, r) core: O((rows + cols) r^2) work instead of O(rows cols r).
+    """
+    _, rb = torch.linalg.qr(w.b.double())      # (rows, r) -> Rb (r, r)
+    _, ra = torch.linalg.qr(w.a.double().T)    # (cols, r) -> Ra (r, r)
+    return torch.linalg.svdvals(rb @ ra.T) * abs(w.scale)
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """Roy & Vetterli's effective rank: exp of the entropy of the normalised spectrum."""
+    total = singular_values.sum()
+    if total <= 0:
+        return 0.0
+    p = singular_values / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def layer_report(name: str, w: LoraWeight) -> dict:
+    sv = delta_singular_values(w)
+    flags = []
+    if not torch.isfinite(w.a).all() or not torch.isfinite(w.b).all():
+        flags.append("nan/inf")
+    elif not w.b.any():
+        flags.append("zero B (untrained)")
+    return {
+        "name": name,
+        "layer": w.layer,
+        "shape": list(w.weight_shape or w.shape),
+        "rank": w.rank,
+        "scale": w.scale,
+        "dtype": str(w.a.dtype).removeprefix("torch."),
+        "delta_norm": float(sv.square().sum().sqrt()) if torch.isfinite(sv).all() else math.nan,
+        "effective_rank": effective_rank(sv) if torch.isfinite(sv).all() else math.nan,
+        "dora": w.magnitude is not None,
+        "lora_bias": w.bias is not None,
+        "flags": flags,
+    }
+
+
+def size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _init_warning(adapter: Adapter) -> str | None:
+    init = (adapter.metadata.get("peft_config") or {}).get("init_lora_weights", True)
+    from .formats.peft import BASE_MODIFYING_INITS
+
+    if str(init).lower().startswith(BASE_MODIFYING_INITS):
+        return f"init_lora_weights={init!r}: fits a modified base only, do not merge as is"
+    return None
+
+
+def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bool) -> dict:
+    """The dictionary behind ``adaptertools inspect`` (also its ``--json`` output)."""
+    tensors = [t for w in adapter.weights.values() for t in (w.a, w.b, w.magnitude, w.bias)
+               if t is not None] + list(adapter.replacements.values())
+    per_layer = [layer_report(n, w) for n, w in adapter.weights.items()]
+    problems = [f"NaN/Inf values in {n}" for n in nonfinite_tensors(adapter)]
+    zero_b = [r["name"] for r in per_layer if "zero B (untrained)" in r["flags"]]
+    if zero_b:
+        problems.append(f"all-zero B factor in {len(zero_b)} tensor(s), e.g. {zero_b[0]}: "
+                        "the adapter was never trained, its delta is zero")
+    init_warning = _init_warning(adapter)
+    if init_warning:
+        problems.append(init_warning)
+    peft_config = adapter.metadata.get("peft_config") or {}
+    report = {
+        "path": str(path),
+        "format": format_name,
+        "base_model": adapter.base_model,
+        "size_bytes": size_on_disk(path),
+        "adapted_tensors": len(adapter.weights),
+        "replaced_tensors": sorted(adapter.replacements),
+        "parameters": sum(t.numel() for t in tensors),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
+        "ranks": _counts(w.rank for w in adapter.weights.values()),
+        "scales": _counts(w.scale for w in adapter.weights.values()),
+        "rslora": bool(peft_config.get("use_rslora", False)),
+        "target_modules": sorted({module_name(n).rsplit(".", 1)[-1] for n in adapter.weights}),
+        "layer_kinds": _counts(w.layer for w in adapter.weights.values()),
+        "dora": any(w.magnitude is not None for w in adapter.weights.values()),
+        "lora_bias": any(w.bias is not None for w in adapter.weights.values()),
+        "total_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in per_layer)),
+        "problems": problems,
+    }
+    if layers:
+        report["layers"] = per_layer
+    return report
+
+
+def _counts(values) -> dict:
+    """{value: how many}, keys as strings so the dict is valid JSON, most common first."""
+    return {str(k): n for k, n in Counter(values).most_common()}
