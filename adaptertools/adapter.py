@@ -37,9 +37,9 @@ class LoraWeight:
     b: torch.Tensor
     scale: float
     layer: LayerKind = "linear"
-    # DoRA: target norms of the merged weight, 1-D, one per row (norm_dim 1) or column (norm_dim 0).
+    # DoRA: target norms of the merged weight, (outputs,): one per row (norm_dim 1) or column (0).
     magnitude: torch.Tensor | None = None
-    # lora_bias: (rows,), added to the base bias times ``scale``.
+    # lora_bias: (outputs,), added to the base bias times ``scale``.
     bias: torch.Tensor | None = None
     # Full stored shape of a conv weight, e.g. (out, in, kh, kw); None for 2-D weights.
     weight_shape: tuple[int, ...] | None = None
@@ -52,6 +52,11 @@ class LoraWeight:
     def shape(self) -> tuple[int, int]:
         """Shape of the delta as a 2-D matrix (rows, cols)."""
         return int(self.b.shape[0]), int(self.a.shape[1])
+
+    @property
+    def outputs(self) -> int:
+        """Output features: rows of the stored weight, or its columns when stored (in, out)."""
+        return self.shape[0] if self.norm_dim == 1 else self.shape[1]
 
     @property
     def norm_dim(self) -> int:
@@ -87,13 +92,10 @@ def check_weight(name: str, w: LoraWeight, *, where: str = "") -> None:
     if not math.isfinite(w.scale):
         raise FormatError(f"{at}{name}: scale is {w.scale}; fix lora_alpha / r in the config")
     rows, cols = w.shape
-    if w.magnitude is not None:
-        expected = rows if w.norm_dim == 1 else cols
-        if w.magnitude.numel() != expected:
-            raise FormatError(f"{at}{name}: DoRA magnitude has {w.magnitude.numel()} values, "
-                              f"expected {expected}")
-    if w.bias is not None and w.bias.numel() != rows:
-        raise FormatError(f"{at}{name}: lora bias has {w.bias.numel()} values, expected {rows}")
+    for label, extra in (("DoRA magnitude", w.magnitude), ("lora bias", w.bias)):
+        if extra is not None and extra.numel() != w.outputs:
+            raise FormatError(f"{at}{name}: {label} has {extra.numel()} values, expected "
+                              f"{w.outputs} (one per output feature)")
     if w.layer == "conv":
         if w.weight_shape is None or math.prod(w.weight_shape[1:]) != cols or \
                 w.weight_shape[0] != rows:
@@ -130,3 +132,29 @@ def cast_adapter(adapter: Adapter, dtype: torch.dtype | None) -> Adapter:
 def module_name(tensor_name: str) -> str:
     """``model.layers.0.q_proj.weight`` -> ``model.layers.0.q_proj`` (the LoRA'd parameter's module)."""
     return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else tensor_name
+
+
+def first_difference(x: Adapter, y: Adapter) -> str | None:
+    """None when x and y are bit-exact equal (factors, dtypes, scales, extras, replacements),
+    else a line saying where they first differ."""
+    def same(s: torch.Tensor | None, t: torch.Tensor | None) -> bool:
+        if s is None or t is None:
+            return s is t
+        return s.dtype == t.dtype and s.shape == t.shape and torch.equal(s, t)
+
+    if x.weights.keys() != y.weights.keys():
+        return f"LoRA tensors differ: {sorted(x.weights.keys() ^ y.weights.keys())[:3]}"
+    if x.replacements.keys() != y.replacements.keys():
+        return f"full tensors differ: {sorted(x.replacements.keys() ^ y.replacements.keys())[:3]}"
+    for name, w in x.weights.items():
+        v = y.weights[name]
+        for part in ("a", "b", "magnitude", "bias"):
+            if not same(getattr(w, part), getattr(v, part)):
+                return f"{name}: {part} differs"
+        for attr in ("scale", "layer", "weight_shape"):
+            if getattr(w, attr) != getattr(v, attr):
+                return f"{name}: {attr} {getattr(w, attr)!r} != {getattr(v, attr)!r}"
+    for name, t in x.replacements.items():
+        if not same(t, y.replacements[name]):
+            return f"{name}: full tensor differs"
+    return None

@@ -1,0 +1,1 @@
+"""Numeric building blocks: pure-torch references first, faster paths checked against them."""
