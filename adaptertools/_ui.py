@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -16,16 +18,32 @@ def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# ANSI sequences and other control characters: third-party messages quoted in ours carry them
+# (torch's weights_only error embeds bold escapes), and a newline would break the one-line contract.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def plain(message: str) -> Text:
+    """``message`` as literal text: paths and tensor names may hold ``[x]`` or ``:name:``, which
+    rich would otherwise read as markup or emoji and silently drop or raise on."""
+    return Text(_CONTROL.sub(" ", _ANSI.sub("", str(message))).strip())
+
+
+def _labelled(label: str, style: str, message: str) -> Text:
+    return Text.assemble((label, style), " ", plain(message))
+
+
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err.print(_labelled("error:", "bold red", message))
 
 
 def warning(message: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {message}")
+    err.print(_labelled("warning:", "bold yellow", message))
 
 
 def info(message: str) -> None:
-    err.print(message)
+    err.print(plain(message))
 
 
 def formats_table(rows: list[dict]) -> None:
@@ -42,12 +60,16 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _fmt_counts(counts: dict) -> str:
     return ", ".join(f"{k} (x{n})" for k, n in counts.items()) or "-"
 
 
 def inspect_report(report: dict) -> None:
-    table = Table(show_header=False, title=report["path"])
+    table = Table(show_header=False, title=plain(report["path"]))
     table.add_column(style="bold")
     table.add_column()
     rows = [
@@ -66,7 +88,7 @@ def inspect_report(report: dict) -> None:
         ("layer kinds", _fmt_counts(report["layer_kinds"])),
         ("DoRA", _yes(report["dora"])),
         ("lora_bias", _yes(report["lora_bias"])),
-        ("total delta norm", f"{report['total_delta_norm']:.6g}"),
+        ("total delta norm", _num(report["total_delta_norm"], ".6g")),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -78,8 +100,8 @@ def inspect_report(report: dict) -> None:
             layers.add_column(column, justify="right" if column in ("rank", "scale") else "left")
         for row in report["layers"]:
             layers.add_row(row["name"], row["layer"], "x".join(map(str, row["shape"])),
-                           str(row["rank"]), f"{row['scale']:.6g}", f"{row['delta_norm']:.4g}",
-                           f"{row['effective_rank']:.2f}", row["dtype"],
+                           str(row["rank"]), f"{row['scale']:.6g}", _num(row["delta_norm"], ".4g"),
+                           _num(row["effective_rank"], ".2f"), row["dtype"],
                            ", ".join(row["flags"]) or "")
         out.print(layers)
     for problem in report["problems"]:
@@ -87,5 +109,6 @@ def inspect_report(report: dict) -> None:
 
 
 def convert_result(result: dict) -> None:
-    out.print(f"wrote {result['dst']} ({result['to']}) from {result['src']} ({result['from']}): "
-              f"{result['adapted_tensors']} LoRA tensors, {result['replaced_tensors']} full tensors")
+    out.print(plain(f"wrote {result['dst']} ({result['to']}) from {result['src']} "
+                    f"({result['from']}): {result['adapted_tensors']} LoRA tensors, "
+                    f"{result['replaced_tensors']} full tensors"))

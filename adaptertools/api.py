@@ -46,8 +46,8 @@ def _read(fmt: Format, path: Path, scale: float | None) -> Adapter:
     options = {}
     if scale is not None:
         if "scale" not in _signature.signature(fmt.module.read).parameters:
-            raise UnsupportedError(f"--scale only applies to files without a config; "
-                                   f"{fmt.name} adapters carry their own scale")
+            raise UnsupportedError(f"{path}: --scale only applies to files without a config; "
+                                   f"{fmt.name} adapters carry their own scale, drop --scale")
         options["scale"] = scale
     return fmt.module.read(path, **options)
 

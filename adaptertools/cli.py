@@ -15,6 +15,8 @@ import click
 from . import __version__
 
 DTYPE_CHOICE = click.Choice(["keep", "fp32", "fp16", "bf16"])
+# click >= 8.2 raises this for a bare `adaptertools`; older versions print the help themselves.
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -113,7 +115,22 @@ def demo_cmd(workdir: str | None) -> None:
 
 
 def main() -> None:
-    cli()
+    # standalone_mode=False hands us click's usage errors, so that misuse gets the same one
+    # "error:" line on stderr as a failed operation (with exit code 2) instead of a usage block.
+    try:
+        code = cli.main(standalone_mode=False)
+    except NO_ARGS_IS_HELP as exc:
+        exc.show()  # a bare `adaptertools`: the help text is the useful answer
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        from . import _ui
+
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        _ui.error(exc.format_message() + hint)
+        sys.exit(exc.exit_code)
+    except click.Abort:  # Ctrl-C at a prompt
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

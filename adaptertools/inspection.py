@@ -33,11 +33,11 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
 
 def layer_report(name: str, w: LoraWeight) -> dict:
-    sv = delta_singular_values(w)
-    flags = []
-    if not torch.isfinite(w.a).all() or not torch.isfinite(w.b).all():
-        flags.append("nan/inf")
-    elif not w.b.any():
+    """One tensor's row; norms are None (JSON null) when the factors hold NaN or Inf."""
+    finite = all(bool(torch.isfinite(t).all()) for t in (w.a, w.b))
+    sv = delta_singular_values(w) if finite else None
+    flags = [] if finite else ["nan/inf"]
+    if finite and not w.b.any():
         flags.append("zero B (untrained)")
     return {
         "name": name,
@@ -46,8 +46,8 @@ def layer_report(name: str, w: LoraWeight) -> dict:
         "rank": w.rank,
         "scale": w.scale,
         "dtype": str(w.a.dtype).removeprefix("torch."),
-        "delta_norm": float(sv.square().sum().sqrt()) if torch.isfinite(sv).all() else math.nan,
-        "effective_rank": effective_rank(sv) if torch.isfinite(sv).all() else math.nan,
+        "delta_norm": float(sv.square().sum().sqrt()) if sv is not None else None,
+        "effective_rank": effective_rank(sv) if sv is not None else None,
         "dora": w.magnitude is not None,
         "lora_bias": w.bias is not None,
         "flags": flags,
@@ -99,7 +99,8 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
         "layer_kinds": _counts(w.layer for w in adapter.weights.values()),
         "dora": any(w.magnitude is not None for w in adapter.weights.values()),
         "lora_bias": any(w.bias is not None for w in adapter.weights.values()),
-        "total_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in per_layer)),
+        "total_delta_norm": (math.sqrt(sum(r["delta_norm"] ** 2 for r in per_layer))
+                             if all(r["delta_norm"] is not None for r in per_layer) else None),
         "problems": problems,
     }
     if layers:

@@ -249,10 +249,13 @@ def load_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"{path}: not a plain tensor state dict, refusing to unpickle it "
                           f"({reason}); convert it with `save_pretrained(safe_serialization=True)` "
                           "in a trusted environment") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                             for k, v in data.items()):
+    if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a dict of tensors, got {type(data).__name__}; this is "
                           "not a PEFT adapter_model.bin")
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise FormatError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                              "this is not a PEFT adapter_model.bin")
     return data
 
 
@@ -294,11 +297,13 @@ DEFAULT_CONFIG = {
 
 def _uniform_flag(adapter: Adapter, flag: str, has) -> bool:
     """PEFT has one config-wide switch for DoRA, lora_bias and fan_in_fan_out."""
-    values = {has(w) for w in adapter.weights.values()}
-    if len(values) > 1:
+    values = {name: has(w) for name, w in adapter.weights.items()}
+    if len(set(values.values())) > 1:
+        example = next(name for name, value in values.items() if value)
         raise UnsupportedError(f"PEFT cannot express an adapter where only some tensors have "
-                               f"{flag}: it is one switch for the whole adapter; split the adapter")
-    return values == {True}
+                               f"{flag} (e.g. {example}): it is one switch for the whole adapter; "
+                               "split the adapter")
+    return any(values.values())
 
 
 def _scales_reproduced(config: dict, adapter: Adapter) -> bool:
