@@ -104,6 +104,12 @@ def inspect_report(report: dict) -> None:
                            _num(row["effective_rank"], ".2f"), row["dtype"],
                            ", ".join(row["flags"]) or "")
         out.print(layers)
+    storage = report.get("storage")
+    if storage:
+        out.print(plain("storage: " + ", ".join(f"{k}={v}" for k, v in storage.items()
+                                                if k != "notes")))
+        for note in storage.get("notes", []):
+            info(note)
     for problem in report["problems"]:
         warning(problem)
 

@@ -14,7 +14,9 @@ import click
 
 from . import __version__
 
-DTYPE_CHOICE = click.Choice(["keep", "fp32", "fp16", "bf16"])
+DTYPE_CHOICE = click.Choice(["keep", "fp32", "fp16", "bf16", "q8_0"])
+BASE_HELP = ("Base model (HF folder, its config.json, or a GGUF model): architecture and head "
+             "counts for GGUF.")
 # click >= 8.2 raises this for a bare `adaptertools`; older versions print the help themselves.
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -69,14 +71,15 @@ def formats_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--from", "from_format", metavar="FORMAT", help="Skip format detection.")
 @click.option("--scale", type=float, help="Scale for bare factor files without a config.")
+@click.option("--base", type=click.Path(), help=BASE_HELP)
 @handle_errors
 def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
-                scale: float | None) -> None:
+                scale: float | None, base: str | None) -> None:
     """Show what an adapter holds: ranks, scales, targets, sizes and problems."""
     from . import _ui
     from .api import inspect
 
-    report = inspect(path, layers=layers, format=from_format, scale=scale)
+    report = inspect(path, layers=layers, format=from_format, scale=scale, base=base)
     _ui.print_json(report) if as_json else _ui.inspect_report(report)
 
 
@@ -87,19 +90,20 @@ def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
               help="Target format (see `adaptertools formats`).")
 @click.option("--from", "from_format", metavar="FORMAT", help="Skip format detection.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
-              help="Cast the factors.")
+              help="Cast the factors (q8_0: GGUF only; rows not a multiple of 32 stay f16).")
+@click.option("--base", type=click.Path(), help=BASE_HELP)
 @click.option("--scale", type=float, help="Scale for bare factor files without a config.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dtype: str,
-                scale: float | None, force: bool, as_json: bool) -> None:
+                base: str | None, scale: float | None, force: bool, as_json: bool) -> None:
     """Convert the adapter SRC into DST in another format, losslessly or not at all."""
     from . import _ui
     from .api import convert
 
     result = convert(src, dst, to=to_format, from_format=from_format, dtype=dtype, force=force,
-                     scale=scale)
+                     scale=scale, base=base)
     _ui.print_json(result) if as_json else _ui.convert_result(result)
 
 

@@ -150,3 +150,79 @@ def peft_cases(tmp_path_factory) -> dict[str, PeftCase]:
     root = tmp_path_factory.mktemp("peft_cases")
     return {name: build_peft_case(root, name, kind, kwargs, **options)
             for name, (kind, kwargs, options) in PEFT_CASES.items()}
+
+
+# ----------------------------------------------------------------------------- GGUF architectures
+
+def make_causal_lm(arch: str, *, tied: bool | None = None) -> torch.nn.Module:
+    """A tiny seeded transformers model of each architecture the GGUF format supports."""
+    import transformers as tf
+
+    torch.manual_seed(4321)
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-6)
+    configs = {
+        "llama": lambda: (tf.LlamaForCausalLM, tf.LlamaConfig(**small, tie_word_embeddings=False)),
+        "mistral": lambda: (tf.MistralForCausalLM, tf.MistralConfig(**small, tie_word_embeddings=False)),
+        "qwen2": lambda: (tf.Qwen2ForCausalLM, tf.Qwen2Config(**small, tie_word_embeddings=False)),
+        "qwen3": lambda: (tf.Qwen3ForCausalLM, tf.Qwen3Config(**small, head_dim=16,
+                                                              tie_word_embeddings=False)),
+        "gemma2": lambda: (tf.Gemma2ForCausalLM, tf.Gemma2Config(**small, head_dim=16)),
+        "gemma3": lambda: (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(**small, head_dim=16)),
+        "phi3": lambda: (tf.Phi3ForCausalLM, tf.Phi3Config(**small, tie_word_embeddings=False)),
+        "gpt2": lambda: (tf.GPT2LMHeadModel, tf.GPT2Config(n_embd=64, n_layer=2, n_head=4,
+                                                           vocab_size=128, n_positions=64,
+                                                           bos_token_id=1, eos_token_id=2)),
+    }
+    cls, config = configs[arch]()
+    if tied is not None:
+        config.tie_word_embeddings = tied
+    return cls(config).eval()
+
+
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
+# every linear layer of the blocks, by each architecture's own module names
+GGUF_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter(tmp_path_factory) -> Path:
+    """llama.cpp's own ``convert_lora_to_gguf.py``, from the llama-cpp-python sdist that matches
+    the installed llama-cpp-python (downloaded once from PyPI into a cache folder)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    import tarfile
+
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        if os.environ.get("CI"):
+            pytest.fail("llama-cpp-python is not installed; CI installs the `llama` extra")
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[test,llama]')")
+    cache = Path(os.environ.get("ADAPTERTOOLS_TEST_CACHE",
+                                Path.home() / ".cache" / "adaptertools-tests"))
+    root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    script = root / "convert_lora_to_gguf.py"
+    if script.exists():
+        return script
+    download = tmp_path_factory.mktemp("sdist")
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                             "--no-binary", ":all:", f"llama-cpp-python=={version}",
+                             "-d", str(download)], capture_output=True, text=True)
+    sdists = list(download.glob("*.tar.gz"))
+    if result.returncode or not sdists:
+        message = f"cannot fetch the llama-cpp-python {version} sdist: {result.stderr[-300:]}"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    wanted = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdists[0]) as tar:
+        members = [m for m in tar.getmembers()
+                   if "/vendor/llama.cpp/" in m.name
+                   and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
+        tar.extractall(cache, members=members, filter="data")
+    assert script.exists(), f"{script} missing from the sdist"
+    return script

@@ -1,0 +1,343 @@
+"""llama.cpp LoRA adapters (``general.type = adapter``), read and written through gguf-py.
+
+Layout llama.cpp expects (src/llama-adapter.cpp, FORMATS.md):
+- ``<gguf name>.lora_a`` (r, in) and ``.lora_b`` (out, r), numpy order, for the base tensor
+  ``<gguf name>`` of shape (out, in); ``token_embd.weight.lora_a`` is (vocab, r) and its
+  ``lora_b`` (dim, r) (see ``llm_build_inp_embd``).
+- one ``adapter.lora.alpha`` (float32) for the file; llama.cpp scales each tensor by
+  ``alpha / rank`` with rank = ``lora_b.shape[1]``.
+
+Scale fidelity: the file's alpha is the most common ``scale * rank`` over the tensors; every
+tensor whose own ``scale * rank`` differs gets the ratio folded into B, so llama.cpp computes
+each tensor's exact scale (rsLoRA, rank_pattern and alpha_pattern included). The exact float64
+scales, the folds, the HF names and the base's head counts are also stored under the
+``adaptertools.lora`` key, so reading our own files back is exact and needs no ``--base``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapter import Adapter, LoraWeight, check_weight
+from ..errors import FormatError, UnsupportedError
+from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
+                    permute_rows, read_base_tensor, rope_heads, unpermute_rows)
+
+DESCRIPTION = "llama.cpp GGUF LoRA adapter (needs --base for foreign files and for writing)"
+SNIFF_ORDER = 20
+OUTPUT_IS_DIR = False
+META_KEY = "adaptertools.lora"
+TOKEN_EMBD = "token_embd.weight"
+DTYPES = ("keep", "fp32", "fp16", "bf16", "q8_0")
+MERGE_INSTEAD = "merge it into the base model instead (`adaptertools merge`)"
+
+
+def sniff(path: Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+# ----------------------------------------------------------------------------- write
+
+def _check_expressible(adapter: Adapter, base: BaseInfo) -> None:
+    for name, w in adapter.weights.items():
+        if w.magnitude is not None:
+            raise UnsupportedError(f"{name}: DoRA cannot be expressed in a GGUF LoRA (llama.cpp "
+                                   f"has no magnitude vectors); {MERGE_INSTEAD}")
+        if w.bias is not None:
+            raise UnsupportedError(f"{name}: lora_bias cannot be expressed in a GGUF LoRA; "
+                                   f"{MERGE_INSTEAD}")
+        if w.layer == "conv":
+            raise UnsupportedError(f"{name}: convolution LoRA has no GGUF form")
+        if name == "lm_head.weight" and base.tied_embeddings:
+            raise UnsupportedError(f"{name}: the base ties lm_head to the token embedding, which "
+                                   "llama.cpp stores once; a LoRA on lm_head would be dropped "
+                                   f"silently there; {MERGE_INSTEAD} (it unties them)")
+    for name, tensor in adapter.replacements.items():
+        # PEFT saves a targeted embedding's untouched base weights too (save_embedding_layers);
+        # a copy identical to the base changes nothing and is dropped, anything else is refused
+        original = read_base_tensor(base, name)
+        if original is not None and original.dtype == tensor.dtype and torch.equal(original, tensor):
+            continue
+        hint = "" if base.weights_folder else " (or pass --base with the model's weights if it " \
+                                             "is an unchanged copy of the base tensor)"
+        raise UnsupportedError(f"{name}: full replacement tensors (modules_to_save) cannot be "
+                               f"stored in a GGUF LoRA; {MERGE_INSTEAD}{hint}")
+
+
+def to_gguf_factors(name: str, w: LoraWeight, base: BaseInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_a, lora_b) in llama.cpp's orientation, from the stored-HF-layout factors."""
+    if w.layer == "embedding":
+        return w.b, w.a.T                       # (vocab, r), (dim, r)
+    if w.layer == "conv1d":                     # HF (in, out) -> GGUF (out, in): transpose delta
+        a, b = w.b.T, w.a.T                     # (r, in), (out, r)
+    else:
+        a, b = w.a, w.b
+    heads = rope_heads(name, base)
+    if heads is not None:
+        b = permute_rows(b, heads)              # rows of the delta are rows of B
+    return a, b
+
+
+def from_gguf_factors(hf_name: str, gguf_name: str, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      base: BaseInfo) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The exact inverse of to_gguf_factors: (a, b, layer kind) in the stored-HF layout."""
+    if gguf_name == TOKEN_EMBD:
+        return lora_b.T, lora_a, "embedding"
+    heads = rope_heads(hf_name, base)
+    if heads is not None:
+        lora_b = unpermute_rows(lora_b, heads)
+    if base.arch == "gpt2" and not hf_name.endswith(("wte.weight", "lm_head.weight")):
+        return lora_b.T, lora_a.T, "conv1d"
+    return lora_a, lora_b, "linear"
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def unfold(folded: torch.Tensor, fold: float) -> torch.Tensor:
+    return (folded.double() / fold).to(folded.dtype)
+
+
+def restore_list(original: torch.Tensor, folded: torch.Tensor, fold: float) -> list[list[int]]:
+    """[flat index, bit pattern] of the few values that ``unfold(fold(x))`` does not give back.
+
+    Dividing a rounded product by the same factor recovers x in all but a few elements; storing
+    those few bit patterns makes GGUF -> PEFT bit-exact even for folded tensors.
+    """
+    bits = _BITS[original.dtype]
+    back = unfold(folded, fold).reshape(-1).view(bits)
+    want = original.reshape(-1).view(bits)
+    wrong = torch.nonzero(back != want).reshape(-1)
+    return [[int(i), int(want[i])] for i in wrong]
+
+
+def apply_restore(tensor: torch.Tensor, restore: list[list[int]]) -> torch.Tensor:
+    if not restore or tensor.dtype not in _BITS:
+        return tensor
+    flat = tensor.contiguous().reshape(-1).clone()
+    index = torch.tensor([i for i, _ in restore], dtype=torch.long)
+    flat.view(_BITS[tensor.dtype])[index] = torch.tensor([b for _, b in restore],
+                                                         dtype=_BITS[tensor.dtype])
+    return flat.reshape(tensor.shape)
+
+
+def _file_alpha(adapter: Adapter) -> float:
+    products = Counter(w.scale * w.rank for w in adapter.weights.values())
+    return products.most_common(1)[0][0] if products else 1.0
+
+
+def _tensor_type(dtype: str, source: torch.dtype, row: int):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if dtype == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[T.Q8_0][0]
+        return T.Q8_0 if row % block == 0 else T.F16
+    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, source)
+    return {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}.get(wanted, T.F32)
+
+
+def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    kind = _tensor_type(dtype, tensor.dtype, int(tensor.shape[-1]))
+    tensor = tensor.contiguous()
+    if kind == T.Q8_0:
+        data = gguf.quants.quantize(tensor.float().numpy(), T.Q8_0)
+    elif kind == T.BF16:
+        data = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    else:
+        data = tensor.to(torch.float32 if kind == T.F32 else torch.float16).numpy()
+    writer.add_tensor(name, data, raw_dtype=kind)
+    return kind.name
+
+
+def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: str = "keep") -> None:
+    import gguf
+
+    base = base or _base_from_metadata(adapter.metadata)
+    if base is None:
+        raise FormatError("writing a GGUF adapter needs the base model's architecture and head "
+                          "counts: pass --base (the HF model folder, its config.json, or a GGUF "
+                          "model file)")
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    _check_expressible(adapter, base)
+    alpha = _file_alpha(adapter)
+    writer = gguf.GGUFWriter(str(path), base.arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    if adapter.base_model:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, adapter.base_model)
+    tokens = (adapter.metadata.get("peft_config") or {}).get("alora_invocation_tokens") \
+        or adapter.metadata.get("alora_invocation_tokens")
+    if tokens:
+        writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
+                             gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    entries = {}
+    for name, w in adapter.weights.items():
+        check_base_shape("", name, w, base)   # not `path`: that is the temporary output
+        gguf_name = hf_to_gguf_name(name, base)
+        lora_a, lora_b = to_gguf_factors(name, w, base)
+        fold = w.scale * w.rank / alpha
+        entry = {"name": name, "scale": w.scale, "fold": fold}
+        if fold != 1.0:  # llama.cpp applies alpha / rank: carry the rest in B
+            folded = (lora_b.double() * fold).to(lora_b.dtype)
+            if dtype in ("keep", _DTYPE_NAMES.get(lora_b.dtype)):
+                entry["restore"] = restore_list(lora_b, folded, fold)
+            lora_b = folded
+        entry["types"] = [_add_tensor(writer, f"{gguf_name}.lora_a", lora_a, dtype),
+                          _add_tensor(writer, f"{gguf_name}.lora_b", lora_b, dtype)]
+        entries[gguf_name] = entry
+    info = {"tensors": entries, "base": base.to_json(), "metadata": adapter.metadata,
+            "base_model": adapter.base_model}
+    writer.add_string(META_KEY, json.dumps(info, sort_keys=True))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ----------------------------------------------------------------------------- read
+
+def _base_from_metadata(metadata: dict) -> BaseInfo | None:
+    stored = metadata.get("gguf_base")
+    return BaseInfo.from_json(stored, "adapter metadata") if isinstance(stored, dict) else None
+
+
+def _tensor_data(tensor, path: Path) -> torch.Tensor:
+    """A GGUF tensor as torch, numpy order, keeping F32/F16/BF16 and dequantizing the rest."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    shape = tuple(int(s) for s in reversed(tensor.shape))
+    if tensor.tensor_type == T.F32:
+        return torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(shape)
+    if tensor.tensor_type == T.F16:
+        return torch.from_numpy(np.array(tensor.data, dtype=np.float16)).reshape(shape)
+    if tensor.tensor_type == T.BF16:
+        raw = np.array(tensor.data).view(np.int16)
+        return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
+    try:
+        values = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedError(f"{path}: {tensor.name} is {tensor.tensor_type.name}, which gguf-py "
+                               "cannot dequantize") from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+
+
+def _pairs(reader, path: Path) -> dict[str, dict[str, object]]:
+    pairs: dict[str, dict[str, object]] = {}
+    for tensor in reader.tensors:
+        stem, _, part = tensor.name.rpartition(".")
+        if part not in ("lora_a", "lora_b"):
+            raise UnsupportedError(f"{path}: tensor {tensor.name} is not a LoRA factor; only "
+                                   "lora_a / lora_b tensors are supported")
+        pairs.setdefault(stem, {})[part] = tensor
+    for stem, pair in pairs.items():
+        if len(pair) != 2:
+            have, need = ("lora_a", "lora_b") if "lora_a" in pair else ("lora_b", "lora_a")
+            raise FormatError(f"{path}: {stem}.{have} has no matching {stem}.{need}; the file is "
+                              "incomplete, convert it again")
+    return pairs
+
+
+def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
+    path = Path(path)
+    reader = open_gguf(path)
+    kind, adapter_type = field_value(reader, "general.type"), field_value(reader, "adapter.type")
+    if kind != "adapter" or adapter_type != "lora":
+        raise FormatError(f"{path}: not a GGUF LoRA adapter (general.type={kind!r}, "
+                          f"adapter.type={adapter_type!r}); a GGUF model goes to --base")
+    arch = field_value(reader, "general.architecture")
+    info = json.loads(field_value(reader, META_KEY) or "{}")
+    own_base = BaseInfo.from_json(info["base"], str(path)) if "base" in info else None
+    base = base or own_base
+    if base is None:
+        raise FormatError(f"{path}: mapping GGUF tensor names back to HF needs the base model: "
+                          "pass --base (the HF model folder, its config.json, or a GGUF model)")
+    if base.arch != arch:
+        raise FormatError(f"{path}: adapter is for architecture {arch!r} but --base is "
+                          f"{base.arch!r} ({base.source}); pass the matching base")
+    alpha = float(field_value(reader, "adapter.lora.alpha", 0.0) or 0.0)
+    entries = info.get("tensors", {})
+    weights = {}
+    for gguf_name, pair in _pairs(reader, path).items():
+        lora_a, lora_b = (_tensor_data(pair[p], path) for p in ("lora_a", "lora_b"))
+        entry = entries.get(gguf_name)
+        hf_name = entry["name"] if entry else gguf_to_hf_name(gguf_name, base)
+        _check_rank(path, gguf_name, lora_a, lora_b)
+        rank = int(lora_b.shape[1])
+        if entry:   # our own file: undo the fold, take the exact scale
+            if entry["fold"] != 1.0:
+                lora_b = apply_restore(unfold(lora_b, entry["fold"]), entry.get("restore"))
+            scale = float(entry["scale"])
+        else:       # llama.cpp's rule: alpha / rank, alpha 0 means the scale is baked in
+            scale = alpha / rank if alpha else 1.0
+        a, b, layer = from_gguf_factors(hf_name, gguf_name, lora_a, lora_b, base)
+        weight = LoraWeight(a=a.contiguous(), b=b.contiguous(), scale=scale, layer=layer)
+        check_base_shape(str(path), hf_name, weight, base)
+        check_weight(hf_name, weight, where=str(path))
+        weights[hf_name] = weight
+    metadata = dict(info.get("metadata") or {"source_format": "gguf"})
+    metadata["gguf_base"] = base.to_json()
+    tokens = field_value(reader, "adapter.alora.invocation_tokens")
+    if tokens is not None:
+        metadata["alora_invocation_tokens"] = [int(t) for t in tokens]
+    base_model = info.get("base_model") or field_value(reader, "general.base_model.0.name")
+    return Adapter(weights=weights, base_model=base_model, metadata=metadata)
+
+
+def _check_rank(path: Path, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    # token_embd: a (vocab, r), b (dim, r); others: a (r, in), b (out, r)
+    rank_a = lora_a.shape[1] if name == TOKEN_EMBD else lora_a.shape[0]
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or rank_a != lora_b.shape[1]:
+        raise FormatError(f"{path}: {name}: lora_a {tuple(lora_a.shape)} and lora_b "
+                          f"{tuple(lora_b.shape)} do not share a rank; the file is corrupt")
+
+
+def check_base_shape(where: str, hf_name: str, w: LoraWeight, base: BaseInfo) -> None:
+    """The delta must have the stored shape of the base tensor, when the base's shapes are known."""
+    where = f"{where}: " if where else ""
+    if base.hf_shapes is None:
+        return
+    if hf_name not in base.hf_shapes:
+        raise FormatError(f"{where}{hf_name} is not a tensor of the base ({base.source}); this "
+                          "adapter is for another model")
+    expected = tuple(base.hf_shapes[hf_name])
+    if tuple(w.weight_shape or w.shape) != expected:
+        raise FormatError(f"{where}{hf_name}: the adapter's delta is {tuple(w.shape)} but the "
+                          f"base ({base.source}) stores {expected}; this adapter is for another model")
+
+
+def describe(path: Path) -> dict:
+    """Storage facts for ``inspect``: architecture, alpha, tensor types, and why some differ."""
+    from collections import Counter as _Counter
+
+    import gguf
+
+    reader = open_gguf(Path(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    counts = dict(_Counter(types.values()).most_common())
+    notes = []
+    if "Q8_0" in counts and len(counts) > 1:
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+        kept = sorted(n for n, t in types.items() if t != "Q8_0")
+        notes.append(f"{len(kept)} tensor(s) stored as {', '.join(sorted(set(types[n] for n in kept)))}"
+                     f", not Q8_0: their row length is not a multiple of {block} (e.g. {kept[0]})")
+    return {"architecture": field_value(reader, "general.architecture"),
+            "alpha": float(field_value(reader, "adapter.lora.alpha", 0.0) or 0.0),
+            "tensor_types": counts, "notes": notes}

@@ -1,0 +1,287 @@
+"""HF <-> GGUF tensor names and the per-architecture factor transforms llama.cpp applies.
+
+Names come from gguf-py's own ``TensorNameMap`` (never retyped here). The tables below are the
+few facts gguf-py does not hold, each row citing where it comes from in llama.cpp's converter
+(``conversion/*.py`` of the tree vendored by llama-cpp-python 0.3.36).
+
+Transforms act on the factors, never on ``B @ A``:
+- Llama-family RoPE permutation of q_proj / k_proj rows (``LlamaModel.permute``): rows of the
+  delta are rows of B, so B alone is permuted.
+- GPT-2 Conv1D weights are stored (in, out) in HF and (out, in) in GGUF (``GPT2Model``
+  ``modify_tensors`` transposes them): the delta transposes, i.e. A and B swap and transpose.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .._io import read_json, require_exists
+from ..errors import FormatError, UnsupportedError
+
+# HF architecture class -> llama.cpp architecture (``@ModelBase.register`` in conversion/*.py:
+# llama.py registers Llama and Mistral on LlamaModel, qwen.py Qwen2 / Qwen3, gemma.py Gemma2 /
+# Gemma3, phi.py Phi3, gpt2.py GPT2LMHeadModel).
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
+    "GPT2LMHeadModel": "gpt2",
+}
+# transformers' default of ``tie_word_embeddings`` per model_type, for configs that omit it.
+TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
+                   "gemma2": True, "gemma3_text": True, "gemma3": True, "phi3": False, "gpt2": True}
+# llama.cpp permutes q/k rows for RoPE (conversion/llama.py, LlamaModel.modify_tensors,
+# ``undo_permute`` True); Qwen, Gemma, Phi3 and GPT-2 converters do not.
+ROPE_PERMUTED_ARCHS = frozenset({"llama"})
+# GPT-2 Conv1D tensors llama.cpp transposes (conversion/gpt2.py).
+TRANSPOSED_ARCHS = frozenset({"gpt2"})
+# The HF naming each architecture's transformers class uses; picks one of gguf-py's many HF
+# aliases when mapping GGUF names back and no base checkpoint names are at hand.
+HF_NAMING = {
+    "llama": (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)"
+              r"|embed_tokens)|lm_head"),
+    "gpt2": r"transformer\.(h\.\d+\.(attn\.c_(attn|proj)|mlp\.c_(fc|proj))|wte|wpe)|lm_head",
+}
+for _arch in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
+    HF_NAMING[_arch] = HF_NAMING["llama"]
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What the GGUF mapping needs to know of the base model."""
+
+    arch: str                   # llama.cpp architecture, e.g. "llama"
+    n_blocks: int
+    n_head: int
+    n_head_kv: int
+    tied_embeddings: bool
+    # HF tensor name -> stored shape, when the base's weights are at hand; else None
+    hf_shapes: dict[str, tuple[int, ...]] | None = None
+    source: str = ""
+    # the HF folder whose *.safetensors hold the base weights, when they are at hand
+    weights_folder: str | None = None
+
+    def to_json(self) -> dict:
+        return {"arch": self.arch, "n_blocks": self.n_blocks, "n_head": self.n_head,
+                "n_head_kv": self.n_head_kv, "tied_embeddings": self.tied_embeddings}
+
+    @staticmethod
+    def from_json(data: dict, source: str) -> "BaseInfo":
+        return BaseInfo(arch=data["arch"], n_blocks=int(data["n_blocks"]), n_head=int(data["n_head"]),
+                        n_head_kv=int(data["n_head_kv"]),
+                        tied_embeddings=bool(data["tied_embeddings"]), source=source)
+
+
+# ----------------------------------------------------------------------------- base info
+
+def load_base_info(path: str | Path) -> BaseInfo:
+    """From an HF model folder, its config.json, or a GGUF model file."""
+    path = require_exists(path)
+    if path.suffix == ".gguf":
+        return _base_info_from_gguf(path)
+    config_path = path / "config.json" if path.is_dir() else path
+    if not config_path.is_file():
+        raise FormatError(f"{path}: no config.json here; --base takes the HF model folder, its "
+                          "config.json, or a GGUF model file")
+    config = read_json(config_path)
+    return _base_info_from_config(config, config_path, config_path.parent)
+
+
+def _base_info_from_config(config: dict, where: Path, folder: Path) -> BaseInfo:
+    architectures = config.get("architectures") or []
+    known = [a for a in architectures if a in HF_ARCHITECTURES]
+    if not known:
+        raise UnsupportedError(f"{where}: architecture {architectures or config.get('model_type')} "
+                               f"is not supported for GGUF; supported: {', '.join(HF_ARCHITECTURES)}")
+    text = config.get("text_config") or config
+
+    def field(*names, default=None):
+        for name in names:
+            if text.get(name) is not None:
+                return text[name]
+        if default is None:
+            raise FormatError(f"{where}: none of {names} is set; is this a model config.json?")
+        return default
+
+    n_head = int(field("num_attention_heads", "n_head"))
+    model_type = config.get("model_type", "")
+    tied = config.get("tie_word_embeddings", TIED_BY_DEFAULT.get(model_type, True))
+    shapes = _header_shapes(folder)
+    return BaseInfo(arch=HF_ARCHITECTURES[known[0]],
+                    n_blocks=int(field("num_hidden_layers", "n_layer")), n_head=n_head,
+                    n_head_kv=int(field("num_key_value_heads", default=n_head)),
+                    tied_embeddings=bool(tied), hf_shapes=shapes, source=str(where),
+                    weights_folder=str(folder) if shapes is not None else None)
+
+
+def read_base_tensor(base: BaseInfo, name: str) -> torch.Tensor | None:
+    """One tensor of the base's HF weights, or None when the weights are not at hand."""
+    from safetensors import safe_open
+
+    if base.weights_folder is None:
+        return None
+    for file in sorted(Path(base.weights_folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            if name in fh.keys():
+                return fh.get_tensor(name)
+    return None
+
+
+def _header_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes from the safetensors headers of an HF folder (no tensor data is read)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                shapes[key] = tuple(fh.get_slice(key).get_shape())
+    return shapes
+
+
+def _base_info_from_gguf(path: Path) -> BaseInfo:
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    if field_value(reader, "general.type", "model") == "adapter":
+        raise FormatError(f"{path}: is a GGUF adapter, not a model; --base takes the base model")
+
+    def number(key: str, default=None):
+        value = field_value(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise FormatError(f"{path}: GGUF model has no `{arch}.{key}`; it is incomplete")
+        return int(value)
+
+    names = {t.name for t in reader.tensors}
+    n_head = number("attention.head_count")
+    return BaseInfo(arch=arch, n_blocks=number("block_count"), n_head=n_head,
+                    n_head_kv=number("attention.head_count_kv", n_head),
+                    tied_embeddings="output.weight" not in names, source=str(path))
+
+
+def open_gguf(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # gguf-py raises ValueError, struct errors, numpy errors...
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise FormatError(f"{path}: not a readable GGUF file ({reason}); it is truncated or "
+                          "corrupt, write or download it again") from None
+
+
+def field_value(reader, key: str, default=None):
+    """A scalar, string or array field of a GGUF file, or ``default`` when absent."""
+    field = reader.get_field(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value
+
+
+# ----------------------------------------------------------------------------- names
+
+def _tensor_map(base: BaseInfo):
+    return _tensor_map_for(base.arch, base.n_blocks)
+
+
+@functools.cache
+def _tensor_map_for(arch: str, n_blocks: int):
+    import gguf
+
+    base = BaseInfo(arch, n_blocks, 0, 0, False)
+    arch_ids = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+    if base.arch not in arch_ids:
+        raise UnsupportedError(f"architecture {base.arch!r} is unknown to gguf-py "
+                               f"{gguf.__version__ if hasattr(gguf, '__version__') else ''}")
+    if base.arch not in HF_NAMING:
+        raise UnsupportedError(f"architecture {base.arch!r} is not supported for GGUF adapters "
+                               f"yet; supported: {', '.join(sorted(HF_NAMING))}")
+    return gguf.get_tensor_name_map(arch_ids[base.arch], base.n_blocks)
+
+
+def hf_to_gguf_name(name: str, base: BaseInfo) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``."""
+    gguf_name = _tensor_map(base).get_name(name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise UnsupportedError(f"{name}: no GGUF tensor corresponds to it in architecture "
+                               f"{base.arch!r}; llama.cpp cannot apply a LoRA there")
+    return gguf_name
+
+
+def gguf_to_hf_name(gguf_name: str, base: BaseInfo) -> str:
+    """The inverse of hf_to_gguf_name, choosing the HF alias this architecture really uses."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        stem, suffix = gguf_name, "weight"
+    candidates = _hf_aliases(base.arch, base.n_blocks).get(stem, [])
+    full = [f"{c}.{suffix}" for c in candidates]
+    if base.hf_shapes is not None:
+        chosen = [f for f in full if f in base.hf_shapes]
+    else:
+        pattern = re.compile(rf"(?:{HF_NAMING[base.arch]})")
+        chosen = sorted((f for f, c in zip(full, candidates) if pattern.fullmatch(c)), key=len)[:1]
+    if not chosen:
+        raise UnsupportedError(f"{gguf_name}: no HF tensor of architecture {base.arch!r} maps to "
+                               "it; the adapter does not fit this base")
+    return chosen[0]
+
+
+@functools.cache
+def _hf_aliases(arch: str, n_blocks: int) -> dict[str, list[str]]:
+    """GGUF tensor stem -> every HF module name gguf-py maps onto it (the reverse of its map)."""
+    aliases: dict[str, list[str]] = {}
+    for key, (_, name) in _tensor_map_for(arch, n_blocks).mapping.items():
+        if key != name:
+            aliases.setdefault(name, []).append(key)
+    return aliases
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def rope_heads(hf_name: str, base: BaseInfo) -> int | None:
+    """Head count of llama.cpp's RoPE row permutation for this tensor, or None if it has none."""
+    if base.arch not in ROPE_PERMUTED_ARCHS:
+        return None
+    if hf_name.endswith("q_proj.weight"):
+        return base.n_head
+    if hf_name.endswith("k_proj.weight"):
+        return base.n_head_kv
+    return None
+
+
+def permute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute`` on the rows of ``rows`` (out, ...): per head, the two
+    interleaved RoPE halves become contiguous."""
+    out = rows.shape[0]
+    if out % (2 * n_head):
+        raise FormatError(f"{out} rows cannot be split into {n_head} RoPE heads; the adapter does "
+                          "not fit this base (check --base)")
+    return (rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))
+
+
+def unpermute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The exact inverse of permute_rows."""
+    out = rows.shape[0]
+    if out % (2 * n_head):
+        raise FormatError(f"{out} rows cannot be split into {n_head} RoPE heads; the adapter does "
+                          "not fit this base (check --base)")
+    return (rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))
+
+
+def dumps_base(base: BaseInfo) -> str:
+    return json.dumps(base.to_json(), sort_keys=True)
