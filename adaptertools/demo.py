@@ -28,10 +28,16 @@ def run_demo(workdir: str | None = None) -> bool:
         back = root / "adapter_roundtrip"
         _ui.convert_result(api.convert(peft_dir, raw, to="safetensors", force=True))
         _ui.convert_result(api.convert(raw, back, to="peft", force=True))
-        difference = first_difference(api.load(peft_dir), api.load(back))
-        ok = difference is None
-        (_ui.info if ok else _ui.error)(
-            f"round trip PEFT -> safetensors -> PEFT: {'bit-exact' if ok else 'MISMATCH: ' + difference}")
+        gguf_file, gguf_back = root / "adapter.gguf", root / "adapter_from_gguf"
+        _ui.convert_result(api.convert(peft_dir, gguf_file, to="gguf", base=base, force=True))
+        _ui.convert_result(api.convert(gguf_file, gguf_back, to="peft", force=True))
+        ok = True
+        for label, folder in (("safetensors", back), ("GGUF", gguf_back)):
+            difference = first_difference(api.load(peft_dir), api.load(folder))
+            ok = ok and difference is None
+            (_ui.info if difference is None else _ui.error)(
+                f"round trip PEFT -> {label} -> PEFT: "
+                f"{'bit-exact' if difference is None else 'MISMATCH: ' + difference}")
         if workdir:
             _ui.info(f"demo files kept in {root}")
         return ok

@@ -57,10 +57,13 @@ def _check_expressible(adapter: Adapter, base: BaseInfo) -> None:
                                    f"{MERGE_INSTEAD}")
         if w.layer == "conv":
             raise UnsupportedError(f"{name}: convolution LoRA has no GGUF form")
-        if name == "lm_head.weight" and base.tied_embeddings:
+        if base.tied_embeddings and (name == "lm_head.weight" or w.layer == "embedding"):
+            # llama.cpp stores the tied matrix once, as token_embd, and looks LoRAs up by name:
+            # an lm_head LoRA is dropped silently, an embedding LoRA is applied to the output
+            # projection too (and aborts llama.cpp, its A being stored transposed there)
             raise UnsupportedError(f"{name}: the base ties lm_head to the token embedding, which "
-                                   "llama.cpp stores once; a LoRA on lm_head would be dropped "
-                                   f"silently there; {MERGE_INSTEAD} (it unties them)")
+                                   "llama.cpp stores once as token_embd; a LoRA on either side "
+                                   f"cannot be expressed there; {MERGE_INSTEAD} (it unties them)")
     for name, tensor in adapter.replacements.items():
         # PEFT saves a targeted embedding's untouched base weights too (save_embedding_layers);
         # a copy identical to the base changes nothing and is dropped, anything else is refused

@@ -1,0 +1,92 @@
+"""Write a tiny transformers model as an F32 GGUF *model* that llama.cpp loads (test helper).
+
+What llama.cpp's own converter (``convert_hf_to_gguf.py``, conversion/llama.py and qwen.py of the
+tree vendored by llama-cpp-python 0.3.36) writes for these architectures, reduced to what a tiny
+model needs: the hparams of ``TextModel.set_gguf_parameters`` (conversion/base.py), the Llama
+RoPE row permutation of q/k (``LlamaModel.permute``, arch "llama" only), and a dummy SentencePiece
+("llama") vocabulary, without which llama.cpp refuses the file. Tensor names come from the
+project's own map (``hf_to_gguf_name``), so a wrong name there shows up as a failing load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptertools.formats.names import BaseInfo, hf_to_gguf_name, permute_rows, rope_heads
+
+# HF architecture class -> llama.cpp architecture this helper can write
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+def write_gguf_base(model: torch.nn.Module, path: str | Path, arch: str) -> Path:
+    """Write ``model`` (a float32 ``*ForCausalLM`` of SUPPORTED) to ``path``, GGUF arch ``arch``."""
+    import gguf
+
+    cfg = model.config
+    if SUPPORTED.get(type(model).__name__) != arch:
+        raise ValueError(f"{type(model).__name__} is not written as {arch!r} by this helper")
+    n_head, n_head_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    tied = bool(cfg.tie_word_embeddings)
+    base = BaseInfo(arch=arch, n_blocks=cfg.num_hidden_layers, n_head=n_head, n_head_kv=n_head_kv,
+                    tied_embeddings=tied)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if rope.get("rope_type", "default") != "default" or rope_theta is None:
+        raise ValueError(f"only plain RoPE with an explicit rope_theta is written; got {rope}")
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny-test-model")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # hparams, as TextModel.set_gguf_parameters writes them (keys are "<arch>.<key>")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_rope_dimension_count(head_dim)      # LlamaModel writes it; harmless for Qwen
+    if arch == "llama":
+        writer.add_vocab_size(cfg.vocab_size)
+    writer.add_key_length(head_dim)                # base.py writes these when config has head_dim
+    writer.add_value_length(head_dim)
+
+    # vocabulary: <unk> <s> </s>, the newline byte SPM looks up, then plain pieces
+    n_vocab = cfg.vocab_size
+    tokens = ["<unk>", "<s>", "</s>", "<0x0A>"] + [f"t{i}" for i in range(4, n_vocab)]
+    types = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+              gguf.TokenType.BYTE] + [gguf.TokenType.NORMAL] * (n_vocab - 4))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * n_vocab)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue                                # llama.cpp reuses token_embd.weight
+        data = tensor.detach().to(torch.float32)
+        # shapes (numpy order, HF layout): embed_tokens / lm_head (vocab, hidden);
+        # q_proj (heads*hd, hidden), k/v_proj (kv_heads*hd, hidden) and their Qwen2 biases
+        # (rows,); o_proj (hidden, heads*hd); gate/up (ff, hidden), down (hidden, ff);
+        # norms (hidden,), Qwen3 q_norm/k_norm (hd,)
+        heads = rope_heads(name.removesuffix(".bias").removesuffix(".weight") + ".weight", base)
+        if heads is not None:                       # arch "llama": rows of q/k (and biases)
+            data = permute_rows(data, heads)
+        writer.add_tensor(hf_to_gguf_name(name, base), np.ascontiguousarray(data.numpy()))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
