@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "api", "save": "api", "convert": "api", "inspect": "api",
+    "load": "api", "save": "api", "convert": "api", "inspect": "api", "merge": "api",
     "Adapter": "adapter", "LoraWeight": "adapter",
     "AdapterToolsError": "errors", "FormatError": "errors", "UnsupportedError": "errors",
     "InputNotFoundError": "errors", "OutputExistsError": "errors",
@@ -28,7 +28,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter, LoraWeight
-    from .api import convert, inspect, load, save
+    from .api import convert, inspect, load, merge, save
     from .errors import (AdapterToolsError, AdapterToolsWarning, FormatError,
                          InputNotFoundError, OutputExistsError, UnsupportedError)
 

@@ -118,3 +118,54 @@ def convert_result(result: dict) -> None:
     out.print(plain(f"wrote {result['dst']} ({result['to']}) from {result['src']} "
                     f"({result['from']}): {result['adapted_tensors']} LoRA tensors, "
                     f"{result['replaced_tensors']} full tensors"))
+
+
+class progress_bar:
+    """A byte progress bar on stderr, shown only when stderr is a terminal. ``start(total)``
+    once the total is known, then call it with the bytes just written."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.label = label
+        self.progress = Progress("[progress.description]{task.description}", BarColumn(),
+                                 DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                                 console=err, transient=True, disable=not err.is_terminal)
+        self.task = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start(self, total: int) -> None:
+        self.task = self.progress.add_task(self.label, total=total)
+        self.progress.start()
+
+    def __call__(self, nbytes: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, nbytes)
+
+
+def merge_report(report: dict, *, dry_run: bool) -> None:
+    changed = report["changed"]
+    table = Table(title=plain(f"{'plan' if dry_run else 'merged'}: {report['out'] or '(dry run)'}"))
+    for column in ("tensor", "shape", "dtype", "adapters", "replaced"):
+        table.add_column(column)
+    for row in changed:
+        table.add_row(plain(row["name"]), "x".join(map(str, row["shape"])), row["dtype"],
+                      ", ".join(str(i) for i in row["adapters"]) or "-",
+                      "yes" if row["replaced"] else "")
+    out.print(table)
+    adapters = ", ".join(f"[{i}] {a} (x{w:g})" for i, (a, w) in
+                         enumerate(zip(report["adapters"], report["weights"])))
+    summary = (f"{len(changed)} of {report['tensors']} tensors change; mode {report['mode']}; "
+               f"adapters {adapters}; output {report['output_bytes'] / 1e9:.3f} GB "
+               f"({report['format']})")
+    if not dry_run:
+        summary += f"; {report['wall_s']:.2f} s on {report['device']}"
+    out.print(plain(summary))
+    for message in report["warnings"]:
+        warning(message)

@@ -131,3 +131,91 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
     if callable(describe):  # storage facts only the format knows (e.g. GGUF tensor types)
         report["storage"] = describe(path)
     return report
+
+
+def _load_for_merge(path, base_path) -> Adapter:
+    """An adapter for merging; GGUF adapters get the base's names through ``base``."""
+    path = require_exists(path)
+    fmt = _readable(path, None)
+    base = _base_info(base_path) if _accepts(fmt.module.read, "base") else None
+    return _read(fmt, path, None, base)
+
+
+def parse_weights(weights, count: int) -> list[float]:
+    """``"0.5,0.5"`` or a sequence -> one float per adapter (default 1 each)."""
+    if weights is None:
+        return [1.0] * count
+    if isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise UnsupportedError(f"--weights {weights!r}: expected numbers separated by commas, "
+                                   "one per adapter") from None
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise UnsupportedError(f"--weights has {len(weights)} value(s) for {count} adapter(s); "
+                               "give one weight per adapter")
+    return weights
+
+
+def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = None, *,
+          weights=None, mode: str = "weighted", dtype: str = "keep", device: str = "cpu",
+          dry_run: bool = False, force: bool = False, progress=None) -> dict:
+    """Fold adapters into a base checkpoint, streaming it tensor by tensor.
+
+    ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
+    ``mode="stacked"``: adapters applied one after another, in order (differs for DoRA).
+    Returns a report; with ``dry_run`` only the plan is made and nothing is written.
+    """
+    from .merge.bases import open_base
+    from .merge.plan import MODES, plan_gguf, plan_hf
+    from .merge.run import execute
+
+    if mode not in MODES:
+        raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
+    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not paths:
+        raise UnsupportedError("no adapters given; pass at least one")
+    factors = parse_weights(weights, len(paths))
+    if out is None and not dry_run:
+        raise UnsupportedError("no output given; pass --out")
+    checkpoint = open_base(base)
+    loaded = [_load_for_merge(p, base) for p in paths]
+    for path, adapter in zip(paths, loaded):
+        bad = nonfinite_tensors(adapter)
+        if bad:
+            raise FormatError(f"{path}: {bad[0]} holds NaN or Inf values; refusing to merge it")
+    names = [str(p) for p in paths]
+    make_plan = plan_hf if checkpoint.kind == "safetensors" else plan_gguf
+    plan = make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype)
+    warnings = list(plan.warnings) + _base_model_warnings(checkpoint, loaded, names)
+    report = _plan_report(plan, base, out, dtype, warnings)
+    if dry_run:
+        return report
+    if callable(getattr(progress, "start", None)):
+        progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
+    report.update(execute(plan, out, device=device, force=force, progress=progress))
+    return report
+
+
+def _base_model_warnings(checkpoint, adapters: list[Adapter], names: list[str]) -> list[str]:
+    config = getattr(checkpoint, "config", {}) or {}
+    base_name = config.get("_name_or_path")
+    return [f"{name}: trained on {a.base_model!r}, the base says {base_name!r}; check it is the "
+            "same model" for name, a in zip(names, adapters)
+            if a.base_model and base_name and a.base_model != base_name]
+
+
+def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
+    changed = [j for j in plan.jobs if j.changed]
+    return {
+        "base": str(base), "out": None if out is None else str(out), "format": plan.base.kind,
+        "adapters": list(plan.adapter_names), "weights": list(plan.factors), "mode": plan.mode,
+        "dtype": dtype, "tensors": len(plan.jobs), "output_bytes": plan.size,
+        "changed": [{"name": j.name, "shape": list(j.shape), "dtype": j.out_dtype,
+                     "adapters": sorted({c.adapter for c in j.contributions + j.bias_contributions}),
+                     "replaced": j.replacement is not None} for j in changed],
+        "warnings": warnings,
+    }

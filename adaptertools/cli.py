@@ -107,6 +107,36 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
     _ui.print_json(result) if as_json else _ui.convert_result(result)
 
 
+@cli.command("merge")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out", type=click.Path(), help="Output folder (HF base) or file (GGUF base).")
+@click.option("--weights", help="One weight per adapter, comma separated (default 1 each).")
+@click.option("--mode", type=click.Choice(["weighted", "stacked"]), default="weighted",
+              show_default=True, help="Sum the deltas, or apply adapters one after another.")
+@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep",
+              show_default=True, help="Storage dtype of the output's floating tensors.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu",
+              show_default=True, help="Where the fold runs (cpu is the reference).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
+              mode: str, dtype: str, device: str, dry_run: bool, force: bool,
+              as_json: bool) -> None:
+    """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor."""
+    from . import _ui
+    from .api import merge
+
+    if out is None and not dry_run:
+        raise click.UsageError("missing option '--out' (or pass --dry-run)")
+    with _ui.progress_bar("merging") as bar:
+        report = merge(base, adapters, out, weights=weights, mode=mode, dtype=dtype,
+                       device=device, dry_run=dry_run, force=force, progress=bar)
+    _ui.print_json(report) if as_json else _ui.merge_report(report, dry_run=dry_run)
+
+
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(), help="Keep the demo files here (default: a temp dir).")
 @handle_errors

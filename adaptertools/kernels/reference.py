@@ -1,32 +1,93 @@
-"""Pure-torch ground truth for what a LoRA does to a weight. Slow, simple, exact in its dtype."""
+"""Pure-torch ground truth for what LoRA adapters do to a weight. Simple, and exact in its dtype.
+
+The operation order follows PEFT's own merge (``LoraLayer.get_delta_weight`` and
+``merge(safe_merge=False)``) so that a merge through these functions is bit-identical to
+``merge_and_unload`` on CPU: factors in fp32, ``transpose(B @ A) * scale`` with B and A in
+PEFT's own layout, the weight promoted to fp32, added, rounded once to the stored dtype.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..adapter import LoraWeight
 
 
-def lora_delta(w: LoraWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``scale * b @ a`` in ``dtype``, (rows, cols): the stored weight's layout viewed 2-D."""
-    return (w.b.to(dtype) @ w.a.to(dtype)) * w.scale
+@dataclass(frozen=True)
+class Contribution:
+    """One adapter's share of one base tensor."""
+
+    weight: LoraWeight
+    factor: float = 1.0        # the user's weight for this adapter (--weights)
+    adapter: int = 0           # position in the adapter list, for reports
 
 
-def apply_lora(weight: torch.Tensor, w: LoraWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The merged weight in ``dtype``, shaped like ``weight``; DoRA by PEFT's rule.
+def lora_delta(w: LoraWeight, dtype: torch.dtype = torch.float32, factor: float = 1.0) -> torch.Tensor:
+    """``factor * scale * B @ A`` in ``dtype``, (rows, cols): the stored layout viewed 2-D."""
+    scale = w.scale * factor if factor != 1.0 else w.scale
+    a, b = w.a.to(dtype), w.b.to(dtype)
+    if w.layer in ("embedding", "conv1d"):
+        # PEFT keeps B (out, r) and A (r, in) and transposes the product to the stored layout
+        return (a.T.contiguous() @ b.T.contiguous()).T * scale
+    return (b @ a) * scale
 
-    DoRA: V = W + delta; W' = (m / ||V||) * V, the norm taken along ``w.norm_dim`` of the 2-D view
-    (per output row for Linear/Conv, per column for Embedding and GPT-2 Conv1D).
-    """
-    merged = weight.to(dtype).reshape(w.shape) + lora_delta(w, dtype)
+
+def dora_rescale(merged: torch.Tensor, w: LoraWeight) -> torch.Tensor:
+    """DoRA: W' = (m / ||V||) * V, the norm along ``w.norm_dim`` of the 2-D view V."""
+    norm = torch.linalg.norm(merged, dim=w.norm_dim)
+    factor = w.magnitude.to(merged.dtype) / norm
+    factor = factor.view(-1, 1) if w.norm_dim == 1 else factor.view(1, -1)
+    return factor * merged
+
+
+def apply_lora(weight: torch.Tensor, w: LoraWeight, dtype: torch.dtype = torch.float32,
+               factor: float = 1.0) -> torch.Tensor:
+    """The merged weight in ``dtype``, shaped like ``weight``; DoRA by PEFT's rule."""
+    merged = weight.to(dtype).reshape(w.shape) + lora_delta(w, dtype, factor)
     if w.magnitude is not None:
-        norm = torch.linalg.vector_norm(merged, dim=w.norm_dim, keepdim=True)
-        magnitude = w.magnitude.to(dtype)
-        magnitude = magnitude.reshape(-1, 1) if w.norm_dim == 1 else magnitude.reshape(1, -1)
-        merged = merged * (magnitude / norm)
+        merged = dora_rescale(merged, w)
     return merged.reshape(weight.shape)
 
 
-def apply_lora_bias(bias: torch.Tensor, w: LoraWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The base bias plus ``scale * lora_bias`` (PEFT's lora_bias merge)."""
-    return bias.to(dtype) + w.bias.to(dtype) * w.scale
+def apply_lora_bias(bias: torch.Tensor, w: LoraWeight, dtype: torch.dtype = torch.float32,
+                    factor: float = 1.0) -> torch.Tensor:
+    """The base bias plus ``factor * scale * lora_bias`` (PEFT's lora_bias merge)."""
+    scale = w.scale * factor if factor != 1.0 else w.scale
+    return bias.to(dtype) + w.bias.to(dtype) * scale
+
+
+def merge_weighted(weight: torch.Tensor, contributions: list[Contribution],
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """``W + sum_i w_i * s_i * B_i @ A_i`` accumulated in fp32, rounded once to ``out_dtype``.
+
+    A DoRA adapter rescales the sum; it must then be the only contribution (the planner checks).
+    """
+    merged = weight.to(torch.float32).reshape(contributions[0].weight.shape)
+    for c in contributions:
+        merged = merged + lora_delta(c.weight, torch.float32, c.factor)
+    dora = [c.weight for c in contributions if c.weight.magnitude is not None]
+    if dora:
+        merged = dora_rescale(merged, dora[0])
+    return merged.reshape(weight.shape).to(out_dtype)
+
+
+def merge_stacked(weight: torch.Tensor, contributions: list[Contribution],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """Adapters folded one after another, rounding to the stored dtype after each, as PEFT does
+    when it merges several adapters into one layer."""
+    for c in contributions:
+        weight = apply_lora(weight, c.weight, torch.float32, c.factor).to(weight.dtype)
+    return weight.to(out_dtype)
+
+
+def merge_bias(bias: torch.Tensor, contributions: list[Contribution], out_dtype: torch.dtype,
+               *, stacked: bool) -> torch.Tensor:
+    """The base bias plus every adapter's lora_bias; stacked rounds after each, like weights."""
+    stored = bias.dtype
+    for c in contributions:
+        bias = apply_lora_bias(bias, c.weight, torch.float32, c.factor)
+        if stacked:
+            bias = bias.to(stored)
+    return bias.to(out_dtype)

@@ -1,0 +1,1 @@
+"""The streaming merge engine: bases.py (indexes), plan.py (jobs), run.py (execution)."""

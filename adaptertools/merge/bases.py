@@ -1,0 +1,157 @@
+"""Base checkpoints as tensor indexes: names, dtypes, shapes and byte ranges, never the data.
+
+Two kinds: HF safetensors folders (one file or shards with ``model.safetensors.index.json``)
+and GGUF model files. Tensor data is read later, one tensor at a time, with ``os.pread``: no
+memory maps, so the pages a merge touches never count against its resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._io import read_json, require_exists
+from ..errors import FormatError, UnsupportedError
+
+INDEX_NAME = "model.safetensors.index.json"
+# safetensors dtype names -> bytes per element (the float ones are what merges can touch)
+SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
+                     "U32": 4, "U64": 8}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One stored tensor: where its bytes are and what they hold."""
+
+    name: str
+    file: str                 # file name inside the base folder (or the GGUF file name)
+    dtype: str                # safetensors dtype ("BF16") or GGML type name ("F16", "Q4_K")
+    shape: tuple[int, ...]    # as stored (numpy order for GGUF)
+    offset: int               # absolute byte offset in ``file``
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    name: str
+    metadata: dict[str, str]
+    tensors: tuple[TensorEntry, ...]     # in data order, as the file stores them
+    header: bytes                         # the 8-byte length prefix plus the JSON header
+
+
+@dataclass(frozen=True)
+class HFBase:
+    folder: Path
+    files: tuple[SafetensorsFile, ...]   # shard order
+    config: dict = field(default_factory=dict)
+    index: dict | None = None
+
+    kind = "safetensors"
+
+    def entries(self) -> dict[str, TensorEntry]:
+        return {t.name: t for f in self.files for t in f.tensors}
+
+
+@dataclass(frozen=True)
+class GGUFBase:
+    path: Path
+    arch: str
+    tensors: tuple[TensorEntry, ...]     # in data order
+    data_end: int                        # file size
+
+    kind = "gguf"
+
+    def entries(self) -> dict[str, TensorEntry]:
+        return {t.name: t for t in self.tensors}
+
+
+def open_base(path: str | os.PathLike) -> HFBase | GGUFBase:
+    path = require_exists(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _open_gguf(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return _open_hf(path.parent, [path.name])
+    if not path.is_dir():
+        raise FormatError(f"{path}: not a model; a base is an HF folder with *.safetensors, "
+                          "one .safetensors file, or a .gguf model")
+    index_path = path / INDEX_NAME
+    if index_path.is_file():
+        index = read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{index_path}: no `weight_map`; the index is damaged")
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FormatError(f"{path}: shard {missing[0]} listed in {INDEX_NAME} is missing "
+                              f"({len(missing)} of {len(files)}); download the complete model")
+        return _open_hf(path, files, index)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FormatError(f"{path}: no *.safetensors weights here (.bin checkpoints are not read: "
+                          "they are pickles); convert the model to safetensors first")
+    if len(files) > 1:
+        raise FormatError(f"{path}: {len(files)} .safetensors files but no {INDEX_NAME}; "
+                          "restore the index or pass one file")
+    return _open_hf(path, files)
+
+
+def read_safetensors_header(path: Path) -> SafetensorsFile:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) without reading data."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise FormatError(f"{path}: truncated safetensors file (no header); download it again")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, 100_000_000):
+            raise FormatError(f"{path}: corrupt safetensors header (length {length} for a "
+                              f"{size}-byte file); download it again")
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: corrupt safetensors header (not JSON); download it again") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    tensors = []
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in SAFETENSORS_SIZES:
+            raise UnsupportedError(f"{path}: {name} has dtype {info['dtype']}, unknown here")
+        tensors.append(TensorEntry(name, path.name, info["dtype"], tuple(info["shape"]),
+                                   data_start + begin, end - begin))
+    tensors.sort(key=lambda t: t.offset)
+    end = max((t.offset + t.nbytes for t in tensors), default=data_start)
+    if end > size:
+        last = max(tensors, key=lambda t: t.offset + t.nbytes)
+        raise FormatError(f"{path}: truncated: {last.name} ends at byte {end} but the file has "
+                          f"{size}; download it again")
+    return SafetensorsFile(path.name, metadata, tuple(tensors), prefix + raw)
+
+
+def _open_hf(folder: Path, files: list[str], index: dict | None = None) -> HFBase:
+    config_path = folder / "config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    return HFBase(folder, tuple(read_safetensors_header(folder / f) for f in files), config, index)
+
+
+def _open_gguf(path: Path) -> GGUFBase:
+    from ..formats.names import field_value, open_gguf
+
+    reader = open_gguf(path)
+    if field_value(reader, "general.type", "model") == "adapter":
+        raise FormatError(f"{path}: is a GGUF adapter, not a model; pass the base model")
+    size = path.stat().st_size
+    tensors = []
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape))   # ggml ne -> numpy order
+        tensors.append(TensorEntry(t.name, path.name, t.tensor_type.name, shape,
+                                   int(t.data_offset), int(t.n_bytes)))
+    tensors.sort(key=lambda t: t.offset)
+    return GGUFBase(path, field_value(reader, "general.architecture"), tuple(tensors), size)

@@ -1,0 +1,322 @@
+"""Base checkpoint + adapters + weights -> the list of per-tensor jobs. No tensor data is read.
+
+The plan fixes everything the run needs: which tensors change and by whom, each output file's
+exact header and size, the updated config.json and index. ``--dry-run`` prints it and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..adapter import Adapter, LoraWeight
+from ..errors import FormatError, UnsupportedError
+from ..kernels.reference import Contribution
+from .bases import FLOAT_DTYPES, SAFETENSORS_SIZES, GGUFBase, HFBase, TensorEntry
+
+MODES = ("weighted", "stacked")
+DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "F64": torch.float64}
+CONFIG_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# input-embedding names, most specific first (HF LlamaForCausalLM, GPT-2, BLOOM, GPT-NeoX, ...)
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight",
+                   "model.decoder.embed_tokens.weight", "transformer.word_embeddings.weight",
+                   "gpt_neox.embed_in.weight", "embed_tokens.weight")
+LM_HEAD = "lm_head.weight"
+MISMATCHES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: its source bytes, and what the adapters do to it."""
+
+    name: str
+    source: TensorEntry
+    out_dtype: str
+    contributions: tuple[Contribution, ...] = ()
+    bias_contributions: tuple[Contribution, ...] = ()   # lora_bias terms for a bias tensor
+    replacement: torch.Tensor | None = None              # modules_to_save: replaces the source
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.contributions or self.bias_contributions) or self.replacement is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        if self.out_dtype == self.source.dtype:
+            return self.source.nbytes
+        return SAFETENSORS_SIZES[self.out_dtype] * _numel(self.shape)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    jobs: tuple[Job, ...]
+    header: bytes          # written first, byte for byte
+    size: int              # header plus data
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: HFBase | GGUFBase
+    files: tuple[OutputFile, ...]
+    mode: str
+    factors: tuple[float, ...]
+    adapter_names: tuple[str, ...]
+    config: dict | None = None        # config.json to write (None: copy the base's as is)
+    index: dict | None = None         # model.safetensors.index.json to write, when the base has one
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [j for f in self.files for j in f.jobs]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ----------------------------------------------------------------------------- targets
+
+@dataclass
+class _Targets:
+    """What the adapters ask of each base tensor, collected before jobs are made."""
+
+    weights: dict[str, list[Contribution]] = field(default_factory=dict)
+    biases: dict[str, list[Contribution]] = field(default_factory=dict)
+    replacements: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+
+def _expected_shape(w: LoraWeight) -> tuple[int, ...]:
+    return tuple(w.weight_shape) if w.weight_shape else w.shape
+
+
+def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
+             entries: dict[str, TensorEntry], resolve) -> _Targets:
+    """``resolve(name, w) -> (base name, LoraWeight in that tensor's stored layout) | None``."""
+    targets = _Targets()
+    for i, (adapter, factor) in enumerate(zip(adapters, factors)):
+        for name, w in adapter.weights.items():
+            found = resolve(name, w)
+            if found is None:
+                targets.mismatches.append(f"{name} (adapter {names[i]}): no such base tensor")
+                continue
+            base_name, w = found
+            entry = entries[base_name]
+            if _expected_shape(w) != entry.shape:
+                targets.mismatches.append(f"{name} (adapter {names[i]}): adapter delta "
+                                          f"{_expected_shape(w)}, base {entry.shape}")
+                continue
+            contribution = Contribution(w, factor, i)
+            targets.weights.setdefault(base_name, []).append(contribution)
+            if w.bias is not None:
+                bias_name = base_name[: -len("weight")] + "bias"
+                if not base_name.endswith("weight") or bias_name not in entries:
+                    raise UnsupportedError(f"{name} (adapter {names[i]}): has a lora_bias but the "
+                                           "base layer has no bias to merge it into")
+                targets.biases.setdefault(bias_name, []).append(contribution)
+        for name, tensor in adapter.replacements.items():
+            found = resolve(name, None)
+            if found is None:
+                targets.mismatches.append(f"{name} (adapter {names[i]}): full tensor has no base "
+                                          "tensor to replace")
+                continue
+            base_name = found[0]
+            if base_name in targets.replacements:
+                other = names[targets.replacements[base_name][0]]
+                raise UnsupportedError(f"{base_name}: replaced by both {other} and {names[i]} "
+                                       "(modules_to_save); merge them separately or drop one")
+            if tuple(tensor.shape) != entries[base_name].shape:
+                targets.mismatches.append(f"{name} (adapter {names[i]}): full tensor "
+                                          f"{tuple(tensor.shape)}, base {entries[base_name].shape}")
+                continue
+            targets.replacements[base_name] = (i, tensor)
+    if targets.mismatches:
+        shown = "; ".join(targets.mismatches[:MISMATCHES_SHOWN])
+        more = len(targets.mismatches) - MISMATCHES_SHOWN
+        raise FormatError(f"{len(targets.mismatches)} adapter tensor(s) do not fit the base: "
+                          f"{shown}{f'; and {more} more' if more > 0 else ''}. Is the adapter "
+                          "for another model?")
+    return targets
+
+
+def _check_modes(targets: _Targets, mode: str, names: list[str]) -> None:
+    if mode != "weighted":
+        return
+    for name, contributions in targets.weights.items():
+        if len(contributions) > 1 and any(c.weight.magnitude is not None for c in contributions):
+            raise UnsupportedError(f"{name}: DoRA adapters do not add up (each rescales the whole "
+                                   "weight); merge them with --mode stacked")
+
+
+# ----------------------------------------------------------------------------- HF safetensors
+
+def _tied(base: HFBase) -> bool:
+    from ..formats.names import TIED_BY_DEFAULT
+
+    config = base.config.get("text_config") or base.config
+    default = TIED_BY_DEFAULT.get(base.config.get("model_type", ""), True)
+    return bool(config.get("tie_word_embeddings", base.config.get("tie_word_embeddings", default)))
+
+
+def _embedding_name(entries: dict[str, TensorEntry]) -> str | None:
+    return next((n for n in EMBEDDING_NAMES if n in entries), None)
+
+
+def _out_dtype(entry: TensorEntry, dtype: str) -> str:
+    if dtype == "keep" or entry.dtype not in FLOAT_DTYPES:
+        return entry.dtype
+    return DTYPE_NAMES[dtype]
+
+
+def _header(metadata: dict, jobs: list[Job]) -> bytes:
+    """A safetensors header for ``jobs`` laid out back to back in order, padded to 8 bytes."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for job in jobs:
+        header[job.name] = {"dtype": job.out_dtype, "shape": list(job.shape),
+                            "data_offsets": [offset, offset + job.nbytes]}
+        offset += job.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
+            mode: str, dtype: str) -> Plan:
+    entries = base.entries()
+    warnings: list[str] = []
+    embedding = _embedding_name(entries)
+    untie = LM_HEAD not in entries and embedding is not None and _tied(base) and any(
+        LM_HEAD in a.weights or LM_HEAD in a.replacements or embedding in a.weights
+        or embedding in a.replacements for a in adapters)
+    # an untied lm_head starts as a copy of the embedding: same bytes, its own name
+    lm_head_entry = replace(entries[embedding], name=LM_HEAD) if untie else None
+    known = dict(entries, **({LM_HEAD: lm_head_entry} if untie else {}))
+
+    def resolve(name: str, w: LoraWeight | None):
+        return (name, w) if name in known else None
+
+    targets = _collect(adapters, names, factors, known, resolve)
+    _check_modes(targets, mode, names)
+    if untie:
+        warnings.append(f"the base ties lm_head to {embedding} and an adapter changes one of "
+                        "them: the merged model gets its own lm_head.weight and "
+                        "tie_word_embeddings=false (as PEFT's merge does)")
+
+    def job_for(entry: TensorEntry) -> Job:
+        replacement = targets.replacements.get(entry.name)
+        return Job(entry.name, entry, _out_dtype(entry, dtype),
+                   tuple(targets.weights.get(entry.name, ())),
+                   tuple(targets.biases.get(entry.name, ())),
+                   replacement[1] if replacement else None)
+
+    files = []
+    for f in base.files:
+        jobs = [job_for(e) for e in f.tensors]
+        if untie and any(e.name == embedding for e in f.tensors):
+            jobs.append(job_for(lm_head_entry))
+        same_layout = not untie and all(j.out_dtype == j.source.dtype for j in jobs)
+        header = f.header if same_layout else _header(f.metadata, jobs)
+        files.append(OutputFile(f.name, tuple(jobs), header,
+                                len(header) + sum(j.nbytes for j in jobs)))
+    return Plan(base, tuple(files), mode, tuple(factors), tuple(names),
+                config=_updated_config(base, files, dtype, untie),
+                index=_updated_index(base, files, untie), warnings=tuple(warnings))
+
+
+def _updated_config(base: HFBase, files: list[OutputFile], dtype: str, untie: bool) -> dict | None:
+    if not base.config or (dtype == "keep" and not untie):
+        return None
+    config = json.loads(json.dumps(base.config))
+    if untie:
+        for section in (config, config.get("text_config")):
+            if isinstance(section, dict) and "tie_word_embeddings" in section or section is config:
+                section["tie_word_embeddings"] = False
+    if dtype != "keep":
+        name = CONFIG_DTYPES[DTYPE_NAMES[dtype]]
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for key in keys:
+            config[key] = name
+    return config
+
+
+def _updated_index(base: HFBase, files: list[OutputFile], untie: bool) -> dict | None:
+    if base.index is None:
+        return None
+    index = json.loads(json.dumps(base.index))
+    index.setdefault("metadata", {})["total_size"] = sum(j.nbytes for f in files for j in f.jobs)
+    if untie:
+        owner = next(f.name for f in files if any(j.name == LM_HEAD for j in f.jobs))
+        index["weight_map"][LM_HEAD] = owner
+    return index
+
+
+# ----------------------------------------------------------------------------- GGUF models
+
+def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
+              mode: str, dtype: str) -> Plan:
+    from ..formats.names import load_base_info
+
+    if dtype != "keep":
+        raise UnsupportedError(f"{base.path}: --dtype {dtype} for a GGUF base is not supported yet; "
+                               "a GGUF merge keeps every tensor's type (--dtype keep)")
+    info = load_base_info(base.path)
+    entries = base.entries()
+    targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries))
+    _check_modes(targets, mode, names)
+    jobs = []
+    for entry in base.tensors:
+        replacement = targets.replacements.get(entry.name)
+        job = Job(entry.name, entry, entry.dtype, tuple(targets.weights.get(entry.name, ())),
+                  tuple(targets.biases.get(entry.name, ())), replacement[1] if replacement else None)
+        if job.changed and entry.dtype not in FLOAT_DTYPES:
+            raise UnsupportedError(f"{base.path}: {entry.name} is {entry.dtype}; merging into "
+                                   "quantized GGUF tensors is not supported yet (F32/F16/BF16 only)")
+        jobs.append(job)
+    output = OutputFile(base.path.name, tuple(jobs), b"", base.data_end)
+    return Plan(base, (output,), mode, tuple(factors), tuple(names))
+
+
+def gguf_target(name: str, w: LoraWeight | None, info, entries) -> tuple[str, LoraWeight] | None:
+    """An HF-named LoraWeight re-expressed in the layout of the GGUF model's tensor."""
+    from ..formats.gguf import to_gguf_factors
+    from ..formats.names import hf_to_gguf_name, permute_rows, rope_heads
+
+    if info.tied_embeddings and name == LM_HEAD:
+        raise UnsupportedError(f"{name}: the GGUF base ties lm_head to token_embd; untying a GGUF "
+                               "model is not supported yet, merge into the HF checkpoint instead")
+    try:
+        gguf_name = hf_to_gguf_name(name, info)
+    except UnsupportedError:
+        return None
+    if gguf_name not in entries:
+        return None
+    if w is None:
+        return gguf_name, None
+    if w.layer == "embedding":          # token_embd is stored (vocab, dim) in both
+        return gguf_name, w
+    a, b = to_gguf_factors(name, w, info)   # delta = b @ a in GGUF's (out, in)
+    magnitude, bias = w.magnitude, w.bias
+    heads = rope_heads(name, info)
+    if heads is not None:                   # rows moved: their norms and biases move with them
+        magnitude = permute_rows(magnitude, heads) if magnitude is not None else None
+        bias = permute_rows(bias, heads) if bias is not None else None
+    return gguf_name, LoraWeight(a=a, b=b, scale=w.scale, layer="linear", magnitude=magnitude,
+                                 bias=bias)

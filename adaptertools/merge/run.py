@@ -1,0 +1,232 @@
+"""Executes a plan: read each base tensor once, fold, write it once, atomically.
+
+Reading the next tensor (a thread, ``os.pread``) overlaps folding and writing the current one.
+Runs of tensors the adapters do not touch are copied inside the kernel (``copy_file_range``), so
+they never enter this process's memory. The output goes to a temporary path beside OUT and is
+renamed at the end: an error or Ctrl-C leaves nothing at OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .._io import atomic_output, write_json
+from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
+from .bases import INDEX_NAME, HFBase
+from .plan import TORCH_DTYPES, Job, OutputFile, Plan
+
+# files of a base folder that are weights (never copied: the merge writes its own)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+COPY_CHUNK = 64 << 20
+
+Progress = Callable[[int], None]   # called with the bytes just written
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def read_tensor(fd: int, job: Job) -> torch.Tensor:
+    """The source tensor of ``job``, read with pread into fresh memory, (shape) in its dtype."""
+    buffer = bytearray(job.source.nbytes)
+    view, done = memoryview(buffer), 0
+    while done < len(buffer):
+        n = os.preadv(fd, [view[done:]], job.source.offset + done)
+        if n == 0:
+            raise OSError(f"{job.source.file}: unexpected end of file inside {job.name}; the file "
+                          "is truncated, download it again")
+        done += n
+    dtype = TORCH_DTYPES.get(job.source.dtype)
+    if dtype is None:
+        return torch.frombuffer(buffer, dtype=torch.uint8)     # raw bytes, copied as they are
+    return torch.frombuffer(buffer, dtype=dtype).reshape(job.shape)
+
+
+def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
+    """The output tensor of ``job`` from its source ``tensor``."""
+    if job.replacement is not None:
+        tensor = job.replacement
+    out_dtype = TORCH_DTYPES.get(job.out_dtype, tensor.dtype)
+    stacked = mode == "stacked"
+    if job.contributions:
+        contributions = [_to(c, device) for c in job.contributions]
+        tensor = tensor.to(device)
+        merge = merge_stacked if stacked else merge_weighted
+        tensor = merge(tensor, contributions, out_dtype)
+    elif job.bias_contributions:
+        tensor = merge_bias(tensor.to(device), [_to(c, device) for c in job.bias_contributions],
+                            out_dtype, stacked=stacked)
+    return tensor.to("cpu", out_dtype).contiguous()
+
+
+def _to(contribution, device: torch.device):
+    if device.type == "cpu":
+        return contribution
+    from dataclasses import replace
+
+    w = contribution.weight
+    moved = replace(w, a=w.a.to(device), b=w.b.to(device),
+                    magnitude=None if w.magnitude is None else w.magnitude.to(device),
+                    bias=None if w.bias is None else w.bias.to(device))
+    return replace(contribution, weight=moved)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_all(fd: int, data, offset: int | None = None) -> int:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        if offset is None:
+            done += os.write(fd, view[done:])
+        else:
+            done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int | None = None) -> None:
+    """Kernel-side copy of ``count`` bytes from ``src`` at ``offset`` to ``dst``."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, min(count, COPY_CHUNK), offset, dst_offset)
+        except OSError:          # filesystems without copy_file_range: plain reads and writes
+            data = os.pread(src, min(count, COPY_CHUNK), offset)
+            n = write_all(dst, data, dst_offset)
+        if n == 0:
+            raise OSError("unexpected end of file while copying a base tensor; the base is truncated")
+        offset, count = offset + n, count - n
+        dst_offset = None if dst_offset is None else dst_offset + n
+
+
+# ----------------------------------------------------------------------------- files
+
+def _is_plain(job: Job) -> bool:
+    """Untouched and not cast: its bytes go to the output as they are."""
+    return not job.changed and job.out_dtype == job.source.dtype
+
+
+def _runs(jobs: tuple[Job, ...]) -> list[list[Job]]:
+    """Consecutive jobs grouped: plain neighbours stored back to back form one copy run."""
+    runs: list[list[Job]] = []
+    for job in jobs:
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and _is_plain(job) and _is_plain(prev) and \
+                prev.source.offset + prev.source.nbytes == job.source.offset:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs
+
+
+def write_safetensors(plan: Plan, out_file: OutputFile, src_folder: Path, dst: Path,
+                      device: torch.device, progress: Progress, reader: ThreadPoolExecutor) -> None:
+    src = os.open(src_folder / out_file.name, os.O_RDONLY)
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        progress(write_all(out, out_file.header))
+        runs = _runs(out_file.jobs)
+        pending = _prefetch(reader, src, runs, 0)
+        for i, run in enumerate(runs):
+            current, pending = pending, _prefetch(reader, src, runs, i + 1)
+            if _is_plain(run[0]):
+                count = sum(j.source.nbytes for j in run)
+                copy_range(src, out, run[0].source.offset, count)
+                progress(count)
+            else:
+                tensor = fold(run[0], current.result(), plan.mode, device)
+                progress(write_all(out, tensor_bytes(tensor)))
+        os.fsync(out)
+    finally:
+        os.close(src)
+        os.close(out)
+
+
+def _prefetch(reader: ThreadPoolExecutor, fd: int, runs: list[list[Job]], i: int):
+    """Start reading run ``i``'s tensor in the background, when it needs its bytes here."""
+    if i >= len(runs) or _is_plain(runs[i][0]):
+        return None
+    return reader.submit(read_tensor, fd, runs[i][0])
+
+
+def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
+               reader: ThreadPoolExecutor) -> None:
+    """Same header, same layout: untouched regions copied, adapted tensors rewritten in place."""
+    base = plan.base
+    src = os.open(base.path, os.O_RDONLY)
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        position = 0
+        jobs = [j for j in plan.files[0].jobs if j.changed]
+        pending = reader.submit(read_tensor, src, jobs[0]) if jobs else None
+        for i, job in enumerate(jobs):
+            current = pending
+            pending = reader.submit(read_tensor, src, jobs[i + 1]) if i + 1 < len(jobs) else None
+            copy_range(src, out, position, job.source.offset - position, position)
+            progress(job.source.offset - position)
+            tensor = fold(job, current.result(), plan.mode, device)
+            progress(write_all(out, tensor_bytes(tensor), job.source.offset))
+            position = job.source.offset + job.source.nbytes
+        copy_range(src, out, position, base.data_end - position, position)
+        progress(base.data_end - position)
+        os.fsync(out)
+    finally:
+        os.close(src)
+        os.close(out)
+
+
+def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
+    """Config, tokenizer and other non-weight files of the base folder, as they are."""
+    copied = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix in WEIGHT_SUFFIXES \
+                or path.name == INDEX_NAME:
+            continue
+        if path.name == "config.json" and plan.config is not None:
+            continue
+        shutil.copy2(path, dst / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: bool = False,
+            progress: Progress | None = None) -> dict:
+    """Run ``plan`` into ``out``; returns timings and counts for the report."""
+    progress = progress or (lambda n: None)
+    torch_device = resolve_device(device)
+    start = time.perf_counter()
+    is_hf = isinstance(plan.base, HFBase)
+    with atomic_output(out, force=force, is_dir=is_hf, expected_bytes=plan.size) as tmp, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader:
+        with torch.inference_mode():
+            if is_hf:
+                for out_file in plan.files:
+                    write_safetensors(plan, out_file, plan.base.folder, tmp / out_file.name,
+                                      torch_device, progress, reader)
+                copied = copy_side_files(plan.base.folder, tmp, plan)
+                if plan.config is not None:
+                    write_json(tmp / "config.json", plan.config)
+                if plan.index is not None:
+                    write_json(tmp / INDEX_NAME, plan.index)
+                elif plan.base.index is not None:
+                    shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
+            else:
+                write_gguf(plan, tmp, torch_device, progress, reader)
+                copied = []
+    return {"wall_s": time.perf_counter() - start, "device": str(torch_device),
+            "copied_files": copied}
