@@ -60,6 +60,13 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
+def human_size(nbytes: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -75,7 +82,7 @@ def inspect_report(report: dict) -> None:
     rows = [
         ("format", report["format"]),
         ("base model", report["base_model"] or "-"),
-        ("size on disk", f"{report['size_bytes'] / 1e6:.2f} MB"),
+        ("size on disk", human_size(report["size_bytes"])),
         ("adapted tensors", str(report["adapted_tensors"])),
         ("replaced tensors", ", ".join(report["replaced_tensors"]) or "-"),
         ("parameters", f"{report['parameters']:,}"),
@@ -157,12 +164,12 @@ def merge_report(report: dict, *, dry_run: bool) -> None:
     for row in changed:
         table.add_row(plain(row["name"]), "x".join(map(str, row["shape"])), row["dtype"],
                       ", ".join(str(i) for i in row["adapters"]) or "-",
-                      "yes" if row["replaced"] else "")
+                      "yes" if row["replaced"] else ("added" if row.get("added") else ""))
     out.print(table)
     adapters = ", ".join(f"[{i}] {a} (x{w:g})" for i, (a, w) in
                          enumerate(zip(report["adapters"], report["weights"])))
     summary = (f"{len(changed)} of {report['tensors']} tensors change; mode {report['mode']}; "
-               f"adapters {adapters}; output {report['output_bytes'] / 1e9:.3f} GB "
+               f"adapters {adapters}; output {human_size(report['output_bytes'])} "
                f"({report['format']})")
     if not dry_run:
         summary += f"; {report['wall_s']:.2f} s on {report['device']}"

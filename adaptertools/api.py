@@ -209,13 +209,16 @@ def _base_model_warnings(checkpoint, adapters: list[Adapter], names: list[str]) 
 
 
 def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
-    changed = [j for j in plan.jobs if j.changed]
+    stored = plan.base.entries()
+    # changed tensors, and tensors the base does not store (an untied lm_head)
+    changed = [j for j in plan.jobs if j.changed or j.name not in stored]
     return {
         "base": str(base), "out": None if out is None else str(out), "format": plan.base.kind,
         "adapters": list(plan.adapter_names), "weights": list(plan.factors), "mode": plan.mode,
         "dtype": dtype, "tensors": len(plan.jobs), "output_bytes": plan.size,
         "changed": [{"name": j.name, "shape": list(j.shape), "dtype": j.out_dtype,
                      "adapters": sorted({c.adapter for c in j.contributions + j.bias_contributions}),
-                     "replaced": j.replacement is not None} for j in changed],
+                     "replaced": j.replacement is not None, "added": j.name not in stored}
+                    for j in changed],
         "warnings": warnings,
     }

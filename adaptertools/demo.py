@@ -38,6 +38,29 @@ def run_demo(workdir: str | None = None) -> bool:
             (_ui.info if difference is None else _ui.error)(
                 f"round trip PEFT -> {label} -> PEFT: "
                 f"{'bit-exact' if difference is None else 'MISMATCH: ' + difference}")
+        ok = _demo_merge(root, base, peft_dir) and ok
         if workdir:
             _ui.info(f"demo files kept in {root}")
         return ok
+
+
+def _demo_merge(root: Path, base: Path, peft_dir: Path) -> bool:
+    """Merge the adapter into the base and check every tensor against the reference fold."""
+    import torch
+    from safetensors.torch import load_file
+
+    from . import api
+    from .kernels.reference import apply_lora
+
+    merged_dir = root / "merged"
+    report = api.merge(base, [peft_dir], merged_dir, force=True)
+    _ui.merge_report(report, dry_run=False)
+    adapter = api.load(peft_dir)
+    before, after = load_file(base / "model.safetensors"), load_file(merged_dir / "model.safetensors")
+    wrong = [name for name, tensor in before.items()
+             if not torch.equal(after[name], apply_lora(tensor, adapter.weights[name]).to(tensor.dtype)
+                                if name in adapter.weights else tensor)]
+    (_ui.info if not wrong else _ui.error)(
+        f"merge: {len(adapter.weights)} tensors folded, {len(before) - len(adapter.weights)} copied "
+        f"byte for byte; {'all equal to the reference fold' if not wrong else 'MISMATCH in ' + wrong[0]}")
+    return not wrong

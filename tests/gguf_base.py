@@ -22,8 +22,12 @@ SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
              "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 
-def write_gguf_base(model: torch.nn.Module, path: str | Path, arch: str) -> Path:
-    """Write ``model`` (a float32 ``*ForCausalLM`` of SUPPORTED) to ``path``, GGUF arch ``arch``."""
+def write_gguf_base(model: torch.nn.Module, path: str | Path, arch: str, *,
+                    f16: bool = False) -> Path:
+    """Write ``model`` (a float32 ``*ForCausalLM`` of SUPPORTED) to ``path``, GGUF arch ``arch``.
+
+    ``f16``: 2-D weights in F16, 1-D tensors (norms, biases) kept F32, as llama.cpp's converter
+    does for ``--outtype f16``."""
     import gguf
 
     cfg = model.config
@@ -42,7 +46,7 @@ def write_gguf_base(model: torch.nn.Module, path: str | Path, arch: str) -> Path
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny-test-model")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     # hparams, as TextModel.set_gguf_parameters writes them (keys are "<arch>.<key>")
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -83,10 +87,67 @@ def write_gguf_base(model: torch.nn.Module, path: str | Path, arch: str) -> Path
         heads = rope_heads(name.removesuffix(".bias").removesuffix(".weight") + ".weight", base)
         if heads is not None:                       # arch "llama": rows of q/k (and biases)
             data = permute_rows(data, heads)
-        writer.add_tensor(hf_to_gguf_name(name, base), np.ascontiguousarray(data.numpy()))
+        array = np.ascontiguousarray(data.numpy())
+        if f16 and array.ndim == 2:
+            array = array.astype(np.float16)
+        writer.add_tensor(hf_to_gguf_name(name, base), array)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+IDS = [5, 17, 99, 3, 42, 7, 64, 120, 1, 88, 23, 56]   # fixed token ids, no BOS
+# kind -> (transformers model class, config class, llama.cpp arch, extra config kwargs)
+ARCHS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", "llama", dict(tie_word_embeddings=False)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", "llama", dict(tie_word_embeddings=False)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", "qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", "qwen3", dict(tie_word_embeddings=True,
+                                                               head_dim=16)),
+}
+
+
+def make_base_model(kind: str) -> torch.nn.Module:
+    import transformers
+
+    model_cls, config_cls, _, extra = ARCHS[kind]
+    config = getattr(transformers, config_cls)(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=10000.0, attn_implementation="eager", **extra)
+    torch.manual_seed(2024)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():   # larger than HF's 0.02 init, so logits are O(1) and far from uniform
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def llama_logits(model_path: Path, lora_path: Path | None = None) -> np.ndarray:
+    """llama.cpp's logits for every position of IDS (F32 KV cache), freeing the model after."""
+    import llama_cpp
+
+    kwargs = dict(model_path=str(model_path), logits_all=True, n_ctx=64, type_k=0, type_v=0,
+                  verbose=False, n_threads=2)
+    if lora_path is not None:
+        kwargs.update(lora_path=str(lora_path), lora_scale=1.0)
+    llm = llama_cpp.Llama(**kwargs)
+    try:
+        llm.eval(IDS)
+        return np.array(llm.scores[:len(IDS)], dtype=np.float64)
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+        del llm
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())

@@ -24,7 +24,7 @@ import torch
 
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
-from gguf_base import write_gguf_base
+from gguf_base import ARCHS, IDS, llama_logits, make_base_model, max_diff, write_gguf_base
 
 # Without llama-cpp-python the file is skipped, except under CI, where it must run: there the
 # fixtures import llama_cpp and fail loudly.
@@ -34,18 +34,9 @@ pytestmark = pytest.mark.skipif(
 
 TOL = 1e-4                    # ours vs PEFT, max abs over all logits
 LORA_MATTERS = 1e-2           # base alone vs PEFT must be at least this far apart
-IDS = [5, 17, 99, 3, 42, 7, 64, 120, 1, 88, 23, 56]   # fixed token ids, no BOS
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
 
-# kind -> (transformers model class, config class, llama.cpp arch, extra config kwargs)
-ARCHS = {
-    "llama": ("LlamaForCausalLM", "LlamaConfig", "llama", dict(tie_word_embeddings=False)),
-    "mistral": ("MistralForCausalLM", "MistralConfig", "llama", dict(tie_word_embeddings=False)),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", "qwen2", dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", "qwen3", dict(tie_word_embeddings=True,
-                                                               head_dim=16)),
-}
 PATTERNS = dict(rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6},
                 alpha_pattern={"layers.1.self_attn.q_proj": 3, "k_proj": 5.5})
 EMBED_LM_HEAD = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])
@@ -85,49 +76,6 @@ class Case:
     peft_dir: Path            # PEFT save_pretrained
     ours: Path                # where adaptertools.convert(peft_dir, ..., to="gguf") writes
     reference: np.ndarray     # unmerged PeftModel logits on IDS, (len(IDS), vocab)
-
-
-def make_base_model(kind: str) -> torch.nn.Module:
-    import transformers
-
-    model_cls, config_cls, _, extra = ARCHS[kind]
-    config = getattr(transformers, config_cls)(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=10000.0, attn_implementation="eager", **extra)
-    torch.manual_seed(2024)
-    model = getattr(transformers, model_cls)(config).float().eval()
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():   # larger than HF's 0.02 init, so logits are O(1) and far from uniform
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def llama_logits(model_path: Path, lora_path: Path | None = None) -> np.ndarray:
-    """llama.cpp's logits for every position of IDS (F32 KV cache), freeing the model after."""
-    import llama_cpp
-
-    kwargs = dict(model_path=str(model_path), logits_all=True, n_ctx=64, type_k=0, type_v=0,
-                  verbose=False, n_threads=2)
-    if lora_path is not None:
-        kwargs.update(lora_path=str(lora_path), lora_scale=1.0)
-    llm = llama_cpp.Llama(**kwargs)
-    try:
-        llm.eval(IDS)
-        return np.array(llm.scores[:len(IDS)], dtype=np.float64)
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
-        del llm
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 The operation order follows PEFT's own merge (``LoraLayer.get_delta_weight`` and
 ``merge(safe_merge=False)``) so that a merge through these functions is bit-identical to
 ``merge_and_unload`` on CPU: factors in fp32, ``transpose(B @ A) * scale`` with B and A in
-PEFT's own layout, the weight promoted to fp32, added, rounded once to the stored dtype.
+PEFT's own layout, the weight promoted to fp32, added, rounded once to the stored dtype. One
+exception, PEFT's too: a plain (non-DoRA) embedding delta is rounded to the stored dtype before it
+is added (``Embedding.merge`` adds ``delta.to(orig_dtype)``), so a bf16 embedding is rounded twice.
 """
 
 from __future__ import annotations
@@ -58,11 +60,26 @@ def apply_lora_bias(bias: torch.Tensor, w: LoraWeight, dtype: torch.dtype = torc
     return bias.to(dtype) + w.bias.to(dtype) * scale
 
 
+def merge_step(weight: torch.Tensor, c: Contribution) -> torch.Tensor:
+    """One adapter folded into ``weight`` in PEFT's order; the result is in ``weight.dtype``.
+
+    This is what ``merge_and_unload`` does to one layer, bit for bit on CPU.
+    """
+    w = c.weight
+    if w.layer == "embedding" and w.magnitude is None:
+        # PEFT's Embedding.merge: ``weight += delta.to(orig_dtype)``; the delta is rounded to the
+        # stored dtype first, then the sum is rounded again (a no-op for fp32 bases)
+        delta = lora_delta(w, torch.float32, c.factor).to(weight.dtype)     # (vocab, dim)
+        return weight + delta
+    return apply_lora(weight, w, torch.float32, c.factor).to(weight.dtype)
+
+
 def merge_weighted(weight: torch.Tensor, contributions: list[Contribution],
                    out_dtype: torch.dtype) -> torch.Tensor:
     """``W + sum_i w_i * s_i * B_i @ A_i`` accumulated in fp32, rounded once to ``out_dtype``.
 
     A DoRA adapter rescales the sum; it must then be the only contribution (the planner checks).
+    (A merge of ONE adapter runs ``merge_stacked`` instead, PEFT's order: see merge/run.py.)
     """
     merged = weight.to(torch.float32).reshape(contributions[0].weight.shape)
     for c in contributions:
@@ -75,10 +92,15 @@ def merge_weighted(weight: torch.Tensor, contributions: list[Contribution],
 
 def merge_stacked(weight: torch.Tensor, contributions: list[Contribution],
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """Adapters folded one after another, rounding to the stored dtype after each, as PEFT does
-    when it merges several adapters into one layer."""
+    """Adapters folded one after another, rounding to the stored dtype after each: bit for bit
+    PEFT merging the first adapter (merge_and_unload), wrapping the result with the second,
+    merging again, and so on. A DoRA norm is thus taken on the weight the previous adapters made.
+
+    (PEFT's merge of several adapters loaded into ONE model, ``merge_and_unload(adapter_names=
+    [...])``, takes every DoRA norm on the unmerged base instead; that is not "one after another",
+    and differs from this by about the size of a DoRA update.)"""
     for c in contributions:
-        weight = apply_lora(weight, c.weight, torch.float32, c.factor).to(weight.dtype)
+        weight = merge_step(weight, c)
     return weight.to(out_dtype)
 
 

@@ -107,6 +107,12 @@ def _expected_shape(w: LoraWeight) -> tuple[int, ...]:
     return tuple(w.weight_shape) if w.weight_shape else w.shape
 
 
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    # PEFT saves a targeted embedding's base weight with every adapter (save_embedding_layers
+    # "auto"): two adapters carrying the same copy agree, only different copies conflict
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
 def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
              entries: dict[str, TensorEntry], resolve) -> _Targets:
     """``resolve(name, w) -> (base name, LoraWeight in that tensor's stored layout) | None``."""
@@ -138,7 +144,8 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                                           "tensor to replace")
                 continue
             base_name = found[0]
-            if base_name in targets.replacements:
+            if base_name in targets.replacements and not _same(targets.replacements[base_name][1],
+                                                               tensor):
                 other = names[targets.replacements[base_name][0]]
                 raise UnsupportedError(f"{base_name}: replaced by both {other} and {names[i]} "
                                        "(modules_to_save); merge them separately or drop one")
@@ -146,7 +153,7 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                 targets.mismatches.append(f"{name} (adapter {names[i]}): full tensor "
                                           f"{tuple(tensor.shape)}, base {entries[base_name].shape}")
                 continue
-            targets.replacements[base_name] = (i, tensor)
+            targets.replacements.setdefault(base_name, (i, tensor))
     if targets.mismatches:
         shown = "; ".join(targets.mismatches[:MISMATCHES_SHOWN])
         more = len(targets.mismatches) - MISMATCHES_SHOWN
@@ -203,12 +210,15 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     entries = base.entries()
     warnings: list[str] = []
     embedding = _embedding_name(entries)
-    untie = LM_HEAD not in entries and embedding is not None and _tied(base) and any(
+    # Changing one of two tied tensors unties them. The config must say so even when the base
+    # stores lm_head anyway: transformers would otherwise tie it back to the merged embedding.
+    untie = embedding is not None and _tied(base) and any(
         LM_HEAD in a.weights or LM_HEAD in a.replacements or embedding in a.weights
         or embedding in a.replacements for a in adapters)
-    # an untied lm_head starts as a copy of the embedding: same bytes, its own name
-    lm_head_entry = replace(entries[embedding], name=LM_HEAD) if untie else None
-    known = dict(entries, **({LM_HEAD: lm_head_entry} if untie else {}))
+    # an lm_head the base does not store starts as a copy of the embedding: same bytes, own name
+    add_lm_head = untie and LM_HEAD not in entries
+    lm_head_entry = replace(entries[embedding], name=LM_HEAD) if add_lm_head else None
+    known = dict(entries, **({LM_HEAD: lm_head_entry} if add_lm_head else {}))
 
     def resolve(name: str, w: LoraWeight | None):
         return (name, w) if name in known else None
@@ -216,9 +226,12 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     targets = _collect(adapters, names, factors, known, resolve)
     _check_modes(targets, mode, names)
     if untie:
+        # PEFT's merge_and_unload changes the shared tensor in place, so its merged lm_head
+        # follows the embedding: its outputs then differ from the unmerged model's; ours do not
         warnings.append(f"the base ties lm_head to {embedding} and an adapter changes one of "
                         "them: the merged model gets its own lm_head.weight and "
-                        "tie_word_embeddings=false (as PEFT's merge does)")
+                        "tie_word_embeddings=false, so that it computes what the unmerged "
+                        "model computes (PEFT's merge_and_unload changes both instead)")
 
     def job_for(entry: TensorEntry) -> Job:
         replacement = targets.replacements.get(entry.name)
@@ -230,15 +243,16 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     files = []
     for f in base.files:
         jobs = [job_for(e) for e in f.tensors]
-        if untie and any(e.name == embedding for e in f.tensors):
+        added = add_lm_head and any(e.name == embedding for e in f.tensors)
+        if added:
             jobs.append(job_for(lm_head_entry))
-        same_layout = not untie and all(j.out_dtype == j.source.dtype for j in jobs)
+        same_layout = not added and all(j.out_dtype == j.source.dtype for j in jobs)
         header = f.header if same_layout else _header(f.metadata, jobs)
         files.append(OutputFile(f.name, tuple(jobs), header,
                                 len(header) + sum(j.nbytes for j in jobs)))
     return Plan(base, tuple(files), mode, tuple(factors), tuple(names),
                 config=_updated_config(base, files, dtype, untie),
-                index=_updated_index(base, files, untie), warnings=tuple(warnings))
+                index=_updated_index(base, files, add_lm_head), warnings=tuple(warnings))
 
 
 def _updated_config(base: HFBase, files: list[OutputFile], dtype: str, untie: bool) -> dict | None:
@@ -257,12 +271,17 @@ def _updated_config(base: HFBase, files: list[OutputFile], dtype: str, untie: bo
     return config
 
 
-def _updated_index(base: HFBase, files: list[OutputFile], untie: bool) -> dict | None:
+def _updated_index(base: HFBase, files: list[OutputFile], add_lm_head: bool) -> dict | None:
+    """The new index, or None when the base's can be copied byte for byte (same tensors, same
+    sizes: a merge in the base's own dtypes)."""
     if base.index is None:
+        return None
+    same = all(j.nbytes == j.source.nbytes for f in files for j in f.jobs)
+    if same and not add_lm_head:
         return None
     index = json.loads(json.dumps(base.index))
     index.setdefault("metadata", {})["total_size"] = sum(j.nbytes for f in files for j in f.jobs)
-    if untie:
+    if add_lm_head:
         owner = next(f.name for f in files if any(j.name == LM_HEAD for j in f.jobs))
         index["weight_map"][LM_HEAD] = owner
     return index

@@ -57,6 +57,15 @@ def read_tensor(fd: int, job: Job) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype).reshape(job.shape)
 
 
+def fold_mode(plan: Plan) -> str:
+    """The mode ``fold`` runs: one adapter into an HF checkpoint is merged in PEFT's own order
+    (``merge_stacked``), bit for bit what ``merge_and_unload`` gives. That differs from
+    "weighted"'s single rounding only for plain embedding LoRA on 16-bit bases, where PEFT rounds
+    the delta before adding it; GGUF bases, whose reference is llama.cpp, keep the single rounding."""
+    single = len(plan.adapter_names) == 1 and isinstance(plan.base, HFBase)
+    return "stacked" if single else plan.mode
+
+
 def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
     """The output tensor of ``job`` from its source ``tensor``."""
     if job.replacement is not None:
@@ -149,7 +158,7 @@ def write_safetensors(plan: Plan, out_file: OutputFile, src_folder: Path, dst: P
                 copy_range(src, out, run[0].source.offset, count)
                 progress(count)
             else:
-                tensor = fold(run[0], current.result(), plan.mode, device)
+                tensor = fold(run[0], current.result(), fold_mode(plan), device)
                 progress(write_all(out, tensor_bytes(tensor)))
         os.fsync(out)
     finally:
@@ -179,7 +188,7 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
             pending = reader.submit(read_tensor, src, jobs[i + 1]) if i + 1 < len(jobs) else None
             copy_range(src, out, position, job.source.offset - position, position)
             progress(job.source.offset - position)
-            tensor = fold(job, current.result(), plan.mode, device)
+            tensor = fold(job, current.result(), fold_mode(plan), device)
             progress(write_all(out, tensor_bytes(tensor), job.source.offset))
             position = job.source.offset + job.source.nbytes
         copy_range(src, out, position, base.data_end - position, position)
