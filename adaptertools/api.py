@@ -167,9 +167,9 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     ``mode="stacked"``: adapters applied one after another, in order (differs for DoRA).
     Returns a report; with ``dry_run`` only the plan is made and nothing is written.
     """
-    from .merge.bases import open_base
-    from .merge.plan import MODES, plan_gguf, plan_hf
-    from .merge.run import execute
+    from .merging.bases import open_base
+    from .merging.plan import MODES, plan_gguf, plan_hf
+    from .merging.run import execute
 
     if mode not in MODES:
         raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

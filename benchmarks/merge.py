@@ -16,7 +16,7 @@ CLI for W1 and W2 (it fsyncs its output itself), and with --peft, PEFT's from_pr
 The cache is dropped before every command (``echo 3 > /proc/sys/vm/drop_caches``, root only) for
 "cold" runs; "warm" runs read the inputs once beforehand. With --peft, the W1 output is compared
 tensor by tensor (bit patterns) with PEFT's. With --phases, each merge is also run once in a
-child that times the engine's steps (fold, write, read, copy, fsync: adaptertools.merge.run's
+child that times the engine's steps (fold, write, read, copy, fsync: adaptertools.merging.run's
 functions wrapped with timers). A Markdown table is printed last.
 
 Targets: W1 merge wall <= 1.3x cp and peak RSS <= 0.8 GB; W2 <= 1.5x cp.
@@ -57,11 +57,11 @@ model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out, max_shard_size="1GB")
 """
 
-# Times the steps of adaptertools.merge.run by wrapping its module-level functions.
+# Times the steps of adaptertools.merging.run by wrapping its module-level functions.
 PHASES_SCRIPT = """
 import collections, json, os, sys, threading, time
 import adaptertools as at
-import adaptertools.merge.run as run
+import adaptertools.merging.run as run
 spent, calls = collections.defaultdict(float), collections.Counter()
 
 def timed(module, name):

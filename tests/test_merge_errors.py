@@ -8,7 +8,7 @@ unless the merge succeeds with ``--force``.
 
 Bases are tiny Llama checkpoints built in code (bf16, one file or three shards with
 ``model.safetensors.index.json``); failures in the middle of a run (full disk, Ctrl-C) are
-simulated by patching ``adaptertools.merge.run``; one Ctrl-C is a real SIGINT to a subprocess.
+simulated by patching ``adaptertools.merging.run``; one Ctrl-C is a real SIGINT to a subprocess.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import adaptertools as at
 import adaptertools._io
-import adaptertools.merge.run as merge_run
+import adaptertools.merging.run as merge_run
 from adaptertools.adapter import Adapter, LoraWeight
 from adaptertools.errors import FormatError, OutputExistsError, UnsupportedError
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
@@ -453,7 +453,7 @@ def test_ctrl_c_through_the_cli(models, tmp_path, monkeypatch):
 SLOW_FOLD = """
 import sys, time
 from pathlib import Path
-import adaptertools.merge.run as run
+import adaptertools.merging.run as run
 
 marker, real, calls = Path(sys.argv[1]), run.fold, []
 

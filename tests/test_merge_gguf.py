@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import adaptertools as at
-from adaptertools.api import merge
 from adaptertools.errors import UnsupportedError
 
 from gguf_base import llama_logits, make_base_model, max_diff, write_gguf_base
@@ -50,7 +49,7 @@ def setup(request, tmp_path_factory):
 
 def test_merged_f32_gguf_matches_runtime_lora(setup, tmp_path):
     root, f32, _ = setup
-    merge(f32, [root / "peft"], tmp_path / "merged.gguf")
+    at.merge(f32, [root / "peft"], tmp_path / "merged.gguf")
     runtime = llama_logits(f32, root / "lora.gguf")
     merged = llama_logits(tmp_path / "merged.gguf")
     assert max_diff(merged, llama_logits(f32)) > 0.1          # the adapter matters
@@ -62,7 +61,7 @@ def test_merged_f16_gguf_keeps_layout_and_is_within_f16_noise(setup, tmp_path):
     the noise f16 storage itself adds (the F32 vs F16 base difference)."""
     root, f32, f16 = setup
     out = tmp_path / "merged.gguf"
-    merge(f16, [root / "lora.gguf"], out)     # a GGUF adapter this time
+    at.merge(f16, [root / "lora.gguf"], out)     # a GGUF adapter this time
     assert out.stat().st_size == f16.stat().st_size
     base, merged = gguf.GGUFReader(str(f16)), gguf.GGUFReader(str(out))
     changed = 0
@@ -87,7 +86,7 @@ def test_merged_f16_gguf_keeps_layout_and_is_within_f16_noise(setup, tmp_path):
 def test_gguf_base_refuses_other_dtypes_and_quantized_tensors(setup, tmp_path):
     root, f32, _ = setup
     with pytest.raises(UnsupportedError, match="keeps every tensor's type"):
-        merge(f32, [root / "peft"], tmp_path / "x.gguf", dtype="bf16")
+        at.merge(f32, [root / "peft"], tmp_path / "x.gguf", dtype="bf16")
     assert not (tmp_path / "x.gguf").exists()
     quantized = tmp_path / "q8.gguf"
     reader = gguf.GGUFReader(str(f32))
@@ -110,5 +109,5 @@ def test_gguf_base_refuses_other_dtypes_and_quantized_tensors(setup, tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(UnsupportedError, match="Q8_0"):
-        merge(quantized, [root / "peft"], tmp_path / "y.gguf")
+        at.merge(quantized, [root / "peft"], tmp_path / "y.gguf")
     assert not (tmp_path / "y.gguf").exists()

@@ -560,13 +560,13 @@ def test_bf16_output_from_fp32_base(sharded, tmp_path):
     assert torch.equal(logits(model, 96), logits(reference, 96))
 
 
-def test_merge_stays_callable_once_the_merge_subpackage_is_imported(sharded, tmp_path):
-    """Importing ``adaptertools.merge.*`` (as the first merge does) rebinds the name
-    ``adaptertools.merge`` to the subpackage; ``at.merge(...)`` must still merge, every time."""
+def test_merge_stays_callable_once_the_engine_is_imported(sharded, tmp_path):
+    """Importing the engine's subpackage (as the first merge does) must not rebind the public
+    function ``adaptertools.merge``: ``at.merge(...)`` must still merge, every time."""
     import importlib
 
     root, _ = sharded
-    importlib.import_module("adaptertools.merge.plan")
+    importlib.import_module("adaptertools.merging.plan")
     for out in ("first", "second"):
         at.merge(root / "base", [root / "adapter"], tmp_path / out)
         assert shards(tmp_path / out) == shards(root / "base")
