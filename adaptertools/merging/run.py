@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .._io import atomic_output, write_json
+from ..kernels.fold import Buffers, fold_linear
+from ..kernels.fold import supports as fast_fold_supports
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from .bases import INDEX_NAME, HFBase
 from .plan import TORCH_DTYPES, Job, OutputFile, Plan
@@ -27,6 +31,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 COPY_CHUNK = 64 << 20
 
 Progress = Callable[[int], None]   # called with the bytes just written
+
+
+@dataclass(frozen=True)
+class Workers:
+    """One reading thread (prefetch), one writing thread (in order), reused fold buffers."""
+
+    reader: ThreadPoolExecutor
+    writer: ThreadPoolExecutor
+    buffers: Buffers
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,12 +79,21 @@ def fold_mode(plan: Plan) -> str:
     return "stacked" if single else plan.mode
 
 
-def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
+def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
+         buffers: Buffers | None = None) -> torch.Tensor:
     """The output tensor of ``job`` from its source ``tensor``."""
     if job.replacement is not None:
         tensor = job.replacement
     out_dtype = TORCH_DTYPES.get(job.out_dtype, tensor.dtype)
     stacked = mode == "stacked"
+    contributions = list(job.contributions)
+    if device.type == "cpu" and buffers is not None and fast_fold_supports(tensor, contributions):
+        # the reference's arithmetic in reused blocks (kernels/fold.py): same bits, less memory
+        if not stacked:
+            return fold_linear(tensor, contributions, out_dtype, buffers)
+        for c in contributions:
+            tensor = fold_linear(tensor, [c], tensor.dtype, buffers)
+        return tensor.to(out_dtype)
     if job.contributions:
         contributions = [_to(c, device) for c in job.contributions]
         tensor = tensor.to(device)
@@ -143,25 +165,57 @@ def _runs(jobs: tuple[Job, ...]) -> list[list[Job]]:
     return runs
 
 
+class OrderedWriter:
+    """Writes to one output file on a background thread, in submission order, at most ``depth``
+    pending: writing one tensor overlaps folding the next, and memory stays bounded."""
+
+    def __init__(self, executor: ThreadPoolExecutor, progress: Progress, depth: int = 2) -> None:
+        self.executor, self.progress, self.depth = executor, progress, depth
+        self.pending: deque = deque()
+
+    def submit(self, nbytes: int, fn, *args) -> None:
+        self.pending.append((self.executor.submit(fn, *args), nbytes))
+        while len(self.pending) > self.depth:
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        future, nbytes = self.pending.popleft()
+        future.result()                     # a failed write raises here, in the caller
+        self.progress(nbytes)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._finish_one()
+
+    def abandon(self) -> None:
+        """Wait for queued writes without raising (an error is already on its way out)."""
+        for future, _ in self.pending:
+            future.exception()
+        self.pending.clear()
+
+
 def write_safetensors(plan: Plan, out_file: OutputFile, src_folder: Path, dst: Path,
-                      device: torch.device, progress: Progress, reader: ThreadPoolExecutor) -> None:
+                      device: torch.device, progress: Progress, workers: "Workers") -> None:
     src = os.open(src_folder / out_file.name, os.O_RDONLY)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writer = OrderedWriter(workers.writer, progress)
     try:
-        progress(write_all(out, out_file.header))
+        writer.submit(len(out_file.header), write_all, out, out_file.header)
         runs = _runs(out_file.jobs)
-        pending = _prefetch(reader, src, runs, 0)
+        pending = _prefetch(workers.reader, src, runs, 0)
         for i, run in enumerate(runs):
-            current, pending = pending, _prefetch(reader, src, runs, i + 1)
+            current, pending = pending, _prefetch(workers.reader, src, runs, i + 1)
             if _is_plain(run[0]):
                 count = sum(j.source.nbytes for j in run)
-                copy_range(src, out, run[0].source.offset, count)
-                progress(count)
+                writer.submit(count, copy_range, src, out, run[0].source.offset, count)
             else:
-                tensor = fold(run[0], current.result(), fold_mode(plan), device)
-                progress(write_all(out, tensor_bytes(tensor)))
+                tensor = fold(run[0], current.result(), fold_mode(plan), device, workers.buffers)
+                writer.submit(tensor.numel() * tensor.element_size(), write_all, out,
+                              tensor_bytes(tensor))
+        writer.drain()
         os.fsync(out)
     finally:
+        writer.abandon()
         os.close(src)
         os.close(out)
 
@@ -174,7 +228,7 @@ def _prefetch(reader: ThreadPoolExecutor, fd: int, runs: list[list[Job]], i: int
 
 
 def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
-               reader: ThreadPoolExecutor) -> None:
+               workers: "Workers") -> None:
     """Same header, same layout: untouched regions copied, adapted tensors rewritten in place."""
     base = plan.base
     src = os.open(base.path, os.O_RDONLY)
@@ -182,13 +236,14 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
     try:
         position = 0
         jobs = [j for j in plan.files[0].jobs if j.changed]
+        reader = workers.reader
         pending = reader.submit(read_tensor, src, jobs[0]) if jobs else None
         for i, job in enumerate(jobs):
             current = pending
             pending = reader.submit(read_tensor, src, jobs[i + 1]) if i + 1 < len(jobs) else None
             copy_range(src, out, position, job.source.offset - position, position)
             progress(job.source.offset - position)
-            tensor = fold(job, current.result(), fold_mode(plan), device)
+            tensor = fold(job, current.result(), fold_mode(plan), device, workers.buffers)
             progress(write_all(out, tensor_bytes(tensor), job.source.offset))
             position = job.source.offset + job.source.nbytes
         copy_range(src, out, position, base.data_end - position, position)
@@ -221,12 +276,14 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
     start = time.perf_counter()
     is_hf = isinstance(plan.base, HFBase)
     with atomic_output(out, force=force, is_dir=is_hf, expected_bytes=plan.size) as tmp, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader:
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-write") as writer:
+        workers = Workers(reader, writer, Buffers())
         with torch.inference_mode():
             if is_hf:
                 for out_file in plan.files:
                     write_safetensors(plan, out_file, plan.base.folder, tmp / out_file.name,
-                                      torch_device, progress, reader)
+                                      torch_device, progress, workers)
                 copied = copy_side_files(plan.base.folder, tmp, plan)
                 if plan.config is not None:
                     write_json(tmp / "config.json", plan.config)
@@ -235,7 +292,7 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
                 elif plan.base.index is not None:
                     shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
             else:
-                write_gguf(plan, tmp, torch_device, progress, reader)
+                write_gguf(plan, tmp, torch_device, progress, workers)
                 copied = []
     return {"wall_s": time.perf_counter() - start, "device": str(torch_device),
             "copied_files": copied}
