@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,11 +21,32 @@ def require_exists(path: str | os.PathLike) -> Path:
     return path
 
 
-def ensure_free_space(folder: Path, nbytes: int) -> None:
+def human_size(nbytes: int) -> str:
+    """``1234567`` -> ``"1.23 MB"``: decimal units, bytes below 1 kB (here, not in ``_ui``, so
+    that messages raised by the library read the same without importing rich)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """``folder`` itself or the nearest folder above it that exists."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return candidate
+    return Path.cwd()    # not reached: a relative path ends at ".", an absolute one at "/"
+
+
+def ensure_free_space(folder: Path, nbytes: int, *, dst: Path | None = None) -> None:
+    """Refuse (OSError, errno ENOSPC) when ``folder``'s file system has under ``nbytes`` free."""
     free = shutil.disk_usage(folder).free
     if nbytes > free:
-        raise OSError(f"{folder}: {nbytes / 1e9:.2f} GB needed but only {free / 1e9:.2f} GB free; "
+        where = folder if dst is None else f"{dst} (on {folder})"
+        exc = OSError(f"{where}: {human_size(nbytes)} needed but only {human_size(free)} free; "
                       "free some space or write elsewhere")
+        exc.errno = errno.ENOSPC     # set after: OSError(errno, text) prints "[Errno 28]"
+        raise exc
 
 
 def _fsync_tree(path: Path) -> None:
@@ -34,34 +56,73 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _out_of_space(exc: OSError, dst: Path) -> OSError:
+    """A full disk (or quota) met while writing ``dst``: the same errno, a message naming it."""
+    reason = os.strerror(exc.errno).lower()
+    new = OSError(f"{dst}: {reason} while writing it, nothing was written; free some space or "
+                  "write elsewhere")
+    new.errno = exc.errno        # set after, so str(new) is the message alone
+    return new
+
+
 @contextmanager
 def atomic_output(dst: str | os.PathLike, *, force: bool = False, is_dir: bool,
                   expected_bytes: int = 0) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; on success fsync it and rename it onto ``dst``.
 
-    On any error the temporary path is removed, so no partial output is ever left at ``dst``.
+    Free space is checked before anything is created; on any error (or Ctrl-C) the temporary
+    path and the parent folders this call created are removed, so nothing is left behind. A full
+    disk met inside the block is re-raised as an OSError (same errno) that names ``dst``.
     """
     dst = Path(dst)
-    if dst.exists() and not force:
+    if (dst.exists() or dst.is_symlink()) and not force:
         raise OutputExistsError(f"{dst}: already exists; pass --force (force=True) to overwrite it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ensure_free_space(dst.parent, expected_bytes)
+    ancestor = _existing_ancestor(dst.parent)
+    ensure_free_space(ancestor, expected_bytes, dst=dst)
+    # the folders between ``ancestor`` and ``dst``, deepest first: removed again on failure
+    created = [p for p in (dst.parent, *dst.parent.parents) if p != ancestor
+               and ancestor in p.parents]
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    if is_dir:
-        tmp.mkdir()
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            _remove(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
+        _replace(tmp, dst)
+    except BaseException as exc:
         _remove(tmp)
+        _remove_empty(created)
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            raise _out_of_space(exc, dst) from exc
         raise
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Rename ``tmp`` onto ``dst``; an existing ``dst`` is put back if that rename fails."""
+    if not (dst.exists() or dst.is_symlink()):
+        os.replace(tmp, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    _remove(old)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are empty; leave any that are not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _remove(path: Path) -> None:

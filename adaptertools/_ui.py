@@ -7,8 +7,11 @@ import re
 import sys
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
+
+from ._io import human_size
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -56,15 +59,20 @@ def formats_table(rows: list[dict]) -> None:
     out.print(table)
 
 
+def print_table(table: Table) -> None:
+    """``table`` on stdout. On a terminal it fits the window (long cells fold onto more lines);
+    piped or redirected it is printed at its natural width, whatever COLUMNS says, so that each
+    row stays one line and no tensor name is cut or split (``grep``-able, diff-able)."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    wide = Console(highlight=False, soft_wrap=True, width=100_000)
+    width = Measurement.get(wide, wide.options, table).maximum
+    Console(highlight=False, soft_wrap=True, width=max(width, out.width)).print(table)
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
-
-
-def human_size(nbytes: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -102,15 +110,16 @@ def inspect_report(report: dict) -> None:
     out.print(table)
     if "layers" in report:
         layers = Table(title="per tensor (delta = scale * B @ A, from the factors)")
-        for column in ("tensor", "kind", "shape", "rank", "scale", "||delta||_F", "eff. rank",
-                       "dtype", "flags"):
+        layers.add_column("tensor", overflow="fold")
+        for column in ("kind", "shape", "rank", "scale", "||delta||_F", "eff. rank", "dtype",
+                       "flags"):
             layers.add_column(column, justify="right" if column in ("rank", "scale") else "left")
         for row in report["layers"]:
             layers.add_row(row["name"], row["layer"], "x".join(map(str, row["shape"])),
                            str(row["rank"]), f"{row['scale']:.6g}", _num(row["delta_norm"], ".4g"),
                            _num(row["effective_rank"], ".2f"), row["dtype"],
                            ", ".join(row["flags"]) or "")
-        out.print(layers)
+        print_table(layers)
     storage = report.get("storage")
     if storage:
         out.print(plain("storage: " + ", ".join(f"{k}={v}" for k, v in storage.items()
@@ -159,13 +168,14 @@ class progress_bar:
 def merge_report(report: dict, *, dry_run: bool) -> None:
     changed = report["changed"]
     table = Table(title=plain(f"{'plan' if dry_run else 'merged'}: {report['out'] or '(dry run)'}"))
-    for column in ("tensor", "shape", "dtype", "adapters", "replaced"):
+    table.add_column("tensor", overflow="fold")     # a name is folded, never cut with "…"
+    for column in ("shape", "dtype", "adapters", "replaced"):
         table.add_column(column)
     for row in changed:
         table.add_row(plain(row["name"]), "x".join(map(str, row["shape"])), row["dtype"],
                       ", ".join(str(i) for i in row["adapters"]) or "-",
                       "yes" if row["replaced"] else ("added" if row.get("added") else ""))
-    out.print(table)
+    print_table(table)
     adapters = ", ".join(f"[{i}] {a} (x{w:g})" for i, (a, w) in
                          enumerate(zip(report["adapters"], report["weights"])))
     summary = (f"{len(changed)} of {report['tensors']} tensors change; mode {report['mode']}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect as _signature
+import math
 import os
 from pathlib import Path
 
@@ -142,16 +143,25 @@ def _load_for_merge(path, base_path) -> Adapter:
 
 
 def parse_weights(weights, count: int) -> list[float]:
-    """``"0.5,0.5"`` or a sequence -> one float per adapter (default 1 each)."""
+    """``"0.5,0.5"``, a number or a sequence -> one finite float per adapter (default 1 each)."""
     if weights is None:
         return [1.0] * count
-    if isinstance(weights, str):
-        try:
-            weights = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise UnsupportedError(f"--weights {weights!r}: expected numbers separated by commas, "
-                                   "one per adapter") from None
-    weights = [float(w) for w in weights]
+    given = weights
+    try:
+        if isinstance(weights, str):
+            items = weights.split(",")
+        elif isinstance(weights, (int, float)):
+            items = [weights]
+        else:
+            items = list(weights)
+        weights = [float(w) for w in items]
+    except (TypeError, ValueError):
+        raise UnsupportedError(f"--weights {given!r}: expected numbers separated by commas, "
+                               "one per adapter") from None
+    bad = [item for item, w in zip(items, weights) if not math.isfinite(w)]
+    if bad:
+        raise UnsupportedError(f"--weights {given!r}: {str(bad[0]).strip()!r} is not a finite "
+                               "number; give finite weights, one per adapter")
     if len(weights) != count:
         raise UnsupportedError(f"--weights has {len(weights)} value(s) for {count} adapter(s); "
                                "give one weight per adapter")

@@ -28,7 +28,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def handle_errors(func):
-    """Turn the library's errors into one red line on stderr and exit code 1, no traceback."""
+    """Turn the library's errors into one red line on stderr and exit code 1 (Ctrl-C: 130),
+    no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -42,6 +43,12 @@ def handle_errors(func):
 
             _ui.error(str(exc))
             sys.exit(1)
+        except KeyboardInterrupt:
+            # outputs are atomic: the library removed its temporary files on the way out
+            from . import _ui
+
+            _ui.error("interrupted (Ctrl-C); no partial output was left behind")
+            sys.exit(130)   # 128 + SIGINT, as shells report a Ctrl-C
 
     return wrapper
 
@@ -162,8 +169,11 @@ def main() -> None:
         hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
         _ui.error(exc.format_message() + hint)
         sys.exit(exc.exit_code)
-    except click.Abort:  # Ctrl-C at a prompt
-        sys.exit(1)
+    except click.Abort:  # Ctrl-C outside a command's own handling (handle_errors), e.g. parsing
+        from . import _ui
+
+        _ui.error("interrupted (Ctrl-C)")
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

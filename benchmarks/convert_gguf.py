@@ -13,22 +13,11 @@ import argparse
 import importlib.metadata
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workloads import w1_adapter, w1_base_config  # noqa: E402
-
-
-def best_wall(cmd: list[str], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return min(times)
+from workloads import best_wall, w1_adapter, w1_base_config  # noqa: E402
 
 
 def default_converter() -> Path | None:

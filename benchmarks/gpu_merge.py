@@ -79,7 +79,7 @@ def main() -> None:
         differing += int((diff > 0).sum())
         total += t.numel()
         worst = max(worst, float((diff / ulp).max()))
-    print(f"| device | wall | note |\n| --- | --- | --- |")
+    print("| device | wall | note |\n| --- | --- | --- |")
     print(f"| cpu | {walls['cpu']:.2f} s | reference |")
     print(f"| cuda | {walls['cuda']:.2f} s | {differing / total:.2e} of elements differ from cpu, "
           f"at most {worst:.1f} ulp |")

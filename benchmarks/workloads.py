@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 W1_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
@@ -43,6 +41,7 @@ def w1_base_config(folder: Path) -> Path:
 
 def w1_adapter(folder: Path, *, seed: int = 0, rank: int = 16, alpha: int = 32) -> Path:
     """A PEFT adapter folder for W1 (written directly, as PEFT would save it)."""
+    import torch
     from safetensors.torch import save_file
 
     if (folder / "adapter_model.safetensors").exists():
@@ -60,3 +59,16 @@ def w1_adapter(folder: Path, *, seed: int = 0, rank: int = 16, alpha: int = 32) 
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def best_wall(cmd: list[str], runs: int) -> float:
+    """The best wall time of ``runs`` runs of a command (output discarded)."""
+    import subprocess
+    import time
+
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -78,16 +78,18 @@ class PeftCase:
     merged_state: dict       # PEFT's merge_and_unload() weights
 
 
-def perturb_trainables(peft_model: torch.nn.Module) -> None:
-    """Make every LoRA tensor (and modules_to_save copy) non-trivial, as training would."""
-    gen = torch.Generator().manual_seed(99)
+def perturb_trainables(peft_model: torch.nn.Module, *, seed: int = 99, spread: float = 0.1,
+                       modules_to_save: bool = True) -> None:
+    """Make every LoRA tensor (and modules_to_save copy) non-trivial, as training would; DoRA
+    magnitudes are scaled by up to ``1 + spread``."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.rand(p.shape, generator=gen))
+                p.mul_(1 + spread * torch.rand(p.shape, generator=gen))
             elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif "modules_to_save" in name:
+            elif "modules_to_save" in name and modules_to_save:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 

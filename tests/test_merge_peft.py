@@ -64,23 +64,15 @@ def build_base(arch: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype).eval()
 
 
-def perturb(peft_model: torch.nn.Module, seed: int) -> None:
-    """Like conftest.perturb_trainables, with a seed of its own so adapters differ."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
-            elif "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
 def make_adapter(base: torch.nn.Module, folder: Path, seed: int | None = None, **config):
     """Wrap a COPY of ``base`` with PEFT, perturb it, save it; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
-    perturb_trainables(peft_model) if seed is None else perturb(peft_model, seed)
+    if seed is None:
+        perturb_trainables(peft_model)
+    else:   # a seed of its own so adapters differ
+        perturb_trainables(peft_model, seed=seed, spread=0.3, modules_to_save=False)
     peft_model.eval().save_pretrained(folder)
     return peft_model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -172,11 +173,21 @@ class OrderedWriter:
     def __init__(self, executor: ThreadPoolExecutor, progress: Progress, depth: int = 2) -> None:
         self.executor, self.progress, self.depth = executor, progress, depth
         self.pending: deque = deque()
+        self.failed = threading.Event()
 
     def submit(self, nbytes: int, fn, *args) -> None:
-        self.pending.append((self.executor.submit(fn, *args), nbytes))
+        self.pending.append((self.executor.submit(self._run, fn, args), nbytes))
         while len(self.pending) > self.depth:
             self._finish_one()
+
+    def _run(self, fn, args):
+        if self.failed.is_set():          # a write before this one failed: the file is lost
+            return None
+        try:
+            return fn(*args)
+        except BaseException:
+            self.failed.set()
+            raise
 
     def _finish_one(self) -> None:
         future, nbytes = self.pending.popleft()
