@@ -189,6 +189,16 @@ def test_shards_without_their_index(models, sharded, tmp_path):
     assert_nothing_written(out)
 
 
+def assert_merge_refused(base, adapter, out, fragments) -> None:
+    """The library raises a FormatError naming ``fragments``, the CLI prints it as one line,
+    and nothing is left at ``out``."""
+    with pytest.raises(FormatError) as info:
+        at.merge(base, [adapter], out)
+    assert_library_error(info.value, fragments)
+    assert_cli_error(run_inprocess("merge", base, adapter, "--out", out), fragments)
+    assert_nothing_written(out)
+
+
 @pytest.mark.parametrize("keep", [
     pytest.param(lambda size: size - 100, id="cut-in-last-tensor"),
     pytest.param(lambda size: size // 2, id="cut-in-half"),
@@ -200,13 +210,7 @@ def test_truncated_shard(models, sharded, tmp_path, keep):
     shard = sharded / SHARDS[1]
     data = shard.read_bytes()
     shard.write_bytes(data[:keep(len(data))])
-    out = tmp_path / "out"
-    with pytest.raises(FormatError) as info:
-        at.merge(sharded, [models["adapter"]], out)
-    assert_library_error(info.value, [str(shard)])
-    outcome = run_inprocess("merge", sharded, models["adapter"], "--out", out)
-    assert_cli_error(outcome, [str(shard)])
-    assert_nothing_written(out)
+    assert_merge_refused(sharded, models["adapter"], tmp_path / "out", [str(shard)])
 
 
 def test_truncated_shard_subprocess(models, sharded, tmp_path):
@@ -243,13 +247,7 @@ GARBAGE = {
 def test_garbage_shard(models, sharded, tmp_path, damage):
     shard = sharded / SHARDS[1]
     GARBAGE[damage](shard)
-    out = tmp_path / "out"
-    with pytest.raises(FormatError) as info:
-        at.merge(sharded, [models["adapter"]], out)
-    assert_library_error(info.value, [str(shard)])
-    outcome = run_inprocess("merge", sharded, models["adapter"], "--out", out)
-    assert_cli_error(outcome, [str(shard)])
-    assert_nothing_written(out)
+    assert_merge_refused(sharded, models["adapter"], tmp_path / "out", [str(shard)])
 
 
 def _set(tensor, key, value):
