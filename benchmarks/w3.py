@@ -46,23 +46,26 @@ def make_base(folder: Path, layers: int) -> int:
         shapes.update(layer_shapes(n))
     shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
     row = (torch.arange(HIDDEN * 4, dtype=torch.float32) % 97 - 48) * 4e-4     # a cheap pattern
-    shards, current, size, total = [], {}, 0, 0
+    groups, current, size = [], [], 0           # tensor names per shard, by size
     for name, shape in shapes.items():
-        numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
-        tensor = row.repeat(numel // row.numel() + 1)[:numel].reshape(shape).bfloat16()
-        current[name] = tensor
-        size += numel * 2
+        current.append(name)
+        size += 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
         if size >= SHARD_BYTES:
-            shards.append(current)
-            current, total, size = {}, total + size, 0
-    if current:
-        shards.append(current)
-        total += size
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            groups.append(current)
+            current, size = [], 0
+    groups += [current] if current else []
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups):          # one shard in memory at a time
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for name in names:
+            shape = shapes[name]
+            numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
+            shard[name] = row.repeat(numel // row.numel() + 1)[:numel].reshape(shape).bfloat16()
+            total += numel * 2
         save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in shard})
+        weight_map.update({k: file for k in names})
+        del shard
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
