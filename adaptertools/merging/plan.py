@@ -251,18 +251,19 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
         files.append(OutputFile(f.name, tuple(jobs), header,
                                 len(header) + sum(j.nbytes for j in jobs)))
     return Plan(base, tuple(files), mode, tuple(factors), tuple(names),
-                config=_updated_config(base, files, dtype, untie),
+                config=_updated_config(base, dtype, untie),
                 index=_updated_index(base, files, add_lm_head), warnings=tuple(warnings))
 
 
-def _updated_config(base: HFBase, files: list[OutputFile], dtype: str, untie: bool) -> dict | None:
+def _updated_config(base: HFBase, dtype: str, untie: bool) -> dict | None:
     if not base.config or (dtype == "keep" and not untie):
         return None
     config = json.loads(json.dumps(base.config))
     if untie:
-        for section in (config, config.get("text_config")):
-            if isinstance(section, dict) and "tie_word_embeddings" in section or section is config:
-                section["tie_word_embeddings"] = False
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict) and \
+                "tie_word_embeddings" in config["text_config"]:
+            config["text_config"]["tie_word_embeddings"] = False
     if dtype != "keep":
         name = CONFIG_DTYPES[DTYPE_NAMES[dtype]]
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
