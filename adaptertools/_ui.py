@@ -186,3 +186,17 @@ def merge_report(report: dict, *, dry_run: bool) -> None:
     out.print(plain(summary))
     for message in report["warnings"]:
         warning(message)
+
+
+def validation_table(report: dict) -> None:
+    table = Table(title=plain(f"{report['adapter']} vs {report['against']}"))
+    for column in ("tensor", "relative error", "tolerance", "result"):
+        table.add_column(column, overflow="fold")
+    for row in report["tensors"]:
+        table.add_row(plain(row["name"]), _num(row["relative_error"], ".3g"),
+                      _num(row["tolerance"], ".3g"),
+                      "pass" if row["passed"] else f"FAIL: {row['problem']}")
+    print_table(table)
+    verdict = "all tensors give the same delta" if report["passed"] else \
+        f"{report['failed']} of {len(report['tensors'])} tensors differ"
+    (info if report["passed"] else error)(verdict)

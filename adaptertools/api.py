@@ -232,3 +232,19 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
                     for j in changed],
         "warnings": warnings,
     }
+
+
+def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,
+                     scale: float | None = None) -> dict:
+    """Do two adapters (e.g. a conversion and its source) give the same delta for every tensor?
+
+    Exact when both store the same dtypes, else within the coarser dtype's rounding; computed
+    from the factors. Returns a report with ``passed`` and one row per tensor, worst first.
+    """
+    from .validate import compare_adapters
+
+    first, second = (load(p, scale=scale, base=base) if base is not None else load(p, scale=scale)
+                     for p in (adapter, other))
+    report = compare_adapters(first, second)
+    report.update(adapter=str(adapter), against=str(other))
+    return report

@@ -144,6 +144,25 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
     _ui.print_json(report) if as_json else _ui.merge_report(report, dry_run=dry_run)
 
 
+@cli.command("validate")
+@click.argument("adapter", type=click.Path())
+@click.option("--against", type=click.Path(), required=True,
+              help="The adapter to compare with (e.g. the source of a conversion).")
+@click.option("--base", type=click.Path(), help=BASE_HELP)
+@click.option("--scale", type=float, help="Scale for bare factor files without a config.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def validate_cmd(adapter: str, against: str, base: str | None, scale: float | None,
+                 as_json: bool) -> None:
+    """Check that ADAPTER gives the same delta as another adapter, tensor by tensor."""
+    from . import _ui
+    from .api import validate_against
+
+    report = validate_against(adapter, against, base=base, scale=scale)
+    _ui.print_json(report) if as_json else _ui.validation_table(report)
+    sys.exit(0 if report["passed"] else 1)
+
+
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(), help="Keep the demo files here (default: a temp dir).")
 @handle_errors
