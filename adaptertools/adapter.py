@@ -54,6 +54,11 @@ class LoraWeight:
         return int(self.b.shape[0]), int(self.a.shape[1])
 
     @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight as stored: ``weight_shape`` for conv, else (rows, cols)."""
+        return tuple(self.weight_shape) if self.weight_shape else self.shape
+
+    @property
     def outputs(self) -> int:
         """Output features: rows of the stored weight, or its columns when stored (in, out)."""
         return self.shape[0] if self.norm_dim == 1 else self.shape[1]
@@ -115,6 +120,12 @@ def nonfinite_tensors(adapter: Adapter) -> list[str]:
     return bad
 
 
+def map_tensors(w: LoraWeight, fn) -> LoraWeight:
+    """A copy of ``w`` with ``fn`` applied to each of its tensors (factors, magnitude, bias)."""
+    return replace(w, **{part: fn(getattr(w, part)) for part in ("a", "b", "magnitude", "bias")
+                         if getattr(w, part) is not None})
+
+
 def cast_adapter(adapter: Adapter, dtype: torch.dtype | None) -> Adapter:
     """A copy with every floating tensor in ``dtype`` (None keeps each tensor's own dtype)."""
     if dtype is None:
@@ -123,8 +134,7 @@ def cast_adapter(adapter: Adapter, dtype: torch.dtype | None) -> Adapter:
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return t.to(dtype) if t is not None and t.is_floating_point() else t
 
-    weights = {n: replace(w, a=cast(w.a), b=cast(w.b), magnitude=cast(w.magnitude),
-                          bias=cast(w.bias)) for n, w in adapter.weights.items()}
+    weights = {n: map_tensors(w, cast) for n, w in adapter.weights.items()}
     replacements = {n: cast(t) for n, t in adapter.replacements.items()}
     return Adapter(weights, replacements, adapter.base_model, dict(adapter.metadata))
 

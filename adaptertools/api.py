@@ -57,10 +57,12 @@ def load(path: str | os.PathLike, *, format: str | None = None, scale: float | N
     """
     path = require_exists(path)
     fmt = _readable(path, format)
-    return _read(fmt, path, scale, _base_info(base))
+    return _read(fmt, path, scale, base)
 
 
 def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
+    """``fmt.read`` with the options it takes; ``base`` (path or BaseInfo) is only resolved
+    when the format uses it, so a PEFT adapter never needs a GGUF-mappable base."""
     options = {}
     if scale is not None:
         if not _accepts(fmt.module.read, "scale"):
@@ -68,7 +70,7 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
                                    f"{fmt.name} adapters carry their own scale, drop --scale")
         options["scale"] = scale
     if base is not None and _accepts(fmt.module.read, "base"):
-        options["base"] = base
+        options["base"] = _base_info(base)
     return fmt.module.read(path, **options)
 
 
@@ -91,9 +93,8 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str =
         options["dtype"] = dtype          # the format casts (and may quantize) itself
     else:
         adapter = cast_adapter(adapter, parse_dtype(dtype))
-    base = _base_info(base)
     if base is not None and _accepts(fmt.module.write, "base"):
-        options["base"] = base
+        options["base"] = _base_info(base)
     nbytes = sum(t.numel() * t.element_size() for w in adapter.weights.values()
                  for t in (w.a, w.b, w.magnitude, w.bias) if t is not None)
     nbytes += sum(t.numel() * t.element_size() for t in adapter.replacements.values())
@@ -109,10 +110,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     if Path(dst).resolve() == src_path.resolve():
         raise UnsupportedError(f"{dst}: destination is the source; choose another output path")
     fmt, target = _readable(src_path, from_format), get_format(to)
-    base = _base_info(base)
     if base is not None and not (_accepts(fmt.module.read, "base") or
                                  _accepts(target.module.write, "base")):
         raise UnsupportedError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
+    base = _base_info(base)     # parsed once, for the reader and the writer
     adapter = _read(fmt, src_path, scale, base)
     save(adapter, dst, format=to, dtype=dtype, force=force, base=base)
     return {"src": str(src_path), "dst": str(dst), "from": fmt.name, "to": to, "dtype": dtype,
@@ -126,20 +127,12 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
 
     path = require_exists(path)
     fmt = _readable(path, format)
-    adapter = _read(fmt, path, scale, _base_info(base))
+    adapter = _read(fmt, path, scale, base)
     report = adapter_report(adapter, path=path, format_name=fmt.name, layers=layers)
     describe = getattr(fmt.module, "describe", None)
     if callable(describe):  # storage facts only the format knows (e.g. GGUF tensor types)
         report["storage"] = describe(path)
     return report
-
-
-def _load_for_merge(path, base_path) -> Adapter:
-    """An adapter for merging; GGUF adapters get the base's names through ``base``."""
-    path = require_exists(path)
-    fmt = _readable(path, None)
-    base = _base_info(base_path) if _accepts(fmt.module.read, "base") else None
-    return _read(fmt, path, None, base)
 
 
 def parse_weights(weights, count: int) -> list[float]:
@@ -192,7 +185,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     if out is None and not dry_run:
         raise UnsupportedError("no output given; pass --out")
     checkpoint = open_base(base)
-    loaded = [_load_for_merge(p, base) for p in paths]
+    loaded = [load(p, base=base) for p in paths]   # GGUF adapters map names through it
     for path, adapter in zip(paths, loaded):
         bad = nonfinite_tensors(adapter)
         if bad:
@@ -243,8 +236,7 @@ def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, ba
     """
     from .validate import compare_adapters
 
-    first, second = (load(p, scale=scale, base=base) if base is not None else load(p, scale=scale)
-                     for p in (adapter, other))
+    first, second = (load(p, scale=scale, base=base) for p in (adapter, other))
     report = compare_adapters(first, second)
     report.update(adapter=str(adapter), against=str(other))
     return report

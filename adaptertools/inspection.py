@@ -42,7 +42,7 @@ def layer_report(name: str, w: LoraWeight) -> dict:
     return {
         "name": name,
         "layer": w.layer,
-        "shape": list(w.weight_shape or w.shape),
+        "shape": list(w.stored_shape),
         "rank": w.rank,
         "scale": w.scale,
         "dtype": str(w.a.dtype).removeprefix("torch."),

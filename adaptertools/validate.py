@@ -65,8 +65,8 @@ def compare_tensor(name: str, w: LoraWeight | None, v: LoraWeight | None) -> dic
         row["problem"] = f"only in {'the first' if v is None else 'the other'} adapter"
         return row
     if (w.layer, w.shape, w.weight_shape) != (v.layer, v.shape, v.weight_shape):
-        row["problem"] = (f"layout differs: {w.layer} {w.weight_shape or w.shape} vs "
-                          f"{v.layer} {v.weight_shape or v.shape}")
+        row["problem"] = (f"layout differs: {w.layer} {w.stored_shape} vs "
+                          f"{v.layer} {v.stored_shape}")
         return row
     norm = delta_norm(w)
     error = delta_difference(w, v) / max(norm, 1e-300) if norm else delta_difference(w, v)

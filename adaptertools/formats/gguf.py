@@ -321,7 +321,7 @@ def check_base_shape(where: str, hf_name: str, w: LoraWeight, base: BaseInfo) ->
         raise FormatError(f"{where}{hf_name} is not a tensor of the base ({base.source}); this "
                           "adapter is for another model")
     expected = tuple(base.hf_shapes[hf_name])
-    if tuple(w.weight_shape or w.shape) != expected:
+    if w.stored_shape != expected:
         raise FormatError(f"{where}{hf_name}: the adapter's delta is {tuple(w.shape)} but the "
                           f"base ({base.source}) stores {expected}; this adapter is for another model")
 

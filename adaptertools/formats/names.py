@@ -201,15 +201,13 @@ def _tensor_map(base: BaseInfo):
 def _tensor_map_for(arch: str, n_blocks: int):
     import gguf
 
-    base = BaseInfo(arch, n_blocks, 0, 0, False)
-    arch_ids = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
-    if base.arch not in arch_ids:
-        raise UnsupportedError(f"architecture {base.arch!r} is unknown to gguf-py "
-                               f"{gguf.__version__ if hasattr(gguf, '__version__') else ''}")
-    if base.arch not in HF_NAMING:
-        raise UnsupportedError(f"architecture {base.arch!r} is not supported for GGUF adapters "
+    arch_ids = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in arch_ids:
+        raise UnsupportedError(f"architecture {arch!r} is unknown to gguf-py")
+    if arch not in HF_NAMING:
+        raise UnsupportedError(f"architecture {arch!r} is not supported for GGUF adapters "
                                f"yet; supported: {', '.join(sorted(HF_NAMING))}")
-    return gguf.get_tensor_name_map(arch_ids[base.arch], base.n_blocks)
+    return gguf.get_tensor_name_map(arch_ids[arch], n_blocks)
 
 
 def hf_to_gguf_name(name: str, base: BaseInfo) -> str:

@@ -103,10 +103,6 @@ class _Targets:
     mismatches: list[str] = field(default_factory=list)
 
 
-def _expected_shape(w: LoraWeight) -> tuple[int, ...]:
-    return tuple(w.weight_shape) if w.weight_shape else w.shape
-
-
 def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
     # PEFT saves a targeted embedding's base weight with every adapter (save_embedding_layers
     # "auto"): two adapters carrying the same copy agree, only different copies conflict
@@ -125,9 +121,9 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                 continue
             base_name, w = found
             entry = entries[base_name]
-            if _expected_shape(w) != entry.shape:
+            if w.stored_shape != entry.shape:
                 targets.mismatches.append(f"{name} (adapter {names[i]}): adapter delta "
-                                          f"{_expected_shape(w)}, base {entry.shape}")
+                                          f"{w.stored_shape}, base {entry.shape}")
                 continue
             contribution = Contribution(w, factor, i)
             targets.weights.setdefault(base_name, []).append(contribution)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .._io import atomic_output, write_json
+from ..adapter import map_tensors
 from ..kernels.fold import Buffers, fold_linear
 from ..kernels.fold import supports as fast_fold_supports
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
@@ -111,11 +112,7 @@ def _to(contribution, device: torch.device):
         return contribution
     from dataclasses import replace
 
-    w = contribution.weight
-    moved = replace(w, a=w.a.to(device), b=w.b.to(device),
-                    magnitude=None if w.magnitude is None else w.magnitude.to(device),
-                    bias=None if w.bias is None else w.bias.to(device))
-    return replace(contribution, weight=moved)
+    return replace(contribution, weight=map_tensors(contribution.weight, lambda t: t.to(device)))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
