@@ -33,7 +33,30 @@ def lora_delta(w: LoraWeight, dtype: torch.dtype = torch.float32, factor: float 
     if w.layer in ("embedding", "conv1d"):
         # PEFT keeps B (out, r) and A (r, in) and transposes the product to the stored layout
         return (a.T.contiguous() @ b.T.contiguous()).T * scale
+    if w.layer == "conv" and not _pointwise_conv(w.weight_shape):
+        return conv_delta(a, b, w.weight_shape) * scale
     return (b @ a) * scale
+
+
+def _pointwise_conv(weight_shape: tuple[int, ...]) -> bool:
+    """PEFT's test for its matmul branch: ``weight.size()[2:4] == (1, 1)`` (a 1x1 Conv2d)."""
+    return tuple(weight_shape[2:4]) == (1, 1)
+
+
+def conv_delta(a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """A conv LoRA's ``B @ A`` computed the way PEFT computes it, as a convolution, so that the
+    rounding is PEFT's: ``conv(A^T, B)^T`` with A as the input batch and B as a 1x1 kernel.
+
+    a (r, in * k...) -> A (r, in, k...); b (out, r) -> B (out, r, 1...); returns (out, in * k...).
+    """
+    import torch.nn.functional as F
+
+    kernel = tuple(weight_shape[2:])
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
+    factor_a = a.reshape(a.shape[0], weight_shape[1], *kernel)          # (r, in, k...)
+    factor_b = b.reshape(b.shape[0], b.shape[1], *(1,) * len(kernel))   # (out, r, 1...)
+    delta = conv(factor_a.transpose(0, 1), factor_b).transpose(0, 1)    # (out, in, k...)
+    return delta.reshape(b.shape[0], -1)
 
 
 def dora_rescale(merged: torch.Tensor, w: LoraWeight) -> torch.Tensor:
