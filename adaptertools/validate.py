@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .adapter import Adapter, LoraWeight
+from .kernels.lowrank import product_norm
 
 # unit roundoff of each factor dtype: what a lossless-in-intent cast may cost per element
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
@@ -19,15 +20,8 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfl
 EXACT = 1e-12      # float64 noise of the QR route, relative to the delta's norm
 
 
-def _core_norm(x: torch.Tensor, y: torch.Tensor) -> float:
-    """||x @ y||_F from x (rows, k) and y (k, cols) through two thin QRs."""
-    _, rx = torch.linalg.qr(x)
-    _, ry = torch.linalg.qr(y.T)
-    return float(torch.linalg.matrix_norm(rx @ ry.T))
-
-
 def delta_norm(w: LoraWeight) -> float:
-    return _core_norm(w.b.double() * w.scale, w.a.double())
+    return product_norm(w.b.double() * w.scale, w.a.double())
 
 
 def delta_difference(w: LoraWeight, v: LoraWeight) -> float:
@@ -37,7 +31,7 @@ def delta_difference(w: LoraWeight, v: LoraWeight) -> float:
         return 0.0
     x = torch.cat([w.b.double() * w.scale, -v.b.double() * v.scale], dim=1)
     y = torch.cat([w.a.double(), v.a.double()], dim=0)
-    return _core_norm(x, y)
+    return product_norm(x, y)
 
 
 def tolerance(w: LoraWeight, v: LoraWeight) -> float:
