@@ -50,13 +50,14 @@ class Buffers:
 
 
 def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dtype: torch.dtype,
-                buffers: Buffers) -> torch.Tensor:
+                buffers: Buffers, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``merge_weighted(weight, contributions, out_dtype)`` for plain Linear LoRA: the sum
     accumulated in fp32, rounded once to ``out_dtype``. (Stacked merges chain calls with one
     contribution each, rounding to the stored dtype in between.)
 
     weight (rows, cols); each contribution's b (rows, r) and a (r, cols). The products are whole
-    matmuls (see the module notes); the elementwise rest runs block by block, in cache.
+    matmuls (see the module notes); the elementwise rest runs block by block, in cache. ``out``
+    (rows, cols) in ``out_dtype``, when given, receives the result (the engine's pooled memory).
     """
     rows, cols = weight.shape
     terms = []
@@ -64,7 +65,8 @@ def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dty
         product = buffers.product(i, rows, cols)
         torch.matmul(c.weight.b.float(), c.weight.a.float(), out=product)   # (rows, r) @ (r, cols)
         terms.append((product, c.weight.scale * c.factor if c.factor != 1.0 else c.weight.scale))
-    out = torch.empty((rows, cols), dtype=out_dtype)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=out_dtype)
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
