@@ -59,7 +59,7 @@ def test_fast_fold_at_model_sizes(dtype):
     weight = (torch.randn(1408, 1024, generator=gen) * 0.02).to(dtype)   # 4 blocks of 256 rows
     contributions = [contribution(1408, 1024, 16, gen, 1.0)]
     buffers = fast.Buffers()
-    buffers.product(0, 2000, 2000)
+    buffers.product(2000, 2000)
     got = fast.fold_linear(weight, contributions, dtype, buffers)
     assert torch.equal(got, merge_weighted(weight, contributions, dtype))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import Contribution
+from .reference import Contribution, combined_weight
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,18 +35,16 @@ BLOCK_ELEMENTS = 1 << 20
 
 
 class Buffers:
-    """Reused fp32 scratch space: one full-size product buffer per adapter, and one block."""
+    """Reused fp32 scratch space: one full-size product buffer, and one block."""
 
     def __init__(self) -> None:
-        self.products: list[torch.Tensor] = []
+        self.products = torch.empty(0)
         self.block = torch.empty(BLOCK_ELEMENTS)
 
-    def product(self, i: int, rows: int, cols: int) -> torch.Tensor:
-        while len(self.products) <= i:
-            self.products.append(torch.empty(0))
-        if self.products[i].numel() < rows * cols:
-            self.products[i] = torch.empty(rows * cols)
-        return self.products[i][: rows * cols].view(rows, cols)
+    def product(self, rows: int, cols: int) -> torch.Tensor:
+        if self.products.numel() < rows * cols:
+            self.products = torch.empty(rows * cols)
+        return self.products[: rows * cols].view(rows, cols)
 
 
 def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dtype: torch.dtype,
@@ -60,11 +58,15 @@ def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dty
     (rows, cols) in ``out_dtype``, when given, receives the result (the engine's pooled memory).
     """
     rows, cols = weight.shape
-    terms = []
-    for i, c in enumerate(contributions):
-        product = buffers.product(i, rows, cols)
-        torch.matmul(c.weight.b.float(), c.weight.a.float(), out=product)   # (rows, r) @ (r, cols)
-        terms.append((product, c.weight.scale * c.factor if c.factor != 1.0 else c.weight.scale))
+    if len(contributions) > 1:     # one product over the combined factors, as the reference
+        w = combined_weight(contributions)
+        b, a, scale = w.b, w.a, None                    # scales already in b
+    else:
+        c = contributions[0]
+        b, a = c.weight.b.float(), c.weight.a.float()
+        scale = c.weight.scale * c.factor if c.factor != 1.0 else c.weight.scale
+    product = buffers.product(rows, cols)
+    torch.matmul(b, a, out=product)                     # (rows, r) @ (r, cols)
     if out is None:
         out = torch.empty((rows, cols), dtype=out_dtype)
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
@@ -72,9 +74,9 @@ def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dty
         stop = min(rows, start + step)
         acc = buffers.block[: (stop - start) * cols].view(stop - start, cols)
         acc.copy_(weight[start:stop])                   # exact upcast to fp32
-        for product, scale in terms:
-            block = product[start:stop]
+        block = product[start:stop]
+        if scale is not None:
             block.mul_(scale)                           # (B @ A) * scale, as the reference
-            acc.add_(block)
+        acc.add_(block)
         out[start:stop].copy_(acc)                      # round to nearest even, once
     return out

@@ -97,16 +97,33 @@ def merge_step(weight: torch.Tensor, c: Contribution) -> torch.Tensor:
     return apply_lora(weight, w, torch.float32, c.factor).to(weight.dtype)
 
 
+def combined_weight(contributions: list[Contribution]) -> LoraWeight:
+    """Several adapters' plain LoRA on one tensor as ONE factor pair of rank R = sum(r_i), so
+    that their sum is one matmul: A_i stacked (R, cols), B_i side by side (rows, R), each B_i
+    scaled by w_i * s_i in fp32 first; scale 1. (One product and one pass over the weight
+    instead of one per adapter; the rounding differs from a sum of separate deltas only by the
+    usual fp32 dot-product bound, now over R terms.)"""
+    first = contributions[0].weight
+    a = torch.cat([c.weight.a.float() for c in contributions], dim=0)             # (R, cols)
+    b = torch.cat([c.weight.b.float() * (c.weight.scale * c.factor)
+                   for c in contributions], dim=1)                                # (rows, R)
+    return LoraWeight(a=a, b=b, scale=1.0, layer=first.layer, weight_shape=first.weight_shape)
+
+
 def merge_weighted(weight: torch.Tensor, contributions: list[Contribution],
                    out_dtype: torch.dtype) -> torch.Tensor:
-    """``W + sum_i w_i * s_i * B_i @ A_i`` accumulated in fp32, rounded once to ``out_dtype``.
+    """``W + sum_i w_i * s_i * B_i @ A_i`` accumulated in fp32, rounded once to ``out_dtype``;
+    several adapters through one product of their combined factors (``combined_weight``).
 
     A DoRA adapter rescales the sum; it must then be the only contribution (the planner checks).
     (A merge of ONE adapter runs ``merge_stacked`` instead, PEFT's order: see merge/run.py.)
     """
     merged = weight.to(torch.float32).reshape(contributions[0].weight.shape)
-    for c in contributions:
-        merged = merged + lora_delta(c.weight, torch.float32, c.factor)
+    if len(contributions) > 1:
+        merged = merged + lora_delta(combined_weight(contributions), torch.float32)
+    else:
+        merged = merged + lora_delta(contributions[0].weight, torch.float32,
+                                     contributions[0].factor)
     dora = [c.weight for c in contributions if c.weight.magnitude is not None]
     if dora:
         merged = dora_rescale(merged, dora[0])
