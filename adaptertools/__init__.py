@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "api", "save": "api", "convert": "api", "inspect": "api", "merge": "api",
+    "combine": "api", "extract": "api",
     "Adapter": "adapter", "LoraWeight": "adapter",
     "AdapterToolsError": "errors", "FormatError": "errors", "UnsupportedError": "errors",
     "InputNotFoundError": "errors", "OutputExistsError": "errors",
@@ -28,7 +29,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter, LoraWeight
-    from .api import convert, inspect, load, merge, save
+    from .api import combine, convert, extract, inspect, load, merge, save
     from .errors import (AdapterToolsError, AdapterToolsWarning, FormatError,
                          InputNotFoundError, OutputExistsError, UnsupportedError)
 

@@ -200,3 +200,22 @@ def validation_table(report: dict) -> None:
     verdict = "all tensors give the same delta" if report["passed"] else \
         f"{report['failed']} of {len(report['tensors'])} tensors differ"
     (info if report["passed"] else error)(verdict)
+
+
+def algebra_report(report: dict) -> None:
+    """combine / extract: per tensor and in total, the delta energy kept and the relative error."""
+    table = Table(title=plain(f"{report['command']}: {report['out']} ({report['format']})"))
+    table.add_column("tensor", overflow="fold")
+    for column in ("shape", "rank", "energy kept", "rel. error", "note"):
+        table.add_column(column, justify="left" if column == "note" else "right")
+    for row in report["tensors"]:
+        rank = "full" if row["rank"] is None else str(row["rank"])
+        table.add_row(plain(row["name"]), "x".join(map(str, row["shape"])), rank,
+                      f"{row['energy_kept']:.6f}", f"{row['relative_error']:.3g}", row["note"])
+    print_table(table)
+    total = report["total"]
+    out.print(plain(f"total: {total['energy_kept']:.6f} of the delta energy kept, relative error "
+                    f"{total['relative_error']:.3g} over {len(report['tensors'])} tensors; "
+                    f"{report['wall_s']:.2f} s"))
+    for message in report["warnings"]:
+        warning(message)

@@ -240,3 +240,91 @@ def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, ba
     report = compare_adapters(first, second)
     report.update(adapter=str(adapter), against=str(other))
     return report
+
+
+def _factor_dtype(dtype: str):
+    """--dtype of combine/extract: fp32/fp16/bf16 set the factors' dtype here (so the reported
+    error includes that rounding); keep and format types (q8_0) are left to ``save``."""
+    return parse_dtype(dtype) if dtype in ("fp32", "fp16", "bf16") else None
+
+
+def _refuse_existing(out, force: bool) -> None:
+    """Fail before the work, not after it, when the output exists."""
+    from .errors import OutputExistsError
+
+    if out is not None and os.path.lexists(out) and not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to overwrite it")
+
+
+def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=None,
+            rank: int | None = None, energy: float | None = None, density: float | None = None,
+            seed: int = 0, svd: str = "auto", materialize: bool = False, base=None,
+            to: str = "peft", dtype: str = "keep", force: bool = False) -> dict:
+    """Combine adapters into one new adapter written to ``out`` (any format, ``to``).
+
+    ``method``: cat (exact: ranks concatenated), svd (the weighted sum truncated to ``rank`` or
+    to the fewest ranks keeping ``energy``), ties, dare_linear, dare_ties, magnitude_prune (on
+    the full deltas, with ``density``, seeded by ``seed``, factored back by SVD). DoRA inputs need
+    ``materialize=True`` and ``base`` (the HF base folder). Returns per tensor and in total the
+    fraction of the target delta's energy kept and the relative error.
+    """
+    import time
+
+    from .merging.combine import Options, check_options, combine_adapters, summarize
+
+    start = time.perf_counter()
+    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    options = Options(method, tuple(parse_weights(weights, len(paths))), rank, energy, density,
+                      seed, svd, materialize, _factor_dtype(dtype))
+    check_options(options, len(paths))
+    if materialize and base is None:
+        raise UnsupportedError("--materialize needs --base MODEL (the HF base folder) to read "
+                               "the base weights from")
+    _refuse_existing(out, force)
+    names = [str(p) for p in paths]
+    loaded = [load(p, base=base) for p in paths]
+    for name, adapter in zip(names, loaded):
+        bad = nonfinite_tensors(adapter)
+        if bad:
+            raise FormatError(f"{name}: {bad[0]} holds NaN or Inf values; refusing to combine it")
+    combined, results, warnings = combine_adapters(loaded, names, options,
+                                                   base=base if materialize else None)
+    save(combined, out, format=to, dtype="keep" if options.dtype else dtype, force=force,
+         base=base)
+    return {"command": "combine", "method": method, "inputs": names, "weights": list(options.weights),
+            "rank": rank, "energy": energy, "density": density, "seed": seed, "out": str(out),
+            "format": to, "replaced": sorted(combined.replacements), "warnings": warnings,
+            **summarize(results), "wall_s": time.perf_counter() - start}
+
+
+def extract(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
+            rank: int | None = None, energy: float | None = None, targets=None,
+            svd: str = "auto", seed: int = 0, to: str = "peft", dtype: str = "fp32",
+            force: bool = False, progress=None) -> dict:
+    """A LoRA approximating ``finetuned - base``, both HF safetensors checkpoints streamed tensor
+    by tensor; written to ``out`` (``to``: any format). ``targets``: module names or suffixes
+    (``"q_proj,v_proj"`` or a list) to factor; by default every 2-D weight but the embeddings.
+    Other differing tensors are kept whole (modules_to_save). Returns per tensor and in total
+    the fraction of the delta's energy kept and the relative error.
+    """
+    import time
+
+    from .merging.combine import check_truncation, summarize
+    from .merging.extract import ExtractOptions, extract_checkpoints
+
+    start = time.perf_counter()
+    check_truncation(rank, energy, svd, seed, what="extract")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if targets is not None and not targets:
+        raise UnsupportedError("--targets is empty; name modules, e.g. q_proj,v_proj")
+    _refuse_existing(out, force)
+    options = ExtractOptions(rank, energy, None if targets is None else tuple(targets), svd, seed,
+                             _factor_dtype(dtype) or parse_dtype("fp32"))
+    adapter, results, warnings = extract_checkpoints(base, finetuned, options, progress=progress)
+    save(adapter, out, format=to, dtype="keep" if dtype in ("fp32", "fp16", "bf16") else dtype,
+         force=force, base=base)
+    return {"command": "extract", "base": str(base), "finetuned": str(finetuned), "out": str(out),
+            "format": to, "rank": rank, "energy": energy, "svd": svd, "seed": seed,
+            "replaced": sorted(adapter.replacements), "warnings": warnings, **summarize(results),
+            "wall_s": time.perf_counter() - start}

@@ -163,6 +163,128 @@ def validate_cmd(adapter: str, against: str, base: str | None, scale: float | No
     sys.exit(0 if report["passed"] else 1)
 
 
+TRUNCATION_OPTIONS = (
+    click.option("--rank", type=int, help="Rank of each output tensor."),
+    click.option("--energy", type=float,
+                 help="Instead of --rank: the fewest ranks keeping this fraction (0 < E <= 1) of "
+                      "each delta's squared Frobenius norm."),
+    click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto",
+                 show_default=True, help="SVD for full matrices; randomized is seeded by --seed."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seed of the random draws (DARE masks, randomized SVD)."),
+    click.option("--to", "to_format", default="peft", show_default=True, metavar="FORMAT",
+                 help="Output format (see `adaptertools formats`)."),
+    click.option("--force", is_flag=True, help="Overwrite OUT."),
+    click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+)
+
+
+def truncation_options(func):
+    for option in reversed(TRUNCATION_OPTIONS):
+        func = option(func)
+    return func
+
+
+@cli.command("combine")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out", type=click.Path(), required=True, help="The combined adapter.")
+@click.option("--method", type=click.Choice(["cat", "svd", "ties", "dare_linear", "dare_ties",
+                                             "magnitude_prune"]),
+              default="cat", show_default=True,
+              help="cat: exact (ranks add up); svd: truncated weighted sum; the rest: on the "
+                   "full deltas, then truncated.")
+@click.option("--weights", help="One weight per adapter, comma separated (default 1 each).")
+@click.option("--density", type=float, help="ties/dare/magnitude_prune: fraction of entries kept.")
+@click.option("--materialize", is_flag=True,
+              help="Combine DoRA adapters through their full delta (needs --base).")
+@click.option("--base", type=click.Path(),
+              help="HF base folder: base weights for --materialize, names for GGUF in/out.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
+              help="Factor dtype (keep: the inputs' widest).")
+@truncation_options
+@handle_errors
+def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str | None,
+                density: float | None, materialize: bool, base: str | None, dtype: str,
+                rank: int | None, energy: float | None, svd: str, seed: int, to_format: str,
+                force: bool, as_json: bool) -> None:
+    """Combine ADAPTERS into one new adapter, saying how much of each delta it keeps."""
+    from . import _ui
+    from .api import combine
+
+    report = combine(adapters, out, method=method, weights=weights, rank=rank, energy=energy,
+                     density=density, seed=seed, svd=svd, materialize=materialize, base=base,
+                     to=to_format, dtype=dtype, force=force)
+    _ui.print_json(report) if as_json else _ui.algebra_report(report)
+
+
+@cli.command("extract")
+@click.argument("base", type=click.Path())
+@click.argument("finetuned", type=click.Path())
+@click.option("--out", "out", type=click.Path(), required=True, help="The extracted adapter.")
+@click.option("--targets", help="Modules to factor, comma separated names or suffixes "
+                                "(default: every 2-D weight but the embeddings).")
+@click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True,
+              help="Factor dtype.")
+@truncation_options
+@handle_errors
+def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype: str,
+                rank: int | None, energy: float | None, svd: str, seed: int, to_format: str,
+                force: bool, as_json: bool) -> None:
+    """A LoRA approximating FINETUNED - BASE (HF checkpoints), streamed tensor by tensor."""
+    from . import _ui
+    from .api import extract
+
+    with _ui.progress_bar("extracting") as bar:
+        report = extract(base, finetuned, out, rank=rank, energy=energy, targets=targets, svd=svd,
+                         seed=seed, to=to_format, dtype=dtype, force=force, progress=bar)
+    _ui.print_json(report) if as_json else _ui.algebra_report(report)
+
+
+@cli.command("pull")
+@click.argument("uri")
+@click.option("--out", "out", type=click.Path(), help="Copy the files here (default: only the "
+              "Hugging Face cache, whose folder is printed).")
+@click.option("--include", multiple=True, metavar="PATTERN",
+              help="Also fetch files matching this pattern (e.g. '*.bin'); repeatable.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_options(*HUB_OPTIONS)
+@handle_errors
+def pull_cmd(uri: str, out: str | None, include: tuple[str, ...], force: bool, as_json: bool,
+             token: str | None, endpoint: str | None) -> None:
+    """Fetch hf://owner/name[@revision][/subfolder]: weights, configs, tokenizer, card (pickles
+    and optimizer state only with --include). Prints the local folder."""
+    from . import _ui
+    from .hub import pull
+
+    report = pull(uri, out=out, include=include, force=force, token=token, endpoint=endpoint)
+    if as_json:
+        _ui.print_json(report)
+    else:
+        _ui.info(f"{report['uri']} at commit {report['commit']}: {len(report['files'])} "
+                 "file(s)")
+        click.echo(report["path"])
+
+
+@cli.command("push")
+@click.argument("src", type=click.Path())
+@click.argument("repo_id", metavar="OWNER/NAME")
+@_options(*PUSH_OPTIONS[1:], *HUB_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
+             commit_message: str | None, token: str | None, endpoint: str | None,
+             as_json: bool) -> None:
+    """Upload the file or folder SRC to the Hub repo OWNER/NAME in one commit (with a README
+    model card unless SRC has one)."""
+    from . import _ui
+    from .hub import push
+
+    report = push(src, repo_id, private=private, revision=revision,
+                  commit_message=commit_message, token=token, endpoint=endpoint)
+    _ui.print_json(report) if as_json else _echo_pushed({"pushed": report})
+
+
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(), help="Keep the demo files here (default: a temp dir).")
 @handle_errors
