@@ -240,51 +240,6 @@ def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype:
     _ui.print_json(report) if as_json else _ui.algebra_report(report)
 
 
-@cli.command("pull")
-@click.argument("uri")
-@click.option("--out", "out", type=click.Path(), help="Copy the files here (default: only the "
-              "Hugging Face cache, whose folder is printed).")
-@click.option("--include", multiple=True, metavar="PATTERN",
-              help="Also fetch files matching this pattern (e.g. '*.bin'); repeatable.")
-@click.option("--force", is_flag=True, help="Overwrite OUT.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_options(*HUB_OPTIONS)
-@handle_errors
-def pull_cmd(uri: str, out: str | None, include: tuple[str, ...], force: bool, as_json: bool,
-             token: str | None, endpoint: str | None) -> None:
-    """Fetch hf://owner/name[@revision][/subfolder]: weights, configs, tokenizer, card (pickles
-    and optimizer state only with --include). Prints the local folder."""
-    from . import _ui
-    from .hub import pull
-
-    report = pull(uri, out=out, include=include, force=force, token=token, endpoint=endpoint)
-    if as_json:
-        _ui.print_json(report)
-    else:
-        _ui.info(f"{report['uri']} at commit {report['commit']}: {len(report['files'])} "
-                 "file(s)")
-        click.echo(report["path"])
-
-
-@cli.command("push")
-@click.argument("src", type=click.Path())
-@click.argument("repo_id", metavar="OWNER/NAME")
-@_options(*PUSH_OPTIONS[1:], *HUB_OPTIONS)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@handle_errors
-def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
-             commit_message: str | None, token: str | None, endpoint: str | None,
-             as_json: bool) -> None:
-    """Upload the file or folder SRC to the Hub repo OWNER/NAME in one commit (with a README
-    model card unless SRC has one)."""
-    from . import _ui
-    from .hub import push
-
-    report = push(src, repo_id, private=private, revision=revision,
-                  commit_message=commit_message, token=token, endpoint=endpoint)
-    _ui.print_json(report) if as_json else _echo_pushed({"pushed": report})
-
-
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(), help="Keep the demo files here (default: a temp dir).")
 @handle_errors
