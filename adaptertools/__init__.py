@@ -7,6 +7,7 @@ Library use::
     at.save(adapter, "adapter.safetensors", format="safetensors")
     at.convert("peft_dir", "out.safetensors", to="safetensors")
     info = at.inspect("peft_dir", layers=True)         # -> dict
+    at.merge("hf://owner/base", ["hf://owner/adapter@v1"], "out", push_to="me/merged")
 
 Imports are lazy: ``import adaptertools`` does not import torch.
 """
@@ -22,16 +23,18 @@ _EXPORTS = {
     "combine": "api", "extract": "api",
     "Adapter": "adapter", "LoraWeight": "adapter",
     "AdapterToolsError": "errors", "FormatError": "errors", "UnsupportedError": "errors",
-    "InputNotFoundError": "errors", "OutputExistsError": "errors",
+    "InputNotFoundError": "errors", "OutputExistsError": "errors", "HubError": "errors",
     "AdapterToolsWarning": "errors",
+    "pull": "hub", "push": "hub",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter, LoraWeight
     from .api import combine, convert, extract, inspect, load, merge, save
-    from .errors import (AdapterToolsError, AdapterToolsWarning, FormatError,
+    from .errors import (AdapterToolsError, AdapterToolsWarning, FormatError, HubError,
                          InputNotFoundError, OutputExistsError, UnsupportedError)
+    from .hub import pull, push
 
 
 def __getattr__(name: str):

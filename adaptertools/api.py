@@ -48,13 +48,45 @@ def _readable(path: Path, format: str | None) -> Format:
     return fmt
 
 
+def _local(path, kind: str, hub: dict, sources: list | None = None, role: str | None = None):
+    """``path`` as a local path: Hub URIs (``hf://owner/name[@rev][/sub]``) and plain
+    ``owner/name`` ids are fetched, only the files ``kind`` needs; their provenance (resolved
+    commit, under ``role``) is appended to ``sources``. ``hub``: ``endpoint`` and ``token``."""
+    if path is None:
+        return None
+    from .hub import local_input
+
+    local, provenance = local_input(path, kind=kind, **hub)
+    if provenance is not None and sources is not None:
+        sources.append(dict(provenance, role=role or kind))
+    return local
+
+
+def _push_after(report: dict, output, push_to: str | None, push: dict, hub: dict) -> dict:
+    """Push ``output`` with its model card (from ``report``) when asked; the push is recorded."""
+    if push_to is not None:
+        from .errors import AdapterToolsError
+        from .hub import push as push_output
+
+        try:
+            report["pushed"] = push_output(output, push_to, report=report, **push, **hub)
+        except AdapterToolsError as exc:     # the output stays: say how to push it later
+            raise type(exc)(f"{exc} ({output} was written; push it with `adaptertools push "
+                            f"{output} {push_to}`)") from None
+    return report
+
+
 def load(path: str | os.PathLike, *, format: str | None = None, scale: float | None = None,
-         base=None) -> Adapter:
+         base=None, endpoint: str | None = None, token=None) -> Adapter:
     """Read an adapter; the format is detected unless given.
 
     ``scale`` is the effective scale for bare factor files that carry no config; ``base`` (a
     path to the HF model folder, its config.json or a GGUF model) maps GGUF names back to HF.
+    Either may be a Hub URI (``hf://owner/name[@revision][/subfolder]``), fetched from
+    ``endpoint`` with ``token`` (see ``adaptertools.hub``).
     """
+    hub = {"endpoint": endpoint, "token": token}
+    path, base = _local(path, "adapter", hub), _local(base, "config", hub)
     path = require_exists(path)
     fmt = _readable(path, format)
     return _read(fmt, path, scale, base)
@@ -104,8 +136,22 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str =
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
             from_format: str | None = None, dtype: str = "keep", force: bool = False,
-            scale: float | None = None, base=None) -> dict:
-    """Convert an adapter between formats; returns what was done (formats, tensor counts)."""
+            scale: float | None = None, base=None, push_to: str | None = None,
+            private: bool = False, revision: str | None = None,
+            commit_message: str | None = None, endpoint: str | None = None, token=None) -> dict:
+    """Convert an adapter between formats; returns what was done (formats, tensor counts).
+
+    ``src`` and ``base`` may be Hub URIs; ``push_to`` (``owner/name``) uploads the result with
+    a model card to branch ``revision`` of that repo (created, ``private`` if asked).
+    """
+    hub, sources = {"endpoint": endpoint, "token": token}, []
+    if push_to is not None:
+        from .hub import check_push
+
+        check_push(push_to)       # a bad id or offline mode fails before any work
+    given = str(src)
+    src = _local(src, "adapter", hub, sources)
+    base = _local(base, "config", hub, sources, role="base")
     src_path = require_exists(src)
     if Path(dst).resolve() == src_path.resolve():
         raise UnsupportedError(f"{dst}: destination is the source; choose another output path")
@@ -116,15 +162,28 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     base = _base_info(base)     # parsed once, for the reader and the writer
     adapter = _read(fmt, src_path, scale, base)
     save(adapter, dst, format=to, dtype=dtype, force=force, base=base)
-    return {"src": str(src_path), "dst": str(dst), "from": fmt.name, "to": to, "dtype": dtype,
-            "adapted_tensors": len(adapter.weights), "replaced_tensors": len(adapter.replacements)}
+    from_hub = any(s["role"] == "adapter" for s in sources)
+    report = {"src": given if from_hub else str(src_path), "dst": str(dst), "from": fmt.name,
+              "to": to, "dtype": dtype, "adapted_tensors": len(adapter.weights),
+              "replaced_tensors": len(adapter.replacements)}
+    if adapter.base_model:           # for a pushed model card's ``base_model``
+        report["base_model"] = adapter.base_model
+    if sources:
+        report["hub_inputs"] = sources
+    push = {"private": private, "revision": revision, "commit_message": commit_message}
+    return _push_after(report, dst, push_to, push, hub)
 
 
 def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None = None,
-            scale: float | None = None, base=None) -> dict:
-    """Summary of an adapter (ranks, scales, targets, sizes, problems); per layer with ``layers``."""
+            scale: float | None = None, base=None, endpoint: str | None = None,
+            token=None) -> dict:
+    """Summary of an adapter (ranks, scales, targets, sizes, problems); per layer with ``layers``.
+    ``path`` and ``base`` may be Hub URIs."""
     from .inspection import adapter_report
 
+    hub, sources = {"endpoint": endpoint, "token": token}, []
+    path = _local(path, "adapter", hub, sources)
+    base = _local(base, "config", hub, sources, role="base")
     path = require_exists(path)
     fmt = _readable(path, format)
     adapter = _read(fmt, path, scale, base)
@@ -132,6 +191,8 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
     describe = getattr(fmt.module, "describe", None)
     if callable(describe):  # storage facts only the format knows (e.g. GGUF tensor types)
         report["storage"] = describe(path)
+    if sources:
+        report["hub_inputs"] = sources
     return report
 
 
@@ -163,12 +224,16 @@ def parse_weights(weights, count: int) -> list[float]:
 
 def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = None, *,
           weights=None, mode: str = "weighted", dtype: str = "keep", device: str = "cpu",
-          dry_run: bool = False, force: bool = False, progress=None) -> dict:
+          dry_run: bool = False, force: bool = False, progress=None,
+          push_to: str | None = None, private: bool = False, revision: str | None = None,
+          commit_message: str | None = None, endpoint: str | None = None, token=None) -> dict:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
     ``mode="stacked"``: adapters applied one after another, in order (differs for DoRA).
     Returns a report; with ``dry_run`` only the plan is made and nothing is written.
+    ``base`` and ``adapters`` may be Hub URIs (their commits go into the report); ``push_to``
+    uploads the output with a model card, as in ``convert``.
     """
     from .merging.bases import open_base
     from .merging.plan import MODES, plan_gguf, plan_hf
@@ -184,8 +249,18 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     factors = parse_weights(weights, len(paths))
     if out is None and not dry_run:
         raise UnsupportedError("no output given; pass --out")
-    checkpoint = open_base(base)
-    loaded = [load(p, base=base) for p in paths]   # GGUF adapters map names through it
+    if push_to is not None:
+        from .hub import check_push
+
+        if dry_run:
+            raise UnsupportedError("--push-to needs a real run; drop --dry-run")
+        check_push(push_to)
+    hub, sources = {"endpoint": endpoint, "token": token}, []
+    local_base = _local(base, "base", hub, sources)
+    local_paths = [_local(p, "adapter", hub, sources) for p in paths]
+    checkpoint = open_base(local_base)
+    # GGUF adapters map names through the base
+    loaded = [load(p, base=local_base) for p in local_paths]
     for path, adapter in zip(paths, loaded):
         bad = nonfinite_tensors(adapter)
         if bad:
@@ -195,12 +270,27 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     plan = make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype)
     warnings = list(plan.warnings) + _base_model_warnings(checkpoint, loaded, names)
     report = _plan_report(plan, base, out, dtype, warnings)
+    report["base_model"] = _base_model(checkpoint, loaded, sources)
+    if sources:
+        report["hub_inputs"] = sources
     if dry_run:
         return report
     if callable(getattr(progress, "start", None)):
         progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
     report.update(execute(plan, out, device=device, force=force, progress=progress))
-    return report
+    push = {"private": private, "revision": revision, "commit_message": commit_message}
+    return _push_after(report, out, push_to, push, hub)
+
+
+def _base_model(checkpoint, adapters: list[Adapter], sources: list[dict]) -> str | None:
+    """The base's Hub id, for a model card: where it was fetched from, else what its config or
+    the adapters name."""
+    for source in sources:
+        if source["role"] == "base":
+            return source["repo_id"]
+    named = (getattr(checkpoint, "config", {}) or {}).get("_name_or_path")
+    trained_on = {a.base_model for a in adapters if a.base_model}
+    return named or (trained_on.pop() if len(trained_on) == 1 else None)
 
 
 def _base_model_warnings(checkpoint, adapters: list[Adapter], names: list[str]) -> list[str]:
@@ -228,7 +318,8 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
 
 
 def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,
-                     scale: float | None = None) -> dict:
+                     scale: float | None = None, endpoint: str | None = None,
+                     token=None) -> dict:
     """Do two adapters (e.g. a conversion and its source) give the same delta for every tensor?
 
     Exact when both store the same dtypes, else within the coarser dtype's rounding; computed
@@ -236,9 +327,14 @@ def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, ba
     """
     from .validate import compare_adapters
 
-    first, second = (load(p, scale=scale, base=base) for p in (adapter, other))
+    hub, sources = {"endpoint": endpoint, "token": token}, []
+    paths = [_local(p, "adapter", hub, sources) for p in (adapter, other)]
+    base = _local(base, "config", hub, sources, role="base")
+    first, second = (load(p, scale=scale, base=base) for p in paths)
     report = compare_adapters(first, second)
     report.update(adapter=str(adapter), against=str(other))
+    if sources:
+        report["hub_inputs"] = sources
     return report
 
 

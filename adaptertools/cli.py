@@ -17,6 +17,38 @@ from . import __version__
 DTYPE_CHOICE = click.Choice(["keep", "fp32", "fp16", "bf16", "q8_0"])
 BASE_HELP = ("Base model (HF folder, its config.json, or a GGUF model): architecture and head "
              "counts for GGUF.")
+HUB_OPTIONS = (
+    click.option("--token", metavar="TOKEN", default=None,
+                 help="Hub token (default: HF_TOKEN, then the stored login); never printed."),
+    click.option("--endpoint", metavar="URL", default=None,
+                 help="Hub endpoint for hf:// inputs and pushes (default: HF_ENDPOINT, then "
+                      "https://huggingface.co)."),
+)
+PUSH_OPTIONS = (
+    click.option("--push-to", metavar="OWNER/NAME", help="Upload the output to this Hub repo, "
+                 "with a model card."),
+    click.option("--private", is_flag=True, help="Create the --push-to repo private."),
+    click.option("--revision", metavar="BRANCH", help="Branch to push to (created from main "
+                 "when missing; default main)."),
+    click.option("--commit-message", metavar="TEXT", help="Message of the pushed commit."),
+)
+
+
+def _options(*options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+def _echo_pushed(report: dict) -> None:
+    pushed = report.get("pushed")
+    if pushed:
+        click.echo(f"pushed {len(pushed['files'])} file(s) to {pushed['repo_id']}@"
+                   f"{pushed['revision']}: {pushed['url']}")
+
+
 # click >= 8.2 raises this for a bare `adaptertools`; older versions print the help themselves.
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -79,14 +111,18 @@ def formats_cmd(as_json: bool) -> None:
 @click.option("--from", "from_format", metavar="FORMAT", help="Skip format detection.")
 @click.option("--scale", type=float, help="Scale for bare factor files without a config.")
 @click.option("--base", type=click.Path(), help=BASE_HELP)
+@_options(*HUB_OPTIONS)
 @handle_errors
 def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
-                scale: float | None, base: str | None) -> None:
-    """Show what an adapter holds: ranks, scales, targets, sizes and problems."""
+                scale: float | None, base: str | None, token: str | None,
+                endpoint: str | None) -> None:
+    """Show what an adapter holds: ranks, scales, targets, sizes and problems (PATH may be
+    hf://owner/name[@revision][/subfolder])."""
     from . import _ui
     from .api import inspect
 
-    report = inspect(path, layers=layers, format=from_format, scale=scale, base=base)
+    report = inspect(path, layers=layers, format=from_format, scale=scale, base=base,
+                     token=token, endpoint=endpoint)
     _ui.print_json(report) if as_json else _ui.inspect_report(report)
 
 
@@ -102,16 +138,22 @@ def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
 @click.option("--scale", type=float, help="Scale for bare factor files without a config.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_options(*PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dtype: str,
-                base: str | None, scale: float | None, force: bool, as_json: bool) -> None:
-    """Convert the adapter SRC into DST in another format, losslessly or not at all."""
+                base: str | None, scale: float | None, force: bool, as_json: bool,
+                push_to: str | None, private: bool, revision: str | None,
+                commit_message: str | None, token: str | None, endpoint: str | None) -> None:
+    """Convert the adapter SRC into DST in another format, losslessly or not at all (SRC may be
+    hf://owner/name[@revision][/subfolder])."""
     from . import _ui
     from .api import convert
 
     result = convert(src, dst, to=to_format, from_format=from_format, dtype=dtype, force=force,
-                     scale=scale, base=base)
-    _ui.print_json(result) if as_json else _ui.convert_result(result)
+                     scale=scale, base=base, push_to=push_to, private=private,
+                     revision=revision, commit_message=commit_message, token=token,
+                     endpoint=endpoint)
+    _ui.print_json(result) if as_json else (_ui.convert_result(result), _echo_pushed(result))
 
 
 @cli.command("merge")
@@ -128,11 +170,14 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_options(*PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
               mode: str, dtype: str, device: str, dry_run: bool, force: bool,
-              as_json: bool) -> None:
-    """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor."""
+              as_json: bool, push_to: str | None, private: bool, revision: str | None,
+              commit_message: str | None, token: str | None, endpoint: str | None) -> None:
+    """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
+    hf://owner/name[@revision][/subfolder])."""
     from . import _ui
     from .api import merge
 
@@ -140,8 +185,14 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
         raise click.UsageError("missing option '--out' (or pass --dry-run)")
     with _ui.progress_bar("merging") as bar:
         report = merge(base, adapters, out, weights=weights, mode=mode, dtype=dtype,
-                       device=device, dry_run=dry_run, force=force, progress=bar)
-    _ui.print_json(report) if as_json else _ui.merge_report(report, dry_run=dry_run)
+                       device=device, dry_run=dry_run, force=force, progress=bar,
+                       push_to=push_to, private=private, revision=revision,
+                       commit_message=commit_message, token=token, endpoint=endpoint)
+    if as_json:
+        _ui.print_json(report)
+    else:
+        _ui.merge_report(report, dry_run=dry_run)
+        _echo_pushed(report)
 
 
 @cli.command("validate")
@@ -151,14 +202,16 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
 @click.option("--base", type=click.Path(), help=BASE_HELP)
 @click.option("--scale", type=float, help="Scale for bare factor files without a config.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_options(*HUB_OPTIONS)
 @handle_errors
 def validate_cmd(adapter: str, against: str, base: str | None, scale: float | None,
-                 as_json: bool) -> None:
+                 as_json: bool, token: str | None, endpoint: str | None) -> None:
     """Check that ADAPTER gives the same delta as another adapter, tensor by tensor."""
     from . import _ui
     from .api import validate_against
 
-    report = validate_against(adapter, against, base=base, scale=scale)
+    report = validate_against(adapter, against, base=base, scale=scale, token=token,
+                              endpoint=endpoint)
     _ui.print_json(report) if as_json else _ui.validation_table(report)
     sys.exit(0 if report["passed"] else 1)
 
@@ -238,6 +291,51 @@ def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype:
         report = extract(base, finetuned, out, rank=rank, energy=energy, targets=targets, svd=svd,
                          seed=seed, to=to_format, dtype=dtype, force=force, progress=bar)
     _ui.print_json(report) if as_json else _ui.algebra_report(report)
+
+
+@cli.command("pull")
+@click.argument("uri")
+@click.option("--out", "out", type=click.Path(), help="Copy the files here (default: only the "
+              "Hugging Face cache, whose folder is printed).")
+@click.option("--include", multiple=True, metavar="PATTERN",
+              help="Also fetch files matching this pattern (e.g. '*.bin'); repeatable.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_options(*HUB_OPTIONS)
+@handle_errors
+def pull_cmd(uri: str, out: str | None, include: tuple[str, ...], force: bool, as_json: bool,
+             token: str | None, endpoint: str | None) -> None:
+    """Fetch hf://owner/name[@revision][/subfolder]: weights, configs, tokenizer, card (pickles
+    and optimizer state only with --include). Prints the local folder."""
+    from . import _ui
+    from .hub import pull
+
+    report = pull(uri, out=out, include=include, force=force, token=token, endpoint=endpoint)
+    if as_json:
+        _ui.print_json(report)
+    else:
+        _ui.info(f"{report['uri']} at commit {report['commit']}: {len(report['files'])} "
+                 "file(s)")
+        click.echo(report["path"])
+
+
+@cli.command("push")
+@click.argument("src", type=click.Path())
+@click.argument("repo_id", metavar="OWNER/NAME")
+@_options(*PUSH_OPTIONS[1:], *HUB_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
+             commit_message: str | None, token: str | None, endpoint: str | None,
+             as_json: bool) -> None:
+    """Upload the file or folder SRC to the Hub repo OWNER/NAME in one commit (with a README
+    model card unless SRC has one)."""
+    from . import _ui
+    from .hub import push
+
+    report = push(src, repo_id, private=private, revision=revision,
+                  commit_message=commit_message, token=token, endpoint=endpoint)
+    _ui.print_json(report) if as_json else _echo_pushed({"pushed": report})
 
 
 @cli.command("demo")

@@ -27,5 +27,9 @@ class OutputExistsError(AdapterToolsError, FileExistsError):
     """The destination exists and ``force`` was not given."""
 
 
+class HubError(AdapterToolsError, ConnectionError):
+    """The Hub (or a Hub-compatible server) refused a request, failed, or could not be reached."""
+
+
 class AdapterToolsWarning(UserWarning):
     """Loud warnings the CLI shows on stderr (base-modifying init methods, guessed scales)."""

@@ -1,0 +1,371 @@
+"""Hugging Face Hub inputs and outputs: ``hf://`` URIs, pull (only the files an input needs) and
+push (create_repo + one commit with a model card).
+
+Every call builds its own ``HfApi(endpoint=..., token=...)``: the endpoint is the argument, else
+``HF_ENDPOINT`` read at call time, else huggingface.co; the token is the argument, else
+huggingface_hub's own lookup (``HF_TOKEN``, then the stored login). Tokens never appear in a
+message, a report or a log line. ``HF_HUB_OFFLINE=1`` reads the local cache only.
+huggingface_hub is imported inside the functions, so ``import adaptertools`` stays light.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote
+
+from ._io import atomic_output, require_exists
+from .errors import HubError, InputNotFoundError, UnsupportedError
+from .hub_files import (
+    INDEX_NAME,
+    SCHEME,
+    WEIGHT_SUFFIXES,
+    HubRef,
+    index_shards,
+    is_unsafe_name,
+    select_files,
+)
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+# a Hub id part: letters, digits, '-', '_', '.'; not starting or ending with '-' or '.'
+_ID_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+_PLAIN_ID = re.compile(rf"({_ID_PART})/({_ID_PART})(?:@([^/\s]+))?")
+_URI = re.compile(r"([^/@]+)/([^/@]+)(?:@([^/]+))?(?:/(.*))?")
+# plain ``owner/name`` strings with these endings are paths that do not exist, not Hub ids
+_FILE_SUFFIXES = (".safetensors", ".gguf", ".json", ".bin", ".pt", ".pth")
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+
+def parse_uri(text: str) -> HubRef:
+    """``hf://owner/name[@revision][/subfolder]`` -> HubRef (a revision with ``/`` is written
+    ``%2F``, e.g. ``@refs%2Fpr%2F1``); plain ``owner/name[@revision]`` works too."""
+    match = _URI.fullmatch(text.removeprefix(SCHEME).strip("/"))
+    if match is None or not all(re.fullmatch(_ID_PART, p) for p in match.group(1, 2)):
+        raise UnsupportedError(f"{text}: not a Hub model id; write hf://owner/name[@revision]"
+                               "[/subfolder]")
+    owner, name, revision, path = match.groups()
+    if owner in ("datasets", "spaces"):
+        raise UnsupportedError(f"{text}: only model repos are supported; use hf://owner/name")
+    path = (path or "").strip("/")
+    if path and is_unsafe_name(path):
+        raise UnsupportedError(f"{text}: the subfolder {path!r} leaves the repo; drop '..' from it")
+    return HubRef(f"{owner}/{name}", unquote(revision) if revision else None, path)
+
+
+def hub_ref(path) -> HubRef | None:
+    """The Hub reference ``path`` stands for, or None when it is a local path.
+
+    ``hf://...`` always means the Hub; a plain ``owner/name[@revision]`` means it only when no
+    such local path exists (and it does not end like a file name, e.g. ``.safetensors``).
+    """
+    if not isinstance(path, str):
+        return None                   # Path objects (and BaseInfo values) are local by design
+    if path.startswith(SCHEME):
+        return parse_uri(path)
+    if _PLAIN_ID.fullmatch(path) and not path.endswith(_FILE_SUFFIXES) \
+            and not os.path.lexists(path):
+        return parse_uri(path)
+    return None
+
+
+def endpoint_url(endpoint: str | None = None) -> str:
+    """The endpoint to use: the argument, else ``HF_ENDPOINT`` (read now), else huggingface.co."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` (read now, like every switch of ours; huggingface_hub reads it once)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _api(endpoint: str, token):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token, library_name="adaptertools")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _class_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+_TRANSPORT = {"ConnectError", "ConnectionError", "TransportError", "TimeoutException", "Timeout",
+              "NetworkError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError"}
+TOKEN_HINT = "check your token (--token, HF_TOKEN or `hf auth login`)"
+
+
+def hub_error(exc: BaseException, what: str, endpoint: str) -> Exception | None:
+    """A one-line error for an exception huggingface_hub raised about ``what`` (a URI or repo id),
+    or None when ``exc`` is not a Hub failure. The client's own message is never quoted: it
+    spans lines and may carry request details."""
+    names = _class_names(exc)
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if "GatedRepoError" in names:
+        return HubError(f"{what}: gated repo at {endpoint}; accept its conditions on the Hub, "
+                        f"then {TOKEN_HINT}")
+    if "RepositoryNotFoundError" in names:
+        return InputNotFoundError(f"{what}: no such repository at {endpoint} (or it is private "
+                                  f"and the token has no access); check the id, or {TOKEN_HINT}")
+    if "RevisionNotFoundError" in names:
+        return InputNotFoundError(f"{what}: no such revision at {endpoint}; check the revision "
+                                  "(a branch, tag or commit hash)")
+    if "EntryNotFoundError" in names and "LocalEntryNotFoundError" not in names:
+        return InputNotFoundError(f"{what}: no such file in the repo at {endpoint}; check the "
+                                  "path after the repo id")
+    if "OfflineModeIsEnabled" in names or "LocalEntryNotFoundError" in names:
+        return InputNotFoundError(f"{what}: not in the local cache, and HF_HUB_OFFLINE=1 forbids "
+                                  "downloads; pull it once online (adaptertools pull) or unset "
+                                  "HF_HUB_OFFLINE")
+    if status in (401, 403):
+        return HubError(f"{what}: access denied by {endpoint} (HTTP {status}); {TOKEN_HINT}")
+    if status is not None and "HfHubHTTPError" in names:
+        return HubError(f"{what}: {endpoint} answered HTTP {status}; try again later, or check "
+                        "the id and the endpoint")
+    if names & _TRANSPORT:
+        return HubError(f"{what}: cannot reach {endpoint} ({type(exc).__name__}); check the "
+                        "endpoint (--endpoint, HF_ENDPOINT) and your network, or set "
+                        "HF_HUB_OFFLINE=1 to use the cache")
+    return None
+
+
+def _call(func, what: str, endpoint: str, *args, **kwargs):
+    """``func(*args, **kwargs)`` with huggingface_hub's failures turned into one-line errors."""
+    try:
+        return func(*args, **kwargs)
+    except Exception as exc:
+        error = hub_error(exc, what, endpoint)
+        if error is None:
+            raise
+        raise error from None
+
+
+# ----------------------------------------------------------------------------- pull
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Files of one commit of a Hub repo, in the local cache."""
+
+    ref: HubRef
+    commit: str                 # the 40-hex commit the revision resolved to
+    root: Path                  # the cache's snapshot folder of that commit
+    files: tuple[str, ...]      # repo paths fetched (all present under ``root``)
+    endpoint: str
+
+    def provenance(self, role: str) -> dict:
+        """What a report (and the model card) records about this input; never the token."""
+        return {"role": role, "uri": self.ref.uri, "repo_id": self.ref.repo_id,
+                "revision": self.ref.revision or "main", "commit": self.commit,
+                "repo_path": self.ref.path, "endpoint": self.endpoint, "files": list(self.files)}
+
+
+def fetch(ref: HubRef, *, kind: str = "any", include=(), endpoint: str | None = None,
+          token=None) -> Snapshot:
+    """Resolve ``ref``'s revision to a commit and download the files ``kind`` needs (see
+    ``select_files``) into the huggingface_hub cache; offline, find them there."""
+    endpoint = endpoint_url(endpoint)
+    if offline():
+        return _cached(ref, kind, include, endpoint)
+    api = _api(endpoint, token)
+    # an explicit "main" (the client's own default): some mirrors (olah) need the revision path
+    info = _call(api.model_info, ref.uri, endpoint, ref.repo_id, revision=ref.revision or "main")
+    names = [s.rfilename for s in info.siblings or []]
+    files = select_files(names, ref, kind, include)
+    root = _download(api, ref, info.sha, files, endpoint)
+    index = [f for f in files if PurePosixPath(f).name == INDEX_NAME and kind == "base"]
+    if index:
+        shards = index_shards(ref, root / index[0], names)
+        _download(api, ref, info.sha, shards, endpoint)
+        files = sorted(set(files) | set(shards))
+    return Snapshot(ref, info.sha, root, tuple(files), endpoint)
+
+
+def _download(api, ref: HubRef, commit: str, files: list[str], endpoint: str) -> Path:
+    # by the requested revision (so the cache records it for offline use), exact names only
+    folder = _call(api.snapshot_download, ref.uri, endpoint, ref.repo_id, revision=ref.revision,
+                   allow_patterns=[glob.escape(f) for f in files])
+    folder = Path(folder)
+    if folder.name != commit:
+        raise HubError(f"{ref.uri}: the revision moved from {commit[:12]} to {folder.name[:12]} "
+                       "while downloading; run again, or pin a commit with @<hash>")
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise HubError(f"{ref.uri}: {missing[0]} was listed but not downloaded; check the "
+                       "endpoint and run again")
+    return folder
+
+
+def _cached(ref: HubRef, kind: str, include, endpoint: str) -> Snapshot:
+    """The offline path: the commit from the cache's refs, the files from its snapshot."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id,
+                                                               repo_type="model")
+    revision = ref.revision or "main"
+    commit = revision
+    if not _HEX40.fullmatch(revision):
+        ref_file = storage / "refs" / revision
+        commit = ref_file.read_text().strip() if ref_file.is_file() else ""
+    root = storage / "snapshots" / commit
+    not_cached = InputNotFoundError(f"{ref.uri}: not in the local cache, and HF_HUB_OFFLINE=1 "
+                                    "forbids downloads; pull it once online (adaptertools pull) "
+                                    "or unset HF_HUB_OFFLINE")
+    if not commit or not root.is_dir():
+        raise not_cached
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    try:
+        files = select_files(names, ref, kind, include)
+    except InputNotFoundError:
+        raise not_cached from None
+    if kind == "base":
+        for index in [f for f in files if PurePosixPath(f).name == INDEX_NAME]:
+            try:
+                files = sorted(set(files) | set(index_shards(ref, root / index, names)))
+            except HubError:
+                raise not_cached from None
+    return Snapshot(ref, commit, root, tuple(files), endpoint)
+
+
+def _entry(snapshot: Snapshot) -> Path:
+    """The local path an input stands for: the file the URI names or the one weights file
+    chosen, else the (sub)folder."""
+    files, ref = snapshot.files, snapshot.ref
+    if ref.path in files:
+        return snapshot.root / ref.path
+    if len(files) == 1 and files[0].endswith(WEIGHT_SUFFIXES):
+        return snapshot.root / files[0]
+    return snapshot.root / ref.path if ref.path else snapshot.root
+
+
+def local_input(path, *, kind: str = "adapter", endpoint: str | None = None,
+                token=None) -> tuple:
+    """``path`` as a local path plus its provenance (None for local paths): Hub URIs and plain
+    ``owner/name`` ids are fetched (only what ``kind`` needs), anything else passes through."""
+    ref = hub_ref(path)
+    if ref is None:
+        return path, None
+    snapshot = fetch(ref, kind=kind, endpoint=endpoint, token=token)
+    return _entry(snapshot), snapshot.provenance(kind)
+
+
+def pull(uri: str, *, out: str | os.PathLike | None = None, include=(), force: bool = False,
+         endpoint: str | None = None, token=None) -> dict:
+    """Fetch a Hub input (model, adapter or a file of one) into the cache, and copy it to ``out``
+    when given. Weights, configs, tokenizer and cards are fetched; pickles and optimizer state
+    only when ``include`` patterns ask for them. Returns a report (path, commit, files)."""
+    ref = hub_ref(uri) if isinstance(uri, str) else None
+    if ref is None:
+        raise UnsupportedError(f"{uri}: not a Hub id (or a local path exists with that name); "
+                               "write hf://owner/name[@revision][/subfolder]")
+    include = [include] if isinstance(include, str) else list(include)
+    snapshot = fetch(ref, kind="any", include=include, endpoint=endpoint, token=token)
+    folder = str(PurePosixPath(ref.path).parent) if ref.path in snapshot.files else ref.path
+    prefix = "" if folder in ("", ".") else folder + "/"
+    rels = {f: f[len(prefix):] for f in snapshot.files}    # paths below the URI's folder
+    local = snapshot.root / ref.path if ref.path else snapshot.root
+    if out is not None:
+        _copy_out(snapshot, rels, Path(out), force)
+        local = Path(out)
+    report = snapshot.provenance("pull")
+    report.update(path=str(local), files=sorted(rels.values()),
+                  bytes=sum((snapshot.root / f).stat().st_size for f in snapshot.files))
+    return report
+
+
+def _copy_out(snapshot: Snapshot, rels: dict[str, str], out: Path, force: bool) -> None:
+    """Copy the fetched files (real bytes, not cache links) into ``out``, atomically; every
+    destination is checked to stay inside it."""
+    nbytes = sum((snapshot.root / f).stat().st_size for f in rels)
+    with atomic_output(out, force=force, is_dir=True, expected_bytes=nbytes) as tmp:
+        inside = tmp.resolve()
+        for name, rel in rels.items():
+            dst = (tmp / rel).resolve()
+            if is_unsafe_name(rel) or inside not in dst.parents:
+                raise HubError(f"{snapshot.ref.uri}: refusing to write {rel!r} outside {out}")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(snapshot.root / name, dst)
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def push_target(repo_id: str) -> str:
+    """``owner/name`` or ``hf://owner/name`` -> ``owner/name`` (the branch goes in ``revision``)."""
+    try:
+        ref = parse_uri(repo_id)
+    except UnsupportedError:
+        ref = None
+    if ref is None or ref.path or ref.revision:
+        raise UnsupportedError(f"{repo_id}: push to a repo id, owner/name (pass the branch with "
+                               "--revision)")
+    return ref.repo_id
+
+
+def check_push(repo_id: str) -> str:
+    """The repo id to push to, or an error now (bad id, offline) rather than after the work."""
+    repo_id = push_target(repo_id)
+    if offline():
+        raise HubError(f"{repo_id}: cannot push while HF_HUB_OFFLINE=1; unset it to push")
+    return repo_id
+
+
+def _upload_list(src: Path) -> list[tuple[str, Path]]:
+    """(path in repo, local file) for a file or a folder; hidden files and folders are skipped."""
+    if src.is_file():
+        return [(src.name, src)]
+    files = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files.append((rel.as_posix(), path))
+    return files
+
+
+def push(src: str | os.PathLike, repo_id: str, *, private: bool = False,
+         revision: str | None = None, commit_message: str | None = None,
+         endpoint: str | None = None, token=None, report: dict | None = None) -> dict:
+    """Upload a file or folder to ``repo_id`` (created when missing, ``private`` then) in one
+    commit on ``revision`` (a branch, created from main when missing), with a README model card:
+    from ``report`` (a convert or merge report: provenance), else a short one unless the folder
+    has its own README.md. Returns the commit, its URL and the files."""
+    from huggingface_hub import CommitOperationAdd
+
+    from .card import default_commit_message, model_card
+
+    src = require_exists(src)
+    repo_id = check_push(repo_id)
+    endpoint = endpoint_url(endpoint)
+    files = _upload_list(src)
+    if not files:
+        raise InputNotFoundError(f"{src}: nothing to push (no files); check the path")
+    readme = None
+    if report is not None or "README.md" not in dict(files):
+        readme = model_card(report, repo_id=repo_id, files=[f for f, _ in files])
+        files = [(f, p) for f, p in files if f != "README.md"]
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(p)) for f, p in files]
+    if readme is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md",
+                                             path_or_fileobj=readme.encode("utf-8")))
+    api = _api(endpoint, token)
+    # private=None: a new repo follows the owner's default visibility unless --private
+    _call(api.create_repo, repo_id, endpoint, repo_id, private=private or None, exist_ok=True)
+    if revision and revision != "main":
+        _call(api.create_branch, f"{repo_id}@{revision}", endpoint, repo_id, branch=revision,
+              exist_ok=True)
+    message = commit_message or default_commit_message(report, src)
+    info = _call(api.create_commit, repo_id, endpoint, repo_id, operations=operations,
+                 commit_message=message, revision=revision)
+    return {"repo_id": repo_id, "revision": revision or "main", "commit": info.oid,
+            "url": info.commit_url, "private": private, "endpoint": endpoint,
+            "files": sorted([f for f, _ in files] + (["README.md"] if readme else []))}
