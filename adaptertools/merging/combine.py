@@ -209,7 +209,7 @@ def combine_factored(name: str, group: list[Term], options: Options):
         return x, y, TensorResult(name, shape, x.shape[1], product_norm(x, y), 0.0)
     u, s, vh = product_svd(x, y)
     total = float((s ** 2).sum())
-    k = choose_rank(s, total, rank=options.rank, energy=options.energy)
+    k = choose_rank(s, rank=options.rank, energy=options.energy)
     b, a = split_factors(u, s, vh, k)
     return b, a, TensorResult(name, shape, k, total ** 0.5, 0.0)
 

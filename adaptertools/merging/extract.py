@@ -127,9 +127,11 @@ def pair_tensors(base: HFBase, tuned: HFBase, targets: tuple[str, ...] | None) -
                 ("conv1d" if conv1d else "linear")
             pairs.append(Pair(entry.name, entry, other, role, layer))
     if targets is not None and not any(p.role == "lora" for p in pairs):
-        examples = [module_name(p.name) for p in pairs if len(p.tuned.shape) == 2][:3]
+        names = sorted({module_name(p.name).rsplit(".", 1)[-1] for p in pairs
+                        if len(p.tuned.shape) == 2})
         raise UnsupportedError(f"--targets {','.join(targets)} matches no 2-D weight of "
-                               f"{tuned.folder}; modules look like {', '.join(examples)}")
+                               f"{tuned.folder}; its 2-D weights belong to modules named "
+                               f"{', '.join(names[:12])}")
     return pairs
 
 
@@ -141,9 +143,9 @@ def factor_delta(pair: Pair, delta: torch.Tensor, options: ExtractOptions):
     b, a = truncate_matrix(delta, rank=options.rank, energy=options.energy, svd=options.svd,
                            generator=tensor_generator(options.seed, pair.name))
     b, a = b.to(options.dtype), a.to(options.dtype)
-    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    norm = float(torch.linalg.vector_norm(delta))
     delta.addmm_(b.to(delta.dtype), a.to(delta.dtype), alpha=-1)      # the residual, in place
-    error = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    error = float(torch.linalg.vector_norm(delta))
     lora = LoraWeight(a=a, b=b, scale=1.0, layer=pair.layer)
     return lora, TensorResult(pair.name, tuple(pair.tuned.shape), lora.rank, norm, error)
 
@@ -162,13 +164,13 @@ def extract_pair(base: HFBase, tuned: HFBase, pair: Pair, options: ExtractOption
         return "same", None, None
     value = decode(raw, pair.tuned)
     wide = torch.float64 if value.dtype == torch.float64 else torch.float32
-    delta = value.to(wide) - decode(old, pair.base).to(wide)
+    delta = value.to(wide, copy=True).sub_(decode(old, pair.base))
     del old
     shape = tuple(pair.tuned.shape)
     if pair.role == "lora":
         lora, result = factor_delta(pair, delta, options)
         return "lora", lora, result
-    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    norm = float(torch.linalg.vector_norm(delta))
     if pair.role == "drop":
         return "drop", None, TensorResult(pair.name, shape, 0, norm, norm,
                                           "not in --targets: left out")
