@@ -7,6 +7,7 @@ Every helper here produces the same bits on CPU and CUDA as the C/numpy referenc
   ulp off a true division.
 - ``nearest_int`` is ggml's own bit trick (``fval + 1.5 * 2**23``, keep the mantissa), so even out-of-
   range inputs give the same (garbage) integers as the C code would.
+- ``sqrt`` is correctly rounded (C ``sqrtf``); ``torch.sqrt`` on CPU can be one ulp off.
 - ``seqsum`` adds terms one by one, left to right, like a C ``for`` loop; ``Tensor.sum`` does not.
 """
 
@@ -35,6 +36,22 @@ def nearest_int(x: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int``: round half to even for ``|x| < 2**22`` (int32 result, same shape)."""
     v = x.to(F32) + 12582912.0
     return (v.view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
+def sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root of non-negative float32 ``x``.
+
+    A float64 root rounded to float32 is the candidate; squares of the midpoints to its neighbours are
+    exact in float64 (25-bit numbers), so comparing them with ``x`` fixes any last-bit error.
+    """
+    xd = x.double()
+    s = torch.sqrt(xd).float()
+    sd = s.double()
+    up = torch.nextafter(s, torch.full_like(s, float("inf")))
+    dn = torch.nextafter(s, torch.zeros_like(s))
+    mid_up, mid_dn = (sd + up.double()) / 2, (sd + dn.double()) / 2
+    s = torch.where(mid_up * mid_up < xd, up, s)
+    return torch.where((mid_dn * mid_dn > xd) & (s > 0), dn, s)
 
 
 def round_away(x: torch.Tensor) -> torch.Tensor:
