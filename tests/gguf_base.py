@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptertools.formats.names import BaseInfo, hf_to_gguf_name, permute_rows, rope_heads
+from adaptertools.formats.names import (
+    BaseInfo,
+    hf_to_gguf_name,
+    permute_rows,
+    rope_heads,
+)
 
 # HF architecture class -> llama.cpp architecture this helper can write
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
@@ -110,12 +115,13 @@ ARCHS = {
 }
 
 
-def make_base_model(kind: str) -> torch.nn.Module:
+def make_base_model(kind: str, *, hidden: int = 64, intermediate: int = 96) -> torch.nn.Module:
+    """A tiny seeded model; K-quant tests need ``hidden`` and ``intermediate`` multiples of 256."""
     import transformers
 
     model_cls, config_cls, _, extra = ARCHS[kind]
     config = getattr(transformers, config_cls)(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=10000.0, attn_implementation="eager", **extra)
     torch.manual_seed(2024)
@@ -151,3 +157,24 @@ def llama_logits(model_path: Path, lora_path: Path | None = None) -> np.ndarray:
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a - b).max())
+
+
+# llama.cpp's file types (llama.h enum llama_ftype) the tests quantize to
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, *, allow_requantize: bool = False) -> Path:
+    """llama.cpp's own quantizer (``llama_model_quantize`` in the libllama of llama-cpp-python),
+    what ``llama-quantize SRC DST TYPE`` does."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = 2
+    params.allow_requantize = allow_requantize
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src}, {ftype}) returned {rc}")
+    return dst

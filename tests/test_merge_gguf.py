@@ -9,11 +9,10 @@ import os
 import gguf
 import numpy as np
 import pytest
+from gguf_base import llama_logits, make_base_model, max_diff, write_gguf_base
 
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
-
-from gguf_base import llama_logits, make_base_model, max_diff, write_gguf_base
 
 if importlib.util.find_spec("llama_cpp") is None:
     if os.environ.get("CI"):
@@ -27,9 +26,8 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def setup(request, tmp_path_factory):
     """A tiny base as HF folder + F32 and F16 GGUF models, and a PEFT adapter (rsLoRA plus
     patterns, so the per-tensor scales matter) with its GGUF conversion."""
-    from peft import LoraConfig, get_peft_model
-
     from conftest import perturb_trainables
+    from peft import LoraConfig, get_peft_model
 
     kind = request.param
     root = tmp_path_factory.mktemp(f"merge_gguf_{kind}")
@@ -83,31 +81,10 @@ def test_merged_f16_gguf_keeps_layout_and_is_within_f16_noise(setup, tmp_path):
     assert max_diff(llama_logits(out), runtime16) <= 2 * noise + 1e-4
 
 
-def test_gguf_base_refuses_other_dtypes_and_quantized_tensors(setup, tmp_path):
+def test_gguf_base_refuses_dtype(setup, tmp_path):
+    """--dtype is for HF checkpoints; a GGUF merge chooses types with --requantize (quantized
+    bases: tests/test_merge_gguf_quant.py)."""
     root, f32, _ = setup
-    with pytest.raises(UnsupportedError, match="keeps every tensor's type"):
+    with pytest.raises(UnsupportedError, match="--requantize bf16"):
         at.merge(f32, [root / "peft"], tmp_path / "x.gguf", dtype="bf16")
     assert not (tmp_path / "x.gguf").exists()
-    quantized = tmp_path / "q8.gguf"
-    reader = gguf.GGUFReader(str(f32))
-    writer = gguf.GGUFWriter(str(quantized), reader.get_field("general.architecture").contents())
-    for key, field in reader.fields.items():
-        if key.startswith(("GGUF.", "general.architecture")):
-            continue
-        value = field.contents()
-        writer.add_key_value(key, value, field.types[0],
-                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
-    T = gguf.GGMLQuantizationType
-    for t in reader.tensors:
-        data = np.array(t.data)
-        if t.name.endswith("attn_q.weight"):
-            writer.add_tensor(t.name, gguf.quants.quantize(data, T.Q8_0), raw_dtype=T.Q8_0)
-        else:
-            writer.add_tensor(t.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(UnsupportedError, match="Q8_0"):
-        at.merge(quantized, [root / "peft"], tmp_path / "y.gguf")
-    assert not (tmp_path / "y.gguf").exists()

@@ -58,11 +58,23 @@ class HFBase:
 
 
 @dataclass(frozen=True)
+class GGUFHeader:
+    """What a re-laid-out GGUF copies from its base: the key-value section byte for byte."""
+
+    version: int
+    kv_count: int
+    kv: bytes              # the metadata key-value pairs as stored (between counts and tensor infos)
+    alignment: int
+    data_offset: int       # where tensor data starts in the base
+
+
+@dataclass(frozen=True)
 class GGUFBase:
     path: Path
     arch: str
     tensors: tuple[TensorEntry, ...]     # in data order
     data_end: int                        # file size
+    header: GGUFHeader | None = None
 
     kind = "gguf"
 
@@ -196,4 +208,19 @@ def _open_gguf(path: Path) -> GGUFBase:
         tensors.append(TensorEntry(t.name, path.name, t.tensor_type.name, shape,
                                    int(t.data_offset), int(t.n_bytes)))
     tensors.sort(key=lambda t: t.offset)
-    return GGUFBase(path, field_value(reader, "general.architecture"), tuple(tensors), size)
+    return GGUFBase(path, field_value(reader, "general.architecture"), tuple(tensors), size,
+                    _gguf_header(path, reader))
+
+
+def _gguf_header(path: Path, reader) -> GGUFHeader:
+    """The base's key-value section as raw bytes: 24 bytes of magic, version and counts precede
+    it; the first tensor info follows it (gguf-py's ReaderTensor.field.offset)."""
+    if reader.byte_order == "S":     # swapped: written for the other endianness
+        raise UnsupportedError(f"{path}: big-endian GGUF files are not supported; convert it to "
+                               "little-endian with gguf-py's gguf_convert_endian")
+    start = 24
+    end = min((t.field.offset for t in reader.tensors), default=int(reader.data_offset))
+    version = int(reader.fields["GGUF.version"].parts[0][0])
+    kv_count = int(reader.fields["GGUF.kv_count"].parts[0][0])
+    return GGUFHeader(version, kv_count, bytes(reader.data[start:end]), int(reader.alignment),
+                      int(reader.data_offset))

@@ -53,7 +53,11 @@ class Job:
     def nbytes(self) -> int:
         if self.out_dtype == self.source.dtype:
             return self.source.nbytes
-        return SAFETENSORS_SIZES[self.out_dtype] * _numel(self.shape)
+        if self.out_dtype in SAFETENSORS_SIZES:
+            return SAFETENSORS_SIZES[self.out_dtype] * _numel(self.shape)
+        from ..kernels.quant.types import resolve       # a GGUF block type
+
+        return _numel(self.shape[:-1]) * resolve(self.out_dtype).row_bytes(self.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -287,27 +291,87 @@ def _updated_index(base: HFBase, files: list[OutputFile], add_lm_head: bool) -> 
 # ----------------------------------------------------------------------------- GGUF models
 
 def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
-              mode: str, dtype: str) -> Plan:
+              mode: str, dtype: str, requantize: str = "keep",
+              quantize_like: GGUFBase | None = None) -> Plan:
+    """GGUF jobs. Adapted tensors keep their type (``requantize="keep"``: quantized ones are
+    dequantized, folded in fp32 and quantized back to the same type), or take the type
+    ``requantize`` names; with ``quantize_like`` every tensor takes the type it has in that
+    reference file (the base must then be F32/F16/BF16). When any type changes, the file is
+    laid out anew (gguf_layout.py); otherwise it keeps the base's header and offsets."""
     from ..formats.names import load_base_info
 
     if dtype != "keep":
-        raise UnsupportedError(f"{base.path}: --dtype {dtype} for a GGUF base is not supported yet; "
-                               "a GGUF merge keeps every tensor's type (--dtype keep)")
+        raise UnsupportedError(f"{base.path}: --dtype {dtype} does not apply to a GGUF base; use "
+                               f"--requantize {DTYPE_NAMES.get(dtype, dtype).lower()}")
     info = load_base_info(base.path)
     entries = base.entries()
     targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries))
     _check_modes(targets, mode, names)
+    like = quantize_like.entries() if quantize_like is not None else None
     jobs = []
     for entry in base.tensors:
         replacement = targets.replacements.get(entry.name)
         job = Job(entry.name, entry, entry.dtype, tuple(targets.weights.get(entry.name, ())),
                   tuple(targets.biases.get(entry.name, ())), replacement[1] if replacement else None)
-        if job.changed and entry.dtype not in FLOAT_DTYPES:
-            raise UnsupportedError(f"{base.path}: {entry.name} is {entry.dtype}; merging into "
-                                   "quantized GGUF tensors is not supported yet (F32/F16/BF16 only)")
-        jobs.append(job)
-    output = OutputFile(base.path.name, tuple(jobs), b"", base.data_end)
+        out_type = (_like_type(entry, like, quantize_like.path) if like is not None
+                    else _requantized_type(entry, job.changed, requantize, base.path))
+        jobs.append(replace(job, out_dtype=out_type))
+    if all(j.out_dtype == j.source.dtype for j in jobs):
+        output = OutputFile(base.path.name, tuple(jobs), b"", base.data_end)   # same layout
+    else:
+        from .gguf_layout import LaidOutTensor, file_size, header_bytes
+
+        laid = [LaidOutTensor(j.name, j.shape, j.out_dtype, j.nbytes) for j in jobs]
+        header = header_bytes(base.header, laid)
+        output = OutputFile(base.path.name, tuple(jobs), header,
+                            file_size(header, laid, base.header.alignment))
     return Plan(base, (output,), mode, tuple(factors), tuple(names))
+
+
+def _fits_blocks(entry: TensorEntry, type_name: str, where: str) -> str:
+    from ..kernels.quant.types import resolve
+
+    t = resolve(type_name)
+    if entry.shape and entry.shape[-1] % t.block:
+        raise UnsupportedError(f"{where}: {entry.name} has rows of {entry.shape[-1]} values, not a "
+                               f"multiple of {t.name}'s blocks of {t.block}; choose another type "
+                               "for it (--requantize f16 or q8_0)")
+    return t.name
+
+
+def _requantized_type(entry: TensorEntry, changed: bool, requantize: str, path) -> str:
+    """The output type of one tensor of a GGUF merge: untouched tensors keep theirs."""
+    from ..kernels.quant.types import resolve
+
+    if not changed:
+        return entry.dtype
+    if requantize == "keep":
+        if not resolve(entry.dtype).requantizable:
+            raise UnsupportedError(
+                f"{path}: {entry.name} is {entry.dtype}, which adaptertools can read but not write "
+                "back; pass --requantize q8_0 (near-lossless) or --requantize f16 for the adapted "
+                "tensors")
+        return entry.dtype
+    target = resolve(requantize)
+    if not target.requantizable:
+        raise UnsupportedError(f"--requantize {requantize}: adaptertools cannot write {target.name}; "
+                               "choose f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or q2_k..q6_k")
+    return _fits_blocks(entry, target.name, str(path))
+
+
+def _like_type(entry: TensorEntry, like: dict[str, TensorEntry], ref_path) -> str:
+    """--quantize-like: the type the reference file gives this tensor."""
+    ref = like.get(entry.name)
+    if ref is None or tuple(ref.shape) != tuple(entry.shape):
+        found = "missing" if ref is None else f"shaped {tuple(ref.shape)}"
+        raise UnsupportedError(f"{ref_path}: {entry.name} is {found} there but {tuple(entry.shape)} "
+                               "in the base; --quantize-like needs a quantized copy of the same model")
+    if ref.dtype != entry.dtype and entry.dtype not in FLOAT_DTYPES:
+        raise UnsupportedError(f"--quantize-like: the base's {entry.name} is {entry.dtype}; merge "
+                               "into the F32/F16/BF16 base and quantize from there")
+    if ref.dtype == entry.dtype:
+        return ref.dtype
+    return _fits_blocks(entry, ref.dtype, str(ref_path))
 
 
 def gguf_target(name: str, w: LoraWeight | None, info, entries) -> tuple[str, LoraWeight] | None:

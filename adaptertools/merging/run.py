@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from ..kernels.fold import supports as fast_fold_supports
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from .bases import INDEX_NAME, HFBase
 from .plan import TORCH_DTYPES, Job, OutputFile, Plan
+from .quantized import fold_gguf, needs_codec, summarize
 
 # files of a base folder that are weights (never copied: the merge writes its own)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -79,13 +80,14 @@ class BufferPool:
 
 @dataclass(frozen=True)
 class Workers:
-    """One reading thread (prefetch), one writing thread (in order), reused fold buffers and
-    a pool of I/O buffers."""
+    """One reading thread (prefetch), one writing thread (in order), reused fold buffers, a
+    pool of I/O buffers, and the survival scores of quantized tensors as they are folded."""
 
     reader: ThreadPoolExecutor
     writer: ThreadPoolExecutor
     buffers: Buffers
     pool: BufferPool
+    survival: list = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -128,9 +130,16 @@ def fold_mode(plan: Plan) -> str:
 
 
 def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
-         buffers: Buffers | None = None, pool: BufferPool | None = None) -> torch.Tensor:
+         buffers: Buffers | None = None, pool: BufferPool | None = None,
+         survival: list | None = None) -> torch.Tensor:
     """The output tensor of ``job`` from its source ``tensor``; the fast path writes it into
-    memory from ``pool`` when given."""
+    memory from ``pool`` when given. Quantized GGUF tensors go through their codecs, and their
+    survival scores are appended to ``survival``."""
+    if needs_codec(job):
+        encoded, score = fold_gguf(job, tensor, mode)
+        if score is not None and survival is not None:
+            survival.append(score)
+        return encoded
     if job.replacement is not None:
         tensor = job.replacement
     out_dtype = TORCH_DTYPES.get(job.out_dtype, tensor.dtype)
@@ -267,32 +276,49 @@ class OrderedWriter:
         self.pending.clear()
 
 
-def write_safetensors(plan: Plan, out_file: OutputFile, src_folder: Path, dst: Path,
-                      device: torch.device, progress: Progress, workers: Workers) -> None:
-    src = os.open(src_folder / out_file.name, os.O_RDONLY)
+def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path,
+                     device: torch.device, progress: Progress, workers: Workers,
+                     alignment: int = 1) -> None:
+    """The header, then every tensor in order: runs of untouched tensors copied in the kernel,
+    the others folded. Serves safetensors shards and re-laid-out GGUF files, whose tensors each
+    start at a multiple of ``alignment`` from the data start (zero padding in between)."""
+    src = os.open(src_path, os.O_RDONLY)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     writer = OrderedWriter(workers.writer, progress)
+    position = 0                                   # bytes written after the header
     try:
+        os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         writer.submit(len(out_file.header), write_all, out, out_file.header)
         runs = _runs(out_file.jobs)
         pending = _prefetch(workers.reader, src, runs, 0, workers.pool)
         for i, run in enumerate(runs):
             current, pending = pending, _prefetch(workers.reader, src, runs, i + 1, workers.pool)
+            position = _pad(writer, out, position, alignment)
             if _is_plain(run[0]):
                 count = sum(j.source.nbytes for j in run)
                 writer.submit(count, copy_range, src, out, run[0].source.offset, count)
             else:
                 source = current.result()
                 tensor = fold(run[0], source, fold_mode(plan), device, workers.buffers,
-                              workers.pool)
-                writer.submit(tensor.numel() * tensor.element_size(), write_released, out,
-                              tensor, workers.pool, source)
+                              workers.pool, workers.survival)
+                count = tensor.numel() * tensor.element_size()
+                writer.submit(count, write_released, out, tensor, workers.pool, source)
+            position += count
+        _pad(writer, out, position, alignment)
         writer.drain()
         os.fsync(out)
     finally:
         writer.abandon()
         os.close(src)
         os.close(out)
+
+
+def _pad(writer: OrderedWriter, fd: int, position: int, alignment: int) -> int:
+    """Zero bytes up to the next multiple of ``alignment``; returns the new position."""
+    padding = -position % alignment
+    if padding:
+        writer.submit(padding, write_all, fd, bytes(padding))
+    return position + padding
 
 
 def write_released(fd: int, tensor: torch.Tensor, pool: BufferPool, source: torch.Tensor,
@@ -330,7 +356,8 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
             copy_range(src, out, position, job.source.offset - position, position)
             progress(job.source.offset - position)
             source = current.result()
-            tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool)
+            tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool,
+                          workers.survival)
             progress(write_released(out, tensor, pool, source, job.source.offset))
             position = job.source.offset + job.source.nbytes
         copy_range(src, out, position, base.data_end - position, position)
@@ -369,8 +396,8 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
         with torch.inference_mode():
             if is_hf:
                 for out_file in plan.files:
-                    write_safetensors(plan, out_file, plan.base.folder, tmp / out_file.name,
-                                      torch_device, progress, workers)
+                    write_sequential(plan, out_file, plan.base.folder / out_file.name,
+                                     tmp / out_file.name, torch_device, progress, workers)
                 copied = copy_side_files(plan.base.folder, tmp, plan)
                 if plan.config is not None:
                     write_json(tmp / "config.json", plan.config)
@@ -378,8 +405,12 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
                     write_json(tmp / INDEX_NAME, plan.index)
                 elif plan.base.index is not None:
                     shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
+            elif plan.files[0].header:          # types changed: a new layout
+                write_sequential(plan, plan.files[0], plan.base.path, tmp, torch_device, progress,
+                                 workers, alignment=plan.base.header.alignment)
+                copied = []
             else:
                 write_gguf(plan, tmp, torch_device, progress, workers)
                 copied = []
     return {"wall_s": time.perf_counter() - start, "device": str(torch_device),
-            "copied_files": copied}
+            "copied_files": copied, "survival": summarize(workers.survival)}

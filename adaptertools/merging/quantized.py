@@ -1,0 +1,116 @@
+"""Merging into quantized GGUF tensors: dequantize, fold in fp32, requantize; and measure how
+much of the adapter's change survived the requantization.
+
+A 4-bit grid is coarse next to a typical LoRA update: requantizing W + delta can land most
+weights back on the values W already had, erasing the adapter without any error. So every
+quantized tensor's merge is scored: the cosine between the intended change ``delta`` and the
+realized change ``deq(new) - deq(old)``, and the relative error ``|realized - delta| / |delta|``.
+``old`` is the base tensor as the output type stores it (the base's own bytes for a keep-type
+merge; the float base quantized to the output type otherwise).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
+from .plan import Job
+
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# below this median cosine the report warns in plain words
+LOW_SURVIVAL = 0.7
+
+
+@dataclass(frozen=True)
+class Survival:
+    name: str
+    type: str               # the output tensor type
+    cosine: float           # intended vs realized change; 1 = fully kept, ~0 = erased
+    rel_error: float        # |realized - intended| / |intended|
+
+
+def is_quantized(type_name: str) -> bool:
+    return type_name not in FLOAT_TYPES
+
+
+def needs_codec(job: Job) -> bool:
+    """A GGUF job whose input or output is a block-quantized type."""
+    return is_quantized(job.source.dtype) or is_quantized(job.out_dtype)
+
+
+def _as_float(job: Job, source: torch.Tensor) -> torch.Tensor:
+    """The source tensor as fp32 (rows, cols): dequantized, or upcast exactly."""
+    from ..kernels.quant import gguf as codec
+
+    if is_quantized(job.source.dtype):
+        return codec.dequantize(source, job.source.dtype, job.shape, name=job.name)
+    return source.reshape(job.shape).to(torch.float32)
+
+
+def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
+    """fp32 values -> the output type: block bytes (rows, row_bytes), or a float tensor."""
+    from ..kernels.quant import gguf as codec
+
+    if is_quantized(job.out_dtype):
+        return codec.quantize(merged, job.out_dtype, name=job.name)
+    return merged.to(FLOAT_TYPES[job.out_dtype])
+
+
+def _decode(job: Job, encoded: torch.Tensor) -> torch.Tensor:
+    from ..kernels.quant import gguf as codec
+
+    if is_quantized(job.out_dtype):
+        return codec.dequantize(encoded, job.out_dtype, job.shape, name=job.name)
+    return encoded.to(torch.float32)
+
+
+def fold_gguf(job: Job, source: torch.Tensor, mode: str) -> tuple[torch.Tensor, Survival | None]:
+    """The output bytes of one GGUF job with a quantized side, and its survival score (None for
+    tensors the adapters do not change: a ``--quantize-like`` tensor is only converted)."""
+    weight = _as_float(job, source)                                 # (rows, cols) fp32
+    stacked = mode == "stacked"
+    if job.replacement is not None:
+        merged = job.replacement.reshape(job.shape).to(torch.float32)
+    elif job.contributions:
+        merge = merge_stacked if stacked else merge_weighted
+        merged = merge(weight, list(job.contributions), torch.float32)
+    elif job.bias_contributions:
+        merged = merge_bias(weight, list(job.bias_contributions), torch.float32, stacked=stacked)
+    else:
+        merged = weight
+    encoded = _encode(job, merged)
+    if not job.changed:
+        return encoded, None
+    old = weight if job.out_dtype == job.source.dtype else _decode(job, _encode(job, weight))
+    return encoded, survival(job.name, job.out_dtype, merged - weight, _decode(job, encoded) - old)
+
+
+def survival(name: str, type_name: str, intended: torch.Tensor, realized: torch.Tensor) -> Survival:
+    """Cosine and relative error between two changes of one tensor, in float64."""
+    i, r = intended.double().reshape(-1), realized.double().reshape(-1)
+    norm_i, norm_r = float(i.norm()), float(r.norm())
+    cosine = float(i @ r) / (norm_i * norm_r) if norm_i and norm_r else (1.0 if norm_i == norm_r else 0.0)
+    rel_error = float((r - i).norm()) / norm_i if norm_i else float(norm_r > 0)
+    return Survival(name, type_name, cosine, rel_error)
+
+
+def summarize(records: list[Survival]) -> dict | None:
+    """The report's survival section: worst tensors first, the median, and a warning when the
+    adapter mostly did not survive."""
+    if not records:
+        return None
+    rows = sorted(records, key=lambda s: s.cosine)
+    median = statistics.median(s.cosine for s in rows)
+    summary = {"tensors": len(rows), "median_cosine": median, "min_cosine": rows[0].cosine,
+               "median_rel_error": statistics.median(s.rel_error for s in rows),
+               "rows": [asdict(s) for s in rows]}
+    if median < LOW_SURVIVAL:
+        summary["warning"] = (
+            f"only part of the adapter survived requantization (median cosine {median:.2f} between "
+            "the intended and the realized change; 1 means fully kept). Better routes: merge into "
+            "the F16/BF16 base with --quantize-like REF.gguf (one quantization instead of two), "
+            "--requantize f16 or q8_0, or keep the adapter separate and apply it at run time")
+    return summary
