@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "api", "save": "api", "convert": "api", "inspect": "api", "merge": "api",
-    "combine": "api", "extract": "api",
+    "combine": "api", "extract": "api", "validate": "api",
     "Adapter": "adapter", "LoraWeight": "adapter",
     "AdapterToolsError": "errors", "FormatError": "errors", "UnsupportedError": "errors",
     "InputNotFoundError": "errors", "OutputExistsError": "errors", "HubError": "errors",
@@ -31,7 +31,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter, LoraWeight
-    from .api import combine, convert, extract, inspect, load, merge, save
+    from .api import combine, convert, extract, inspect, load, merge, save, validate
     from .errors import (AdapterToolsError, AdapterToolsWarning, FormatError, HubError,
                          InputNotFoundError, OutputExistsError, UnsupportedError)
     from .hub import pull, push

@@ -202,6 +202,58 @@ def validation_table(report: dict) -> None:
     (info if report["passed"] else error)(verdict)
 
 
+def _db(value) -> str:
+    return "exact" if value is None else f"{value:.2f}"
+
+
+def merged_validation_table(report: dict) -> None:
+    """``validate BASE ADAPTER... --merged M``: adapted tensors and any failure, worst first;
+    untouched tensors that are byte-identical are only counted."""
+    table = Table(title=plain(f"{report['merged']}: per tensor, SQNR vs its dtype's floor (dB)"))
+    table.add_column("tensor", overflow="fold")
+    for column in ("kind", "dtype", "SQNR", "floor", "margin", "result"):
+        table.add_column(column, justify="right" if column in ("SQNR", "floor", "margin") else
+                         "left", overflow="fold")
+    for row in report["tensors"]:
+        if row["kind"] == "untouched" and row["passed"]:
+            continue
+        table.add_row(plain(row["name"]), row["kind"], row.get("dtype", ""),
+                      _db(row.get("sqnr_db")) if "sqnr_db" in row else "",
+                      _db(row.get("floor_db")) if "floor_db" in row else "",
+                      f"{row['margin_db']:+.2f}" if row.get("margin_db") is not None else "",
+                      "pass" if row["passed"] else plain(f"FAIL: {row['problem']}"))
+    print_table(table)
+    if "e2e" in report:
+        e2e_table(report["e2e"])
+    validation_summary(report)
+
+
+def e2e_table(e2e: dict) -> None:
+    table = Table(title=plain(f"end to end ({e2e['runtime']}): merged vs unmerged logits on "
+                              f"{e2e['tokens']} fixed token ids"))
+    for column in ("metric", "value", "threshold", "result"):
+        table.add_column(column)
+    for name, metric in e2e["metrics"].items():
+        table.add_row(name, f"{metric['value']:.4g}", f"{metric['threshold']:.4g}",
+                      "pass" if metric["passed"] else "FAIL")
+    print_table(table)
+
+
+def validation_summary(report: dict) -> None:
+    """One line: the verdict, counts and the worst margin (also after ``merge --validate``)."""
+    worst = report.get("worst_margin_db")
+    text = (f"{report['adapted']} adapted tensors within {report['tolerance_db']:g} dB of their "
+            f"floor (worst margin {_db(worst) if worst is not None else 'n/a'} dB), "
+            f"{report['untouched']} untouched tensors byte-identical; {report['wall_s']:.2f} s")
+    if report["passed"]:
+        info(f"validation passed: {text}")
+    else:
+        error(f"validation FAILED: {report['failed']} of {report['checked']} tensors"
+              + (" or the end-to-end check" if report.get("e2e") and not report["e2e"]["passed"]
+                 else "") + " failed; see the table" + (f" and {report['report']}"
+                                                       if report.get("report") else ""))
+
+
 def algebra_report(report: dict) -> None:
     """combine / extract: per tensor and in total, the delta energy kept and the relative error."""
     table = Table(title=plain(f"{report['command']}: {report['out']} ({report['format']})"))

@@ -226,7 +226,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
           weights=None, mode: str = "weighted", dtype: str = "keep", device: str = "cpu",
           dry_run: bool = False, force: bool = False, progress=None,
           push_to: str | None = None, private: bool = False, revision: str | None = None,
-          commit_message: str | None = None, endpoint: str | None = None, token=None) -> dict:
+          commit_message: str | None = None, endpoint: str | None = None, token=None,
+          validate: bool = False) -> dict:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
@@ -278,6 +279,15 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     if callable(getattr(progress, "start", None)):
         progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
     report.update(execute(plan, out, device=device, force=force, progress=progress))
+    if validate:      # per-tensor check of the output; validation.json is written beside it
+        from .validation.run import check_output, summary, write_report
+
+        checked = check_output(plan, out)
+        report["validation"] = summary(checked)
+        report["validation"]["report"] = str(write_report(checked, out))
+        if push_to is not None and not checked["passed"]:
+            report["warnings"].append(f"validation failed: not pushed to {push_to}")
+            push_to = None
     push = {"private": private, "revision": revision, "commit_message": commit_message}
     return _push_after(report, out, push_to, push, hub)
 
@@ -317,6 +327,23 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
     }
 
 
+def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, weights=None,
+             mode: str = "weighted", e2e: bool = False, probes: int = 16, seed: int = 0,
+             tolerance_db: float = 1.0, progress=None) -> dict:
+    """Does ``merged`` compute what ``base`` with ``adapters`` computes?
+
+    Per adapted tensor: ``probes`` seeded random vectors, the merged tensor's SQNR against the
+    float64 reference ``W x + sum(w * s * B (A x))``, passing within ``tolerance_db`` of the
+    floor its own dtype allows; every other tensor byte-identical to the base. ``e2e``: logits
+    of the merged model against the unmerged one (transformers + PEFT, or llama.cpp). Returns a
+    report with ``passed`` and one row per tensor, worst first (see validation/merged.py).
+    """
+    from .validation.run import validate_merge
+
+    return validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
+                          probes=probes, seed=seed, tolerance_db=tolerance_db, progress=progress)
+
+
 def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,
                      scale: float | None = None, endpoint: str | None = None,
                      token=None) -> dict:
@@ -325,7 +352,7 @@ def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, ba
     Exact when both store the same dtypes, else within the coarser dtype's rounding; computed
     from the factors. Returns a report with ``passed`` and one row per tensor, worst first.
     """
-    from .validate import compare_adapters
+    from .validation.adapters import compare_adapters
 
     hub, sources = {"endpoint": endpoint, "token": token}, []
     paths = [_local(p, "adapter", hub, sources) for p in (adapter, other)]

@@ -169,11 +169,14 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
               show_default=True, help="Where the fold runs (cpu is the reference).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--validate", "check", is_flag=True,
+              help="Check every tensor of OUT afterwards (validation.json beside it); exit 1 "
+                   "if any fails.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
-              mode: str, dtype: str, device: str, dry_run: bool, force: bool,
+              mode: str, dtype: str, device: str, dry_run: bool, force: bool, check: bool,
               as_json: bool, push_to: str | None, private: bool, revision: str | None,
               commit_message: str | None, token: str | None, endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
@@ -183,36 +186,86 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
 
     if out is None and not dry_run:
         raise click.UsageError("missing option '--out' (or pass --dry-run)")
+    if check and dry_run:
+        raise click.UsageError("--validate needs a real run; drop --dry-run")
     with _ui.progress_bar("merging") as bar:
         report = merge(base, adapters, out, weights=weights, mode=mode, dtype=dtype,
                        device=device, dry_run=dry_run, force=force, progress=bar,
                        push_to=push_to, private=private, revision=revision,
-                       commit_message=commit_message, token=token, endpoint=endpoint)
+                       commit_message=commit_message, token=token, endpoint=endpoint,
+                       validate=check)
     if as_json:
         _ui.print_json(report)
     else:
         _ui.merge_report(report, dry_run=dry_run)
         _echo_pushed(report)
+        if "validation" in report:
+            _ui.validation_summary(report["validation"])
+    if "validation" in report and not report["validation"]["passed"]:
+        sys.exit(1)
 
 
 @cli.command("validate")
-@click.argument("adapter", type=click.Path())
-@click.option("--against", type=click.Path(), required=True,
-              help="The adapter to compare with (e.g. the source of a conversion).")
-@click.option("--base", type=click.Path(), help=BASE_HELP)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--merged", type=click.Path(),
+              help="A merge of BASE and ADAPTERS to check: validate BASE ADAPTER... --merged M.")
+@click.option("--against", type=click.Path(),
+              help="The adapter to compare with (e.g. the source of a conversion): "
+                   "validate ADAPTER --against OTHER.")
+@click.option("--weights", help="With --merged: the merge's weights, one per adapter.")
+@click.option("--mode", type=click.Choice(["weighted", "stacked"]), default="weighted",
+              show_default=True, help="With --merged: the merge's mode.")
+@click.option("--e2e", is_flag=True,
+              help="With --merged: also compare logits of the merged and unmerged models "
+                   "(transformers + PEFT, or llama.cpp for GGUF).")
+@click.option("--probes", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Random probe vectors per tensor.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes.")
+@click.option("--tolerance-db", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="How far below its dtype's noise floor a tensor's SQNR may fall.")
+@click.option("--plot", type=click.Path(), help="With --merged: per-layer SQNR vs floor, as a PNG.")
+@click.option("--base", type=click.Path(), help=BASE_HELP + " (with --against)")
 @click.option("--scale", type=float, help="Scale for bare factor files without a config.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*HUB_OPTIONS)
 @handle_errors
-def validate_cmd(adapter: str, against: str, base: str | None, scale: float | None,
+def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None,
+                 weights: str | None, mode: str, e2e: bool, probes: int, seed: int,
+                 tolerance_db: float, plot: str | None, base: str | None, scale: float | None,
                  as_json: bool, token: str | None, endpoint: str | None) -> None:
-    """Check that ADAPTER gives the same delta as another adapter, tensor by tensor."""
+    """Check a merge (validate BASE ADAPTER... --merged MERGED: every tensor against the unmerged
+    adapters, within its dtype's noise) or a conversion (validate ADAPTER --against OTHER: the
+    same delta for every tensor). Exit 1 when anything fails."""
     from . import _ui
-    from .api import validate_against
 
-    report = validate_against(adapter, against, base=base, scale=scale, token=token,
-                              endpoint=endpoint)
-    _ui.print_json(report) if as_json else _ui.validation_table(report)
+    if (merged is None) == (against is None):
+        raise click.UsageError("give --merged MERGED (check a merge: BASE ADAPTER... --merged M) "
+                               "or --against OTHER (compare two adapters: ADAPTER --against O)")
+    if against is not None:
+        extra = [n for n, v in (("--weights", weights), ("--e2e", e2e), ("--plot", plot)) if v]
+        if len(paths) != 1 or extra:
+            raise click.UsageError("--against compares exactly one ADAPTER with OTHER"
+                                   + (f"; {extra[0]} only applies with --merged" if extra else ""))
+        from .api import validate_against
+
+        report = validate_against(paths[0], against, base=base, scale=scale, token=token,
+                                  endpoint=endpoint)
+        _ui.print_json(report) if as_json else _ui.validation_table(report)
+        sys.exit(0 if report["passed"] else 1)
+    if len(paths) < 2:
+        raise click.UsageError("--merged needs the BASE and at least one ADAPTER")
+    if base is not None or scale is not None:
+        raise click.UsageError("--base and --scale apply to --against; with --merged the base "
+                               "is the first argument")
+    from .api import validate
+
+    report = validate(paths[0], paths[1:], merged, weights=weights, mode=mode, e2e=e2e,
+                      probes=probes, seed=seed, tolerance_db=tolerance_db)
+    if plot is not None:
+        from .validation.plot import plot_report
+
+        report["plot"] = str(plot_report(report, plot))
+    _ui.print_json(report) if as_json else _ui.merged_validation_table(report)
     sys.exit(0 if report["passed"] else 1)
 
 

@@ -14,7 +14,7 @@ import adaptertools as at
 from adaptertools.adapter import LoraWeight
 from adaptertools.api import validate_against
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
-from adaptertools.validate import delta_difference, delta_norm
+from adaptertools.validation.adapters import delta_difference, delta_norm
 
 from cli_helpers import run_inprocess
 

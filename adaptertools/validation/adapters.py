@@ -1,4 +1,4 @@
-"""Validators. So far: two adapters give the same delta for every tensor (``validate --against``),
+"""Two adapters give the same delta for every tensor (``validate ADAPTER --against OTHER``),
 computed from the factors without forming ``B @ A``.
 
 The difference ``s1 B1 A1 - s2 B2 A2`` is the product X Y of X = [s1 B1, -s2 B2] (rows, r1+r2)
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import Adapter, LoraWeight
+from ..adapter import Adapter, LoraWeight
 from .kernels.lowrank import product_norm
 
 # unit roundoff of each factor dtype: what a lossless-in-intent cast may cost per element

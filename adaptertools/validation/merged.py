@@ -1,0 +1,380 @@
+"""Per-tensor validation of a merged checkpoint against its base and adapters.
+
+For every tensor an adapter changes, with X a few seeded Gaussian probe vectors (cols, k):
+
+- the reference output is ``W X + sum_i w_i s_i B_i (A_i X)`` in float64, never forming a delta
+  (DoRA, whose norms need the whole weight, forms ``W + delta`` in float64 and rescales it);
+- the merged output is ``M X`` (float64 products of the stored values);
+- the floor: ``F X`` where F is the same merge evaluated with the roundings a correct merge cannot
+  avoid: fp32 arithmetic (what PEFT, llama.cpp and our engine compute in), the stored dtype after
+  each adapter in stacked mode (and PEFT's rounding of an embedding delta), and the merged
+  tensor's own dtype at the end (``floor_for``). For a 16-bit output F is the float64 reference
+  simply rounded to that dtype (the fp32 arithmetic adds 2^-15 of its noise); for an fp32 output
+  the fp32 arithmetic is the noise (rounding alone was measured up to 4.7 dB better than any fp32
+  merge, PEFT's included, when ||delta|| ~ ||W||). F is computed here, from the factors, by this
+  module's own code: a bug in the engine or its reference kernel moves M, not the floor.
+
+SQNR = 10 log10(||ref||^2 / ||out - ref||^2) over all probes; a tensor passes when
+``SQNR(M) >= SQNR(F) - tolerance_db`` (1 dB by default), i.e. when its noise power is at most
+1.26x the floor's on the same probes. Every other tensor must be byte-identical to the base (or to
+the base cast once, when the merge changed the dtype).
+
+Why this is not flaky. The probes are seeded (``seed`` and the tensor name: reruns repeat). Both
+noises are measured on the same probes, and a correct CPU merge makes M equal to F bit for bit or
+up to rare one-ulp flips, so the ratio of the two noises is 1 whatever the probes are. Where M and
+F differ by independent roundings (fp32 outputs summed in another order, another device), each
+noise estimate ||E X||^2 / (k ||E||_F^2) has relative standard deviation at most
+sqrt(2 (m + n) / (m n k)): 0.011 for a 2048x2048 weight and k = 16. Smaller tensors get more
+probes until that is at most 3.5% (``probe_count``), so two fully independent noises differ by
+0.21 dB rms: the 1 dB tolerance is 4.7 standard deviations (p ~ 1e-6 per tensor). A tensor
+with no more columns than probes is probed with the identity: exact. A mistake of size D is missed only if
+||D X||^2 falls 10^(gap/10) below its mean; for a rank-1 D (the worst case) that is a chi-square
+with k degrees of freedom: P(chi2_16 < 16 * 10^-1) < 2e-6 for a 10 dB gap, and the mistakes of
+interest (a missing delta, a wrong scale) are 20-60 dB above the floor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedError
+from ..merging.bases import FLOAT_DTYPES, GGUFBase, HFBase, TensorEntry
+from ..merging.plan import TORCH_DTYPES, Job, Plan
+
+BLOCK_ELEMENTS = 1 << 18          # rows per block: ~1 MB of fp32, the elementwise work stays in cache
+COMPARE_CHUNK = 16 << 20
+RELATIVE_SPREAD = 0.035           # target relative std of one noise estimate (0.15 dB)
+MAX_PROBES = 256
+
+
+@dataclass(frozen=True)
+class Settings:
+    probes: int = 16              # k Gaussian probe vectors per tensor
+    seed: int = 0
+    tolerance_db: float = 1.0
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter's share of one tensor, rows [start, stop) of it: ``scale * b @ a`` or, for a
+    lora_bias, ``scale * dense``; ``pre_round``: PEFT rounds this delta to the stored dtype
+    before adding it (a plain embedding LoRA merged in PEFT's order)."""
+
+    scale: float
+    a: torch.Tensor | None = None          # (r, cols)
+    b: torch.Tensor | None = None          # (rows, r)
+    dense: torch.Tensor | None = None      # (rows, cols): a lora_bias viewed (1, n)
+    magnitude: torch.Tensor | None = None  # DoRA
+    norm_dim: int = 1
+    pre_round: bool = False
+
+    def rows(self, start: int, stop: int) -> Term:
+        if self.dense is not None:
+            return Term(self.scale, dense=self.dense[start:stop])
+        magnitude = self.magnitude
+        if magnitude is not None and self.norm_dim == 1:
+            magnitude = magnitude[start:stop]
+        return Term(self.scale, self.a, self.b[start:stop], None, magnitude, self.norm_dim,
+                    self.pre_round)
+
+    def delta(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense.to(dtype) * self.scale
+        return (self.b.to(dtype) @ self.a.to(dtype)).mul_(self.scale)
+
+
+def terms_of(job: Job, *, stacked: bool) -> list[Term]:
+    out = []
+    for c in job.contributions:
+        w = c.weight
+        out.append(Term(w.scale * c.factor, w.a, w.b, None, w.magnitude, w.norm_dim,
+                        pre_round=stacked and w.layer == "embedding" and w.magnitude is None))
+    for c in job.bias_contributions:
+        out.append(Term(c.weight.scale * c.factor, dense=c.weight.bias.reshape(1, -1)))
+    return out
+
+
+# ----------------------------------------------------------------------------- the maths
+
+def floor_for(dtype: str):
+    """How the merged model stores a tensor of type ``dtype``: a function from an fp32/fp64
+    tensor to the stored values (as a tensor the probes can multiply)."""
+    if dtype in TORCH_DTYPES:
+        torch_dtype = TORCH_DTYPES[dtype]
+        return lambda x: x.to(torch_dtype)
+    # TODO(quantized outputs): once adaptertools.kernels.quant provides the GGUF / NF4 codecs,
+    # return ``lambda x: codec.dequantize(codec.quantize(x))`` here, read merged quantized tensors
+    # through the same codec, and report survival() for them. The planner refuses merges into
+    # quantized tensors today, so no merged tensor of such a type can reach this point.
+    raise UnsupportedError(f"validating merged tensors stored as {dtype} needs its quantization "
+                           "codec, which is not available yet")
+
+
+def _rescale(x: torch.Tensor, t: Term) -> torch.Tensor:
+    """DoRA: (m / ||V||) V, the norm along ``t.norm_dim``."""
+    factor = t.magnitude.to(x.dtype) / torch.linalg.norm(x, dim=t.norm_dim)
+    return (factor.view(-1, 1) if t.norm_dim == 1 else factor.view(1, -1)) * x
+
+
+def evaluate(weight: torch.Tensor, terms: list[Term], *, compute: torch.dtype, stacked: bool,
+             store: torch.dtype | None = None) -> torch.Tensor:
+    """The merge of ``terms`` into ``weight`` (rows, cols), computed in ``compute``.
+
+    Weighted: ``W + sum(delta)``, then the (single) DoRA rescale. Stacked: one adapter after
+    another, each DoRA norm taken on what the previous ones made. With ``store`` (the stored
+    dtype), stacked steps are rounded to it, as a merge one after another must."""
+    x = weight.to(compute, copy=True)
+    for step in ([t] for t in terms) if stacked else [terms]:
+        for t in step:
+            delta = t.delta(compute)
+            if t.pre_round and store is not None:
+                delta = delta.to(store).to(compute)
+            x += delta
+        dora = next((t for t in step if t.magnitude is not None), None)
+        if dora is not None:
+            x = _rescale(x, dora)
+        if stacked and store is not None:
+            x = x.to(store).to(compute)
+    return x
+
+
+def survival(base: torch.Tensor, merged: torch.Tensor, intended: torch.Tensor) -> float | None:
+    """Cosine between the intended change and the realized one, ``merged - base`` (both given
+    as float tensors: dequantize quantized ones first). 1 when the change survived storage; a
+    requantized 4-bit base keeps almost none of a typical LoRA (FORMATS.md: 0.01-0.04 for NF4).
+    None when nothing was meant to change."""
+    realized = merged.double() - base.double()
+    intended = intended.double()
+    norms = float(intended.norm()) * float(realized.norm())
+    if float(intended.norm()) == 0.0:
+        return None
+    return float((intended * realized).sum()) / norms if norms else 0.0
+
+
+def probe_count(rows: int, cols: int, settings: Settings) -> int:
+    """k, raised for small tensors until each noise estimate's relative standard deviation,
+    sqrt(2 (m + n) / (m n k)), is at most RELATIVE_SPREAD (capped at MAX_PROBES)."""
+    needed = math.ceil(2 * (rows + cols) / (rows * cols * RELATIVE_SPREAD ** 2))
+    return max(settings.probes, min(needed, MAX_PROBES))
+
+
+def probes(rows: int, cols: int, settings: Settings, name: str) -> torch.Tensor:
+    """(cols, k) seeded Gaussian probes; the identity (exact) when k >= cols."""
+    k = probe_count(rows, cols, settings)
+    if cols <= k:
+        return torch.eye(cols, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(cols, k, generator=gen, dtype=torch.float64)
+
+
+def _same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit for bit (a memcmp: torch.equal is slow on 16-bit tensors, and calls -0.0 == 0.0)."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    raw = lambda t: t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return raw(x) == raw(y)
+
+
+def _sqnr(signal: float, noise: float) -> float | None:
+    if noise == 0.0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else None
+
+
+def check_adapted(job: Job, weight: torch.Tensor, merged: torch.Tensor, *, stacked: bool,
+                  settings: Settings) -> dict:
+    """SQNR of ``merged`` against the float64 reference, and the floor, for one job's tensor.
+
+    Everything is computed as a change from the base: with D = out - W, ``out X - ref X`` is
+    ``D X - delta X`` (delta X = sum s B (A X) from the factors), free of the cancellation that
+    subtracting two large outputs would suffer. For 16-bit outputs this runs in fp32: D of two
+    nearby 16-bit numbers is exact in fp32, and fp32's own error is 2^-15 of the rounding being
+    measured; for fp32 outputs in float64."""
+    shape = tuple(weight.shape)
+    rows = shape[0] if len(shape) > 1 else 1
+    cols = weight.numel() // max(rows, 1)
+    w2, m2 = weight.reshape(rows, cols), merged.reshape(rows, cols)
+    terms = terms_of(job, stacked=stacked)
+    work = torch.float64 if job.out_dtype in ("F32", "F64") else torch.float32
+    rounding, x = floor_for(job.out_dtype), probes(rows, cols, settings, job.name)
+    xw = x.to(work)
+    projected = [(t.a.to(work) @ xw) if t.dense is None else None for t in terms]   # (r, k)
+    blockable = all(t.magnitude is None or t.norm_dim == 1 for t in terms)
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1)) if blockable else rows
+    signal = noise_merged = noise_floor = 0.0
+    identical = True
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        w, m = w2[start:stop].to(work), m2[start:stop]
+        part = [t.rows(start, stop) for t in terms]
+        if any(t.magnitude is not None for t in part):      # DoRA: the float64 weight itself
+            change = ((evaluate(w, part, compute=torch.float64, stacked=stacked) - w.double())
+                      @ x).to(work)
+        else:
+            change = torch.zeros(stop - start, xw.shape[1], dtype=work)
+            for t, ax in zip(part, projected):
+                change += (t.dense.to(work) @ xw if ax is None else t.b.to(work) @ ax) * t.scale
+        floor = rounding(evaluate(w, part, compute=torch.float32, stacked=stacked,
+                                  store=weight.dtype))
+        floor_change = (floor.to(work) - w) @ xw
+        same = _same_values(m, floor)
+        merged_change = floor_change if same else (m.to(work) - w) @ xw
+        identical &= same
+        signal += float(floor.double().square().sum()) if work == torch.float64 else \
+            float(floor.float().square().sum())
+        noise_floor += float((floor_change - change).double().square().sum())
+        noise_merged += float((merged_change - change).double().square().sum())
+    # the probes' expected output power, k ||W + delta||_F^2 (||x||^2 = cols on average): the
+    # same for merged and floor, so it only places the two on the dB scale
+    signal *= float(x.square().sum()) / cols
+    passed = noise_merged <= noise_floor * 10 ** (settings.tolerance_db / 10)
+    sqnr, floor_db = _sqnr(signal, noise_merged), _sqnr(signal, noise_floor)
+    margin = None if sqnr is None or floor_db is None else \
+        0.0 if sqnr == floor_db else sqnr - floor_db
+    finite = lambda v: None if v is None or math.isinf(v) else v
+    return {"name": job.name, "kind": _kind(job), "dtype": job.out_dtype, "shape": list(shape),
+            "sqnr_db": finite(sqnr), "floor_db": finite(floor_db), "margin_db": finite(margin),
+            "exact": noise_merged == 0.0, "identical_to_floor": identical,
+            "probes": int(x.shape[1]), "adapters": sorted({c.adapter for c in
+                                                           job.contributions + job.bias_contributions}),
+            "passed": passed,
+            "problem": "" if passed else "merged tensor is further from the reference than "
+                                         f"its dtype's noise allows ({_db(sqnr)} dB vs floor "
+                                         f"{_db(floor_db)} dB)"}
+
+
+def _db(value: float | None) -> str:
+    return "exact" if value is None or math.isinf(value) else f"{value:.1f}"
+
+
+def _kind(job: Job) -> str:
+    if job.replacement is not None:
+        return "replaced"
+    return "bias" if job.bias_contributions and not job.contributions else "adapted"
+
+
+# ----------------------------------------------------------------------------- files
+
+class Files:
+    """Read-only descriptors of a checkpoint's files, opened on first use."""
+
+    def __init__(self, checkpoint: HFBase | GGUFBase) -> None:
+        self.checkpoint, self.fds = checkpoint, {}
+
+    def fd(self, entry: TensorEntry) -> int:
+        if entry.file not in self.fds:
+            c = self.checkpoint
+            path = c.path if isinstance(c, GGUFBase) else Path(c.folder) / entry.file
+            self.fds[entry.file] = os.open(path, os.O_RDONLY)
+        return self.fds[entry.file]
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        from ..merging.run import read_tensor
+
+        return read_tensor(self.fd(entry), Job(entry.name, entry, entry.dtype))
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def same_bytes(x: Files, a: TensorEntry, y: Files, b: TensorEntry) -> bool:
+    """Streamed comparison of two stored tensors' bytes."""
+    if a.nbytes != b.nbytes:
+        return False
+    fa, fb, done = x.fd(a), y.fd(b), 0
+    while done < a.nbytes:
+        n = min(COMPARE_CHUNK, a.nbytes - done)
+        if os.pread(fa, n, a.offset + done) != os.pread(fb, n, b.offset + done):
+            return False
+        done += n
+    return True
+
+
+def check_untouched(job: Job, entry: TensorEntry, base: Files, merged: Files) -> dict:
+    if job.source.dtype == entry.dtype:
+        same = same_bytes(base, job.source, merged, entry)
+        problem = "changed, but no adapter touches it: must be byte-identical to the base"
+    else:     # the merge cast it (--dtype): it must be the base rounded once
+        cast = base.read(job.source).to(TORCH_DTYPES[entry.dtype])
+        same = torch.equal(cast.reshape(-1).view(torch.uint8),
+                           merged.read(entry).reshape(-1).view(torch.uint8))
+        problem = f"not the base cast to {entry.dtype}, but no adapter touches it"
+    return {"name": job.name, "kind": "untouched", "dtype": entry.dtype, "shape": list(entry.shape),
+            "passed": same, "problem": "" if same else problem}
+
+
+def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
+    if entry is None:
+        return "missing from the merged model"
+    if tuple(entry.shape) != tuple(job.shape):
+        return f"stored with shape {tuple(entry.shape)}, expected {tuple(job.shape)}"
+    if entry.dtype != job.out_dtype and not (entry.dtype in FLOAT_DTYPES and
+                                             job.source.dtype in FLOAT_DTYPES):
+        return f"stored as {entry.dtype}, expected {job.out_dtype}"
+    return ""
+
+
+def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings: Settings,
+               progress=None) -> dict:
+    """Every tensor of ``plan`` against the ``merged`` checkpoint; rows worst first."""
+    from dataclasses import replace
+
+    start = time.perf_counter()
+    stored = merged.entries()
+    base_files, merged_files = Files(plan.base), Files(merged)
+    rows = []
+    try:
+        with torch.inference_mode():
+            for job in plan.jobs:
+                entry = stored.get(job.name)
+                problem = _layout_problem(job, entry)
+                if problem:
+                    rows.append({"name": job.name, "kind": _kind(job) if job.changed else
+                                 "untouched", "passed": False, "problem": problem})
+                    continue
+                # a float tensor is judged in the dtype the merge stored it in (--dtype)
+                job = replace(job, out_dtype=entry.dtype)
+                if job.changed:
+                    weight = job.replacement if job.replacement is not None else \
+                        base_files.read(job.source)
+                    rows.append(check_adapted(job, weight, merged_files.read(entry),
+                                              stacked=stacked, settings=settings))
+                else:
+                    rows.append(check_untouched(job, entry, base_files, merged_files))
+                if progress is not None:
+                    progress(job.nbytes)
+    finally:
+        base_files.close()
+        merged_files.close()
+    planned = {j.name for j in plan.jobs}
+    rows += [{"name": n, "kind": "extra", "passed": False,
+              "problem": "in the merged model but not in the base"}
+             for n in sorted(stored.keys() - planned)]
+    return summarize(rows, settings, time.perf_counter() - start)
+
+
+def _badness(row: dict) -> tuple:
+    margin = row.get("margin_db")
+    return (row["passed"], row["kind"] == "untouched",
+            math.inf if margin is None else margin)
+
+
+def summarize(rows: list[dict], settings: Settings, wall_s: float) -> dict:
+    rows.sort(key=_badness)
+    adapted = [r for r in rows if r["kind"] not in ("untouched", "extra")]
+    return {"passed": all(r["passed"] for r in rows), "failed": sum(not r["passed"] for r in rows),
+            "checked": len(rows), "adapted": len(adapted),
+            "untouched": sum(r["kind"] == "untouched" for r in rows),
+            "worst_margin_db": min((r["margin_db"] for r in adapted
+                                    if r.get("margin_db") is not None), default=None),
+            "probes": settings.probes, "seed": settings.seed,
+            "tolerance_db": settings.tolerance_db, "wall_s": wall_s, "tensors": rows}

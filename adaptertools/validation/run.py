@@ -1,0 +1,101 @@
+"""``adaptertools validate BASE ADAPTER... --merged MERGED`` and ``merge --validate``: plan the merge
+the way ``merge`` does (same planner: names, GGUF layout, RoPE permutation, untying), then check
+the merged checkpoint tensor by tensor (``merged.py``) and, with ``e2e``, end to end (``e2e.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .._io import atomic_output, require_exists, write_json
+from ..errors import FormatError, UnsupportedError
+from .merged import Settings, check_plan
+
+REPORT_NAME = "validation.json"
+
+
+def make_plan(base, adapters, *, weights=None, mode: str = "weighted"):
+    """The plan ``merge`` would make (``--dtype keep``; a cast output is judged in its own dtype)."""
+    from ..adapter import nonfinite_tensors
+    from ..api import load, parse_weights
+    from ..merging.bases import open_base
+    from ..merging.plan import MODES, plan_gguf, plan_hf
+
+    if mode not in MODES:
+        raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not paths:
+        raise UnsupportedError("no adapters given; pass at least one")
+    factors = parse_weights(weights, len(paths))
+    checkpoint = open_base(base)
+    loaded = [load(p, base=base) for p in paths]
+    for path, adapter in zip(paths, loaded):
+        bad = nonfinite_tensors(adapter)
+        if bad:
+            raise FormatError(f"{path}: {bad[0]} holds NaN or Inf values; nothing to validate")
+    make = plan_hf if checkpoint.kind == "safetensors" else plan_gguf
+    return make(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep")
+
+
+def check_output(plan, merged, *, settings: Settings | None = None, progress=None) -> dict:
+    """Per-tensor report of the checkpoint at ``merged`` against ``plan``."""
+    from ..merging.bases import open_base
+    from ..merging.run import fold_mode
+
+    settings = settings or Settings()
+
+    merged = require_exists(merged)
+    checkpoint = open_base(merged)
+    if checkpoint.kind != plan.base.kind:
+        raise UnsupportedError(f"{merged}: a {checkpoint.kind} model, but the base is "
+                               f"{plan.base.kind}; pass the merge of this base")
+    # one adapter into an HF base is merged in PEFT's order (merging/run.py fold_mode): the
+    # floor then rounds the way PEFT does; the float64 reference is the same either way
+    stacked = fold_mode(plan) == "stacked"
+    report = check_plan(plan, checkpoint, stacked=stacked, settings=settings, progress=progress)
+    report.update(merged=str(merged), base=str(getattr(plan.base, "folder", None) or
+                                              plan.base.path),
+                  adapters=list(plan.adapter_names), weights=list(plan.factors), mode=plan.mode)
+    return report
+
+
+def validate_merge(base, adapters, merged, *, weights=None, mode: str = "weighted",
+                   e2e: bool = False, probes: int = 16, seed: int = 0,
+                   tolerance_db: float = 1.0, progress=None) -> dict:
+    if probes < 1:
+        raise UnsupportedError(f"--probes {probes}: give at least 1 probe vector")
+    plan = make_plan(base, adapters, weights=weights, mode=mode)
+    report = check_output(plan, merged, settings=Settings(probes, seed, tolerance_db),
+                          progress=progress)
+    if e2e:
+        from .e2e import end_to_end
+
+        dtypes = {row["dtype"] for row in report["tensors"] if row.get("dtype")}
+        report["e2e"] = end_to_end(base, adapters, merged, weights=list(plan.factors), mode=mode,
+                                   kind=plan.base.kind, dtypes=dtypes)
+        report["passed"] = report["passed"] and report["e2e"]["passed"]
+    return report
+
+
+def report_path(out) -> Path:
+    """``validation.json`` inside a merged folder; ``<out>.validation.json`` beside a file."""
+    out = Path(out)
+    return out / REPORT_NAME if out.is_dir() else out.with_name(f"{out.name}.{REPORT_NAME}")
+
+
+def write_report(report: dict, out) -> Path:
+    path = report_path(out)
+    with atomic_output(path, force=True, is_dir=False) as tmp:
+        write_json(tmp, report)
+    return path
+
+
+def summary(report: dict) -> dict:
+    """What ``merge --validate`` puts in the merge report: the verdict and the failures."""
+    keys = ("passed", "failed", "checked", "adapted", "untouched", "worst_margin_db",
+            "tolerance_db", "probes", "seed", "wall_s")
+    out = {k: report[k] for k in keys}
+    out["failures"] = [{"name": r["name"], "problem": r["problem"]}
+                       for r in report["tensors"] if not r["passed"]]
+    return out
