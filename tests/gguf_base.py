@@ -178,3 +178,29 @@ def llama_quantize(src: Path, dst: Path, ftype: str, *, allow_requantize: bool =
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src}, {ftype}) returned {rc}")
     return dst
+
+
+def rewrite_gguf(src: Path, dst: Path, tensor=None, extra=None) -> Path:
+    """A copy of the GGUF model ``src`` with its metadata, where ``tensor(t)`` may return
+    ``(array, raw_dtype)`` to store another tensor under ``t.name`` (None: skip the tensor,
+    default: as it is) and ``extra(writer)`` may add keys."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), reader.get_field("general.architecture").contents())
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture")):
+            continue
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    if extra is not None:
+        extra(writer)
+    for t in reader.tensors:
+        stored = (np.array(t.data), t.tensor_type) if tensor is None else tensor(t)
+        if stored is not None:
+            writer.add_tensor(t.name, stored[0], raw_dtype=stored[1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

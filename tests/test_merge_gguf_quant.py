@@ -21,6 +21,7 @@ from gguf_base import (
     llama_quantize,
     make_base_model,
     max_diff,
+    rewrite_gguf,
     write_gguf_base,
 )
 
@@ -152,27 +153,16 @@ def test_requantize_to_another_type_lays_the_file_out_anew(quant, tmp_path):
 
 def test_untouchable_types_and_bad_rows_are_refused(quant, tmp_path):
     root, bases = quant
-    iq = tmp_path / "iq.gguf"
-    reader = gguf.GGUFReader(str(bases["F16"]))
-    writer = gguf.GGUFWriter(str(iq), reader.get_field("general.architecture").contents())
-    for key, field in reader.fields.items():
-        if key.startswith(("GGUF.", "general.architecture")):
-            continue
-        writer.add_key_value(key, field.contents(), field.types[0],
-                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
     T = gguf.GGMLQuantizationType
     block, nbytes = gguf.GGML_QUANT_SIZES[T.IQ4_NL]
-    for t in reader.tensors:
+
+    def iq4_q(t):       # any bytes: the plan refuses before reading them
         data = np.array(t.data)
-        if t.name == "blk.0.attn_q.weight":     # any bytes: the plan refuses before reading
-            raw = np.zeros((data.shape[0], data.shape[1] // block * nbytes), dtype=np.uint8)
-            writer.add_tensor(t.name, raw, raw_dtype=T.IQ4_NL)
-        else:
-            writer.add_tensor(t.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        if t.name != "blk.0.attn_q.weight":
+            return data, t.tensor_type
+        return np.zeros((data.shape[0], data.shape[1] // block * nbytes), np.uint8), T.IQ4_NL
+
+    iq = rewrite_gguf(bases["F16"], tmp_path / "iq.gguf", iq4_q)
     with pytest.raises(UnsupportedError, match=r"blk\.0\.attn_q\.weight is IQ4_NL.*--requantize q8_0"):
         at.merge(iq, [root / "peft"], tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
@@ -190,4 +180,22 @@ def test_rows_that_do_not_fit_the_blocks_are_refused(tmp_path):
                                      init_lora_weights=False)).save_pretrained(adapter)
     with pytest.raises(UnsupportedError, match="not a multiple of Q4_K's blocks of 256"):
         at.merge(base, [adapter], tmp_path / "x.gguf", requantize="q4_k")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_split_gguf_is_refused_with_the_join_command(quant, tmp_path):
+    """A shard of llama.cpp's gguf-split (split.count > 1 in its metadata)."""
+    root, bases = quant
+    names = [t.name for t in gguf.GGUFReader(str(bases["Q8_0"])).tensors[:3]]
+
+    def split_keys(writer):
+        writer.add_uint16("split.no", 0)
+        writer.add_uint16("split.count", 2)
+        writer.add_int32("split.tensors.count", len(names) * 2)
+
+    shard = rewrite_gguf(bases["Q8_0"], tmp_path / "model-00001-of-00002.gguf",
+                         lambda t: (np.array(t.data), t.tensor_type) if t.name in names else None,
+                         split_keys)
+    with pytest.raises(UnsupportedError, match="part 1 of a GGUF split into 2 files.*llama-gguf-split --merge"):
+        at.merge(shard, [root / "peft"], tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()

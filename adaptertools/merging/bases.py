@@ -201,6 +201,11 @@ def _open_gguf(path: Path) -> GGUFBase:
     reader = open_gguf(path)
     if field_value(reader, "general.type", "model") == "adapter":
         raise FormatError(f"{path}: is a GGUF adapter, not a model; pass the base model")
+    splits = int(field_value(reader, "split.count", 1) or 1)
+    if splits > 1:      # llama.cpp's gguf-split shards: tensors live in several files
+        raise UnsupportedError(f"{path}: is part {int(field_value(reader, 'split.no', 0)) + 1} of a "
+                               f"GGUF split into {splits} files; join it first with `llama-gguf-split "
+                               "--merge FIRST.gguf JOINED.gguf` and merge into the joined file")
     size = path.stat().st_size
     tensors = []
     for t in reader.tensors:
