@@ -13,7 +13,8 @@ the bf16 rounding of the sum.
 Measured in the same run, each command in its own process (wall from here, peak RSS by GNU time
 or a wait4 wrapper: merge.py's run_measured): `cp -r BASE DST && sync` (the floor: read and write
 every byte once; extract reads two checkpoints and writes ~50 MB), and the extract CLI with
---json (its report gives the energy kept and the relative error). The cache is warm (inputs read
+--json (its report gives the energy kept and the relative error). CPU time (user + sys, from
+getrusage of the waited children) is printed too: on a shared machine it varies less than wall. The cache is warm (inputs read
 once before each command) unless --cold, which drops it (root only).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -107,18 +109,22 @@ def main() -> None:
                         str(args.rank), "--svd", args.svd, "--json"], out, [base, tuned]),
     ]
     load_before = os.getloadavg()
-    best: dict[str, tuple[float, int]] = {}
+    best: dict[str, tuple[float, int, float]] = {}
     report = {}
     for run in range(args.runs):
         for what, cmd, dst, inputs in commands:
             remove(dst)
             drop_caches() if args.cold else warm_up(inputs)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             wall, rss, stdout = run_measured(cmd, work / f"log_{what.split()[0]}")
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             if "--json" in cmd:
                 report = json.loads(stdout)
-            old = best.get(what, (float("inf"), 0))
-            best[what] = (min(old[0], wall), max(old[1], rss))
-            print(f"  run {run + 1} {what}: {wall:.2f} s, peak RSS {fmt_bytes(rss)}", flush=True)
+            old = best.get(what, (float("inf"), 0, float("inf")))
+            best[what] = (min(old[0], wall), max(old[1], rss), min(old[2], cpu))
+            print(f"  run {run + 1} {what}: {wall:.2f} s (CPU {cpu:.2f} s), peak RSS "
+                  f"{fmt_bytes(rss)}", flush=True)
     load_after = os.getloadavg()
     adapter_bytes = sum(p.stat().st_size for p in out.iterdir())
     for _, _, dst, _ in commands:
@@ -136,10 +142,10 @@ def main() -> None:
           f"relative error {report['total']['relative_error']:.4f} (worst tensor "
           f"{max(r['relative_error'] for r in lora):.4f}); own wall {report['wall_s']:.2f} s")
     print()
-    print("| what | wall | ratio to cp | peak RSS |")
-    print("| --- | --- | --- | --- |")
-    for what, (wall, rss) in best.items():
-        print(f"| {what} | {wall:.2f} s | {wall / cp_wall:.2f} | {fmt_bytes(rss)} |")
+    print("| what | wall | ratio to cp | CPU time (user + sys) | peak RSS |")
+    print("| --- | --- | --- | --- | --- |")
+    for what, (wall, rss, cpu) in best.items():
+        print(f"| {what} | {wall:.2f} s | {wall / cp_wall:.2f} | {cpu:.2f} s | {fmt_bytes(rss)} |")
 
 
 if __name__ == "__main__":
