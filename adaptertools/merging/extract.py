@@ -206,8 +206,12 @@ def extract_checkpoints(base_path: str | os.PathLike, tuned_path: str | os.PathL
     if not results:
         raise UnsupportedError(f"{tuned_path}: every tensor equals the base's; there is nothing "
                                "to extract")
-    note = f"{dropped} differing 2-D weight(s) are not in --targets and were left out"
-    warnings = [note] if dropped else []
+    warnings = [f"{dropped} differing 2-D weight(s) are not in --targets and were left out"] \
+        if dropped else []
+    missing = sorted(base.entries().keys() - {p.name for p in pairs})
+    if missing:
+        warnings.append(f"{len(missing)} tensor(s) of the base are not in the fine-tune (e.g. "
+                        f"{missing[0]}); an adapter cannot remove them")
     name = base.config.get("_name_or_path") or str(base_path)
     metadata = {"source_format": "adaptertools.extract", "peft_config": _peft_config(tuned)}
     return Adapter(weights, replacements, name, metadata), results, warnings
