@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapter import Adapter, LoraWeight
-from .kernels.lowrank import product_norm
+from ..kernels.lowrank import product_norm
 
 # unit roundoff of each factor dtype: what a lossless-in-intent cast may cost per element
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
