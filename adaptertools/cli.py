@@ -285,12 +285,6 @@ TRUNCATION_OPTIONS = (
 )
 
 
-def truncation_options(func):
-    for option in reversed(TRUNCATION_OPTIONS):
-        func = option(func)
-    return func
-
-
 @cli.command("combine")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", type=click.Path(), required=True, help="The combined adapter.")
@@ -307,7 +301,7 @@ def truncation_options(func):
               help="HF base folder: base weights for --materialize, names for GGUF in/out.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
               help="Factor dtype (keep: the inputs' widest).")
-@truncation_options
+@_options(*TRUNCATION_OPTIONS)
 @handle_errors
 def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str | None,
                 density: float | None, materialize: bool, base: str | None, dtype: str,
@@ -331,7 +325,7 @@ def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
                                 "(default: every 2-D weight but the embeddings).")
 @click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True,
               help="Factor dtype.")
-@truncation_options
+@_options(*TRUNCATION_OPTIONS)
 @handle_errors
 def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype: str,
                 rank: int | None, energy: float | None, svd: str, seed: int, to_format: str,
