@@ -163,6 +163,8 @@ def dequantize_4bit(packed: torch.Tensor, state: Bnb4bitState) -> torch.Tensor:
                           f"blocksize {state.blocksize} needs {-(-n // state.blocksize)}")
     idx = torch.stack([flat >> 4, flat & 0x0F], 1).reshape(-1)[:n].long()
     vals = state.quant_map.to(F32)[idx]
+    if n % state.blocksize == 0:                                     # the same products, no (n,) scale copy
+        return (vals.view(-1, state.blocksize) * absmax.view(-1, 1)).reshape(state.shape)
     scale = absmax.repeat_interleave(state.blocksize)[:n]
     return (vals * scale).reshape(state.shape)
 

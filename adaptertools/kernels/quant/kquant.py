@@ -156,7 +156,8 @@ def _chunked(fn, rows_per_chunk: int):
     return run
 
 
-# super-blocks per chunk (2M values): Q6_K's (19, values, sub-blocks) candidates are the largest tensors
-QUANTIZE = {"Q2_K": _chunked(quantize_q2_k, 8192), "Q3_K": _chunked(quantize_q3_k, 8192),
-            "Q4_K": _chunked(quantize_q4_k, 8192), "Q5_K": _chunked(quantize_q5_k, 8192),
-            "Q6_K": _chunked(quantize_q6_k, 2048)}
+# super-blocks per chunk: the sequential steps then work on vectors of 16384 sub-blocks, below torch's
+# parallel grain (32768) and cache-sized; many small threaded ops were 4x slower on a busy 2-core machine
+QUANTIZE = {"Q2_K": _chunked(quantize_q2_k, 1024), "Q3_K": _chunked(quantize_q3_k, 1024),
+            "Q4_K": _chunked(quantize_q4_k, 2048), "Q5_K": _chunked(quantize_q5_k, 2048),
+            "Q6_K": _chunked(quantize_q6_k, 1024)}
