@@ -227,7 +227,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
           dry_run: bool = False, force: bool = False, progress=None,
           push_to: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, endpoint: str | None = None, token=None,
-          validate: bool = False) -> dict:
+          validate: bool = False, kernels: str = "auto") -> dict:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
@@ -235,6 +235,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     Returns a report; with ``dry_run`` only the plan is made and nothing is written.
     ``base`` and ``adapters`` may be Hub URIs (their commits go into the report); ``push_to``
     uploads the output with a model card, as in ``convert``.
+    ``kernels``: "auto" runs the fused Triton kernels on a CUDA device when triton is importable,
+    else the torch reference; "torch" or "triton" forces one (the report says which ran).
     """
     from .merging.bases import open_base
     from .merging.plan import MODES, plan_gguf, plan_hf
@@ -278,7 +280,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         return report
     if callable(getattr(progress, "start", None)):
         progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
-    report.update(execute(plan, out, device=device, force=force, progress=progress))
+    report.update(execute(plan, out, device=device, force=force, progress=progress, kernels=kernels))
     if validate:      # per-tensor check of the output; validation.json is written beside it
         from .validation.run import check_output, summary, write_report
 

@@ -167,6 +167,9 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
               show_default=True, help="Storage dtype of the output's floating tensors.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu",
               show_default=True, help="Where the fold runs (cpu is the reference).")
+@click.option("--kernels", type=click.Choice(["auto", "torch", "triton"]), default="auto",
+              show_default=True, help="Fused Triton kernels (auto: on CUDA when triton is installed) "
+                                      "or the torch reference.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 @click.option("--validate", "check", is_flag=True,
@@ -176,8 +179,8 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 @_options(*PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
-              mode: str, dtype: str, device: str, dry_run: bool, force: bool, check: bool,
-              as_json: bool, push_to: str | None, private: bool, revision: str | None,
+              mode: str, dtype: str, device: str, kernels: str, dry_run: bool, force: bool,
+              check: bool, as_json: bool, push_to: str | None, private: bool, revision: str | None,
               commit_message: str | None, token: str | None, endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
     hf://owner/name[@revision][/subfolder])."""
@@ -193,7 +196,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
                        device=device, dry_run=dry_run, force=force, progress=bar,
                        push_to=push_to, private=private, revision=revision,
                        commit_message=commit_message, token=token, endpoint=endpoint,
-                       validate=check)
+                       validate=check, kernels=kernels)
     if as_json:
         _ui.print_json(report)
     else:

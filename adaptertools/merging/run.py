@@ -25,6 +25,7 @@ from ..adapter import map_tensors
 from ..kernels.fold import Buffers, fold_linear
 from ..kernels.fold import supports as fast_fold_supports
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
+from ..kernels.triton.engine import fold_float_job, fold_gguf_job, resolve_kernels
 from .bases import INDEX_NAME, HFBase
 from .plan import TORCH_DTYPES, Job, OutputFile, Plan
 from .quantized import fold_gguf, needs_codec, summarize
@@ -88,6 +89,7 @@ class Workers:
     buffers: Buffers
     pool: BufferPool
     survival: list = field(default_factory=list)
+    kernels: str = "torch"          # "triton": fused kernels where they cover a job (kernels/triton)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,12 +133,13 @@ def fold_mode(plan: Plan) -> str:
 
 def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
          buffers: Buffers | None = None, pool: BufferPool | None = None,
-         survival: list | None = None) -> torch.Tensor:
+         survival: list | None = None, *, kernels: str = "torch") -> torch.Tensor:
     """The output tensor of ``job`` from its source ``tensor``; the fast path writes it into
     memory from ``pool`` when given. Quantized GGUF tensors go through their codecs, and their
     survival scores are appended to ``survival``."""
     if needs_codec(job):
-        encoded, score = fold_gguf(job, tensor, mode)
+        fused = fold_gguf_job(job, tensor, mode, device) if kernels == "triton" else None
+        encoded, score = fused or fold_gguf(job, tensor, mode)
         if score is not None and survival is not None:
             survival.append(score)
         return encoded
@@ -145,6 +148,10 @@ def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
     out_dtype = TORCH_DTYPES.get(job.out_dtype, tensor.dtype)
     stacked = mode == "stacked"
     contributions = list(job.contributions)
+    if kernels == "triton" and contributions:
+        fused = fold_float_job(job, tensor, mode, device, out_dtype)
+        if fused is not None:
+            return fused
     if device.type == "cpu" and buffers is not None and fast_fold_supports(tensor, contributions):
         # the reference's arithmetic in reused blocks (kernels/fold.py): same bits, less memory
         if not stacked:
@@ -300,7 +307,7 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
             else:
                 source = current.result()
                 tensor = fold(run[0], source, fold_mode(plan), device, workers.buffers,
-                              workers.pool, workers.survival)
+                              workers.pool, workers.survival, kernels=workers.kernels)
                 count = tensor.numel() * tensor.element_size()
                 writer.submit(count, write_released, out, tensor, workers.pool, source)
             position += count
@@ -357,7 +364,7 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
             progress(job.source.offset - position)
             source = current.result()
             tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool,
-                          workers.survival)
+                          workers.survival, kernels=workers.kernels)
             progress(write_released(out, tensor, pool, source, job.source.offset))
             position = job.source.offset + job.source.nbytes
         copy_range(src, out, position, base.data_end - position, position)
@@ -383,16 +390,17 @@ def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
 
 
 def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: bool = False,
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, kernels: str = "auto") -> dict:
     """Run ``plan`` into ``out``; returns timings and counts for the report."""
     progress = progress or (lambda n: None)
     torch_device = resolve_device(device)
+    kernels = resolve_kernels(kernels, torch_device)
     start = time.perf_counter()
     is_hf = isinstance(plan.base, HFBase)
     with atomic_output(out, force=force, is_dir=is_hf, expected_bytes=plan.size) as tmp, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-write") as writer:
-        workers = Workers(reader, writer, Buffers(), BufferPool())
+        workers = Workers(reader, writer, Buffers(), BufferPool(), kernels=kernels)
         with torch.inference_mode():
             if is_hf:
                 for out_file in plan.files:
@@ -412,5 +420,5 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
             else:
                 write_gguf(plan, tmp, torch_device, progress, workers)
                 copied = []
-    return {"wall_s": time.perf_counter() - start, "device": str(torch_device),
+    return {"wall_s": time.perf_counter() - start, "device": str(torch_device), "kernels": kernels,
             "copied_files": copied, "survival": summarize(workers.survival)}
