@@ -54,14 +54,49 @@ def test_fast_fold_is_bit_identical_to_reference(rows, cols, count, dtype, out, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_fold_at_model_sizes(dtype):
-    """Realistic shapes (BLAS's large-matrix paths), after the buffers served a larger tensor."""
+    """Realistic shapes (BLAS's large-matrix paths, several row blocks with and without a short
+    tail), after the buffers served a larger tensor: bit for bit the whole-tensor reference."""
     gen = torch.Generator().manual_seed(3)
-    weight = (torch.randn(1408, 1024, generator=gen) * 0.02).to(dtype)   # 4 blocks of 256 rows
-    contributions = [contribution(1408, 1024, 16, gen, 1.0)]
     buffers = fast.Buffers()
-    buffers.product(2000, 2000)
-    got = fast.fold_linear(weight, contributions, dtype, buffers)
-    assert torch.equal(got, merge_weighted(weight, contributions, dtype))
+    buffers.scratch(2000, 2000)
+    for rows, cols, ranks in ((1408, 1024, (16,)), (2300, 700, (8, 3)), (5632, 256, (64,)),
+                              (1100, 2048, (1,))):
+        weight = (torch.randn(rows, cols, generator=gen) * 0.02).to(dtype)
+        contributions = [contribution(rows, cols, r, gen, f) for r, f in zip(ranks, (1.0, 0.6))]
+        assert len(fast.row_blocks(rows, cols)) > 1
+        got = fast.fold_linear(weight, contributions, dtype, buffers)
+        assert torch.equal(got, merge_weighted(weight, contributions, dtype)), (rows, cols, ranks)
+        assert buffers.blocked_ok[(rows, cols, sum(ranks))]      # this machine: blocks agree
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5000), cols=st.integers(1, 9000))
+def test_row_blocks_cover_every_row_once_and_are_never_short(rows, cols):
+    blocks = fast.row_blocks(rows, cols)
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert all(stop == start for (_, stop), (start, _) in zip(blocks, blocks[1:]))
+    assert len(blocks) == 1 or all(stop - start >= fast.MIN_BLOCK_ROWS for start, stop in blocks)
+
+
+def test_blas_that_sums_blocks_differently_falls_back_to_whole_products(monkeypatch):
+    """On a CPU where a block of rows is summed in another order than the whole matrix, the
+    once-per-shape check sends that shape through one whole product: still the reference."""
+    gen = torch.Generator().manual_seed(5)
+    weight = (torch.randn(1300, 1024, generator=gen) * 0.02).to(torch.bfloat16)
+    contributions = [contribution(1300, 1024, 16, gen, 1.0)]
+    calls = []
+
+    def mismatch(b, a, blocks):
+        calls.append(len(blocks))
+        return False
+
+    monkeypatch.setattr(fast, "_blocks_match", mismatch)
+    buffers = fast.Buffers()
+    want = merge_weighted(weight, contributions, torch.bfloat16)
+    for _ in range(2):
+        assert torch.equal(fast.fold_linear(weight, contributions, torch.bfloat16, buffers), want)
+    assert calls == [len(fast.row_blocks(1300, 1024))]            # checked once per shape
+    assert buffers.blocked_ok == {(1300, 1024, 16): False}
 
 
 def test_unsupported_layouts_stay_on_the_reference():

@@ -3,13 +3,20 @@
 ``kernels.reference.merge_weighted`` allocates about five full-size fp32 temporaries per tensor
 (upcast, product, scaled product, sum, rounded copy); on a 5632x2048 weight that is ~230 MB of
 fresh pages, and page faults were most of a merge's time. Here the same operations run in
-place in two fp32 buffers kept from tensor to tensor, so each output element sees exactly the
+place in small fp32 buffers kept from tensor to tensor, so each output element sees exactly the
 reference's operations (exact upcast, the same product, the same scale, add, one rounding) and
 the result is bit-identical (tests/test_fold.py).
 
-The product ``B @ A`` is one matmul over the whole tensor, never split into blocks of rows: MKL
-picks different kernels for different row counts, and blocked products were measured to differ
-from the full one in the last bit.
+The product ``B @ A`` is computed a block of rows at a time, so that it is still in cache when
+the scale, the add and the rounding read it (a full-size fp32 product goes out to memory and
+back: 46 MB each way for a 5632x2048 weight). Each element of ``B @ A`` is one dot product over
+the rank; whether MKL sums it in the same order for a block of rows as for the whole matrix
+depends on the kernel it picks for the shape. Measured here (AVX-512, MKL 2024.2): identical
+for blocks of 64 rows or more at every rank tried (1..512), different for blocks of 32 rows or
+fewer. Blocks are therefore never shorter than ``MIN_BLOCK_ROWS``, and, because other CPUs and
+BLAS builds may choose differently, the first tensor of each shape is computed both ways and
+compared: if the bits differ, that shape falls back to one whole-tensor product for the rest
+of the run (``Buffers.whole``).
 """
 
 from __future__ import annotations
@@ -28,23 +35,44 @@ def supports(weight: torch.Tensor, contributions: list[Contribution]) -> bool:
                     and c.weight.shape == tuple(weight.shape) for c in contributions))
 
 
-# fp32 elements per block of the elementwise pass (4 MB): it stays in cache between the scale,
+# fp32 elements per block (4 MB): product and sum stay in cache between the matmul, the scale,
 # the add and the rounding. Measured on a 5632x2048 bf16 weight, 2 cores: 1<<16 38 ms, 1<<18
 # 25 ms, 1<<20 24 ms, 1<<22 33 ms; the reference's whole-tensor temporaries 154 ms.
 BLOCK_ELEMENTS = 1 << 20
+MIN_BLOCK_ROWS = 256      # 4x the shortest block measured to match the whole product
 
 
 class Buffers:
-    """Reused fp32 scratch space: one full-size product buffer, and one block."""
+    """Reused fp32 scratch space (a product block and a sum block), and per product shape
+    whether row blocks were checked to give the whole product's bits."""
 
     def __init__(self) -> None:
-        self.products = torch.empty(0)
-        self.block = torch.empty(BLOCK_ELEMENTS)
+        self.product = torch.empty(0)
+        self.block = torch.empty(0)
+        self.blocked_ok: dict[tuple[int, int, int], bool] = {}   # (rows, cols, rank) -> ok
 
-    def product(self, rows: int, cols: int) -> torch.Tensor:
-        if self.products.numel() < rows * cols:
-            self.products = torch.empty(rows * cols)
-        return self.products[: rows * cols].view(rows, cols)
+    def scratch(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two fp32 (rows, cols) views: the product block and the sum block."""
+        n = rows * cols
+        if self.product.numel() < n:
+            self.product, self.block = torch.empty(n), torch.empty(n)
+        return self.product[:n].view(rows, cols), self.block[:n].view(rows, cols)
+
+
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of about BLOCK_ELEMENTS values, none shorter than MIN_BLOCK_ROWS
+    (a short tail joins the block before it)."""
+    step = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(cols, 1))
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] < MIN_BLOCK_ROWS:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [rows]))
+
+
+def _blocks_match(b: torch.Tensor, a: torch.Tensor, blocks: list[tuple[int, int]]) -> bool:
+    """Do row-block products give the whole product's bits for this shape? (Once per shape.)"""
+    whole = b @ a
+    return all(torch.equal(b[start:stop] @ a, whole[start:stop]) for start, stop in blocks)
 
 
 def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dtype: torch.dtype,
@@ -53,9 +81,9 @@ def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dty
     accumulated in fp32, rounded once to ``out_dtype``. (Stacked merges chain calls with one
     contribution each, rounding to the stored dtype in between.)
 
-    weight (rows, cols); each contribution's b (rows, r) and a (r, cols). The products are whole
-    matmuls (see the module notes); the elementwise rest runs block by block, in cache. ``out``
-    (rows, cols) in ``out_dtype``, when given, receives the result (the engine's pooled memory).
+    weight (rows, cols); each contribution's b (rows, r) and a (r, cols); several adapters go
+    through one product of their combined factors, as in the reference. ``out`` (rows, cols)
+    in ``out_dtype``, when given, receives the result (the engine's pooled memory).
     """
     rows, cols = weight.shape
     if len(contributions) > 1:     # one product over the combined factors, as the reference
@@ -65,18 +93,24 @@ def fold_linear(weight: torch.Tensor, contributions: list[Contribution], out_dty
         c = contributions[0]
         b, a = c.weight.b.float(), c.weight.a.float()
         scale = c.weight.scale * c.factor if c.factor != 1.0 else c.weight.scale
-    product = buffers.product(rows, cols)
-    torch.matmul(b, a, out=product)                     # (rows, r) @ (r, cols)
     if out is None:
         out = torch.empty((rows, cols), dtype=out_dtype)
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        acc = buffers.block[: (stop - start) * cols].view(stop - start, cols)
-        acc.copy_(weight[start:stop])                   # exact upcast to fp32
-        block = product[start:stop]
+    blocks = row_blocks(rows, cols)
+    key = (rows, cols, b.shape[1])
+    if len(blocks) > 1 and key not in buffers.blocked_ok:
+        buffers.blocked_ok[key] = _blocks_match(b, a, blocks)
+    if len(blocks) > 1 and not buffers.blocked_ok[key]:
+        blocks, whole = [(0, rows)], True               # this BLAS sums blocks differently
+    else:
+        whole = False
+    longest = max(stop - start for start, stop in blocks)
+    for start, stop in blocks:
+        product, acc = buffers.scratch(longest if not whole else rows, cols)
+        product, acc = product[: stop - start], acc[: stop - start]
+        torch.matmul(b[start:stop], a, out=product)     # (n, r) @ (r, cols)
         if scale is not None:
-            block.mul_(scale)                           # (B @ A) * scale, as the reference
-        acc.add_(block)
+            product.mul_(scale)                         # (B @ A) * scale, as the reference
+        acc.copy_(weight[start:stop])                   # exact upcast to fp32
+        acc.add_(product)
         out[start:stop].copy_(acc)                      # round to nearest even, once
     return out
