@@ -199,3 +199,30 @@ def test_split_gguf_is_refused_with_the_join_command(quant, tmp_path):
     with pytest.raises(UnsupportedError, match="part 1 of a GGUF split into 2 files.*llama-gguf-split --merge"):
         at.merge(shard, [root / "peft"], tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_ggml_fast_path_writes_the_torch_codecs_bytes(qtype):
+    """The engine quantizes on the CPU through ggml's own quantizer when it can; the torch codec
+    is the reference (byte-exact vs ggml, tests/test_quant_codecs.py): same bytes, many threads."""
+    import torch
+
+    from adaptertools.kernels.quant import ggml
+    from adaptertools.kernels.quant import gguf as codec
+
+    assert ggml.available(qtype)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(200, 512, generator=gen) * 0.02           # 4 chunks of rows, the last short
+    w[3] = 0                                                   # an all-zero row
+    w[7] *= 1e3                                                # a row of large values
+    assert torch.equal(ggml.quantize(w, qtype, threads=2), codec.quantize(w, qtype))
+
+
+def test_merge_files_identical_with_and_without_ggml(quant, tmp_path, monkeypatch):
+    root, bases = quant
+    at.merge(bases["Q4_K_M"], [root / "peft"], tmp_path / "fast.gguf")
+    from adaptertools.kernels.quant import ggml
+
+    monkeypatch.setattr(ggml, "available", lambda qtype: False)
+    at.merge(bases["Q4_K_M"], [root / "peft"], tmp_path / "torch.gguf")
+    assert (tmp_path / "fast.gguf").read_bytes() == (tmp_path / "torch.gguf").read_bytes()

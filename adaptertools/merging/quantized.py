@@ -51,10 +51,15 @@ def _as_float(job: Job, source: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
-    """fp32 values -> the output type: block bytes (rows, row_bytes), or a float tensor."""
+    """fp32 values -> the output type: block bytes (rows, row_bytes), or a float tensor. On the
+    CPU, ggml's own quantizer when llama-cpp-python provides it (same bytes, 2-10x faster for
+    the K types, and on every core), else the torch codec."""
     from ..kernels.quant import gguf as codec
+    from ..kernels.quant import ggml
 
     if is_quantized(job.out_dtype):
+        if merged.device.type == "cpu" and merged.dim() == 2 and ggml.available(job.out_dtype):
+            return ggml.quantize(merged, job.out_dtype)
         return codec.quantize(merged, job.out_dtype, name=job.name)
     return merged.to(FLOAT_TYPES[job.out_dtype])
 
