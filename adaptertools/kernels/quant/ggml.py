@@ -28,7 +28,7 @@ def _quantize_chunk():
     """``ggml_quantize_chunk`` from llama-cpp-python's libggml-base, or None."""
     try:
         import llama_cpp
-    except Exception:        # not installed, or its own shared library failed to load
+    except (ImportError, OSError, RuntimeError):   # absent, or its own library failed to load
         return None
     libs = sorted(glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib",
                                          "libggml-base.so*")))
