@@ -40,6 +40,7 @@ class Job:
     contributions: tuple[Contribution, ...] = ()
     bias_contributions: tuple[Contribution, ...] = ()   # lora_bias terms for a bias tensor
     replacement: torch.Tensor | None = None              # modules_to_save: replaces the source
+    group: object | None = None     # a bitsandbytes weight's quant-state group (merging/bnb.py)
 
     @property
     def changed(self) -> bool:
@@ -206,8 +207,11 @@ def _header(metadata: dict, jobs: list[Job]) -> bytes:
 
 
 def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
-            mode: str, dtype: str) -> Plan:
+            mode: str, dtype: str, requantize: str = "keep") -> Plan:
+    from . import bnb as bnb_layout
+
     entries = base.entries()
+    bnb = bnb_layout.inspect(base, requantize)     # None unless a bitsandbytes checkpoint
     warnings: list[str] = []
     embedding = _embedding_name(entries)
     # Changing one of two tied tensors unties them. The config must say so even when the base
@@ -219,6 +223,8 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     add_lm_head = untie and LM_HEAD not in entries
     lm_head_entry = replace(entries[embedding], name=LM_HEAD) if add_lm_head else None
     known = dict(entries, **({LM_HEAD: lm_head_entry} if add_lm_head else {}))
+    if bnb is not None:         # quantized weights in their unquantized shapes
+        known = bnb.logical(known)
 
     def resolve(name: str, w: LoraWeight | None):
         return (name, w) if name in known else None
@@ -243,16 +249,22 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     files = []
     for f in base.files:
         jobs = [job_for(e) for e in f.tensors]
+        if bnb is not None:
+            jobs = bnb.jobs(jobs)
         added = add_lm_head and any(e.name == embedding for e in f.tensors)
         if added:
             jobs.append(job_for(lm_head_entry))
-        same_layout = not added and all(j.out_dtype == j.source.dtype for j in jobs)
+        same_layout = not added and len(jobs) == len(f.tensors) and \
+            all(j.out_dtype == j.source.dtype for j in jobs)
         header = f.header if same_layout else _header(f.metadata, jobs)
         files.append(OutputFile(f.name, tuple(jobs), header,
                                 len(header) + sum(j.nbytes for j in jobs)))
-    return Plan(base, tuple(files), mode, tuple(factors), tuple(names),
-                config=_updated_config(base, dtype, untie),
-                index=_updated_index(base, files, add_lm_head), warnings=tuple(warnings))
+    config, index = _updated_config(base, dtype, untie), _updated_index(base, files, add_lm_head)
+    if bnb is not None:
+        bnb.place(files)
+        config, index = bnb.config(config, base.config), bnb.index(index, files)
+    return Plan(base, tuple(files), mode, tuple(factors), tuple(names), config=config,
+                index=index, warnings=tuple(warnings))
 
 
 def _updated_config(base: HFBase, dtype: str, untie: bool) -> dict | None:

@@ -22,6 +22,7 @@ from .plan import Job
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # below this median cosine the report warns in plain words
 LOW_SURVIVAL = 0.7
+BNB_TYPES = ("NF4", "FP4", "INT8")      # bitsandbytes keep-type merges (merging/bnb.py)
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,13 @@ def summarize(records: list[Survival]) -> dict | None:
                "median_rel_error": statistics.median(s.rel_error for s in rows),
                "rows": [asdict(s) for s in rows]}
     if median < LOW_SURVIVAL:
+        bnb = all(s.type in BNB_TYPES for s in rows)
+        routes = ("--requantize bf16 (a plain 16-bit model), merging into the unquantized model and "
+                  "quantizing the result once" if bnb else
+                  "merge into the F16/BF16 base with --quantize-like REF.gguf (one quantization "
+                  "instead of two), --requantize f16 or q8_0")
         summary["warning"] = (
             f"only part of the adapter survived requantization (median cosine {median:.2f} between "
-            "the intended and the realized change; 1 means fully kept). Better routes: merge into "
-            "the F16/BF16 base with --quantize-like REF.gguf (one quantization instead of two), "
-            "--requantize f16 or q8_0, or keep the adapter separate and apply it at run time")
+            f"the intended and the realized change; 1 means fully kept). Better routes: {routes}, "
+            "or keep the adapter separate and apply it at run time")
     return summary

@@ -12,10 +12,10 @@ import os
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from ..kernels.fold import supports as fast_fold_supports
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from ..kernels.triton.engine import fold_float_job, fold_gguf_job, resolve_kernels
 from .bases import INDEX_NAME, HFBase
+from .bnb import apply_left, due
 from .plan import TORCH_DTYPES, Job, OutputFile, Plan
 from .quantized import fold_gguf, needs_codec, summarize
 
@@ -90,6 +91,7 @@ class Workers:
     buffers: Buffers
     pool: BufferPool
     survival: list = field(default_factory=list)
+    patches: list = field(default_factory=list)   # bitsandbytes quant states to overwrite (bnb.py)
     kernels: str = "torch"          # "triton": fused kernels where they cover a job (kernels/triton)
 
 
@@ -134,10 +136,13 @@ def fold_mode(plan: Plan) -> str:
 
 def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
          buffers: Buffers | None = None, pool: BufferPool | None = None,
-         survival: list | None = None, *, kernels: str = "torch") -> torch.Tensor:
+         survival: list | None = None, *, kernels: str = "torch",
+         patches: list | None = None) -> torch.Tensor:
     """The output tensor of ``job`` from its source ``tensor``; the fast path writes it into
     memory from ``pool`` when given. Quantized GGUF tensors go through their codecs, and their
     survival scores are appended to ``survival``."""
+    if job.group is not None:     # a bitsandbytes weight: its changed quant state -> patches
+        return job.group.fold(job, tensor, mode, survival, patches)
     if needs_codec(job):
         fused = fold_gguf_job(job, tensor, mode, device) if kernels == "triton" else None
         encoded, score = fused or fold_gguf(job, tensor, mode)
@@ -308,10 +313,13 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
             else:
                 source = current.result()
                 tensor = fold(run[0], source, fold_mode(plan), device, workers.buffers,
-                              workers.pool, workers.survival, kernels=workers.kernels)
+                              workers.pool, workers.survival, kernels=workers.kernels,
+                              patches=workers.patches)
                 count = tensor.numel() * tensor.element_size()
                 writer.submit(count, write_released, out, tensor, workers.pool, source)
             position += count
+            for patch in due(workers.patches, out_file.name, len(out_file.header) + position):
+                writer.submit(0, write_all, out, tensor_bytes(patch.data), patch.offset)
         _pad(writer, out, position, alignment)
         writer.drain()
         os.fsync(out)
@@ -422,6 +430,7 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
                 for out_file in plan.files:
                     write_sequential(plan, out_file, plan.base.folder / out_file.name,
                                      tmp / out_file.name, torch_device, progress, workers)
+                apply_left(workers.patches, tmp)     # quant states in shards already written
                 copied = copy_side_files(plan.base.folder, tmp, plan)
                 if plan.config is not None:
                     write_json(tmp / "config.json", plan.config)
