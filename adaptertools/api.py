@@ -227,7 +227,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
           dry_run: bool = False, force: bool = False, progress=None,
           push_to: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, endpoint: str | None = None, token=None,
-          validate: bool = False, kernels: str = "auto") -> dict:
+          validate: bool = False, requantize: str = "keep", quantize_like=None,
+          kernels: str = "auto") -> dict:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
@@ -235,11 +236,16 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     Returns a report; with ``dry_run`` only the plan is made and nothing is written.
     ``base`` and ``adapters`` may be Hub URIs (their commits go into the report); ``push_to``
     uploads the output with a model card, as in ``convert``.
+    GGUF bases: adapted quantized tensors are dequantized, folded in fp32 and written back in
+    their type (``requantize="keep"``) or the type ``requantize`` names; ``quantize_like`` (a
+    quantized GGUF of the same model) gives every tensor of an F16/BF16/F32 base the type it has
+    there. The report's ``survival`` section scores how much of the adapter each quantized
+    tensor kept.
     ``kernels``: "auto" runs the fused Triton kernels on a CUDA device when triton is importable,
     else the torch reference; "torch" or "triton" forces one (the report says which ran).
     """
     from .merging.bases import open_base
-    from .merging.plan import MODES, plan_gguf, plan_hf
+    from .merging.plan import MODES
     from .merging.run import execute
 
     if mode not in MODES:
@@ -269,8 +275,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         if bad:
             raise FormatError(f"{path}: {bad[0]} holds NaN or Inf values; refusing to merge it")
     names = [str(p) for p in paths]
-    make_plan = plan_hf if checkpoint.kind == "safetensors" else plan_gguf
-    plan = make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype)
+    plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
+                      requantize=requantize, quantize_like=quantize_like)
     warnings = list(plan.warnings) + _base_model_warnings(checkpoint, loaded, names)
     report = _plan_report(plan, base, out, dtype, warnings)
     report["base_model"] = _base_model(checkpoint, loaded, sources)
@@ -281,6 +287,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     if callable(getattr(progress, "start", None)):
         progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
     report.update(execute(plan, out, device=device, force=force, progress=progress, kernels=kernels))
+    if report.get("survival"):
+        _survival_report(report, out)
     if validate:      # per-tensor check of the output; validation.json is written beside it
         from .validation.run import check_output, summary, write_report
 
@@ -292,6 +300,39 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
             push_to = None
     push = {"private": private, "revision": revision, "commit_message": commit_message}
     return _push_after(report, out, push_to, push, hub)
+
+
+def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like):
+    from .merging.bases import open_base
+    from .merging.plan import plan_gguf, plan_hf
+
+    if checkpoint.kind == "safetensors":     # --requantize: bitsandbytes checkpoints (bnb.py)
+        if quantize_like is not None:
+            raise UnsupportedError("--quantize-like applies to GGUF bases; for an HF checkpoint "
+                                   "use --dtype")
+        return plan_hf(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
+                       requantize=requantize)
+    like = None
+    if quantize_like is not None:
+        like = open_base(require_exists(quantize_like))
+        if like.kind != "gguf":
+            raise UnsupportedError(f"--quantize-like {quantize_like}: expected a GGUF model file")
+    return plan_gguf(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
+                     requantize=requantize, quantize_like=like)
+
+
+def _survival_report(report: dict, out) -> None:
+    """Survival of the adapter in quantized tensors: a warning when low, and the scores saved
+    as JSON beside a GGUF output (``OUT.survival.json``), inside an HF folder (``survival.json``)."""
+    from ._io import write_json
+
+    survival = report["survival"]
+    if "warning" in survival:
+        report["warnings"].append(survival["warning"])
+    path = Path(out) / "survival.json" if Path(out).is_dir() else Path(f"{out}.survival.json")
+    with atomic_output(path, force=True, is_dir=False) as tmp:
+        write_json(tmp, survival)
+    survival["report"] = str(path)
 
 
 def _base_model(checkpoint, adapters: list[Adapter], sources: list[dict]) -> str | None:

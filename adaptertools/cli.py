@@ -175,12 +175,21 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 @click.option("--validate", "check", is_flag=True,
               help="Check every tensor of OUT afterwards (validation.json beside it); exit 1 "
                    "if any fails.")
+@click.option("--requantize", default="keep", show_default=True, metavar="TYPE",
+              help="GGUF bases: type of the adapted tensors: keep (each its own), f32, f16, bf16, "
+                   "q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k. bitsandbytes checkpoints: keep "
+                   "(same NF4/FP4/int8), or bf16/fp16/fp32 for a plain model without "
+                   "quantization_config.")
+@click.option("--quantize-like", type=click.Path(), metavar="REF.gguf",
+              help="GGUF F16/BF16/F32 base: give every tensor the type it has in REF (a quantized "
+                   "GGUF of the same model); one quantization instead of two.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
               mode: str, dtype: str, device: str, kernels: str, dry_run: bool, force: bool,
-              check: bool, as_json: bool, push_to: str | None, private: bool, revision: str | None,
+              check: bool, requantize: str, quantize_like: str | None,
+              as_json: bool, push_to: str | None, private: bool, revision: str | None,
               commit_message: str | None, token: str | None, endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
     hf://owner/name[@revision][/subfolder])."""
@@ -196,7 +205,8 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
                        device=device, dry_run=dry_run, force=force, progress=bar,
                        push_to=push_to, private=private, revision=revision,
                        commit_message=commit_message, token=token, endpoint=endpoint,
-                       validate=check, kernels=kernels)
+                       validate=check, requantize=requantize.lower(), quantize_like=quantize_like,
+                       kernels=kernels)
     if as_json:
         _ui.print_json(report)
     else:
