@@ -463,3 +463,6 @@ def test_requantize_choices(bnb_case, tmp_path):
         at.merge(bases["nf4"], [root / "lora"], tmp_path / "out", requantize="q4_0")
     with pytest.raises(UnsupportedError, match="use --dtype"):
         at.merge(root / "f32", [root / "lora"], tmp_path / "out", requantize="bf16")
+    with pytest.raises(UnsupportedError, match="--validate does not check bitsandbytes"):
+        at.merge(bases["nf4"], [root / "lora"], tmp_path / "out", validate=True)
+    assert not (tmp_path / "out").exists()
