@@ -184,8 +184,28 @@ def merge_report(report: dict, *, dry_run: bool) -> None:
     if not dry_run:
         summary += f"; {report['wall_s']:.2f} s on {report['device']}"
     out.print(plain(summary))
+    if report.get("survival"):
+        survival_table(report["survival"])
     for message in report["warnings"]:
         warning(message)
+
+
+SURVIVAL_ROWS = 10
+
+
+def survival_table(survival: dict) -> None:
+    """How much of the adapter each requantized tensor kept, worst first."""
+    table = Table(title=plain(f"adapter survival in quantized tensors (worst {SURVIVAL_ROWS})"))
+    for column in ("tensor", "type", "cosine", "relative error"):
+        table.add_column(column, overflow="fold")
+    for row in survival["rows"][:SURVIVAL_ROWS]:
+        table.add_row(plain(row["name"]), row["type"], f"{row['cosine']:.3f}",
+                      f"{row['rel_error']:.3f}")
+    print_table(table)
+    out.print(plain(f"survival over {survival['tensors']} tensors: median cosine "
+                    f"{survival['median_cosine']:.3f} (min {survival['min_cosine']:.3f}), median "
+                    f"relative error {survival['median_rel_error']:.3f}; scores in "
+                    f"{survival.get('report', 'the report')}"))
 
 
 def validation_table(report: dict) -> None:

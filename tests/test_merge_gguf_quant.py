@@ -203,8 +203,9 @@ def test_split_gguf_is_refused_with_the_join_command(quant, tmp_path):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_ggml_fast_path_writes_the_torch_codecs_bytes(qtype):
-    """The engine quantizes on the CPU through ggml's own quantizer when it can; the torch codec
-    is the reference (byte-exact vs ggml, tests/test_quant_codecs.py): same bytes, many threads."""
+    """The engine quantizes and dequantizes on the CPU through ggml's own functions when it can;
+    the torch codecs are the reference (exact vs ggml and gguf-py, tests/test_quant_codecs.py):
+    same bytes, same floats, many threads."""
     import torch
 
     from adaptertools.kernels.quant import ggml
@@ -215,7 +216,11 @@ def test_ggml_fast_path_writes_the_torch_codecs_bytes(qtype):
     w = torch.randn(200, 512, generator=gen) * 0.02           # 4 chunks of rows, the last short
     w[3] = 0                                                   # an all-zero row
     w[7] *= 1e3                                                # a row of large values
-    assert torch.equal(ggml.quantize(w, qtype, threads=2), codec.quantize(w, qtype))
+    raw = codec.quantize(w, qtype)
+    assert torch.equal(ggml.quantize(w, qtype, threads=2), raw)
+    assert ggml.dequantizable(qtype)
+    assert torch.equal(ggml.dequantize(raw, qtype, (200, 512), threads=2),
+                       codec.dequantize(raw, qtype, (200, 512)))
 
 
 def test_merge_files_identical_with_and_without_ggml(quant, tmp_path, monkeypatch):

@@ -47,8 +47,19 @@ def _as_float(job: Job, source: torch.Tensor) -> torch.Tensor:
     from ..kernels.quant import gguf as codec
 
     if is_quantized(job.source.dtype):
-        return codec.dequantize(source, job.source.dtype, job.shape, name=job.name)
+        return _dequantize(source, job.source.dtype, job)
     return source.reshape(job.shape).to(torch.float32)
+
+
+def _dequantize(raw: torch.Tensor, type_name: str, job: Job) -> torch.Tensor:
+    """Block bytes -> fp32 ``job.shape``: ggml's own to_float on the CPU when llama-cpp-python
+    provides it (the same floats, several times faster), else the torch codec."""
+    from ..kernels.quant import gguf as codec
+    from ..kernels.quant import ggml
+
+    if raw.device.type == "cpu" and len(job.shape) == 2 and ggml.dequantizable(type_name):
+        return ggml.dequantize(raw, type_name, job.shape)
+    return codec.dequantize(raw, type_name, job.shape, name=job.name)
 
 
 def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
@@ -69,7 +80,7 @@ def _decode(job: Job, encoded: torch.Tensor) -> torch.Tensor:
     from ..kernels.quant import gguf as codec
 
     if is_quantized(job.out_dtype):
-        return codec.dequantize(encoded, job.out_dtype, job.shape, name=job.name)
+        return _dequantize(encoded, job.out_dtype, job)
     return encoded.to(torch.float32)
 
 
@@ -95,11 +106,16 @@ def fold_gguf(job: Job, source: torch.Tensor, mode: str) -> tuple[torch.Tensor, 
 
 
 def survival(name: str, type_name: str, intended: torch.Tensor, realized: torch.Tensor) -> Survival:
-    """Cosine and relative error between two changes of one tensor, in float64."""
-    i, r = intended.double().reshape(-1), realized.double().reshape(-1)
-    norm_i, norm_r = float(i.norm()), float(r.norm())
-    cosine = float(i @ r) / (norm_i * norm_r) if norm_i and norm_r else (1.0 if norm_i == norm_r else 0.0)
-    rel_error = float((r - i).norm()) / norm_i if norm_i else float(norm_r > 0)
+    """Cosine and relative error between two changes of one tensor. fp32 reductions (BLAS dot,
+    norms) with no full-size temporaries: a score reported to three decimals needs no more, and
+    float64 copies cost a second per large tensor."""
+    i, r = intended.float().reshape(-1), realized.float().reshape(-1)
+    norm_i, norm_r = float(torch.linalg.vector_norm(i)), float(torch.linalg.vector_norm(r))
+    if norm_i and norm_r:
+        cosine = min(1.0, max(-1.0, float(torch.dot(i, r)) / (norm_i * norm_r)))
+    else:
+        cosine = 1.0 if norm_i == norm_r else 0.0
+    rel_error = float(torch.dist(r, i)) / norm_i if norm_i else float(norm_r > 0)
     return Survival(name, type_name, cosine, rel_error)
 
 

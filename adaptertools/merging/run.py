@@ -143,6 +143,13 @@ def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
     survival scores are appended to ``survival``."""
     if job.group is not None:     # a bitsandbytes weight: its changed quant state -> patches
         return job.group.fold(job, tensor, mode, survival, patches)
+    with caller_threads(job):
+        return _fold(job, tensor, mode, device, buffers, pool, survival, kernels)
+
+
+def _fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
+          buffers: Buffers | None, pool: BufferPool | None, survival: list | None,
+          kernels: str) -> torch.Tensor:
     if needs_codec(job):
         fused = fold_gguf_job(job, tensor, mode, device) if kernels == "triton" else None
         encoded, score = fused or fold_gguf(job, tensor, mode)
@@ -406,11 +413,32 @@ def one_compute_thread():
     take the cores the I/O threads need: measured on 2 cores, W1 took 69-112 s of wall and 28-34
     s of user CPU with the default, 14-17 s and 1.8 s with one thread (machine under load)."""
     threads = torch.get_num_threads()
+    CALLER_THREADS[0] = threads
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        CALLER_THREADS[0] = None
+
+
+CALLER_THREADS: list[int | None] = [None]    # torch's thread count outside the merge
+
+
+@contextmanager
+def caller_threads(job: Job):
+    """A conv LoRA's delta on the caller's thread count: oneDNN picks its convolution algorithm,
+    and with it the rounding, by thread count (measured: 7-13 of 160 elements differ from PEFT on
+    one thread), and PEFT runs with torch's default. Matmuls do not depend on it."""
+    saved = CALLER_THREADS[0]
+    if saved is None or not any(c.weight.layer == "conv" for c in job.contributions):
+        yield
+        return
+    torch.set_num_threads(saved)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: bool = False,

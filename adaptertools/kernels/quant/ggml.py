@@ -1,11 +1,13 @@
-"""ggml's own quantizers, when llama-cpp-python is installed: the engine's fast CPU path.
+"""ggml's own quantizers and dequantizers, when llama-cpp-python is installed: the engine's fast
+CPU path.
 
 The torch quantizers in ``gguf.py`` are ports that keep ggml's sequential sums to stay byte-exact,
 and the K types are 2-10x slower than ggml's C (benchmarks/RESULTS.md). llama-cpp-python ships
 libggml-base with ``ggml_quantize_chunk``, the function llama-quantize itself calls; through
-ctypes (which releases the GIL) it quantizes row chunks on several threads. Same bytes as the
-torch codecs (tests/test_quant_codecs.py checks both against it); used by the merge engine for
-CPU tensors when the library loads, else the torch codecs run.
+ctypes (which releases the GIL) it quantizes row chunks on several threads; its type traits'
+``to_float`` dequantizes. Same bytes and the same floats as the torch codecs (tests check both
+against each other and against ggml/gguf-py); used by the merge engine for CPU tensors when the
+library loads, else the torch codecs run.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ ROWS_PER_CHUNK = 64
 
 
 @functools.lru_cache(maxsize=1)
-def _quantize_chunk():
-    """``ggml_quantize_chunk`` from llama-cpp-python's libggml-base, or None."""
+def _library():
+    """llama-cpp-python's libggml-base, or None."""
     try:
         import llama_cpp
     except (ImportError, OSError, RuntimeError):   # absent, or its own library failed to load
@@ -35,8 +37,17 @@ def _quantize_chunk():
     if not libs:
         return None
     try:
-        func = ctypes.CDLL(libs[0]).ggml_quantize_chunk
-    except (OSError, AttributeError):
+        return ctypes.CDLL(libs[0])
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _quantize_chunk():
+    """``ggml_quantize_chunk``, or None."""
+    lib = _library()
+    func = getattr(lib, "ggml_quantize_chunk", None) if lib is not None else None
+    if func is None:
         return None
     # size_t ggml_quantize_chunk(enum ggml_type, const float * src, void * dst, int64_t start,
     #                            int64_t nrows, int64_t n_per_row, const float * imatrix)
@@ -44,6 +55,62 @@ def _quantize_chunk():
     func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return func
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h ``struct ggml_type_traits`` (its first fields, up to ``to_float``)."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool),
+                ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_int64))]
+
+
+@functools.lru_cache(maxsize=None)
+def _to_float(ggml_id: int):
+    """The type's ``to_float(const void * x, float * y, int64_t k)``, or None."""
+    lib = _library()
+    get = getattr(lib, "ggml_get_type_traits", None) if lib is not None else None
+    if get is None:
+        return None
+    get.restype = ctypes.POINTER(_TypeTraits)
+    get.argtypes = [ctypes.c_int]
+    traits = get(ggml_id).contents
+    return traits.to_float if traits.to_float else None
+
+
+def dequantizable(qtype) -> bool:
+    t = resolve(qtype)
+    return t.requantizable and t.block > 1 and _to_float(t.ggml_id) is not None
+
+
+def dequantize(raw: torch.Tensor, qtype, shape: tuple[int, ...], *,
+               threads: int | None = None) -> torch.Tensor:
+    """Raw block bytes (rows, row_bytes) on the CPU -> float32 ``shape``, ggml's own values."""
+    t = resolve(qtype)
+    func = _to_float(t.ggml_id)
+    rows, cols = int(shape[0]), int(shape[-1])
+    src = raw.contiguous().view(torch.uint8).reshape(rows, t.row_bytes(cols))
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    row_bytes, x, y = t.row_bytes(cols), src.data_ptr(), out.data_ptr()
+
+    def chunk(start: int) -> None:
+        n = min(ROWS_PER_CHUNK, rows - start)
+        func(x + start * row_bytes, y + start * cols * 4, n * cols)
+
+    _run(chunk, range(0, rows, ROWS_PER_CHUNK), threads)
+    return out.reshape(shape)
+
+
+def _run(chunk, starts: range, threads: int | None) -> None:
+    workers = threads or os.cpu_count() or 1
+    if workers == 1 or len(starts) == 1:
+        for start in starts:
+            chunk(start)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(chunk, starts))
 
 
 def available(qtype) -> bool:
@@ -64,12 +131,5 @@ def quantize(w: torch.Tensor, qtype, *, threads: int | None = None) -> torch.Ten
     def chunk(start: int) -> None:       # ggml writes row r at dst + r * row_bytes
         func(t.ggml_id, src, dst, start * cols, min(ROWS_PER_CHUNK, rows - start), cols, None)
 
-    starts = range(0, rows, ROWS_PER_CHUNK)
-    workers = threads or os.cpu_count() or 1
-    if workers == 1 or len(starts) == 1:
-        for start in starts:
-            chunk(start)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(chunk, starts))
+    _run(chunk, range(0, rows, ROWS_PER_CHUNK), threads)
     return out
