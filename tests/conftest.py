@@ -12,6 +12,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# triton's CPU interpreter must be on before anything imports triton (bitsandbytes does, and
+# triton.language's own functions are built at import): tests/test_triton_kernels.py runs under it
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 class TinyConvNet(torch.nn.Module):

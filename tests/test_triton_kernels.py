@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"          # before triton is imported (kernels decorate at import)
+# must be on before triton is imported: tl.max, tl.sum... are built at import (conftest.py sets it
+# too, since bitsandbytes imports triton while other test modules are collected)
+INTERPRETED = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
@@ -26,6 +30,10 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytestmark = pytest.mark.skip(reason="triton is not installed (pip install -e '.[triton]'); "
                                          "the kernels run here under TRITON_INTERPRET=1")
+elif not INTERPRETED:
+    pytestmark = pytest.mark.skip(reason="triton was imported before TRITON_INTERPRET=1 was set "
+                                         "(TRITON_INTERPRET=0 in the environment?); these tests need "
+                                         "triton's CPU interpreter from the start")
 
 U = 2.0 ** -24        # fp32 unit roundoff
 
