@@ -44,7 +44,6 @@ def needs_codec(job: Job) -> bool:
 
 def _as_float(job: Job, source: torch.Tensor) -> torch.Tensor:
     """The source tensor as fp32 (rows, cols): dequantized, or upcast exactly."""
-    from ..kernels.quant import gguf as codec
 
     if is_quantized(job.source.dtype):
         return _dequantize(source, job.source.dtype, job)
@@ -54,8 +53,8 @@ def _as_float(job: Job, source: torch.Tensor) -> torch.Tensor:
 def _dequantize(raw: torch.Tensor, type_name: str, job: Job) -> torch.Tensor:
     """Block bytes -> fp32 ``job.shape``: ggml's own to_float on the CPU when llama-cpp-python
     provides it (the same floats, several times faster), else the torch codec."""
-    from ..kernels.quant import gguf as codec
     from ..kernels.quant import ggml
+    from ..kernels.quant import gguf as codec
 
     if raw.device.type == "cpu" and len(job.shape) == 2 and ggml.dequantizable(type_name):
         return ggml.dequantize(raw, type_name, job.shape)
@@ -66,8 +65,8 @@ def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
     """fp32 values -> the output type: block bytes (rows, row_bytes), or a float tensor. On the
     CPU, ggml's own quantizer when llama-cpp-python provides it (same bytes, 2-10x faster for
     the K types, and on every core), else the torch codec."""
-    from ..kernels.quant import gguf as codec
     from ..kernels.quant import ggml
+    from ..kernels.quant import gguf as codec
 
     if is_quantized(job.out_dtype):
         if merged.device.type == "cpu" and merged.dim() == 2 and ggml.available(job.out_dtype):
@@ -77,7 +76,6 @@ def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(job: Job, encoded: torch.Tensor) -> torch.Tensor:
-    from ..kernels.quant import gguf as codec
 
     if is_quantized(job.out_dtype):
         return _dequantize(encoded, job.out_dtype, job)

@@ -67,7 +67,7 @@ class _TypeTraits(ctypes.Structure):
                                               ctypes.c_int64))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _to_float(ggml_id: int):
     """The type's ``to_float(const void * x, float * y, int64_t k)``, or None."""
     lib = _library()
