@@ -118,8 +118,19 @@ def main() -> None:
                 if what not in best or wall < best[what][0]:
                     best[what] = (wall, rss)
         survival = (report.get("survival") or {}).get("median_cosine")
+        quantize_wall = None
+        if ftype != "F16":      # llama.cpp's route ends with this: llama-quantize of the model
+            script = (f"import sys; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); "
+                      "from gguf_base import llama_quantize; "
+                      "from pathlib import Path; llama_quantize(*map(Path, sys.argv[1:3]), sys.argv[3])")
+            target = work / "w5_requant.gguf"
+            remove(target)
+            warm_up([bases["F16"]]) if args.cache == "warm" else drop_caches()
+            quantize_wall, _, _ = run_measured([sys.executable, "-c", script, str(bases["F16"]),
+                                                str(target), ftype], work / "log_w5_quantize")
+            remove(target)
         rows.append((ftype, base.stat().st_size, best["cp"][0], best["merge"][0],
-                     best["merge"][1], size_ratio, survival))
+                     best["merge"][1], size_ratio, survival, quantize_wall))
         print(f"  {ftype}: cp {best['cp'][0]:.2f} s, merge {best['merge'][0]:.2f} s "
               f"({best['merge'][0] / best['cp'][0]:.2f}x), size ratio {size_ratio:.4f}", flush=True)
         remove(out)
@@ -130,12 +141,13 @@ def main() -> None:
           f"{load_after[0]:.2f}; page cache {args.cache}; best wall of {args.runs}")
     print()
     print("| base | size | cp + sync | merge | ratio to cp | peak RSS | out size / base size "
-          "| median survival cosine |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for ftype, size, cp_wall, wall, rss, ratio, survival in rows:
+          "| median survival cosine | llama.cpp quantizing F16 to this type |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for ftype, size, cp_wall, wall, rss, ratio, survival, quantize_wall in rows:
         print(f"| W5 {ftype} | {fmt_bytes(size)} | {cp_wall:.2f} s | {wall:.2f} s | "
               f"{wall / cp_wall:.2f} | {fmt_bytes(rss)} | {ratio:.4f} | "
-              f"{'-' if survival is None else f'{survival:.3f}'} |")
+              f"{'-' if survival is None else f'{survival:.3f}'} | "
+              f"{'-' if quantize_wall is None else f'{quantize_wall:.2f} s'} |")
 
 
 if __name__ == "__main__":

@@ -231,3 +231,31 @@ def test_merge_files_identical_with_and_without_ggml(quant, tmp_path, monkeypatc
     monkeypatch.setattr(ggml, "available", lambda qtype: False)
     at.merge(bases["Q4_K_M"], [root / "peft"], tmp_path / "torch.gguf")
     assert (tmp_path / "fast.gguf").read_bytes() == (tmp_path / "torch.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
+def test_validation_of_quantized_merges(quant, tmp_path, ftype):
+    """merge --validate on a keep-type quantized merge: every adapted tensor within 1 dB of its
+    floor (the float64 reference quantized by the output type's codec), survival reported; the
+    unmerged base given as the "merge" fails, naming the adapted tensors."""
+    root, bases = quant
+    out = tmp_path / "merged.gguf"
+    report = at.merge(bases[ftype], [root / "peft"], out, validate=True)
+    validation = report["validation"]
+    assert validation["passed"], [r for r in validation.get("tensors", []) if not r["passed"]]
+    assert validation["adapted"] == 14
+    saved = json.loads((tmp_path / "merged.gguf.validation.json").read_text())
+    rows = [r for r in saved["tensors"] if r["kind"] == "adapted"]
+    assert len(rows) == 14 and all(r["survival"] > 0.5 for r in rows)
+    wrong = at.validate(bases[ftype], [root / "peft"], bases[ftype])     # nothing merged
+    failed = {r["name"] for r in wrong["tensors"] if not r["passed"]}
+    assert failed == {n for n in tensors(bases[ftype]) if is_adapted(n)}
+
+
+def test_validation_of_a_requantized_merge(quant, tmp_path):
+    root, bases = quant
+    out = tmp_path / "q8.gguf"
+    at.merge(bases["Q4_K_M"], [root / "peft"], out, requantize="q8_0")
+    report = at.validate(bases["Q4_K_M"], [root / "peft"], out)
+    assert report["passed"] and report["adapted"] == 14
+    assert all(r["dtype"] == "Q8_0" for r in report["tensors"] if r["kind"] == "adapted")

@@ -400,8 +400,14 @@ def test_wrong_merged_model_is_a_clear_error(bf16_merge, gguf_merges):
 def test_floor_for_and_survival():
     x = torch.randn(64, 32, dtype=torch.float64)
     assert floor_for("BF16")(x).dtype == torch.bfloat16
-    with pytest.raises(UnsupportedError, match="Q4_K"):
-        floor_for("Q4_K")
+    # block types: the codec's round trip (quantized merges: tests/test_merge_gguf_quant.py)
+    wide = torch.randn(4, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kept = floor_for("Q8_0")(wide)
+    assert kept.dtype == torch.float32 and not torch.equal(kept, wide.float())
+    assert torch.equal(floor_for("Q8_0")(kept), kept)            # Q8_0 grids are fixed points
+    assert 0 < float((floor_for("Q4_K")(wide) - wide).abs().max()) < 0.5
+    with pytest.raises(UnsupportedError, match="IQ4_XS"):
+        floor_for("IQ4_XS")
     base = torch.randn(64, 32)
     change = 0.01 * torch.randn(64, 32)
     assert survival(base, base + change, change) == pytest.approx(1.0)

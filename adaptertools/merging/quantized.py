@@ -44,41 +44,53 @@ def needs_codec(job: Job) -> bool:
 
 def _as_float(job: Job, source: torch.Tensor) -> torch.Tensor:
     """The source tensor as fp32 (rows, cols): dequantized, or upcast exactly."""
-
     if is_quantized(job.source.dtype):
-        return _dequantize(source, job.source.dtype, job)
+        return dequantize(source, job.source.dtype, job.shape, name=job.name)
     return source.reshape(job.shape).to(torch.float32)
 
 
-def _dequantize(raw: torch.Tensor, type_name: str, job: Job) -> torch.Tensor:
-    """Block bytes -> fp32 ``job.shape``: ggml's own to_float on the CPU when llama-cpp-python
+def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], *,
+               name: str | None = None) -> torch.Tensor:
+    """Block bytes -> fp32 ``shape``: ggml's own to_float on the CPU when llama-cpp-python
     provides it (the same floats, several times faster), else the torch codec."""
     from ..kernels.quant import ggml
     from ..kernels.quant import gguf as codec
 
-    if raw.device.type == "cpu" and len(job.shape) == 2 and ggml.dequantizable(type_name):
-        return ggml.dequantize(raw, type_name, job.shape)
-    return codec.dequantize(raw, type_name, job.shape, name=job.name)
+    if raw.device.type == "cpu" and len(shape) == 2 and ggml.dequantizable(type_name):
+        return ggml.dequantize(raw, type_name, shape)
+    return codec.dequantize(raw, type_name, shape, name=name)
+
+
+def quantize(x: torch.Tensor, type_name: str, *, name: str | None = None) -> torch.Tensor:
+    """fp32 (rows, cols) -> block bytes, through ggml on the CPU when it can (same bytes)."""
+    from ..kernels.quant import ggml
+    from ..kernels.quant import gguf as codec
+
+    if x.device.type == "cpu" and x.dim() == 2 and ggml.available(type_name):
+        return ggml.quantize(x, type_name)
+    return codec.quantize(x, type_name, name=name)
+
+
+def roundtrip(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """What storing ``x`` (rows, cols) in ``type_name`` keeps of it, as fp32."""
+    if not is_quantized(type_name):
+        return x.to(FLOAT_TYPES[type_name]).to(torch.float32)
+    return dequantize(quantize(x.to(torch.float32), type_name), type_name, tuple(x.shape))
 
 
 def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
     """fp32 values -> the output type: block bytes (rows, row_bytes), or a float tensor. On the
     CPU, ggml's own quantizer when llama-cpp-python provides it (same bytes, 2-10x faster for
     the K types, and on every core), else the torch codec."""
-    from ..kernels.quant import ggml
-    from ..kernels.quant import gguf as codec
-
     if is_quantized(job.out_dtype):
-        if merged.device.type == "cpu" and merged.dim() == 2 and ggml.available(job.out_dtype):
-            return ggml.quantize(merged, job.out_dtype)
-        return codec.quantize(merged, job.out_dtype, name=job.name)
+        return quantize(merged, job.out_dtype, name=job.name)
     return merged.to(FLOAT_TYPES[job.out_dtype])
 
 
 def _decode(job: Job, encoded: torch.Tensor) -> torch.Tensor:
 
     if is_quantized(job.out_dtype):
-        return _dequantize(encoded, job.out_dtype, job)
+        return dequantize(encoded, job.out_dtype, job.shape, name=job.name)
     return encoded.to(torch.float32)
 
 

@@ -105,16 +105,27 @@ def terms_of(job: Job, *, stacked: bool) -> list[Term]:
 
 def floor_for(dtype: str):
     """How the merged model stores a tensor of type ``dtype``: a function from an fp32/fp64
-    tensor to the stored values (as a tensor the probes can multiply)."""
+    tensor (rows, cols) to the stored values (as a tensor the probes can multiply). Quantized
+    GGUF types go through the same codecs the merge uses (kernels/quant, or ggml's own)."""
     if dtype in TORCH_DTYPES:
         torch_dtype = TORCH_DTYPES[dtype]
         return lambda x: x.to(torch_dtype)
-    # TODO(quantized outputs): once adaptertools.kernels.quant provides the GGUF / NF4 codecs,
-    # return ``lambda x: codec.dequantize(codec.quantize(x))`` here, read merged quantized tensors
-    # through the same codec, and report survival() for them. The planner refuses merges into
-    # quantized tensors today, so no merged tensor of such a type can reach this point.
-    raise UnsupportedError(f"validating merged tensors stored as {dtype} needs its quantization "
-                           "codec, which is not available yet")
+    from ..kernels.quant.types import resolve
+    from ..merging.quantized import roundtrip
+
+    if not resolve(dtype).requantizable:
+        raise UnsupportedError(f"validating merged tensors stored as {dtype} needs a {dtype} "
+                               "quantizer, which adaptertools does not have")
+    return lambda x: roundtrip(x.to(torch.float32), dtype)
+
+
+def stored_values(entry: TensorEntry, raw: torch.Tensor) -> torch.Tensor:
+    """A stored tensor as numbers: float types as they are, quantized ones dequantized (fp32)."""
+    if entry.dtype in TORCH_DTYPES:
+        return raw
+    from ..merging.quantized import dequantize
+
+    return dequantize(raw, entry.dtype, tuple(entry.shape), name=entry.name)
 
 
 def _rescale(x: torch.Tensor, t: Term) -> torch.Tensor:
@@ -150,12 +161,23 @@ def survival(base: torch.Tensor, merged: torch.Tensor, intended: torch.Tensor) -
     as float tensors: dequantize quantized ones first). 1 when the change survived storage; a
     requantized 4-bit base keeps almost none of a typical LoRA (FORMATS.md: 0.01-0.04 for NF4).
     None when nothing was meant to change."""
-    realized = merged.double() - base.double()
-    intended = intended.double()
-    norms = float(intended.norm()) * float(realized.norm())
-    if float(intended.norm()) == 0.0:
+    from ..merging.quantized import survival as score
+
+    if not bool(intended.any()):
         return None
-    return float((intended * realized).sum()) / norms if norms else 0.0
+    return score("", "", intended, merged.float() - base.float()).cosine
+
+
+def quantized_survival(job: Job, weight: torch.Tensor, merged: torch.Tensor, *,
+                       stacked: bool) -> float | None:
+    """For a tensor stored in a block type: the survival of the intended change, measured from
+    what the output type would store of the base (the base itself for a keep-type merge)."""
+    rows = weight.shape[0]
+    w = weight.reshape(rows, -1).to(torch.float32)
+    intended = evaluate(w, terms_of(job, stacked=stacked), compute=torch.float64,
+                        stacked=stacked) - w.double()
+    old = w if job.source.dtype == job.out_dtype else floor_for(job.out_dtype)(w)
+    return survival(old, merged.reshape(rows, -1), intended)
 
 
 def probe_count(rows: int, cols: int, settings: Settings) -> int:
@@ -317,8 +339,11 @@ def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
         return "missing from the merged model"
     if tuple(entry.shape) != tuple(job.shape):
         return f"stored with shape {tuple(entry.shape)}, expected {tuple(job.shape)}"
+    # a float tensor may have been cast (--dtype), an adapted one requantized (--requantize):
+    # each is judged in the type it is stored in
     if entry.dtype != job.out_dtype and not (entry.dtype in FLOAT_DTYPES and
-                                             job.source.dtype in FLOAT_DTYPES):
+                                             job.source.dtype in FLOAT_DTYPES) \
+            and not job.changed:
         return f"stored as {entry.dtype}, expected {job.out_dtype}"
     return ""
 
@@ -345,9 +370,14 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
                 job = replace(job, out_dtype=entry.dtype)
                 if job.changed:
                     weight = job.replacement if job.replacement is not None else \
-                        base_files.read(job.source)
-                    rows.append(check_adapted(job, weight, merged_files.read(entry),
-                                              stacked=stacked, settings=settings))
+                        stored_values(job.source, base_files.read(job.source))
+                    merged_values = stored_values(entry, merged_files.read(entry))
+                    row = check_adapted(job, weight, merged_values, stacked=stacked,
+                                        settings=settings)
+                    if entry.dtype not in TORCH_DTYPES and job.contributions:
+                        row["survival"] = quantized_survival(job, weight, merged_values,
+                                                             stacked=stacked)
+                    rows.append(row)
                 else:
                     rows.append(check_untouched(job, entry, base_files, merged_files))
                 if progress is not None:
