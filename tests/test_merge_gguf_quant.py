@@ -259,3 +259,18 @@ def test_validation_of_a_requantized_merge(quant, tmp_path):
     report = at.validate(bases["Q4_K_M"], [root / "peft"], out)
     assert report["passed"] and report["adapted"] == 14
     assert all(r["dtype"] == "Q8_0" for r in report["tensors"] if r["kind"] == "adapted")
+
+
+@pytest.mark.parametrize("target", ["f32", "f16"])
+def test_requantize_to_float_from_a_quantized_base(quant, tmp_path, target):
+    """export-lora's layout (adapted tensors as floats), each tensor W + delta exactly as the
+    validator's float64 reference rounds it; the file is laid out anew, tensors written by the
+    writer thread while the next ones are folded in reused buffers."""
+    root, bases = quant
+    out = tmp_path / "float.gguf"
+    at.merge(bases["Q8_0"], [root / "peft"], out, requantize=target)
+    types = {n: t.tensor_type.name for n, t in tensors(out).items() if is_adapted(n)}
+    assert set(types.values()) == {target.upper()} and len(types) == 14
+    report = at.validate(bases["Q8_0"], [root / "peft"], out)
+    assert report["passed"], [r for r in report["tensors"] if not r["passed"]][:3]
+    assert all(r["identical_to_floor"] for r in report["tensors"] if r["kind"] == "adapted")

@@ -50,6 +50,18 @@ class Buffers:
         self.product = torch.empty(0)
         self.block = torch.empty(0)
         self.blocked_ok: dict[tuple[int, int, int], bool] = {}   # (rows, cols, rank) -> ok
+        self.roles: dict[str, torch.Tensor] = {}
+
+    def named(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reused fp32 tensor of ``shape`` for one role (quantized merges' full-size
+        temporaries: fresh 46 MB tensors cost their page faults every time)."""
+        n = 1
+        for d in shape:
+            n *= d
+        roles = self.roles
+        if role not in roles or roles[role].numel() < n:
+            roles[role] = torch.empty(n)
+        return roles[role][:n].view(shape)
 
     def scratch(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two fp32 (rows, cols) views: the product block and the sum block."""

@@ -152,7 +152,7 @@ def _fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
           kernels: str) -> torch.Tensor:
     if needs_codec(job):
         fused = fold_gguf_job(job, tensor, mode, device) if kernels == "triton" else None
-        encoded, score = fused or fold_gguf(job, tensor, mode)
+        encoded, score = fused or fold_gguf(job, tensor, mode, buffers)
         if score is not None and survival is not None:
             survival.append(score)
         return encoded

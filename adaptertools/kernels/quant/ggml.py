@@ -86,13 +86,16 @@ def dequantizable(qtype) -> bool:
 
 
 def dequantize(raw: torch.Tensor, qtype, shape: tuple[int, ...], *,
-               threads: int | None = None) -> torch.Tensor:
-    """Raw block bytes (rows, row_bytes) on the CPU -> float32 ``shape``, ggml's own values."""
+               threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw block bytes (rows, row_bytes) on the CPU -> float32 ``shape``, ggml's own values
+    (into ``out``, a contiguous float32 tensor of ``shape``, when given)."""
     t = resolve(qtype)
     func = _to_float(t.ggml_id)
     rows, cols = int(shape[0]), int(shape[-1])
     src = raw.contiguous().view(torch.uint8).reshape(rows, t.row_bytes(cols))
-    out = torch.empty((rows, cols), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=torch.float32)
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.numel() == rows * cols
     row_bytes, x, y = t.row_bytes(cols), src.data_ptr(), out.data_ptr()
 
     def chunk(start: int) -> None:
