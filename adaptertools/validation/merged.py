@@ -358,7 +358,12 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     base_files, merged_files = Files(plan.base), Files(merged)
     rows = []
     try:
-        with torch.inference_mode():
+        # one torch thread, as in the merge (merging/run.py one_compute_thread): OpenMP threads
+        # spin between the many small products and starve the rest (measured 2-9 s on one
+        # 5632x2048 tensor with two threads on a busy machine, 0.17-0.24 s with one)
+        from ..merging.run import one_compute_thread
+
+        with torch.inference_mode(), one_compute_thread():
             for job in plan.jobs:
                 entry = stored.get(job.name)
                 problem = _layout_problem(job, entry)
