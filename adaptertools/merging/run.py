@@ -362,10 +362,13 @@ def _prefetch(reader: ThreadPoolExecutor, fd: int, runs: list[list[Job]], i: int
 
 def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
                workers: Workers) -> None:
-    """Same header, same layout: untouched regions copied, adapted tensors rewritten in place."""
+    """Same header, same layout: untouched regions copied, adapted tensors rewritten in place.
+    Copies and writes go to the writer thread (each at its own offset), so they overlap the
+    folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s)."""
     base = plan.base
     src = os.open(base.path, os.O_RDONLY)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writer = OrderedWriter(workers.writer, progress)
     try:
         position = 0
         jobs = [j for j in plan.files[0].jobs if j.changed]
@@ -376,17 +379,20 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
             current = pending
             pending = reader.submit(read_tensor, src, jobs[i + 1], pool) \
                 if i + 1 < len(jobs) else None
-            copy_range(src, out, position, job.source.offset - position, position)
-            progress(job.source.offset - position)
+            gap = job.source.offset - position
+            writer.submit(gap, copy_range, src, out, position, gap, position)
             source = current.result()
             tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool,
                           workers.survival, kernels=workers.kernels)
-            progress(write_released(out, tensor, pool, source, job.source.offset))
+            writer.submit(tensor.numel() * tensor.element_size(), write_released, out, tensor,
+                          pool, source, job.source.offset)
             position = job.source.offset + job.source.nbytes
-        copy_range(src, out, position, base.data_end - position, position)
-        progress(base.data_end - position)
+        tail = base.data_end - position
+        writer.submit(tail, copy_range, src, out, position, tail, position)
+        writer.drain()
         os.fsync(out)
     finally:
+        writer.abandon()
         os.close(src)
         os.close(out)
 
