@@ -350,41 +350,37 @@ def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
 
 def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings: Settings,
                progress=None) -> dict:
-    """Every tensor of ``plan`` against the ``merged`` checkpoint; rows worst first."""
-    from dataclasses import replace
+    """Every tensor of ``plan`` against the ``merged`` checkpoint; rows worst first. The next
+    adapted tensor's two reads run on a thread while this one is checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # one torch thread, as in the merge (merging/run.py one_compute_thread): OpenMP threads
+    # spin between the many small products and starve the rest (measured 2-9 s on one
+    # 5632x2048 tensor with two threads on a busy machine, 0.17-0.24 s with one)
+    from ..merging.run import one_compute_thread
 
     start = time.perf_counter()
     stored = merged.entries()
     base_files, merged_files = Files(plan.base), Files(merged)
+    work = [(job, stored.get(job.name)) for job in plan.jobs]
     rows = []
-    try:
-        # one torch thread, as in the merge (merging/run.py one_compute_thread): OpenMP threads
-        # spin between the many small products and starve the rest (measured 2-9 s on one
-        # 5632x2048 tensor with two threads on a busy machine, 0.17-0.24 s with one)
-        from ..merging.run import one_compute_thread
 
-        with torch.inference_mode(), one_compute_thread():
-            for job in plan.jobs:
-                entry = stored.get(job.name)
-                problem = _layout_problem(job, entry)
-                if problem:
-                    rows.append({"name": job.name, "kind": _kind(job) if job.changed else
-                                 "untouched", "passed": False, "problem": problem})
-                    continue
-                # a float tensor is judged in the dtype the merge stored it in (--dtype)
-                job = replace(job, out_dtype=entry.dtype)
-                if job.changed:
-                    weight = job.replacement if job.replacement is not None else \
-                        stored_values(job.source, base_files.read(job.source))
-                    merged_values = stored_values(entry, merged_files.read(entry))
-                    row = check_adapted(job, weight, merged_values, stacked=stacked,
-                                        settings=settings)
-                    if entry.dtype not in TORCH_DTYPES and job.contributions:
-                        row["survival"] = quantized_survival(job, weight, merged_values,
-                                                             stacked=stacked)
-                    rows.append(row)
-                else:
-                    rows.append(check_untouched(job, entry, base_files, merged_files))
+    def reads(i: int):
+        job, entry = work[i]
+        if not job.changed or _layout_problem(job, entry):
+            return None
+        weight = None if job.replacement is not None else base_files.read(job.source)
+        return weight, merged_files.read(entry)
+
+    try:
+        with torch.inference_mode(), one_compute_thread(), \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-read") as reader:
+            pending = reader.submit(reads, 0) if work else None
+            for i, (job, entry) in enumerate(work):
+                current = pending
+                pending = reader.submit(reads, i + 1) if i + 1 < len(work) else None
+                rows.append(_check_one(job, entry, current.result(), base_files, merged_files,
+                                       stacked=stacked, settings=settings))
                 if progress is not None:
                     progress(job.nbytes)
     finally:
@@ -395,6 +391,29 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
               "problem": "in the merged model but not in the base"}
              for n in sorted(stored.keys() - planned)]
     return summarize(rows, settings, time.perf_counter() - start)
+
+
+def _check_one(job: Job, entry: TensorEntry | None, data, base_files: Files,
+               merged_files: Files, *, stacked: bool, settings: Settings) -> dict:
+    """One tensor's row; ``data``: its (base, merged) stored tensors, read ahead."""
+    from dataclasses import replace
+
+    problem = _layout_problem(job, entry)
+    if problem:
+        return {"name": job.name, "kind": _kind(job) if job.changed else "untouched",
+                "passed": False, "problem": problem}
+    # a float tensor is judged in the dtype the merge stored it in (--dtype)
+    job = replace(job, out_dtype=entry.dtype)
+    if not job.changed:
+        return check_untouched(job, entry, base_files, merged_files)
+    base_raw, merged_raw = data
+    weight = job.replacement if job.replacement is not None else \
+        stored_values(job.source, base_raw)
+    merged_values = stored_values(entry, merged_raw)
+    row = check_adapted(job, weight, merged_values, stacked=stacked, settings=settings)
+    if entry.dtype not in TORCH_DTYPES and job.contributions:
+        row["survival"] = quantized_survival(job, weight, merged_values, stacked=stacked)
+    return row
 
 
 def _badness(row: dict) -> tuple:
