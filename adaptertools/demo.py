@@ -63,4 +63,11 @@ def _demo_merge(root: Path, base: Path, peft_dir: Path) -> bool:
     (_ui.info if not wrong else _ui.error)(
         f"merge: {len(adapter.weights)} tensors folded, {len(before) - len(adapter.weights)} copied "
         f"byte for byte; {'all equal to the reference fold' if not wrong else 'MISMATCH in ' + wrong[0]}")
-    return not wrong
+    # the validator, as `adaptertools validate BASE ADAPTER --merged OUT` runs it
+    checked = api.validate(base, [peft_dir], merged_dir)
+    (_ui.info if checked["passed"] else _ui.error)(
+        f"validate: {checked['adapted']} adapted tensors within "
+        f"{checked['tolerance_db']:g} dB of their floor (worst margin "
+        f"{checked['worst_margin_db']:+.3f} dB), {checked['untouched']} untouched tensors "
+        f"byte-identical: {'passed' if checked['passed'] else 'FAILED'}")
+    return not wrong and checked["passed"]
