@@ -277,9 +277,6 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     names = [str(p) for p in paths]
     plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
                       requantize=requantize, quantize_like=quantize_like)
-    if validate and (getattr(checkpoint, "config", None) or {}).get("quantization_config"):
-        raise UnsupportedError("--validate does not check bitsandbytes checkpoints yet; drop it "
-                               "(the survival report scores every adapted weight)")
     warnings = list(plan.warnings) + _base_model_warnings(checkpoint, loaded, names)
     report = _plan_report(plan, base, out, dtype, warnings)
     report["base_model"] = _base_model(checkpoint, loaded, sources)

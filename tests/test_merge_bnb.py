@@ -463,6 +463,40 @@ def test_requantize_choices(bnb_case, tmp_path):
         at.merge(bases["nf4"], [root / "lora"], tmp_path / "out", requantize="q4_0")
     with pytest.raises(UnsupportedError, match="use --dtype"):
         at.merge(root / "f32", [root / "lora"], tmp_path / "out", requantize="bf16")
-    with pytest.raises(UnsupportedError, match="--validate does not check bitsandbytes"):
-        at.merge(bases["nf4"], [root / "lora"], tmp_path / "out", validate=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4dq", "nf4b32", "int8"])
+def test_merge_validate_on_bitsandbytes_bases(bnb_case, tmp_path, kind):
+    """merge --validate: each adapted weight dequantized with its quant state, within 1 dB of
+    the floor (the fp32 merge quantized the way the base is); its quant-state tensors are
+    checked through it. A 4-bit grid hides a 2% change (survival ~0.04: a merge that left the
+    adapter out is within the floor's noise there, which is what survival says); a merge checked
+    against ten times the adapter fails on exactly the adapted weights, and for int8 so does a
+    merge that left the adapter out."""
+    root, bases = bnb_case
+    out = tmp_path / "out"
+    report = at.merge(bases[kind], [root / "lora"], out, validate=True)
+    validation = json.loads((out / "validation.json").read_text())
+    assert report["validation"]["passed"] == validation["passed"]
+    assert validation["passed"], [r for r in validation["tensors"] if not r["passed"]][:3]
+    adapted = [r for r in validation["tensors"] if r["kind"] == "adapted"]
+    assert adapted and all(r["identical_to_floor"] for r in adapted)
+    assert all(0 < r["survival"] <= 1 for r in adapted)
+    names = {r["name"] for r in adapted}
+    wrong = at.validate(bases[kind], [root / "lora"], out, weights=[10.0])
+    assert {r["name"] for r in wrong["tensors"] if not r["passed"]} == names
+    if kind == "int8":
+        missing = at.validate(bases[kind], [root / "lora"], bases[kind])      # nothing merged
+        assert {r["name"] for r in missing["tensors"] if not r["passed"]} == names
+
+
+def test_merge_validate_on_a_16bit_requantized_bitsandbytes_merge(bnb_case, tmp_path):
+    root, bases = bnb_case
+    report = at.merge(bases["nf4"], [root / "lora"], tmp_path / "out", requantize="bf16",
+                      validate=True)
+    validation = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert report["validation"]["passed"] == validation["passed"]
+    assert validation["passed"], [r for r in validation["tensors"] if not r["passed"]][:3]
+    kinds = {r["kind"] for r in validation["tensors"]}
+    assert "adapted" in kinds and "untouched" in kinds

@@ -76,12 +76,10 @@ class Group:
                 out[name] = _read(self.folder, entry)
         return out
 
-    def fold(self, job, raw: torch.Tensor, mode: str, survival: list | None,
-             patches: list | None) -> torch.Tensor:
-        """The output of the weight's job from its stored bytes ``raw``; the changed companions
-        go to ``patches`` (keep), the score to ``survival`` (adapted weights)."""
+    def dequantized(self, raw: torch.Tensor):
+        """(fp32 weight in its unquantized shape, the 4-bit quant state or None for int8) from
+        the weight's stored bytes ``raw`` and the companions in ``folder``."""
         from ..kernels.quant import bnb as codec
-        from .quantized import survival as score
 
         tensors = self.read()
         entry = self.members[self.name]
@@ -89,13 +87,30 @@ class Group:
         try:
             if self.kind == "int8":
                 cb, scb = codec.int8_from_tensors(tensors, self.name)
-                weight = codec.dequantize_int8(cb, scb)
-            else:
-                packed, state = codec.state_from_tensors(tensors, self.name)
-                _check_codes(state, self.name)
-                weight = codec.dequantize_4bit(packed, state)
+                return codec.dequantize_int8(cb, scb), None
+            packed, state = codec.state_from_tensors(tensors, self.name)
+            _check_codes(state, self.name)
+            return codec.dequantize_4bit(packed, state), state
         except FormatError as e:
             raise FormatError(f"{entry.file}: {e}; {DAMAGED}") from None
+
+    def roundtrip(self, x: torch.Tensor, state) -> torch.Tensor:
+        """What this group's quantization (the base's ``state``) keeps of fp32 ``x``, as fp32."""
+        from ..kernels.quant import bnb as codec
+
+        if self.kind == "int8":
+            return codec.dequantize_int8(*codec.quantize_int8(x))
+        packed, new_state = _quantize_4bit(x, state)
+        return codec.dequantize_4bit(packed, new_state)
+
+    def fold(self, job, raw: torch.Tensor, mode: str, survival: list | None,
+             patches: list | None) -> torch.Tensor:
+        """The output of the weight's job from its stored bytes ``raw``; the changed companions
+        go to ``patches`` (keep), the score to ``survival`` (adapted weights)."""
+        from ..kernels.quant import bnb as codec
+        from .quantized import survival as score
+
+        weight, state = self.dequantized(raw)
         merged = _merged(job, weight, mode)
         if self.out_dtype is not None:           # a plain float tensor
             out = merged.to(STORED[self.out_dtype]).contiguous()

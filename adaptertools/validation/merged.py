@@ -211,7 +211,7 @@ def _sqnr(signal: float, noise: float) -> float | None:
 
 
 def check_adapted(job: Job, weight: torch.Tensor, merged: torch.Tensor, *, stacked: bool,
-                  settings: Settings) -> dict:
+                  settings: Settings, whole_floor=None) -> dict:
     """SQNR of ``merged`` against the float64 reference, and the floor, for one job's tensor.
 
     Everything is computed as a change from the base: with D = out - W, ``out X - ref X`` is
@@ -225,7 +225,9 @@ def check_adapted(job: Job, weight: torch.Tensor, merged: torch.Tensor, *, stack
     w2, m2 = weight.reshape(rows, cols), merged.reshape(rows, cols)
     terms = terms_of(job, stacked=stacked)
     work = torch.float64 if job.out_dtype in ("F32", "F64") else torch.float32
-    rounding, x = floor_for(job.out_dtype), probes(rows, cols, settings, job.name)
+    # whole_floor: a quantization whose blocks span rows (bitsandbytes) rounds the whole tensor
+    rounding = None if whole_floor is not None else floor_for(job.out_dtype)
+    x = probes(rows, cols, settings, job.name)
     xw = x.to(work)
     projected = [(t.a.to(work) @ xw) if t.dense is None else None for t in terms]   # (r, k)
     blockable = all(t.magnitude is None or t.norm_dim == 1 for t in terms)
@@ -243,7 +245,8 @@ def check_adapted(job: Job, weight: torch.Tensor, merged: torch.Tensor, *, stack
             change = torch.zeros(stop - start, xw.shape[1], dtype=work)
             for t, ax in zip(part, projected):
                 change += (t.dense.to(work) @ xw if ax is None else t.b.to(work) @ ax) * t.scale
-        floor = rounding(evaluate(w, part, compute=torch.float32, stacked=stacked,
+        floor = whole_floor.reshape(rows, cols)[start:stop] if whole_floor is not None else \
+            rounding(evaluate(w, part, compute=torch.float32, stacked=stacked,
                                   store=weight.dtype))
         floor_change = (floor.to(work) - w) @ xw
         same = _same_values(m, floor)
@@ -337,8 +340,11 @@ def check_untouched(job: Job, entry: TensorEntry, base: Files, merged: Files) ->
 def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
     if entry is None:
         return "missing from the merged model"
-    if tuple(entry.shape) != tuple(job.shape):
-        return f"stored with shape {tuple(entry.shape)}, expected {tuple(job.shape)}"
+    expected = job.shape
+    if job.group is not None and entry.dtype not in FLOAT_DTYPES:     # bitsandbytes, packed
+        expected = job.group.members[job.name].shape
+    if tuple(entry.shape) != tuple(expected):
+        return f"stored with shape {tuple(entry.shape)}, expected {tuple(expected)}"
     # a float tensor may have been cast (--dtype), an adapted one requantized (--requantize):
     # each is judged in the type it is stored in
     if entry.dtype != job.out_dtype and not (entry.dtype in FLOAT_DTYPES and
@@ -362,12 +368,15 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     start = time.perf_counter()
     stored = merged.entries()
     base_files, merged_files = Files(plan.base), Files(merged)
-    work = [(job, stored.get(job.name)) for job in plan.jobs]
+    # a bitsandbytes weight's quant-state tensors change with it and are checked through it
+    companions = {name for job in plan.jobs if job.group is not None
+                  for name in job.group.members if name != job.group.name}
+    work = [(job, stored.get(job.name)) for job in plan.jobs if job.name not in companions]
     rows = []
 
     def reads(i: int):
         job, entry = work[i]
-        if not job.changed or _layout_problem(job, entry):
+        if (not job.changed and job.group is None) or _layout_problem(job, entry):
             return None
         weight = None if job.replacement is not None else base_files.read(job.source)
         return weight, merged_files.read(entry)
@@ -386,11 +395,47 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     finally:
         base_files.close()
         merged_files.close()
-    planned = {j.name for j in plan.jobs}
+    planned = {j.name for j in plan.jobs} | companions
     rows += [{"name": n, "kind": "extra", "passed": False,
               "problem": "in the merged model but not in the base"}
              for n in sorted(stored.keys() - planned)]
     return summarize(rows, settings, time.perf_counter() - start)
+
+
+def check_bnb(job: Job, entry: TensorEntry, data, merged_files: Files, *, stacked: bool,
+              settings: Settings) -> dict:
+    """A bitsandbytes weight (merging/bnb.py group): base and merged values dequantized with
+    their quant states; the floor is the fp32 merge quantized the way the base is (its blocks
+    run across rows, so the whole tensor at once), or cast for a 16-bit output."""
+    from dataclasses import replace
+
+    group = job.group
+    weight, state = group.dequantized(data[0])                  # (out, in) fp32
+    if entry.dtype in TORCH_DTYPES:                             # --requantize bf16/fp16/fp32
+        merged, whole = data[1], None
+        job = replace(job, out_dtype=entry.dtype)
+    else:
+        folder = Path(merged_files.checkpoint.folder)
+        stored = merged_files.checkpoint.entries()
+        merged_group = replace(group, folder=folder,
+                               members={n: stored[n] for n in group.members})
+        merged, _ = merged_group.dequantized(data[1])
+        whole = group.roundtrip(evaluate(weight, terms_of(job, stacked=stacked),
+                                         compute=torch.float32, stacked=stacked,
+                                         store=torch.float32), state)
+    if not job.changed and whole is None:                       # only cast: exactly once
+        same = _same_values(merged, weight.to(merged.dtype))
+        return {"name": job.name, "kind": "untouched", "dtype": entry.dtype,
+                "shape": list(group.shape), "passed": same,
+                "problem": "" if same else f"not the dequantized base cast to {entry.dtype}"}
+    row = check_adapted(job, weight, merged, stacked=stacked, settings=settings,
+                        whole_floor=whole)
+    row["dtype"] = group.kind.upper() if whole is not None else entry.dtype
+    if job.contributions:
+        intended = evaluate(weight, terms_of(job, stacked=stacked), compute=torch.float64,
+                            stacked=stacked) - weight.double()
+        row["survival"] = survival(weight, merged, intended)
+    return row
 
 
 def _check_one(job: Job, entry: TensorEntry | None, data, base_files: Files,
@@ -402,6 +447,8 @@ def _check_one(job: Job, entry: TensorEntry | None, data, base_files: Files,
     if problem:
         return {"name": job.name, "kind": _kind(job) if job.changed else "untouched",
                 "passed": False, "problem": problem}
+    if job.group is not None:
+        return check_bnb(job, entry, data, merged_files, stacked=stacked, settings=settings)
     # a float tensor is judged in the dtype the merge stored it in (--dtype)
     job = replace(job, out_dtype=entry.dtype)
     if not job.changed:
