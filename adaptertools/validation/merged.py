@@ -291,14 +291,17 @@ class Files:
     """Read-only descriptors of a checkpoint's files, opened on first use."""
 
     def __init__(self, checkpoint: HFBase | GGUFBase) -> None:
-        self.checkpoint, self.fds = checkpoint, {}
+        import threading
+
+        self.checkpoint, self.fds, self.lock = checkpoint, {}, threading.Lock()
 
     def fd(self, entry: TensorEntry) -> int:
-        if entry.file not in self.fds:
-            c = self.checkpoint
-            path = c.path if isinstance(c, GGUFBase) else Path(c.folder) / entry.file
-            self.fds[entry.file] = os.open(path, os.O_RDONLY)
-        return self.fds[entry.file]
+        with self.lock:           # two checking threads share the descriptors (pread only)
+            if entry.file not in self.fds:
+                c = self.checkpoint
+                path = c.path if isinstance(c, GGUFBase) else Path(c.folder) / entry.file
+                self.fds[entry.file] = os.open(path, os.O_RDONLY)
+            return self.fds[entry.file]
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
         from ..merging.run import read_tensor
@@ -356,8 +359,7 @@ def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
 
 def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings: Settings,
                progress=None) -> dict:
-    """Every tensor of ``plan`` against the ``merged`` checkpoint; rows worst first. The next
-    adapted tensor's two reads run on a thread while this one is checked."""
+    """Every tensor of ``plan`` against the ``merged`` checkpoint; rows worst first."""
     from concurrent.futures import ThreadPoolExecutor
 
     # one torch thread, as in the merge (merging/run.py one_compute_thread): OpenMP threads
@@ -374,22 +376,22 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     work = [(job, stored.get(job.name)) for job in plan.jobs if job.name not in companions]
     rows = []
 
-    def reads(i: int):
-        job, entry = work[i]
-        if (not job.changed and job.group is None) or _layout_problem(job, entry):
-            return None
-        weight = None if job.replacement is not None else base_files.read(job.source)
-        return weight, merged_files.read(entry)
+    def check(item) -> dict:
+        job, entry = item
+        data = None
+        if (job.changed or job.group is not None) and not _layout_problem(job, entry):
+            data = (None if job.replacement is not None else base_files.read(job.source),
+                    merged_files.read(entry))
+        return _check_one(job, entry, data, base_files, merged_files, stacked=stacked,
+                          settings=settings)
 
     try:
+        # two tensors at a time, each on one torch thread: one's reads overlap the other's
+        # arithmetic, and both cores compute (torch releases the GIL inside its ops)
         with torch.inference_mode(), one_compute_thread(), \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-read") as reader:
-            pending = reader.submit(reads, 0) if work else None
-            for i, (job, entry) in enumerate(work):
-                current = pending
-                pending = reader.submit(reads, i + 1) if i + 1 < len(work) else None
-                rows.append(_check_one(job, entry, current.result(), base_files, merged_files,
-                                       stacked=stacked, settings=settings))
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="validate") as pool:
+            for (job, _), row in zip(work, pool.map(_in_inference_mode(check), work)):
+                rows.append(row)
                 if progress is not None:
                     progress(job.nbytes)
     finally:
@@ -436,6 +438,14 @@ def check_bnb(job: Job, entry: TensorEntry, data, merged_files: Files, *, stacke
                             stacked=stacked) - weight.double()
         row["survival"] = survival(weight, merged, intended)
     return row
+
+
+def _in_inference_mode(func):
+    """``func`` run under torch.inference_mode (a thread-local mode: worker threads need it)."""
+    def run(*args):
+        with torch.inference_mode():
+            return func(*args)
+    return run
 
 
 def _check_one(job: Job, entry: TensorEntry | None, data, base_files: Files,
