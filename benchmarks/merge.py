@@ -62,6 +62,7 @@ PHASES_SCRIPT = """
 import collections, json, os, sys, threading, time
 import adaptertools as at
 import adaptertools.merging.run as run
+import adaptertools.merging.streams as streams
 spent, calls = collections.defaultdict(float), collections.Counter()
 
 def timed(module, name):
@@ -72,13 +73,14 @@ def timed(module, name):
             return real(*args, **kwargs)
         finally:
             key = name + ("" if threading.current_thread() is threading.main_thread()
-                          else " (reader thread)")
+                          else " (" + threading.current_thread().name + ")")
             spent[key] += time.perf_counter() - start
             calls[key] += 1
     setattr(module, name, wrapper)
 
 for name in ("fold", "write_all", "read_tensor", "copy_range"):
     timed(run, name)
+timed(streams, "write_all")        # folded tensors are written by streams.write_released
 timed(run.os, "fsync")
 base, out, weights, *adapters = sys.argv[1:]
 start = time.perf_counter()

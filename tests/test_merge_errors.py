@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 import adaptertools as at
 import adaptertools._io
 import adaptertools.merging.run as merge_run
+import adaptertools.merging.streams as merge_streams
 from adaptertools.adapter import Adapter, LoraWeight
 from adaptertools.errors import FormatError, OutputExistsError, UnsupportedError
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
@@ -348,7 +349,8 @@ def _enospc_after(monkeypatch, calls_allowed: int) -> list:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_run, "write_all", write_all)
+    monkeypatch.setattr(merge_run, "write_all", write_all)        # headers, padding
+    monkeypatch.setattr(merge_streams, "write_all", write_all)    # folded tensors
     return calls
 
 

@@ -304,7 +304,7 @@ class Files:
             return self.fds[entry.file]
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
-        from ..merging.run import read_tensor
+        from ..merging.streams import read_tensor
 
         return read_tensor(self.fd(entry), Job(entry.name, entry, entry.dtype))
 
