@@ -36,7 +36,6 @@ interest (a missing delta, a wrong scale) are 20-60 dB above the floor.
 from __future__ import annotations
 
 import math
-import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -47,9 +46,9 @@ import torch
 from ..errors import UnsupportedError
 from ..merging.bases import FLOAT_DTYPES, GGUFBase, HFBase, TensorEntry
 from ..merging.plan import TORCH_DTYPES, Job, Plan
+from .stored import Files, check_untouched, stored_values
 
 BLOCK_ELEMENTS = 1 << 18          # rows per block: ~1 MB of fp32, the elementwise work stays in cache
-COMPARE_CHUNK = 16 << 20
 RELATIVE_SPREAD = 0.035           # target relative std of one noise estimate (0.15 dB)
 MAX_PROBES = 256
 
@@ -117,15 +116,6 @@ def floor_for(dtype: str):
         raise UnsupportedError(f"validating merged tensors stored as {dtype} needs a {dtype} "
                                "quantizer, which adaptertools does not have")
     return lambda x: roundtrip(x.to(torch.float32), dtype)
-
-
-def stored_values(entry: TensorEntry, raw: torch.Tensor) -> torch.Tensor:
-    """A stored tensor as numbers: float types as they are, quantized ones dequantized (fp32)."""
-    if entry.dtype in TORCH_DTYPES:
-        return raw
-    from ..merging.quantized import dequantize
-
-    return dequantize(raw, entry.dtype, tuple(entry.shape), name=entry.name)
 
 
 def _rescale(x: torch.Tensor, t: Term) -> torch.Tensor:
@@ -283,61 +273,6 @@ def _kind(job: Job) -> str:
     if job.replacement is not None:
         return "replaced"
     return "bias" if job.bias_contributions and not job.contributions else "adapted"
-
-
-# ----------------------------------------------------------------------------- files
-
-class Files:
-    """Read-only descriptors of a checkpoint's files, opened on first use."""
-
-    def __init__(self, checkpoint: HFBase | GGUFBase) -> None:
-        import threading
-
-        self.checkpoint, self.fds, self.lock = checkpoint, {}, threading.Lock()
-
-    def fd(self, entry: TensorEntry) -> int:
-        with self.lock:           # two checking threads share the descriptors (pread only)
-            if entry.file not in self.fds:
-                c = self.checkpoint
-                path = c.path if isinstance(c, GGUFBase) else Path(c.folder) / entry.file
-                self.fds[entry.file] = os.open(path, os.O_RDONLY)
-            return self.fds[entry.file]
-
-    def read(self, entry: TensorEntry) -> torch.Tensor:
-        from ..merging.streams import read_tensor
-
-        return read_tensor(self.fd(entry), Job(entry.name, entry, entry.dtype))
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def same_bytes(x: Files, a: TensorEntry, y: Files, b: TensorEntry) -> bool:
-    """Streamed comparison of two stored tensors' bytes."""
-    if a.nbytes != b.nbytes:
-        return False
-    fa, fb, done = x.fd(a), y.fd(b), 0
-    while done < a.nbytes:
-        n = min(COMPARE_CHUNK, a.nbytes - done)
-        if os.pread(fa, n, a.offset + done) != os.pread(fb, n, b.offset + done):
-            return False
-        done += n
-    return True
-
-
-def check_untouched(job: Job, entry: TensorEntry, base: Files, merged: Files) -> dict:
-    if job.source.dtype == entry.dtype:
-        same = same_bytes(base, job.source, merged, entry)
-        problem = "changed, but no adapter touches it: must be byte-identical to the base"
-    else:     # the merge cast it (--dtype): it must be the base rounded once
-        cast = base.read(job.source).to(TORCH_DTYPES[entry.dtype])
-        same = torch.equal(cast.reshape(-1).view(torch.uint8),
-                           merged.read(entry).reshape(-1).view(torch.uint8))
-        problem = f"not the base cast to {entry.dtype}, but no adapter touches it"
-    return {"name": job.name, "kind": "untouched", "dtype": entry.dtype, "shape": list(entry.shape),
-            "passed": same, "problem": "" if same else problem}
 
 
 def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
