@@ -222,6 +222,22 @@ def parse_weights(weights, count: int) -> list[float]:
     return weights
 
 
+def adapter_list(adapters) -> list:
+    """One adapter path (str or PathLike) or a sequence of them, as a list."""
+    return [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+
+
+def load_finite(paths, names, *, base, refusal: str) -> list[Adapter]:
+    """``load`` each adapter (``names``: how errors call them); one holding NaN or Inf values
+    is refused with a FormatError ending in ``refusal``."""
+    loaded = [load(p, base=base) for p in paths]
+    for name, adapter in zip(names, loaded):
+        bad = nonfinite_tensors(adapter)
+        if bad:
+            raise FormatError(f"{name}: {bad[0]} holds NaN or Inf values; {refusal}")
+    return loaded
+
+
 def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = None, *,
           weights=None, mode: str = "weighted", dtype: str = "keep", device: str = "cpu",
           dry_run: bool = False, force: bool = False, progress=None,
@@ -252,7 +268,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if dtype not in DTYPES:
         raise UnsupportedError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
-    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    paths = adapter_list(adapters)
     if not paths:
         raise UnsupportedError("no adapters given; pass at least one")
     factors = parse_weights(weights, len(paths))
@@ -269,11 +285,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     local_paths = [_local(p, "adapter", hub, sources) for p in paths]
     checkpoint = open_base(local_base)
     # GGUF adapters map names through the base
-    loaded = [load(p, base=local_base) for p in local_paths]
-    for path, adapter in zip(paths, loaded):
-        bad = nonfinite_tensors(adapter)
-        if bad:
-            raise FormatError(f"{path}: {bad[0]} holds NaN or Inf values; refusing to merge it")
+    loaded = load_finite(local_paths, paths, base=local_base, refusal="refusing to merge it")
     names = [str(p) for p in paths]
     plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
                       requantize=requantize, quantize_like=quantize_like)
@@ -303,22 +315,17 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
 
 
 def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like):
+    """``plan_for`` with ``quantize_like`` (a path) opened as a GGUF model."""
     from .merging.bases import open_base
-    from .merging.plan import plan_gguf, plan_hf
+    from .merging.plan import plan_for
 
-    if checkpoint.kind == "safetensors":     # --requantize: bitsandbytes checkpoints (bnb.py)
-        if quantize_like is not None:
-            raise UnsupportedError("--quantize-like applies to GGUF bases; for an HF checkpoint "
-                                   "use --dtype")
-        return plan_hf(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
-                       requantize=requantize)
     like = None
     if quantize_like is not None:
         like = open_base(require_exists(quantize_like))
         if like.kind != "gguf":
             raise UnsupportedError(f"--quantize-like {quantize_like}: expected a GGUF model file")
-    return plan_gguf(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
-                     requantize=requantize, quantize_like=like)
+    return plan_for(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
+                    requantize=requantize, quantize_like=like)
 
 
 def _survival_report(report: dict, out) -> None:
@@ -439,7 +446,7 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
     from .merging.combine import Options, check_options, combine_adapters, summarize
 
     start = time.perf_counter()
-    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    paths = adapter_list(adapters)
     options = Options(method, tuple(parse_weights(weights, len(paths))), rank, energy, density,
                       seed, svd, materialize, _factor_dtype(dtype))
     check_options(options, len(paths))
@@ -448,11 +455,7 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
                                "the base weights from")
     _refuse_existing(out, force)
     names = [str(p) for p in paths]
-    loaded = [load(p, base=base) for p in paths]
-    for name, adapter in zip(names, loaded):
-        bad = nonfinite_tensors(adapter)
-        if bad:
-            raise FormatError(f"{name}: {bad[0]} holds NaN or Inf values; refusing to combine it")
+    loaded = load_finite(paths, names, base=base, refusal="refusing to combine it")
     combined, results, warnings = combine_adapters(loaded, names, options,
                                                    base=base if materialize else None)
     save(combined, out, format=to, dtype="keep" if options.dtype else dtype, force=force,

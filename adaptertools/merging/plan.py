@@ -56,7 +56,7 @@ class Job:
             return self.source.nbytes
         if self.out_dtype in SAFETENSORS_SIZES:
             return SAFETENSORS_SIZES[self.out_dtype] * _numel(self.shape)
-        from ..kernels.quant.types import resolve       # a GGUF block type
+        from ..kernels.quant.types import resolve  # a GGUF block type
 
         return _numel(self.shape[:-1]) * resolve(self.out_dtype).row_bytes(self.shape[-1])
 
@@ -204,6 +204,20 @@ def _header(metadata: dict, jobs: list[Job]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def plan_for(base: HFBase | GGUFBase, adapters: list[Adapter], names: list[str],
+             factors: list[float], *, mode: str, dtype: str, requantize: str = "keep",
+             quantize_like: GGUFBase | None = None) -> Plan:
+    """``plan_hf`` or ``plan_gguf``, by the kind of ``base``."""
+    if base.kind == "safetensors":     # --requantize: bitsandbytes checkpoints (bnb.py)
+        if quantize_like is not None:
+            raise UnsupportedError("--quantize-like applies to GGUF bases; for an HF checkpoint "
+                                   "use --dtype")
+        return plan_hf(base, adapters, names, factors, mode=mode, dtype=dtype,
+                       requantize=requantize)
+    return plan_gguf(base, adapters, names, factors, mode=mode, dtype=dtype,
+                     requantize=requantize, quantize_like=quantize_like)
 
 
 def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,

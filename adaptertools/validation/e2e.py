@@ -182,7 +182,9 @@ def _gguf_vocab(path) -> int:
 def end_to_end(base, adapters, merged, *, weights: list[float], mode: str, kind: str,
                dtypes=("F32",)) -> dict:
     _require(kind)
-    adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    from ..api import adapter_list
+
+    adapters = adapter_list(adapters)
     if kind == "safetensors":
         reference, result, n_blocks = hf_logits(base, adapters, merged, weights, mode)
         runtime = "transformers + PEFT (unmerged) vs transformers (merged)"

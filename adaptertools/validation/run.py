@@ -5,11 +5,10 @@ the merged checkpoint tensor by tensor (``merged.py``) and, with ``e2e``, end to
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .._io import atomic_output, require_exists, write_json
-from ..errors import FormatError, UnsupportedError
+from ..errors import UnsupportedError
 from .merged import Settings, check_plan
 
 REPORT_NAME = "validation.json"
@@ -17,25 +16,19 @@ REPORT_NAME = "validation.json"
 
 def make_plan(base, adapters, *, weights=None, mode: str = "weighted"):
     """The plan ``merge`` would make (``--dtype keep``; a cast output is judged in its own dtype)."""
-    from ..adapter import nonfinite_tensors
-    from ..api import load, parse_weights
+    from ..api import adapter_list, load_finite, parse_weights
     from ..merging.bases import open_base
-    from ..merging.plan import MODES, plan_gguf, plan_hf
+    from ..merging.plan import MODES, plan_for
 
     if mode not in MODES:
         raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    paths = adapter_list(adapters)
     if not paths:
         raise UnsupportedError("no adapters given; pass at least one")
     factors = parse_weights(weights, len(paths))
     checkpoint = open_base(base)
-    loaded = [load(p, base=base) for p in paths]
-    for path, adapter in zip(paths, loaded):
-        bad = nonfinite_tensors(adapter)
-        if bad:
-            raise FormatError(f"{path}: {bad[0]} holds NaN or Inf values; nothing to validate")
-    make = plan_hf if checkpoint.kind == "safetensors" else plan_gguf
-    return make(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep")
+    loaded = load_finite(paths, paths, base=base, refusal="nothing to validate")
+    return plan_for(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep")
 
 
 def check_output(plan, merged, *, settings: Settings | None = None, progress=None) -> dict:
