@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, UnsupportedError
-from ..kernels.reference import merge_stacked, merge_weighted
 from .bases import HFBase, TensorEntry
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
@@ -108,10 +107,11 @@ class Group:
         """The output of the weight's job from its stored bytes ``raw``; the changed companions
         go to ``patches`` (keep), the score to ``survival`` (adapted weights)."""
         from ..kernels.quant import bnb as codec
+        from .quantized import fold_fp32
         from .quantized import survival as score
 
         weight, state = self.dequantized(raw)
-        merged = _merged(job, weight, mode)
+        merged = fold_fp32(job, weight, mode)   # fp32 (rows, cols)
         if self.out_dtype is not None:           # a plain float tensor
             out = merged.to(STORED[self.out_dtype]).contiguous()
             if job.changed and survival is not None:
@@ -168,16 +168,6 @@ def _check_codes(state, name: str) -> None:
                                         codec.dynamic_code()):
         raise UnsupportedError(f"{name}: its nested_quant_map is not bitsandbytes' dynamic 8-bit "
                                "code; it cannot be requantized (use --requantize bf16)")
-
-
-def _merged(job, weight: torch.Tensor, mode: str) -> torch.Tensor:
-    """fp32 (rows, cols): the dequantized weight with the job's adapters folded in."""
-    if job.replacement is not None:
-        return job.replacement.reshape(weight.shape).to(torch.float32)
-    if not job.contributions:
-        return weight
-    merge = merge_stacked if mode == "stacked" else merge_weighted
-    return merge(weight, list(job.contributions), torch.float32).reshape(weight.shape)
 
 
 def _quantize_4bit(merged: torch.Tensor, state):

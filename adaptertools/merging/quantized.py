@@ -100,39 +100,45 @@ def _decode(job: Job, encoded: torch.Tensor, out: torch.Tensor | None = None) ->
     return encoded.to(torch.float32, copy=True)         # the caller may change it in place
 
 
+def fold_fp32(job: Job, weight: torch.Tensor, mode: str, buffers=None) -> torch.Tensor:
+    """The job's adapters (or its replacement) applied to the fp32 ``weight`` (rows, cols), in
+    fp32: the dequantized side of every quantized merge (GGUF here, bitsandbytes in bnb.py).
+    With ``buffers``, plain LoRA takes the fast fold (the reference's bits)."""
+    from ..kernels.fold import fold_linear
+    from ..kernels.fold import supports as fast_fold_supports
+
+    stacked = mode == "stacked"
+    contributions = list(job.contributions)
+    if job.replacement is not None:
+        return job.replacement.reshape(weight.shape).to(torch.float32)
+    if contributions and buffers is not None and fast_fold_supports(weight, contributions):
+        if stacked and len(contributions) > 1:
+            merged = weight
+            for c in contributions:
+                merged = fold_linear(merged, [c], torch.float32, buffers)
+            return merged
+        return fold_linear(weight, contributions, torch.float32, buffers,
+                           out=_scratch(buffers, "merged", job))
+    if contributions:
+        merge = merge_stacked if stacked else merge_weighted
+        return merge(weight, contributions, torch.float32)
+    if job.bias_contributions:
+        return merge_bias(weight, list(job.bias_contributions), torch.float32, stacked=stacked)
+    return weight
+
+
 def fold_gguf(job: Job, source: torch.Tensor, mode: str,
               buffers=None) -> tuple[torch.Tensor, Survival | None]:
     """The output bytes of one GGUF job with a quantized side, and its survival score (None for
     tensors the adapters do not change: a ``--quantize-like`` tensor is only converted).
     ``buffers`` (kernels/fold.Buffers) lets plain LoRA take the fast fold (the same bits)."""
-    from ..kernels.fold import fold_linear
-    from ..kernels.fold import supports as fast_fold_supports
-
     # full-size fp32 temporaries (rows, cols) live in reused buffers when given
     weight = _as_float(job, source, _scratch(buffers, "weight", job))
-    stacked = mode == "stacked"
-    contributions = list(job.contributions)
-    if job.replacement is not None:
-        merged = job.replacement.reshape(job.shape).to(torch.float32)
-    elif contributions and buffers is not None and fast_fold_supports(weight, contributions):
-        if stacked and len(contributions) > 1:
-            merged = weight
-            for c in contributions:
-                merged = fold_linear(merged, [c], torch.float32, buffers)
-        else:
-            merged = fold_linear(weight, contributions, torch.float32, buffers,
-                                 out=_scratch(buffers, "merged", job))
-    elif contributions:
-        merge = merge_stacked if stacked else merge_weighted
-        merged = merge(weight, contributions, torch.float32)
-    elif job.bias_contributions:
-        merged = merge_bias(weight, list(job.bias_contributions), torch.float32, stacked=stacked)
-    else:
-        merged = weight
+    merged = fold_fp32(job, weight, mode, buffers)
     encoded = _encode(job, merged)
     if not job.changed:
         return encoded, None
-    old = weight if job.out_dtype == job.source.dtype else _decode(job, _encode(job, weight))
+    old = weight if job.out_dtype == job.source.dtype else roundtrip(weight, job.out_dtype)
     intended = torch.sub(merged, weight, out=_scratch(buffers, "intended", job))
     realized = _decode(job, encoded, _scratch(buffers, "decoded", job)).sub_(old)
     return encoded, survival(job.name, job.out_dtype, intended, realized, scratch=True)
