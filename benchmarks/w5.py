@@ -41,21 +41,23 @@ class LlamaForCausalLM:
         self.config = transformers.LlamaConfig(**{k: v for k, v in W1_CONFIG.items()
                                                   if k not in ("architectures", "model_type")})
 
-    def state_dict(self):
+    def state_dict(self) -> LazyStateDict:
+        return LazyStateDict(self.folder)
+
+
+class LazyStateDict:
+    """``items()`` of the W1 shards, one tensor read at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def items(self):
         from safetensors import safe_open
 
         for shard in sorted(self.folder.glob("*.safetensors")):
             with safe_open(shard, framework="pt") as fh:
-                for name in fh.keys():
+                for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, fh.get_tensor(name)
-
-
-class LazyItems:
-    def __init__(self, pairs) -> None:
-        self.pairs = pairs
-
-    def items(self):
-        return self.pairs
 
 
 def gguf_bases(work: Path, types: list[str]) -> dict[str, Path]:
@@ -66,8 +68,6 @@ def gguf_bases(work: Path, types: list[str]) -> dict[str, Path]:
     if not f16.exists():
         print("  writing the W1 base as GGUF F16", flush=True)
         model = LlamaForCausalLM(w1_base(work / "w1_base"))
-        pairs = model.state_dict()
-        model.state_dict = lambda: LazyItems(pairs)
         write_gguf_base(model, work / "w5_F16.tmp", "llama", f16=True)
         os.replace(work / "w5_F16.tmp", f16)
     bases["F16"] = f16

@@ -21,6 +21,8 @@ of the run (``Buffers.whole``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import Contribution, combined_weight
@@ -55,13 +57,10 @@ class Buffers:
     def named(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused fp32 tensor of ``shape`` for one role (quantized merges' full-size
         temporaries: fresh 46 MB tensors cost their page faults every time)."""
-        n = 1
-        for d in shape:
-            n *= d
-        roles = self.roles
-        if role not in roles or roles[role].numel() < n:
-            roles[role] = torch.empty(n)
-        return roles[role][:n].view(shape)
+        n = math.prod(shape)
+        if role not in self.roles or self.roles[role].numel() < n:
+            self.roles[role] = torch.empty(n)
+        return self.roles[role][:n].view(shape)
 
     def scratch(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two fp32 (rows, cols) views: the product block and the sum block."""
