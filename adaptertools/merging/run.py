@@ -211,7 +211,7 @@ def _file_pair(src_path: Path, dst: Path, workers: Workers, progress: Progress):
     done and the output fsynced; on an error the queue is abandoned; both files are closed."""
     src = os.open(src_path, os.O_RDONLY)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    writer = OrderedWriter(workers.writer, progress)
+    writer = OrderedWriter(workers.writer, progress, fd=out)
     try:
         yield src, out, writer
         writer.drain()

@@ -3,7 +3,9 @@ background thread, and kernel-side copies of untouched byte ranges. No tensor ma
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -14,6 +16,16 @@ import torch
 from .plan import TORCH_DTYPES, Job
 
 COPY_CHUNK = 64 << 20
+# Writes go to the kernel a piece at a time. Measured on the 2-core ext4 machine (kernel 6.18),
+# 2.2 GB from a 46 MB buffer, fsync included: 256 KB pieces 1.3-1.5 s, 1 MB 5.2 s, whole 46 MB
+# writes 6.7-7.2 s (dd with bs=256K vs bs=46M agrees). The page cache takes small writes far
+# faster than large ones, which also keep the source out of the CPU cache for the copy.
+WRITE_PIECE = 256 << 10
+# Written data is handed to the disk every WRITEBACK_STEP bytes (sync_file_range), so that the
+# disk writes overlap the merge instead of all waiting for the final fsync. Measured, 2.2 GB
+# written and fsynced: 1.47-1.50 s plain (fsync 0.8-0.9 s of it), 1.12-1.22 s with a writeback
+# started every 64 MB (fsync 0.02-0.04 s).
+WRITEBACK_STEP = 64 << 20
 
 Progress = Callable[[int], None]   # called with the bytes just written
 
@@ -87,10 +99,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def write_all(fd: int, data, offset: int | None = None) -> int:
     view, done = memoryview(data).cast("B"), 0
     while done < len(view):
+        piece = view[done:done + WRITE_PIECE]
         if offset is None:
-            done += os.write(fd, view[done:])
+            done += os.write(fd, piece)
         else:
-            done += os.pwrite(fd, view[done:], offset + done)
+            done += os.pwrite(fd, piece, offset + done)
     return done
 
 
@@ -109,28 +122,58 @@ def copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int | No
 
 
 
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages to disk, without waiting."""
+    if SYNC_FILE_RANGE is not None:
+        SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)   # a hint: its failure changes nothing
+
+
 class OrderedWriter:
     """Writes to one output file on a background thread, in submission order, at most ``depth``
-    pending: writing one tensor overlaps folding the next, and memory stays bounded."""
+    pending: writing one tensor overlaps folding the next, and memory stays bounded. With
+    ``fd``, the file's writeback to disk is started every WRITEBACK_STEP bytes."""
 
-    def __init__(self, executor: ThreadPoolExecutor, progress: Progress, depth: int = 2) -> None:
-        self.executor, self.progress, self.depth = executor, progress, depth
+    def __init__(self, executor: ThreadPoolExecutor, progress: Progress, depth: int = 2,
+                 fd: int | None = None) -> None:
+        self.executor, self.progress, self.depth, self.fd = executor, progress, depth, fd
         self.pending: deque = deque()
         self.failed = threading.Event()
+        self.unflushed = 0                # bytes written since the last writeback started
 
     def submit(self, nbytes: int, fn, *args) -> None:
-        self.pending.append((self.executor.submit(self._run, fn, args), nbytes))
+        self.pending.append((self.executor.submit(self._run, fn, args, nbytes), nbytes))
         while len(self.pending) > self.depth:
             self._finish_one()
 
-    def _run(self, fn, args):
+    def _run(self, fn, args, nbytes: int = 0):
         if self.failed.is_set():          # a write before this one failed: the file is lost
             return None
         try:
-            return fn(*args)
+            result = fn(*args)
         except BaseException:
             self.failed.set()
             raise
+        self.unflushed += nbytes          # (only the writer thread touches it)
+        if self.fd is not None and self.unflushed >= WRITEBACK_STEP:
+            start_writeback(self.fd)
+            self.unflushed = 0
+        return result
 
     def _finish_one(self) -> None:
         future, nbytes = self.pending.popleft()
