@@ -193,13 +193,17 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
               commit_message: str | None, token: str | None, endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
     hf://owner/name[@revision][/subfolder])."""
-    from . import _ui
-    from .api import merge
-
     if out is None and not dry_run:
         raise click.UsageError("missing option '--out' (or pass --dry-run)")
     if check and dry_run:
         raise click.UsageError("--validate needs a real run; drop --dry-run")
+    if not dry_run:       # the disk reads the base while torch is imported (merging/prefetch.py)
+        from .merging import prefetch
+
+        prefetch.start(base, adapters)
+    from . import _ui
+    from .api import merge
+
     with _ui.progress_bar("merging") as bar:
         report = merge(base, adapters, out, weights=weights, mode=mode, dtype=dtype,
                        device=device, dry_run=dry_run, force=force, progress=bar,
@@ -409,7 +413,34 @@ def demo_cmd(workdir: str | None) -> None:
     sys.exit(0 if ok else 1)
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code`` without tearing the interpreter down when torch is loaded: Python's
+    finalization then takes 0.5-0.7 s (a W1 merge: 4.5 s with it, 3.9 s without). By now every
+    output is fsynced and renamed; what remains is the atexit handlers and the streams."""
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe: nothing more can be said there
+            pass
+    os._exit(code)
+
+
 def main() -> None:
+    try:
+        _main()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            _exit(exc.code or 0)
+        raise
+
+
+def _main() -> None:
     # standalone_mode=False hands us click's usage errors, so that misuse gets the same one
     # "error:" line on stderr as a failed operation (with exit code 2) instead of a usage block.
     try:

@@ -1,0 +1,187 @@
+"""The merge engine's I/O helpers: pieced writes, early writeback, the read-ahead of a base while
+torch is imported, and the CLI's exit without interpreter teardown.
+
+Speed is measured in benchmarks/merge.py, not here; these tests check that each helper does
+what it must for correctness: every byte lands where it belongs, writeback is started as often
+as promised, the read-ahead reads the files a merge needs (in its order, within its budget) and
+puts them in the page cache, and a CLI run that exits early still prints everything and
+returns its exit code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import run_subprocess
+from safetensors.torch import load_file
+
+import adaptertools as at
+from adaptertools.merging import prefetch, streams
+from adaptertools.tiny import TinyLlama, make_adapter, make_base
+
+# ----------------------------------------------------------------------------- writes
+
+@pytest.mark.parametrize("offset", [None, 0, 12345])
+def test_write_all_writes_every_piece_in_place(tmp_path, offset):
+    """A buffer of several WRITE_PIECEs plus a ragged tail, at the file position or an offset."""
+    data = torch.randint(0, 256, (3 * streams.WRITE_PIECE + 777,), dtype=torch.uint8)
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        if offset is None:
+            os.write(fd, b"head")
+        assert streams.write_all(fd, memoryview(data.numpy()), offset) == data.numel()
+    finally:
+        os.close(fd)
+    stored = path.read_bytes()
+    start = 4 if offset is None else offset
+    assert stored[start:] == data.numpy().tobytes()
+    assert len(stored) == start + data.numel()
+
+
+def test_ordered_writer_starts_writeback_every_step(tmp_path, monkeypatch):
+    """With an fd, the writer thread starts writeback once per WRITEBACK_STEP bytes written."""
+    calls = []
+    monkeypatch.setattr(streams, "WRITEBACK_STEP", 1000)
+    monkeypatch.setattr(streams, "start_writeback", lambda fd: calls.append(fd))
+    fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            writer = streams.OrderedWriter(executor, lambda n: None, fd=fd)
+            for _ in range(7):                      # 7 x 400 bytes: steps at 1200, 2400
+                writer.submit(400, streams.write_all, fd, bytes(400))
+            writer.drain()
+    finally:
+        os.close(fd)
+    assert calls == [fd, fd]
+    assert (tmp_path / "out.bin").stat().st_size == 2800
+
+
+@pytest.mark.skipif(streams.SYNC_FILE_RANGE is None, reason="sync_file_range is Linux-only")
+def test_start_writeback_leaves_the_data_intact(tmp_path):
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        streams.write_all(fd, b"x" * 100_000)
+        streams.start_writeback(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 100_000
+
+
+# ----------------------------------------------------------------------------- read-ahead
+
+def _shards(folder: Path, names: list[str], index: bool) -> None:
+    folder.mkdir()
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(bytes([i]) * (1000 + i))
+    if index:
+        weight_map = {f"t{i}": name for i, name in enumerate(reversed(names))}
+        (folder / prefetch.INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_weight_files_in_the_order_a_merge_reads_them(tmp_path):
+    names = ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+             "model-00003-of-00003.safetensors"]
+    _shards(tmp_path / "indexed", names, index=True)
+    assert prefetch.weight_files(tmp_path / "indexed") == [tmp_path / "indexed" / n for n in names]
+    _shards(tmp_path / "plain", ["b.safetensors", "a.safetensors"], index=False)
+    assert prefetch.weight_files(tmp_path / "plain") == [tmp_path / "plain" / "a.safetensors",
+                                                         tmp_path / "plain" / "b.safetensors"]
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert prefetch.weight_files(gguf) == [gguf]
+    # not local, or not weights: nothing to read (the merge reports real problems itself)
+    assert prefetch.weight_files("hf://owner/name") == []
+    assert prefetch.weight_files(tmp_path / "missing") == []
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / prefetch.INDEX_NAME).write_text("{not json")
+    assert prefetch.weight_files(tmp_path / "bad") == []
+
+
+def test_read_ahead_reads_within_budget_and_stops(tmp_path):
+    names = ["a.safetensors", "b.safetensors", "c.safetensors"]
+    _shards(tmp_path / "base", names, index=False)
+    paths = prefetch.weight_files(tmp_path / "base")
+    total = sum(p.stat().st_size for p in paths)
+    assert prefetch.read_ahead(paths, 10**9, threading.Event()) == total
+    assert prefetch.read_ahead(paths, 1500, threading.Event()) == 1500
+    stopped = threading.Event()
+    stopped.set()
+    assert prefetch.read_ahead(paths, 10**9, stopped) == 0
+    assert prefetch.read_ahead(paths + [tmp_path / "gone.safetensors"], 10**9,
+                               threading.Event()) == total
+
+
+def _resident_fraction(path: Path) -> float:
+    """Fraction of ``path``'s pages in the page cache (mincore on a read-only mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value)
+        try:
+            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vector) / pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX_FADV_DONTNEED, mincore")
+def test_read_ahead_puts_the_base_in_the_page_cache(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(os.urandom(8 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)                                              # clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if _resident_fraction(path) > 0.5:
+        pytest.skip("this kernel kept the pages; nothing to measure")
+    stop = prefetch.start(path)
+    for _ in range(200):
+        if _resident_fraction(path) == 1.0:
+            break
+        threading.Event().wait(0.05)
+    stop.set()
+    assert _resident_fraction(path) == 1.0
+
+
+# ----------------------------------------------------------------------------- the CLI's exit
+
+def test_cli_merge_output_and_exit_code_survive_the_fast_exit(tmp_path):
+    """A real process: the merge report (JSON on stdout) is complete and the files are there."""
+    spec = TinyLlama()
+    base = make_base(tmp_path / "base", spec, dtype=torch.bfloat16)
+    adapter = tmp_path / "adapter"
+    at.save(make_adapter(spec, seed=3), adapter, format="peft")
+    proc = run_subprocess("merge", base, adapter, "--out", tmp_path / "out", "--json")
+    assert proc.code == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert len(report["changed"]) == 14          # q,k,v,o,gate,up,down of 2 layers
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == \
+        set(load_file(base / "model.safetensors"))
+    failed = run_subprocess("merge", base, adapter, "--out", tmp_path / "out")  # exists
+    assert failed.code == 1
+    assert failed.stderr.strip().startswith("error:")
