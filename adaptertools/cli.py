@@ -274,6 +274,9 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     if base is not None or scale is not None:
         raise click.UsageError("--base and --scale apply to --against; with --merged the base "
                                "is the first argument")
+    from .merging import prefetch
+
+    prefetch.start(paths[0], (merged,), first="base")   # read while torch is imported
     from .api import validate
 
     report = validate(paths[0], paths[1:], merged, weights=weights, mode=mode, e2e=e2e,

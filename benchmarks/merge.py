@@ -208,12 +208,20 @@ def warm_up(paths: list[Path]) -> None:
                         pass
 
 
+# Seconds to wait after deleting the previous command's output. On this VM (ext4 mounted with
+# `discard`) a command that runs right after a 2.2 GB file was deleted can take twice its usual
+# time (W1 warm, right after PEFT's run: cp 3.5 s and merge 8.4 s, against 1.3-1.8 s and 4.3 s);
+# waiting puts every command, cp included, on the same footing.
+SETTLE_S = 3.0
+
+
 def remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
     os.sync()
+    time.sleep(SETTLE_S)
 
 
 # A tiny wrapper between this process and the measured command: a child forked from this

@@ -123,6 +123,26 @@ def test_read_ahead_reads_within_budget_and_stops(tmp_path):
                                threading.Event()) == total
 
 
+def test_start_reads_in_the_commands_order(tmp_path, monkeypatch):
+    """merge loads its adapters before the base; validate reads the base beside the merge."""
+    _shards(tmp_path / "base", ["b1.safetensors", "b2.safetensors"], index=False)
+    _shards(tmp_path / "other", ["o.safetensors"], index=False)
+    seen = []
+    monkeypatch.setattr(prefetch, "read_ahead", lambda paths, budget, stop: seen.append(
+        ([p.name for p in paths], budget)))
+    prefetch.start(tmp_path / "base", (str(tmp_path / "other"),))
+    prefetch.start(tmp_path / "base", (str(tmp_path / "other"),), first="base")
+    prefetch.start(tmp_path / "missing")                  # nothing to read: no thread
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        threading.Event().wait(0.01)
+    assert sorted(names for names, _ in seen) == [  # (the two threads may report in any order)
+        ["b1.safetensors", "b2.safetensors", "o.safetensors"],
+        ["o.safetensors", "b1.safetensors", "b2.safetensors"]]
+    assert all(0 < budget <= prefetch.available_memory() // 4 + (1 << 20) for _, budget in seen)
+
+
 def _resident_fraction(path: Path) -> float:
     """Fraction of ``path``'s pages in the page cache (mincore on a read-only mapping)."""
     libc = ctypes.CDLL(None, use_errno=True)

@@ -90,11 +90,14 @@ def read_ahead(paths: list[Path], budget: int, stop: threading.Event) -> int:
     return done
 
 
-def start(base: str | os.PathLike, adapters: tuple[str, ...] = ()) -> threading.Event:
-    """Start reading the adapters' files, then ``base``'s weight files, in a daemon thread (in
-    the order the merge loads them); set the returned event to stop it early."""
+def start(base: str | os.PathLike, others: tuple[str, ...] = (), *,
+          first: str = "others") -> threading.Event:
+    """Start reading the weight files of ``others`` (a merge's adapters, a validation's merged
+    model) and ``base``, in a daemon thread, ``first`` ("others" or "base") first: the order the
+    command loads them. Set the returned event to stop it early."""
     stop = threading.Event()
-    paths = [p for adapter in adapters for p in weight_files(adapter)] + weight_files(base)
+    rest = [p for other in others for p in weight_files(other)]
+    paths = rest + weight_files(base) if first == "others" else weight_files(base) + rest
     if paths:
         budget = available_memory() // 4
         threading.Thread(target=read_ahead, args=(paths, budget, stop), daemon=True,
