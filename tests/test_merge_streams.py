@@ -26,6 +26,9 @@ from safetensors.torch import load_file
 
 import adaptertools as at
 from adaptertools.merging import prefetch, streams
+from adaptertools.merging.bases import TensorEntry
+from adaptertools.merging.plan import Job
+from adaptertools.merging.streams import tensor_bytes
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
 # ----------------------------------------------------------------------------- writes
@@ -77,6 +80,99 @@ def test_start_writeback_leaves_the_data_intact(tmp_path):
     finally:
         os.close(fd)
     assert path.read_bytes() == b"x" * 100_000
+
+
+# ----------------------------------------------------------------------------- mapped reads
+
+def _file_with_tensor(tmp_path: Path, offset: int, rows: int = 1024, cols: int = 2048):
+    """A file holding a bf16 (rows, cols) tensor at ``offset`` (random bytes around it)."""
+    tensor = torch.randn(rows, cols).bfloat16()
+    data = tensor_bytes(tensor).tobytes()
+    path = tmp_path / "base.bin"
+    path.write_bytes(os.urandom(offset) + data + os.urandom(5000))
+    entry = TensorEntry("w", path.name, "BF16", (rows, cols), offset, len(data))
+    return path, tensor, Job("w", entry, "BF16")
+
+
+def _mapping_rss(address: int) -> int:
+    """Resident bytes of this process's mapping that contains ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds that address")
+
+
+@pytest.mark.skipif(streams.MADVISE is None, reason="mapped reads are Linux-only")
+def test_mapped_reads_view_the_file_and_let_the_pages_go(tmp_path):
+    path, tensor, job = _file_with_tensor(tmp_path, offset=3 * 4096 + 128)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reads = streams.Reads(fd, streams.BufferPool())
+        assert reads.base is not None
+        source = reads.read(job)
+        resident = _mapping_rss(source.data_ptr())               # before anything touches it
+        assert resident >= job.source.nbytes - 2 * 4096         # faulted in by read()
+        assert torch.equal(source.view(torch.int16), tensor.view(torch.int16))
+        assert reads._mapped(source)                           # a view, not a copy
+        reads.done(source)
+        assert _mapping_rss(source.data_ptr()) <= 2 * 4096      # only the shared edge pages
+        source.view(torch.int16)[0, 0] = 7                       # private: the file is safe
+        reads.close()
+    finally:
+        os.close(fd)
+    assert path.read_bytes()[job.source.offset:job.source.offset + 2] == \
+        tensor_bytes(tensor)[:2].tobytes()
+
+
+def test_reads_fall_back_to_pread(tmp_path, monkeypatch):
+    """Unaligned tensors, and platforms without madvise, are read into pooled buffers."""
+    path, tensor, job = _file_with_tensor(tmp_path, offset=4097, rows=64, cols=64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pool = streams.BufferPool()
+        reads = streams.Reads(fd, pool)
+        source = reads.read(job)                                 # odd offset for bf16
+        assert torch.equal(source.view(torch.int16), tensor.view(torch.int16))
+        assert reads.base is None or not reads._mapped(source)
+        reads.done(source)
+        assert len(pool.free) == 1                               # its buffer is back
+        monkeypatch.setattr(streams, "MADVISE", None)
+        assert streams.Reads(fd, pool).base is None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["sharded", "gguf"])
+def test_mapped_and_pread_merges_are_byte_identical(tmp_path, monkeypatch, kind):
+    adapter = tmp_path / "adapter"
+    if kind == "gguf":     # an F16 GGUF model (tests/gguf_base.py) and a PEFT LoRA of it
+        from conftest import perturb_trainables
+        from gguf_base import make_base_model, write_gguf_base
+        from peft import LoraConfig, get_peft_model
+
+        model = make_base_model("llama")
+        base = write_gguf_base(model, tmp_path / "base.gguf", "llama", f16=True)
+        peft_model = get_peft_model(model, LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+            init_lora_weights=False))
+        perturb_trainables(peft_model)
+        peft_model.save_pretrained(adapter)
+        outs = [tmp_path / "mapped.gguf", tmp_path / "pread.gguf"]
+    else:
+        spec = TinyLlama()
+        at.save(make_adapter(spec, seed=5), adapter, format="peft")
+        base = make_base(tmp_path / "base", spec, dtype=torch.bfloat16)
+        outs = [tmp_path / "mapped", tmp_path / "pread"]
+    at.merge(base, [adapter], outs[0])
+    monkeypatch.setattr(streams, "MADVISE", None)
+    at.merge(base, [adapter], outs[1])
+    files = [sorted(p.rglob("*.safetensors")) if p.is_dir() else [p] for p in outs]
+    assert [f.read_bytes() for f in files[0]] == [f.read_bytes() for f in files[1]]
 
 
 # ----------------------------------------------------------------------------- read-ahead

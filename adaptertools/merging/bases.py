@@ -1,8 +1,9 @@
 """Base checkpoints as tensor indexes: names, dtypes, shapes and byte ranges, never the data.
 
 Two kinds: HF safetensors folders (one file or shards with ``model.safetensors.index.json``)
-and GGUF model files. Tensor data is read later, one tensor at a time, with ``os.pread``: no
-memory maps, so the pages a merge touches never count against its resident memory.
+and GGUF model files. Tensor data is read later, one tensor at a time (``merging/streams.py``
+Reads: views of a private mapping whose pages are dropped once the tensor is written, or
+``os.pread`` into pooled buffers), so resident memory stays at the tensors in flight.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Executes a plan: read each base tensor once, fold, write it once, atomically.
 
-Reading the next tensor (a thread, ``os.pread``) overlaps folding and writing the current one.
+Reading the next tensor (a thread: its pages faulted into a mapping, or ``os.pread``; see
+``streams.Reads``) overlaps folding the current one and writing the one before (another thread,
+256 KB per write call, writeback started every 64 MB).
 Runs of tensors the adapters do not touch are copied inside the kernel (``copy_file_range``), so
 they never enter this process's memory. The output goes to a temporary path beside OUT and is
 renamed at the end: an error or Ctrl-C leaves nothing at OUT.
@@ -32,8 +34,8 @@ from .streams import (
     BufferPool,
     OrderedWriter,
     Progress,
+    Reads,
     copy_range,
-    read_tensor,
     tensor_bytes,
     write_all,
     write_released,
@@ -181,13 +183,13 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
     the others folded. Serves safetensors shards and re-laid-out GGUF files, whose tensors each
     start at a multiple of ``alignment`` from the data start (zero padding in between)."""
     position = 0                                   # bytes written after the header
-    with _file_pair(src_path, dst, workers, progress) as (src, out, writer):
+    with _file_pair(src_path, dst, workers, progress) as (src, out, writer, reads):
         os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         writer.submit(len(out_file.header), write_all, out, out_file.header)
         runs = _runs(out_file.jobs)
-        pending = _prefetch(workers.reader, src, runs, 0, workers.pool)
+        pending = _prefetch(workers.reader, reads, runs, 0)
         for i, run in enumerate(runs):
-            current, pending = pending, _prefetch(workers.reader, src, runs, i + 1, workers.pool)
+            current, pending = pending, _prefetch(workers.reader, reads, runs, i + 1)
             position = _pad(writer, out, position, alignment)
             if _is_plain(run[0]):
                 count = sum(j.source.nbytes for j in run)
@@ -198,7 +200,7 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
                               workers.pool, workers.survival, kernels=workers.kernels,
                               patches=workers.patches)
                 count = tensor.numel() * tensor.element_size()
-                writer.submit(count, write_released, out, tensor, workers.pool, source)
+                writer.submit(count, write_released, out, tensor, workers.pool, reads, source)
             position += count
             for patch in due(workers.patches, out_file.name, len(out_file.header) + position):
                 writer.submit(0, write_all, out, tensor_bytes(patch.data), patch.offset)
@@ -207,17 +209,20 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
 
 @contextmanager
 def _file_pair(src_path: Path, dst: Path, workers: Workers, progress: Progress):
-    """(source fd, output fd, the output's ordered writer). On success every queued write is
-    done and the output fsynced; on an error the queue is abandoned; both files are closed."""
+    """(source fd, output fd, the output's ordered writer, the source's Reads). On success every
+    queued write is done and the output fsynced; on an error the queue is abandoned; both files
+    are closed."""
     src = os.open(src_path, os.O_RDONLY)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     writer = OrderedWriter(workers.writer, progress, fd=out)
+    reads = Reads(src, workers.pool)
     try:
-        yield src, out, writer
+        yield src, out, writer, reads
         writer.drain()
         os.fsync(out)
     finally:
         writer.abandon()
+        workers.reader.submit(reads.close).result()   # after any read still in flight
         os.close(src)
         os.close(out)
 
@@ -230,11 +235,11 @@ def _pad(writer: OrderedWriter, fd: int, position: int, alignment: int) -> int:
     return position + padding
 
 
-def _prefetch(reader: ThreadPoolExecutor, fd: int, runs: list[list[Job]], i: int, pool: BufferPool):
+def _prefetch(reader: ThreadPoolExecutor, reads: Reads, runs: list[list[Job]], i: int):
     """Start reading run ``i``'s tensor in the background, when it needs its bytes here."""
     if i >= len(runs) or _is_plain(runs[i][0]):
         return None
-    return reader.submit(read_tensor, fd, runs[i][0], pool)
+    return reader.submit(reads.read, runs[i][0])
 
 
 def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
@@ -243,23 +248,22 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
     Copies and writes go to the writer thread (each at its own offset), so they overlap the
     folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s)."""
     base = plan.base
-    with _file_pair(base.path, dst, workers, progress) as (src, out, writer):
+    with _file_pair(base.path, dst, workers, progress) as (src, out, writer, reads):
         position = 0
         jobs = [j for j in plan.files[0].jobs if j.changed]
         reader = workers.reader
         pool = workers.pool
-        pending = reader.submit(read_tensor, src, jobs[0], pool) if jobs else None
+        pending = reader.submit(reads.read, jobs[0]) if jobs else None
         for i, job in enumerate(jobs):
             current = pending
-            pending = reader.submit(read_tensor, src, jobs[i + 1], pool) \
-                if i + 1 < len(jobs) else None
+            pending = reader.submit(reads.read, jobs[i + 1]) if i + 1 < len(jobs) else None
             gap = job.source.offset - position
             writer.submit(gap, copy_range, src, out, position, gap, position)
             source = current.result()
             tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool,
                           workers.survival, kernels=workers.kernels)
             writer.submit(tensor.numel() * tensor.element_size(), write_released, out, tensor,
-                          pool, source, job.source.offset)
+                          pool, reads, source, job.source.offset)
             position = job.source.offset + job.source.nbytes
         tail = base.data_end - position
         writer.submit(tail, copy_range, src, out, position, tail, position)
