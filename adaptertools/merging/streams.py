@@ -93,20 +93,20 @@ def read_tensor(fd: int, job: Job, pool: BufferPool | None = None) -> torch.Tens
     return buffer.view(dtype).reshape(job.shape)
 
 
-
-def _libc_madvise():
-    """libc's madvise (Linux), called through ctypes so that the GIL is released meanwhile."""
+def linux_libc(name: str, argtypes: list):
+    """A Linux libc function through ctypes (which releases the GIL during the call), or None
+    elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.argtypes = argtypes
     return function
 
 
-MADVISE = _libc_madvise()
+MADVISE = linux_libc("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22        # Linux 5.14+: fault the range in now (EINVAL before)
 PAGE = mmap.PAGESIZE
@@ -210,19 +210,8 @@ def copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int | No
 
 
 
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return function
-
-
-SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE = linux_libc("sync_file_range",
+                             [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 SYNC_FILE_RANGE_WRITE = 2
 
 
