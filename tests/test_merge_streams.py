@@ -11,6 +11,8 @@ returns its exit code.
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import json
 import mmap
 import os
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 
 import adaptertools as at
 from adaptertools.merging import prefetch, streams
+from adaptertools.merging import run as merge_run
 from adaptertools.merging.bases import TensorEntry
 from adaptertools.merging.plan import Job
 from adaptertools.merging.streams import tensor_bytes
@@ -173,6 +176,86 @@ def test_mapped_and_pread_merges_are_byte_identical(tmp_path, monkeypatch, kind)
     at.merge(base, [adapter], outs[1])
     files = [sorted(p.rglob("*.safetensors")) if p.is_dir() else [p] for p in outs]
     assert [f.read_bytes() for f in files[0]] == [f.read_bytes() for f in files[1]]
+
+
+# ----------------------------------------------------------------------------- O_DIRECT output
+
+def _direct_cases(tmp_path: Path) -> dict:
+    """A sharded-free HF base and an F16 GGUF base with an adapter each (as above)."""
+    from conftest import perturb_trainables
+    from gguf_base import make_base_model, write_gguf_base
+    from peft import LoraConfig, get_peft_model
+
+    model = make_base_model("llama")
+    gguf = write_gguf_base(model, tmp_path / "base.gguf", "llama", f16=True)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj", "up_proj"]))
+    perturb_trainables(peft_model)
+    peft_model.save_pretrained(tmp_path / "gguf_adapter")
+    spec = TinyLlama()
+    at.save(make_adapter(spec, seed=7), tmp_path / "hf_adapter", format="peft")
+    hf = make_base(tmp_path / "hf", spec, dtype=torch.bfloat16)
+    return {"hf": (hf, tmp_path / "hf_adapter", {}),
+            "gguf": (gguf, tmp_path / "gguf_adapter", {}),
+            "gguf-relaid": (gguf, tmp_path / "gguf_adapter", {"requantize": "q8_0"})}
+
+
+def _outputs(path: Path) -> list[bytes]:
+    return [f.read_bytes() for f in (sorted(path.glob("*.safetensors")) if path.is_dir()
+                                     else [path])]
+
+
+@pytest.fixture(scope="module")
+def direct_cases(tmp_path_factory):
+    return _direct_cases(tmp_path_factory.mktemp("direct"))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+@pytest.mark.parametrize("case", ["hf", "gguf", "gguf-relaid"])
+def test_direct_output_is_byte_identical(direct_cases, tmp_path, monkeypatch, case):
+    """Every file through O_DIRECT with an 8 KB staging buffer (hundreds of flushes, copies and
+    tensors split across them, a padded last block) equals the page-cache path's output."""
+    base, adapter, options = direct_cases[case]
+    suffix = "" if case == "hf" else ".gguf"
+    at.merge(base, [adapter], tmp_path / f"buffered{suffix}", **options)
+    sinks = []
+    real_open = streams.open_sink
+    monkeypatch.setattr(streams, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(streams, "STAGING_BYTES", 8192)
+    monkeypatch.setattr(merge_run, "open_sink",
+                        lambda *a: sinks.append(real_open(*a)) or sinks[-1])
+    at.merge(base, [adapter], tmp_path / f"direct{suffix}", **options)
+    assert sinks and all(isinstance(s, streams.DirectSink) for s in sinks)
+    assert _outputs(tmp_path / f"direct{suffix}") == _outputs(tmp_path / f"buffered{suffix}")
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+def test_direct_output_falls_back_when_refused_and_fails_cleanly(direct_cases, tmp_path,
+                                                                monkeypatch):
+    base, adapter, _ = direct_cases["hf"]
+    at.merge(base, [adapter], tmp_path / "buffered")
+    monkeypatch.setattr(streams, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(streams, "STAGING_BYTES", 8192)
+    real = streams.write_all
+
+    def refusing(error):
+        def write_all(fd, data, offset=None, piece_bytes=streams.WRITE_PIECE):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(error, os.strerror(error))
+            return real(fd, data, offset, piece_bytes)
+        return write_all
+
+    # a filesystem that opens with O_DIRECT but refuses the writes: the page cache takes over
+    monkeypatch.setattr(streams, "write_all", refusing(errno.EINVAL))
+    at.merge(base, [adapter], tmp_path / "fallback")
+    assert _outputs(tmp_path / "fallback") == _outputs(tmp_path / "buffered")
+    # a full disk: the error comes through and nothing is left at OUT
+    monkeypatch.setattr(streams, "write_all", refusing(errno.ENOSPC))
+    with pytest.raises(OSError) as info:
+        at.merge(base, [adapter], tmp_path / "full")
+    assert info.value.errno == errno.ENOSPC
+    assert not (tmp_path / "full").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".full")]
 
 
 # ----------------------------------------------------------------------------- read-ahead

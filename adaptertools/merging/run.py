@@ -1,8 +1,9 @@
 """Executes a plan: read each base tensor once, fold, write it once, atomically.
 
 Reading the next tensor (a thread: its pages faulted into a mapping, or ``os.pread``; see
-``streams.Reads``) overlaps folding the current one and writing the one before (another thread,
-256 KB per write call, writeback started every 64 MB).
+``streams.Reads``) overlaps folding the current one and writing the one before (another thread:
+files of 64 MB or more with O_DIRECT from double-buffered staging, smaller ones through the page
+cache 256 KB per call with writeback started every 64 MB; ``streams.open_sink``).
 Runs of tensors the adapters do not touch are copied inside the kernel (``copy_file_range``), so
 they never enter this process's memory. The output goes to a temporary path beside OUT and is
 renamed at the end: an error or Ctrl-C leaves nothing at OUT.
@@ -35,7 +36,8 @@ from .streams import (
     OrderedWriter,
     Progress,
     Reads,
-    copy_range,
+    close_sink,
+    open_sink,
     tensor_bytes,
     write_all,
     write_released,
@@ -183,9 +185,12 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
     the others folded. Serves safetensors shards and re-laid-out GGUF files, whose tensors each
     start at a multiple of ``alignment`` from the data start (zero padding in between)."""
     position = 0                                   # bytes written after the header
-    with _file_pair(src_path, dst, workers, progress) as (src, out, writer, reads):
+    size = len(out_file.header) + sum(j.nbytes for j in out_file.jobs)
+    direct = not any(j.group is not None for j in out_file.jobs)   # bnb patches write in place
+    with _file_pair(src_path, dst, workers, progress, size if direct else None) as \
+            (src, out, writer, reads):
         os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        writer.submit(len(out_file.header), write_all, out, out_file.header)
+        writer.submit(len(out_file.header), out.write, out_file.header)
         runs = _runs(out_file.jobs)
         pending = _prefetch(workers.reader, reads, runs, 0)
         for i, run in enumerate(runs):
@@ -193,7 +198,7 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
             position = _pad(writer, out, position, alignment)
             if _is_plain(run[0]):
                 count = sum(j.source.nbytes for j in run)
-                writer.submit(count, copy_range, src, out, run[0].source.offset, count)
+                writer.submit(count, out.copy, src, run[0].source.offset, count)
             else:
                 source = current.result()
                 tensor = fold(run[0], source, fold_mode(plan), device, workers.buffers,
@@ -203,35 +208,40 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
                 writer.submit(count, write_released, out, tensor, workers.pool, reads, source)
             position += count
             for patch in due(workers.patches, out_file.name, len(out_file.header) + position):
-                writer.submit(0, write_all, out, tensor_bytes(patch.data), patch.offset)
+                writer.submit(0, write_all, out.fd, tensor_bytes(patch.data), patch.offset)
         _pad(writer, out, position, alignment)
 
 
 @contextmanager
-def _file_pair(src_path: Path, dst: Path, workers: Workers, progress: Progress):
-    """(source fd, output fd, the output's ordered writer, the source's Reads). On success every
-    queued write is done and the output fsynced; on an error the queue is abandoned; both files
-    are closed."""
+def _file_pair(src_path: Path, dst: Path, workers: Workers, progress: Progress,
+               out_bytes: int | None = None):
+    """(source fd, the output's sink, its ordered writer, the source's Reads). The sink writes
+    front to back: O_DIRECT for outputs of ``out_bytes`` >= DIRECT_MIN_BYTES where the filesystem
+    allows it, else the page cache (streams.open_sink). On success every queued write is done
+    and the output fsynced; on an error the queue is abandoned; both files are closed."""
     src = os.open(src_path, os.O_RDONLY)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    writer = OrderedWriter(workers.writer, progress, fd=out)
+    sink = open_sink(out, dst, out_bytes)
+    writer = OrderedWriter(workers.writer, progress, fd=None if sink.direct else out)
     reads = Reads(src, workers.pool)
     try:
-        yield src, out, writer, reads
+        yield src, sink, writer, reads
         writer.drain()
+        sink.finish()
         os.fsync(out)
     finally:
         writer.abandon()
         workers.reader.submit(reads.close).result()   # after any read still in flight
+        close_sink(sink)
         os.close(src)
         os.close(out)
 
 
-def _pad(writer: OrderedWriter, fd: int, position: int, alignment: int) -> int:
+def _pad(writer: OrderedWriter, sink, position: int, alignment: int) -> int:
     """Zero bytes up to the next multiple of ``alignment``; returns the new position."""
     padding = -position % alignment
     if padding:
-        writer.submit(padding, write_all, fd, bytes(padding))
+        writer.submit(padding, sink.write, bytes(padding))
     return position + padding
 
 
@@ -248,7 +258,8 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
     Copies and writes go to the writer thread (each at its own offset), so they overlap the
     folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s)."""
     base = plan.base
-    with _file_pair(base.path, dst, workers, progress) as (src, out, writer, reads):
+    with _file_pair(base.path, dst, workers, progress, base.data_end) as \
+            (src, out, writer, reads):
         position = 0
         jobs = [j for j in plan.files[0].jobs if j.changed]
         reader = workers.reader
@@ -258,15 +269,15 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
             current = pending
             pending = reader.submit(reads.read, jobs[i + 1]) if i + 1 < len(jobs) else None
             gap = job.source.offset - position
-            writer.submit(gap, copy_range, src, out, position, gap, position)
+            writer.submit(gap, out.copy, src, position, gap)
             source = current.result()
             tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool,
                           workers.survival, kernels=workers.kernels)
             writer.submit(tensor.numel() * tensor.element_size(), write_released, out, tensor,
-                          pool, reads, source, job.source.offset)
+                          pool, reads, source)
             position = job.source.offset + job.source.nbytes
         tail = base.data_end - position
-        writer.submit(tail, copy_range, src, out, position, tail, position)
+        writer.submit(tail, out.copy, src, position, tail)
 
 
 def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
