@@ -379,19 +379,30 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
 
 def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, weights=None,
              mode: str = "weighted", e2e: bool = False, probes: int = 16, seed: int = 0,
-             tolerance_db: float = 1.0, progress=None) -> dict:
+             tolerance_db: float = 1.0, progress=None, endpoint: str | None = None,
+             token=None) -> dict:
     """Does ``merged`` compute what ``base`` with ``adapters`` computes?
 
     Per adapted tensor: ``probes`` seeded random vectors, the merged tensor's SQNR against the
     float64 reference ``W x + sum(w * s * B (A x))``, passing within ``tolerance_db`` of the
     floor its own dtype allows; every other tensor byte-identical to the base. ``e2e``: logits
-    of the merged model against the unmerged one (transformers + PEFT, or llama.cpp). Returns a
-    report with ``passed`` and one row per tensor, worst first (see validation/merged.py).
+    of the merged model against the unmerged one (transformers + PEFT, or llama.cpp). Any input
+    may be a Hub URI (``hf://owner/name[@revision][/subfolder]``); their commits are reported
+    under ``hub_inputs``. Returns a report with ``passed`` and one row per tensor, worst first
+    (see validation/merged.py).
     """
     from .validation.run import validate_merge
 
-    return validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
-                          probes=probes, seed=seed, tolerance_db=tolerance_db, progress=progress)
+    hub, sources = {"endpoint": endpoint, "token": token}, []
+    base = _local(base, "base", hub, sources)
+    adapters = [_local(p, "adapter", hub, sources) for p in adapter_list(adapters)]
+    merged = _local(merged, "base", hub, sources, role="merged")
+    report = validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
+                            probes=probes, seed=seed, tolerance_db=tolerance_db,
+                            progress=progress)
+    if sources:
+        report["hub_inputs"] = sources
+    return report
 
 
 def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,

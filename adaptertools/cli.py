@@ -280,7 +280,8 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     from .api import validate
 
     report = validate(paths[0], paths[1:], merged, weights=weights, mode=mode, e2e=e2e,
-                      probes=probes, seed=seed, tolerance_db=tolerance_db)
+                      probes=probes, seed=seed, tolerance_db=tolerance_db, endpoint=endpoint,
+                      token=token)
     if plot is not None:
         from .validation.plot import plot_report
 

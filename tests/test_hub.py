@@ -185,6 +185,27 @@ def test_push_merged_model_then_merge_from_hub_inputs(hub, local, tmp_path, monk
         "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"]
 
 
+def test_validate_takes_hub_inputs(hub, local, tmp_path):
+    """validate BASE ADAPTER --merged MERGED with all three on the Hub, each at its commit."""
+    merged = tmp_path / "merged"
+    at.merge(local["base"], [local["adapter"]], merged)
+    commits = {"base": hub.state.add_repo("me/base", tree_bytes(local["base"])),
+               "adapter": hub.state.add_repo("me/ad", tree_bytes(local["adapter"])),
+               "merged": hub.state.add_repo("me/merged", tree_bytes(merged))}
+    out = ok("validate", "hf://me/base", "hf://me/ad", "--merged", "hf://me/merged", "--json",
+             "--endpoint", hub.endpoint)
+    report = json.loads(out)
+    assert report["passed"]
+    assert {s["role"]: s["commit"] for s in report["hub_inputs"]} == commits
+    # a merge of another adapter on the Hub fails the check, as it would locally
+    other = tmp_path / "other"
+    at.save(make_adapter(seed=9), other, format="peft")
+    hub.state.add_repo("me/other", tree_bytes(other))
+    outcome = run_inprocess("validate", "hf://me/base", "hf://me/other", "--merged",
+                            "hf://me/merged", "--endpoint", hub.endpoint)
+    assert outcome.code == 1
+
+
 def test_revisions_resolve_to_commits(hub, local, tmp_path):
     adapter_bytes = tree_bytes(local["adapter"])
     first = hub.state.add_repo("me/ad", adapter_bytes)
