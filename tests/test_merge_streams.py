@@ -54,17 +54,18 @@ def test_write_all_writes_every_piece_in_place(tmp_path, offset):
     assert len(stored) == start + data.numel()
 
 
-def test_ordered_writer_starts_writeback_every_step(tmp_path, monkeypatch):
-    """With an fd, the writer thread starts writeback once per WRITEBACK_STEP bytes written."""
+def test_buffered_sink_starts_writeback_every_step(tmp_path, monkeypatch):
+    """On the writer thread, writeback is started once per WRITEBACK_STEP bytes written."""
     calls = []
     monkeypatch.setattr(streams, "WRITEBACK_STEP", 1000)
     monkeypatch.setattr(streams, "start_writeback", lambda fd: calls.append(fd))
     fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
+        sink = streams.BufferedSink(fd)
         with ThreadPoolExecutor(max_workers=1) as executor:
-            writer = streams.OrderedWriter(executor, lambda n: None, fd=fd)
+            writer = streams.OrderedWriter(executor, lambda n: None)
             for _ in range(7):                      # 7 x 400 bytes: steps at 1200, 2400
-                writer.submit(400, streams.write_all, fd, bytes(400))
+                writer.submit(400, sink.write, bytes(400))
             writer.drain()
     finally:
         os.close(fd)

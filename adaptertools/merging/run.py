@@ -36,7 +36,6 @@ from .streams import (
     OrderedWriter,
     Progress,
     Reads,
-    close_sink,
     open_sink,
     tensor_bytes,
     write_all,
@@ -222,7 +221,7 @@ def _file_pair(src_path: Path, dst: Path, workers: Workers, progress: Progress,
     src = os.open(src_path, os.O_RDONLY)
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sink = open_sink(out, dst, out_bytes)
-    writer = OrderedWriter(workers.writer, progress, fd=None if sink.direct else out)
+    writer = OrderedWriter(workers.writer, progress)
     reads = Reads(src, workers.pool)
     try:
         yield src, sink, writer, reads
@@ -232,7 +231,7 @@ def _file_pair(src_path: Path, dst: Path, workers: Workers, progress: Progress,
     finally:
         writer.abandon()
         workers.reader.submit(reads.close).result()   # after any read still in flight
-        close_sink(sink)
+        sink.close()
         os.close(src)
         os.close(out)
 

@@ -19,6 +19,7 @@ import torch
 from .plan import TORCH_DTYPES, Job
 
 COPY_CHUNK = 64 << 20
+TRUNCATED_BASE = "unexpected end of file while copying a base tensor; the base is truncated"
 # Writes go to the kernel a piece at a time. Measured on the 2-core ext4 machine (kernel 6.18),
 # 2.2 GB from a 46 MB buffer, fsync included: 256 KB pieces 1.3-1.5 s, 1 MB 5.2 s, whole 46 MB
 # writes 6.7-7.2 s (dd with bs=256K vs bs=46M agrees). The page cache takes small writes far
@@ -205,7 +206,7 @@ def copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int | No
             data = os.pread(src, min(count, COPY_CHUNK), offset)
             n = write_all(dst, data, dst_offset)
         if n == 0:
-            raise OSError("unexpected end of file while copying a base tensor; the base is truncated")
+            raise OSError(TRUNCATED_BASE)
         offset, count = offset + n, count - n
         dst_offset = None if dst_offset is None else dst_offset + n
 
@@ -224,22 +225,33 @@ def start_writeback(fd: int) -> None:
 
 class BufferedSink:
     """An output file written front to back through the page cache: ``write`` in WRITE_PIECE
-    calls, ``copy`` (untouched base bytes) inside the kernel. Writeback is started as it goes
-    (OrderedWriter)."""
+    calls, ``copy`` (untouched base bytes) inside the kernel, and the disk's writeback started
+    every WRITEBACK_STEP bytes."""
 
     direct = False
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.unflushed = 0                # bytes written since the last writeback started
 
     def write(self, data) -> int:
-        return write_all(self.fd, data)
+        return self._written(write_all(self.fd, data))
 
     def copy(self, src: int, offset: int, count: int) -> int:
         copy_range(src, self.fd, offset, count)
-        return count
+        return self._written(count)
+
+    def _written(self, nbytes: int) -> int:
+        self.unflushed += nbytes
+        if self.unflushed >= WRITEBACK_STEP:
+            start_writeback(self.fd)
+            self.unflushed = 0
+        return nbytes
 
     def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -293,8 +305,7 @@ class DirectSink:
             n = min(count - done, STAGING_BYTES - self.filled)
             got = os.preadv(src, [self.view[self.filled:self.filled + n]], offset + done)
             if got == 0:
-                raise OSError("unexpected end of file while copying a base tensor; the base is "
-                              "truncated")
+                raise OSError(TRUNCATED_BASE)
             self._filled(got)
             done += got
         return count
@@ -342,8 +353,8 @@ class DirectSink:
             os.ftruncate(self.fd, size)
 
     def close(self) -> None:
-        """Wait for writes in flight (errors are on their way out already) and free the
-        buffers."""
+        """Wait for writes in flight (errors are on their way out already), free the buffers
+        and close the O_DIRECT descriptor (the caller closes ``fd``)."""
         for future in self.pending:
             if future is not None:
                 future.exception()
@@ -373,43 +384,28 @@ def open_sink(fd: int, path, expected_bytes: int | None):
     return BufferedSink(fd)
 
 
-def close_sink(sink) -> None:
-    """Let a sink's own threads, buffers and O_DIRECT descriptor go (the caller closes
-    ``sink.fd``)."""
-    if sink.direct:
-        sink.close()
-
-
 class OrderedWriter:
     """Writes to one output file on a background thread, in submission order, at most ``depth``
-    pending: writing one tensor overlaps folding the next, and memory stays bounded. With
-    ``fd``, the file's writeback to disk is started every WRITEBACK_STEP bytes."""
+    pending: writing one tensor overlaps folding the next, and memory stays bounded."""
 
-    def __init__(self, executor: ThreadPoolExecutor, progress: Progress, depth: int = 2,
-                 fd: int | None = None) -> None:
-        self.executor, self.progress, self.depth, self.fd = executor, progress, depth, fd
+    def __init__(self, executor: ThreadPoolExecutor, progress: Progress, depth: int = 2) -> None:
+        self.executor, self.progress, self.depth = executor, progress, depth
         self.pending: deque = deque()
         self.failed = threading.Event()
-        self.unflushed = 0                # bytes written since the last writeback started
 
     def submit(self, nbytes: int, fn, *args) -> None:
-        self.pending.append((self.executor.submit(self._run, fn, args, nbytes), nbytes))
+        self.pending.append((self.executor.submit(self._run, fn, args), nbytes))
         while len(self.pending) > self.depth:
             self._finish_one()
 
-    def _run(self, fn, args, nbytes: int = 0):
+    def _run(self, fn, args):
         if self.failed.is_set():          # a write before this one failed: the file is lost
             return None
         try:
-            result = fn(*args)
+            return fn(*args)
         except BaseException:
             self.failed.set()
             raise
-        self.unflushed += nbytes          # (only the writer thread touches it)
-        if self.fd is not None and self.unflushed >= WRITEBACK_STEP:
-            start_writeback(self.fd)
-            self.unflushed = 0
-        return result
 
     def _finish_one(self) -> None:
         future, nbytes = self.pending.popleft()
