@@ -227,6 +227,32 @@ def adapter_list(adapters) -> list:
     return [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
 
 
+def adapter_inputs(adapters, weights, mode: str) -> tuple[list, list[float]]:
+    """The adapters as given, as a list, and one weight each; the ``mode`` checked (merge and
+    the validator)."""
+    from .merging.plan import MODES
+
+    if mode not in MODES:
+        raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    paths = adapter_list(adapters)
+    if not paths:
+        raise UnsupportedError("no adapters given; pass at least one")
+    return paths, parse_weights(weights, len(paths))
+
+
+def open_inputs(base, paths: list, hub: dict, sources: list, *, refusal: str):
+    """Hub inputs fetched (their provenance appended to ``sources``), the base opened and the
+    adapters loaded through it (GGUF adapters map names through the base; errors name the
+    adapters as given). Returns (local base, base checkpoint, local adapter paths, adapters)."""
+    from .merging.bases import open_base
+
+    local_base = _local(base, "base", hub, sources)
+    local_paths = [_local(p, "adapter", hub, sources) for p in paths]
+    checkpoint = open_base(local_base)
+    loaded = load_finite(local_paths, paths, base=local_base, refusal=refusal)
+    return local_base, checkpoint, local_paths, loaded
+
+
 def load_finite(paths, names, *, base, refusal: str) -> list[Adapter]:
     """``load`` each adapter (``names``: how errors call them); one holding NaN or Inf values
     is refused with a FormatError ending in ``refusal``."""
@@ -260,18 +286,11 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     ``kernels``: "auto" runs the fused Triton kernels on a CUDA device when triton is importable,
     else the torch reference; "torch" or "triton" forces one (the report says which ran).
     """
-    from .merging.bases import open_base
-    from .merging.plan import MODES
     from .merging.run import execute
 
-    if mode not in MODES:
-        raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    paths, factors = adapter_inputs(adapters, weights, mode)
     if dtype not in DTYPES:
         raise UnsupportedError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
-    paths = adapter_list(adapters)
-    if not paths:
-        raise UnsupportedError("no adapters given; pass at least one")
-    factors = parse_weights(weights, len(paths))
     if out is None and not dry_run:
         raise UnsupportedError("no output given; pass --out")
     if push_to is not None:
@@ -281,11 +300,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
             raise UnsupportedError("--push-to needs a real run; drop --dry-run")
         check_push(push_to)
     hub, sources = {"endpoint": endpoint, "token": token}, []
-    local_base = _local(base, "base", hub, sources)
-    local_paths = [_local(p, "adapter", hub, sources) for p in paths]
-    checkpoint = open_base(local_base)
-    # GGUF adapters map names through the base
-    loaded = load_finite(local_paths, paths, base=local_base, refusal="refusing to merge it")
+    _, checkpoint, _, loaded = open_inputs(base, paths, hub, sources,
+                                           refusal="refusing to merge it")
     names = [str(p) for p in paths]
     plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
                       requantize=requantize, quantize_like=quantize_like)
@@ -393,16 +409,9 @@ def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, we
     """
     from .validation.run import validate_merge
 
-    hub, sources = {"endpoint": endpoint, "token": token}, []
-    base = _local(base, "base", hub, sources)
-    adapters = [_local(p, "adapter", hub, sources) for p in adapter_list(adapters)]
-    merged = _local(merged, "base", hub, sources, role="merged")
-    report = validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
-                            probes=probes, seed=seed, tolerance_db=tolerance_db,
-                            progress=progress)
-    if sources:
-        report["hub_inputs"] = sources
-    return report
+    return validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
+                          probes=probes, seed=seed, tolerance_db=tolerance_db, progress=progress,
+                          hub={"endpoint": endpoint, "token": token})
 
 
 def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,

@@ -14,21 +14,19 @@ from .merged import Settings, check_plan
 REPORT_NAME = "validation.json"
 
 
-def make_plan(base, adapters, *, weights=None, mode: str = "weighted"):
-    """The plan ``merge`` would make (``--dtype keep``; a cast output is judged in its own dtype)."""
-    from ..api import adapter_list, load_finite, parse_weights
-    from ..merging.bases import open_base
-    from ..merging.plan import MODES, plan_for
+def make_plan(base, adapters, *, weights=None, mode: str = "weighted", hub: dict | None = None,
+              sources: list | None = None):
+    """The plan ``merge`` would make (``--dtype keep``; a cast output is judged in its own
+    dtype), with the local paths of the base and the adapters (Hub inputs fetched through
+    ``hub``, their provenance appended to ``sources``)."""
+    from ..api import adapter_inputs, open_inputs
+    from ..merging.plan import plan_for
 
-    if mode not in MODES:
-        raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    paths = adapter_list(adapters)
-    if not paths:
-        raise UnsupportedError("no adapters given; pass at least one")
-    factors = parse_weights(weights, len(paths))
-    checkpoint = open_base(base)
-    loaded = load_finite(paths, paths, base=base, refusal="nothing to validate")
-    return plan_for(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep")
+    paths, factors = adapter_inputs(adapters, weights, mode)
+    local_base, checkpoint, local_paths, loaded = open_inputs(
+        base, paths, hub or {}, [] if sources is None else sources, refusal="nothing to validate")
+    plan = plan_for(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep")
+    return plan, local_base, local_paths
 
 
 def check_output(plan, merged, *, settings: Settings | None = None, progress=None) -> dict:
@@ -55,10 +53,17 @@ def check_output(plan, merged, *, settings: Settings | None = None, progress=Non
 
 def validate_merge(base, adapters, merged, *, weights=None, mode: str = "weighted",
                    e2e: bool = False, probes: int = 16, seed: int = 0,
-                   tolerance_db: float = 1.0, progress=None) -> dict:
+                   tolerance_db: float = 1.0, progress=None, hub: dict | None = None) -> dict:
+    """Any input may be a Hub URI, fetched through ``hub`` (endpoint, token); their commits
+    are reported under ``hub_inputs``."""
+    from ..api import _local
+
     if probes < 1:
         raise UnsupportedError(f"--probes {probes}: give at least 1 probe vector")
-    plan = make_plan(base, adapters, weights=weights, mode=mode)
+    sources: list = []
+    plan, base, adapters = make_plan(base, adapters, weights=weights, mode=mode, hub=hub,
+                                     sources=sources)
+    merged = _local(merged, "base", hub or {}, sources, role="merged")
     report = check_output(plan, merged, settings=Settings(probes, seed, tolerance_db),
                           progress=progress)
     if e2e:
@@ -68,6 +73,8 @@ def validate_merge(base, adapters, merged, *, weights=None, mode: str = "weighte
         report["e2e"] = end_to_end(base, adapters, merged, weights=list(plan.factors), mode=mode,
                                    kind=plan.base.kind, dtypes=dtypes)
         report["passed"] = report["passed"] and report["e2e"]["passed"]
+    if sources:
+        report["hub_inputs"] = sources
     return report
 
 
