@@ -16,8 +16,8 @@ CLI for W1 and W2 (it fsyncs its output itself), and with --peft, PEFT's from_pr
 The cache is dropped before every command (``echo 3 > /proc/sys/vm/drop_caches``, root only) for
 "cold" runs; "warm" runs read the inputs once beforehand. With --peft, the W1 output is compared
 tensor by tensor (bit patterns) with PEFT's. With --phases, each merge is also run once in a
-child that times the engine's steps (fold, write, read, copy, fsync: adaptertools.merging.run's
-functions wrapped with timers). A Markdown table is printed last.
+child that times the engine's steps (fold, write, read, copy, fsync: the functions of
+adaptertools.merging.run and .streams wrapped with timers). A Markdown table is printed last.
 
 Targets: W1 merge wall <= 1.3x cp and peak RSS <= 0.8 GB; W2 <= 1.5x cp.
 """
@@ -78,9 +78,12 @@ def timed(module, name):
             calls[key] += 1
     setattr(module, name, wrapper)
 
-for name in ("fold", "write_all", "read_tensor", "copy_range"):
-    timed(run, name)
-timed(streams, "write_all")        # folded tensors are written by streams.write_released
+timed(run, "fold")
+timed(run, "write_all")            # bitsandbytes quant-state patches
+timed(streams, "write_all")        # page-cache writes, and O_DIRECT writes of full staging buffers
+timed(streams, "copy_range")       # untouched tensors, page-cache outputs
+timed(streams.DirectSink, "copy")  # untouched tensors into the staging buffer, O_DIRECT outputs
+timed(streams.Reads, "read")       # faulting a tensor's pages in (or pread)
 timed(run.os, "fsync")
 base, out, weights, *adapters = sys.argv[1:]
 start = time.perf_counter()

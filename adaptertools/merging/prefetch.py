@@ -48,7 +48,7 @@ def weight_files(base: str | os.PathLike) -> list[Path]:
 
 
 def available_memory() -> int:
-    """MemAvailable from /proc/meminfo, in bytes (None-safe: DEFAULT_BUDGET * 4 elsewhere)."""
+    """MemAvailable from /proc/meminfo, in bytes; DEFAULT_BUDGET * 4 where it cannot be read."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
