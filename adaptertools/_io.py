@@ -1,4 +1,5 @@
-"""File helpers shared by every format: atomic outputs and safetensors reads with clear errors."""
+"""File helpers shared by every format: sizes, free space, JSON and safetensors reads with clear
+errors. Atomic outputs and the rules on what may be written and read are in ``paths.py``."""
 
 from __future__ import annotations
 
@@ -6,12 +7,9 @@ import errno
 import json
 import os
 import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from .errors import FormatError, InputNotFoundError, OutputExistsError
+from .errors import FormatError, InputNotFoundError
 
 
 def require_exists(path: str | os.PathLike) -> Path:
@@ -49,108 +47,80 @@ def ensure_free_space(folder: Path, nbytes: int, *, dst: Path | None = None) -> 
         raise exc
 
 
-def _fsync_tree(path: Path) -> None:
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def _out_of_space(exc: OSError, dst: Path) -> OSError:
-    """A full disk (or quota) met while writing ``dst``: the same errno, a message naming it."""
-    reason = os.strerror(exc.errno).lower()
-    new = OSError(f"{dst}: {reason} while writing it, nothing was written; free some space or "
-                  "write elsewhere")
-    new.errno = exc.errno        # set after, so str(new) is the message alone
-    return new
-
-
-@contextmanager
-def atomic_output(dst: str | os.PathLike, *, force: bool = False, is_dir: bool,
-                  expected_bytes: int = 0) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst``; on success fsync it and rename it onto ``dst``.
-
-    Free space is checked before anything is created; on any error (or Ctrl-C) the temporary
-    path and the parent folders this call created are removed, so nothing is left behind. A full
-    disk met inside the block is re-raised as an OSError (same errno) that names ``dst``.
-    """
-    dst = Path(dst)
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise OutputExistsError(f"{dst}: already exists; pass --force (force=True) to overwrite it")
-    ancestor = _existing_ancestor(dst.parent)
-    ensure_free_space(ancestor, expected_bytes, dst=dst)
-    # the folders between ``ancestor`` and ``dst``, deepest first: removed again on failure
-    created = [p for p in (dst.parent, *dst.parent.parents) if p != ancestor
-               and ancestor in p.parents]
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if is_dir:
-            tmp.mkdir()
-        yield tmp
-        _fsync_tree(tmp)
-        _replace(tmp, dst)
-    except BaseException as exc:
-        _remove(tmp)
-        _remove_empty(created)
-        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-            raise _out_of_space(exc, dst) from exc
-        raise
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` onto ``dst``; an existing ``dst`` is put back if that rename fails."""
-    if not (dst.exists() or dst.is_symlink()):
-        os.replace(tmp, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    _remove(old)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) that are empty; leave any that are not."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not valid JSON ({exc}); fix or regenerate the file") from None
+    except RecursionError:       # json's parser recurses once per nesting level
+        import sys
+
+        raise FormatError(f"{path}: JSON nested too deeply to be a config or index (over "
+                          f"{sys.getrecursionlimit()} levels); fix or regenerate the file") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def write_json(path: Path, data: dict) -> None:
-    # sort_keys and a trailing newline: byte-deterministic output for the same adapter
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def write_json(path: Path, data, *, strict: bool = True) -> None:
+    """``data`` as JSON in ``path``: sorted keys, a trailing newline (byte-deterministic output
+    for the same data). ``strict`` (the default) writes RFC 8259 JSON, see ``json_text``;
+    ``strict=False`` keeps Python's ``NaN``/``Infinity`` tokens (a copy of an input's own)."""
+    text = json_text(data) if strict else json.dumps(data, indent=2, sort_keys=True) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def json_text(data, *, default=None) -> str:
+    """``data`` as strict JSON (``json.loads(..., allow_nan=False)``-safe: no ``NaN`` or
+    ``Infinity`` tokens, which RFC 8259, JavaScript and most parsers but Python's refuse).
+
+    A non-finite float is written ``null``; when ``data`` is a dict, a top-level ``"nonfinite"``
+    note then maps each such field's JSON Pointer (RFC 6901, e.g. ``/tensors/3/relative_error``)
+    to what it was: ``"nan"``, ``"inf"`` or ``"-inf"``. A null alone would read as "no value"
+    (and hide the difference between NaN and an infinity); a string in the field itself would
+    break readers that compare numbers. Finite data gives the same text as ``json.dumps``.
+    """
+    found: dict[str, str] = {}
+    clean = _finite(data, "", found)
+    if found and isinstance(clean, dict):
+        note = clean.get("nonfinite")
+        clean["nonfinite"] = {**(note if isinstance(note, dict) else {}), **found}
+    return json.dumps(clean, indent=2, sort_keys=True, allow_nan=False, default=default) + "\n"
+
+
+def _finite(value, pointer: str, found: dict[str, str]):
+    """A copy of ``value`` with non-finite floats as None, each recorded in ``found``."""
+    import math
+
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        found[pointer] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, pointer + "/" + str(k).replace("~", "~0").replace("/", "~1"),
+                           found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{pointer}/{i}", found) for i, v in enumerate(value)]
+    return value
 
 
 def load_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
-    """All tensors of a safetensors file and its ``__metadata__``, or a FormatError naming the file."""
+    """All tensors of a safetensors file and its ``__metadata__``, or a FormatError naming the file.
+    Tensors the header declares larger than the memory available are refused before any is read
+    (``formats.check_fits_in_memory``)."""
     from safetensors import SafetensorError, safe_open
 
+    from .errors import AdapterToolsError
+    from .formats import check_fits_in_memory
+    from .merging.bases import read_safetensors_header
+
+    try:   # loaded whole: the sizes the header declares are checked against memory first
+        declared = {t.name: t.nbytes for t in read_safetensors_header(path).tensors}
+    except (AdapterToolsError, OSError):
+        declared = {}       # safe_open below says what is wrong with the file, in its words
+    if declared:
+        check_fits_in_memory(path, declared)
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}

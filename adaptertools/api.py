@@ -7,7 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from ._io import atomic_output, require_exists
+from ._io import require_exists
+from .paths import atomic_output, refuse_output
 from .adapter import Adapter, cast_adapter, nonfinite_tensors
 from .errors import FormatError, UnsupportedError
 from .registry import Format, detect_format, get_format
@@ -107,11 +108,12 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
 
 
 def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str = "keep",
-         force: bool = False, base=None) -> None:
+         force: bool = False, base=None, inputs=()) -> None:
     """Write ``adapter`` atomically: nothing appears at ``path`` unless the whole write succeeds.
 
     ``dtype``: keep | fp32 | fp16 | bf16, plus q8_0 for GGUF. ``base`` as for ``load``; GGUF
-    needs it unless the adapter came from one of our own GGUF files.
+    needs it unless the adapter came from one of our own GGUF files. ``inputs``: paths the
+    caller read, which ``path`` must neither be, contain nor lie inside (``paths.py``).
     """
     fmt = get_format(format)
     if not fmt.can_write:
@@ -130,7 +132,8 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str =
     nbytes = sum(t.numel() * t.element_size() for w in adapter.weights.values()
                  for t in (w.a, w.b, w.magnitude, w.bias) if t is not None)
     nbytes += sum(t.numel() * t.element_size() for t in adapter.replacements.values())
-    with atomic_output(path, force=force, is_dir=fmt.output_is_dir, expected_bytes=nbytes) as tmp:
+    with atomic_output(path, force=force, is_dir=fmt.output_is_dir, expected_bytes=nbytes,
+                       inputs=inputs) as tmp:
         fmt.module.write(adapter, tmp, **options)
 
 
@@ -153,15 +156,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     src = _local(src, "adapter", hub, sources)
     base = _local(base, "config", hub, sources, role="base")
     src_path = require_exists(src)
-    if Path(dst).resolve() == src_path.resolve():
-        raise UnsupportedError(f"{dst}: destination is the source; choose another output path")
     fmt, target = _readable(src_path, from_format), get_format(to)
+    inputs = (src_path, base if isinstance(base, (str, os.PathLike)) else None)
+    refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
     if base is not None and not (_accepts(fmt.module.read, "base") or
                                  _accepts(target.module.write, "base")):
         raise UnsupportedError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
     base = _base_info(base)     # parsed once, for the reader and the writer
     adapter = _read(fmt, src_path, scale, base)
-    save(adapter, dst, format=to, dtype=dtype, force=force, base=base)
+    save(adapter, dst, format=to, dtype=dtype, force=force, base=base, inputs=inputs)
     from_hub = any(s["role"] == "adapter" for s in sources)
     report = {"src": given if from_hub else str(src_path), "dst": str(dst), "from": fmt.name,
               "to": to, "dtype": dtype, "adapted_tensors": len(adapter.weights),
@@ -300,8 +303,12 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
             raise UnsupportedError("--push-to needs a real run; drop --dry-run")
         check_push(push_to)
     hub, sources = {"endpoint": endpoint, "token": token}, []
-    _, checkpoint, _, loaded = open_inputs(base, paths, hub, sources,
-                                           refusal="refusing to merge it")
+    local_base, checkpoint, local_paths, loaded = open_inputs(base, paths, hub, sources,
+                                                              refusal="refusing to merge it")
+    inputs = (local_base, *local_paths, quantize_like)
+    out_exists = out is not None and os.path.lexists(out)
+    if out is not None and not (dry_run and out_exists):
+        refuse_output(out, force=force, is_dir=checkpoint.kind == "safetensors", inputs=inputs)
     names = [str(p) for p in paths]
     plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
                       requantize=requantize, quantize_like=quantize_like)
@@ -311,10 +318,14 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     if sources:
         report["hub_inputs"] = sources
     if dry_run:
+        if out_exists:
+            report["warnings"].append(f"{out} exists: the real run needs --force"
+                                      if not force else f"{out} exists: --force replaces it")
         return report
     if callable(getattr(progress, "start", None)):
         progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
-    report.update(execute(plan, out, device=device, force=force, progress=progress, kernels=kernels))
+    report.update(execute(plan, out, device=device, force=force, progress=progress,
+                          kernels=kernels, inputs=inputs))
     if report.get("survival"):
         _survival_report(report, out)
     if validate:      # per-tensor check of the output; validation.json is written beside it
@@ -441,14 +452,6 @@ def _factor_dtype(dtype: str):
     return parse_dtype(dtype) if dtype in ("fp32", "fp16", "bf16") else None
 
 
-def _refuse_existing(out, force: bool) -> None:
-    """Fail before the work, not after it, when the output exists."""
-    from .errors import OutputExistsError
-
-    if out is not None and os.path.lexists(out) and not force:
-        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to overwrite it")
-
-
 def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=None,
             rank: int | None = None, energy: float | None = None, density: float | None = None,
             seed: int = 0, svd: str = "auto", materialize: bool = False, base=None,
@@ -473,13 +476,14 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
     if materialize and base is None:
         raise UnsupportedError("--materialize needs --base MODEL (the HF base folder) to read "
                                "the base weights from")
-    _refuse_existing(out, force)
+    inputs = (*paths, base)
+    refuse_output(out, force=force, is_dir=get_format(to).output_is_dir, inputs=inputs)
     names = [str(p) for p in paths]
     loaded = load_finite(paths, names, base=base, refusal="refusing to combine it")
     combined, results, warnings = combine_adapters(loaded, names, options,
                                                    base=base if materialize else None)
     save(combined, out, format=to, dtype="keep" if options.dtype else dtype, force=force,
-         base=base)
+         base=base, inputs=inputs)
     return {"command": "combine", "method": method, "inputs": names, "weights": list(options.weights),
             "rank": rank, "energy": energy, "density": density, "seed": seed, "out": str(out),
             "format": to, "replaced": sorted(combined.replacements), "warnings": warnings,
@@ -507,12 +511,13 @@ def extract(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if targets is not None and not targets:
         raise UnsupportedError("--targets is empty; name modules, e.g. q_proj,v_proj")
-    _refuse_existing(out, force)
+    inputs = (base, finetuned)
+    refuse_output(out, force=force, is_dir=get_format(to).output_is_dir, inputs=inputs)
     options = ExtractOptions(rank, energy, None if targets is None else tuple(targets), svd, seed,
                              _factor_dtype(dtype) or parse_dtype("fp32"))
     adapter, results, warnings = extract_checkpoints(base, finetuned, options, progress=progress)
     save(adapter, out, format=to, dtype="keep" if dtype in ("fp32", "fp16", "bf16") else dtype,
-         force=force, base=base)
+         force=force, base=base, inputs=inputs)
     return {"command": "extract", "base": str(base), "finetuned": str(finetuned), "out": str(out),
             "format": to, "rank": rank, "energy": energy, "svd": svd, "seed": seed,
             "replaced": sorted(adapter.replacements), "warnings": warnings, **summarize(results),

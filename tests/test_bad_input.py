@@ -416,7 +416,8 @@ def test_library_force_replaces_atomically(tmp_path, monkeypatch):
     src = tmp_path / "adapter.safetensors"
     at.save(make_adapter(), src, format="safetensors")
     dst = tmp_path / "converted"
-    dst.mkdir()
+    dst.mkdir()                 # an older conversion: an adapter folder --force may replace
+    (dst / CONFIG).write_text("{}")
     (dst / "stale.txt").write_text("old output")
     seen = {}
     real_write = peft.write
@@ -428,7 +429,7 @@ def test_library_force_replaces_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(peft, "write", spying_write)
     at.convert(src, dst, to="peft", force=True)
-    assert seen["dst_during_write"] == ["stale.txt"]
+    assert seen["dst_during_write"] == [CONFIG, "stale.txt"]
     assert seen["tmp"].parent == dst.parent and seen["tmp"].name.startswith("." + dst.name)
     assert sorted(p.name for p in dst.iterdir()) == [CONFIG, WEIGHTS]   # replaced, not merged
     assert leftovers_beside(dst) == []

@@ -492,8 +492,9 @@ def test_real_sigint_to_a_running_merge(models, tmp_path):
 def test_existing_output_refused_then_replaced_with_force(models, tmp_path, kind):
     out = tmp_path / "out"
     if kind == "folder":
-        out.mkdir()
-        (out / "keep.txt").write_text("previous merge")
+        out.mkdir()             # a previous merge: a model folder --force may replace
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("previous merge")
     else:
         out.write_text("previous merge")
     snapshot = folder_bytes(out) if kind == "folder" else out.read_bytes()

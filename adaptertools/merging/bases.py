@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .._io import read_json, require_exists
 from ..errors import FormatError, UnsupportedError
+from ..paths import contained_file
 
 INDEX_NAME = "model.safetensors.index.json"
 # safetensors dtype names -> bytes per element (the float ones are what merges can touch)
@@ -94,11 +95,17 @@ def open_base(path: str | os.PathLike) -> HFBase | GGUFBase:
                           "one .safetensors file, or a .gguf model")
     index_path = path / INDEX_NAME
     if index_path.is_file():
-        index = read_json(index_path)
+        index = read_json(contained_file(path, INDEX_NAME))
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError(f"{index_path}: no `weight_map`; the index is damaged")
         files = list(dict.fromkeys(weight_map.values()))
+        bad = [f for f in files if not isinstance(f, str) or not f]
+        if bad:
+            raise FormatError(f"{index_path}: `weight_map` names {bad[0]!r}, not a shard file "
+                              "name; the index is damaged")
+        for f in files:            # an index may not send us to files outside the folder
+            contained_file(path, f)
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise FormatError(f"{path}: shard {missing[0]} listed in {INDEX_NAME} is missing "
@@ -128,7 +135,7 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
         raw = fh.read(length)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):   # (nested too deeply)
         raise FormatError(f"{path}: corrupt safetensors header (not JSON); download it again") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
@@ -191,9 +198,10 @@ def _header_entry(path: Path, name: str, info, data_start: int) -> TensorEntry:
 
 
 def _open_hf(folder: Path, files: list[str], index: dict | None = None) -> HFBase:
-    config_path = folder / "config.json"
+    config_path = contained_file(folder, "config.json")
     config = read_json(config_path) if config_path.is_file() else {}
-    return HFBase(folder, tuple(read_safetensors_header(folder / f) for f in files), config, index)
+    shards = tuple(read_safetensors_header(contained_file(folder, f)) for f in files)
+    return HFBase(folder, shards, config, index)
 
 
 def _open_gguf(path: Path) -> GGUFBase:

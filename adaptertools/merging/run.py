@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_output, write_json
+from .._io import write_json
+from ..paths import atomic_output, contained_file
 from ..adapter import map_tensors
 from ..kernels.fold import Buffers, fold_linear
 from ..kernels.fold import supports as fast_fold_supports
@@ -280,7 +281,8 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
 
 
 def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
-    """Config, tokenizer and other non-weight files of the base folder, as they are."""
+    """Config, tokenizer and other non-weight files of the base folder, as they are; a symlink
+    leading out of the folder is refused (paths.contained_file), never followed."""
     copied = []
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.suffix in WEIGHT_SUFFIXES \
@@ -288,6 +290,7 @@ def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
             continue
         if path.name == "config.json" and plan.config is not None:
             continue
+        contained_file(folder, path.name)
         shutil.copy2(path, dst / path.name)
         copied.append(path.name)
     return copied
@@ -330,14 +333,17 @@ def caller_threads(job: Job):
 
 
 def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: bool = False,
-            progress: Progress | None = None, kernels: str = "auto") -> dict:
-    """Run ``plan`` into ``out``; returns timings and counts for the report."""
+            progress: Progress | None = None, kernels: str = "auto", inputs=()) -> dict:
+    """Run ``plan`` into ``out``; returns timings and counts for the report. ``inputs``: the
+    paths the merge reads, which ``out`` must neither be, contain nor lie inside."""
     progress = progress or (lambda n: None)
     torch_device = resolve_device(device)
     kernels = resolve_kernels(kernels, torch_device)
     start = time.perf_counter()
     is_hf = isinstance(plan.base, HFBase)
-    with atomic_output(out, force=force, is_dir=is_hf, expected_bytes=plan.size) as tmp, \
+    inputs = (getattr(plan.base, "folder", None) or getattr(plan.base, "path", None), *inputs)
+    with atomic_output(out, force=force, is_dir=is_hf, expected_bytes=plan.size,
+                       inputs=inputs) as tmp, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-write") as writer:
         workers = Workers(reader, writer, Buffers(), BufferPool(), kernels=kernels)

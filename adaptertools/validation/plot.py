@@ -6,7 +6,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from .._io import atomic_output
+from ..paths import atomic_output
 from ..errors import UnsupportedError
 
 LAYER = re.compile(r"(?:layers|blk|h|layer|block|blocks)\.(\d+)\.")

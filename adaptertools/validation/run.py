@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._io import atomic_output, require_exists, write_json
+from .._io import require_exists, write_json
+from ..paths import atomic_output
 from ..errors import UnsupportedError
 from .merged import Settings, check_plan
 
