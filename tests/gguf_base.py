@@ -137,21 +137,12 @@ def make_base_model(kind: str, *, hidden: int = 64, intermediate: int = 96) -> t
 
 
 def llama_logits(model_path: Path, lora_path: Path | None = None) -> np.ndarray:
-    """llama.cpp's logits for every position of IDS (F32 KV cache), freeing the model after."""
-    import llama_cpp
+    """llama.cpp's logits for every position of IDS (F32 KV cache), (len(IDS), vocab) float64;
+    in a child process with the extra buffer types off (``adaptertools.llamacpp``)."""
+    from adaptertools.llamacpp import logits
 
-    kwargs = dict(model_path=str(model_path), logits_all=True, n_ctx=64, type_k=0, type_v=0,
-                  verbose=False, n_threads=2)
-    if lora_path is not None:
-        kwargs.update(lora_path=str(lora_path), lora_scale=1.0)
-    llm = llama_cpp.Llama(**kwargs)
-    try:
-        llm.eval(IDS)
-        return np.array(llm.scores[:len(IDS)], dtype=np.float64)
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
-        del llm
+    (rows,) = logits(model_path, [IDS], lora=lora_path, n_ctx=64, n_threads=2)
+    return rows.astype(np.float64)
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:

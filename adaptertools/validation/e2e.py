@@ -1,9 +1,10 @@
 """End to end: the merged model's logits against the unmerged base + adapters, on fixed token ids.
 
 HF bases run through transformers (merged folder) and PEFT (base + adapters, unmerged, each
-adapter's layer scales multiplied by its weight); GGUF bases through llama.cpp (llama-cpp-python):
-the base with the adapter applied at run time (converted to a GGUF adapter first if needed)
-against the merged file, with an F32 KV cache so that the cache adds no noise of its own.
+adapter's layer scales multiplied by its weight); GGUF bases through llama.cpp (llama-cpp-python,
+in a child process with its extra buffer types off: ``adaptertools.llamacpp``): the base with the
+adapter applied at run time (converted to a GGUF adapter first if needed) against the merged file,
+with an F32 KV cache so that the cache adds no noise of its own.
 
 Thresholds, from the dtypes. Let u be the unit roundoff of the coarsest float dtype the merged
 model stores (fp32 2^-24, fp16 2^-11, bf16 2^-8; never finer than fp32, the compute precision of
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -131,21 +131,19 @@ def _hf_blocks(folder) -> int:
 
 # ----------------------------------------------------------------------------- llama.cpp
 
-def llama_logits(model_path, ids: list[int], lora_path=None, scale: float = 1.0):
-    import llama_cpp
+def llama_logits(model_path, sequences, lora_path=None, scale: float = 1.0) -> torch.Tensor:
+    """(sequences, length, vocab) float64 logits of the GGUF model at ``model_path`` (with the
+    GGUF adapter ``lora_path`` at run time), one llama.cpp load in a child process."""
     import numpy as np
 
-    kwargs = {"model_path": str(model_path), "logits_all": True, "n_ctx": max(64, 2 * len(ids)),
-                  "type_k": 0, "type_v": 0, "verbose": False, "n_threads": os.cpu_count() or 1}
-    if lora_path is not None:
-        kwargs.update(lora_path=str(lora_path), lora_scale=scale)
-    llm = llama_cpp.Llama(**kwargs)
+    from ..llamacpp import LlamaCppError, logits
+
     try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float64))
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
+        rows = logits(model_path, sequences, lora=lora_path, scale=scale)
+    except LlamaCppError as exc:
+        raise LlamaCppError(f"{exc}; validate without --e2e still checks the merge per "
+                            f"tensor") from None
+    return torch.from_numpy(np.stack(rows).astype(np.float64))
 
 
 def gguf_logits(base, adapters: list, merged, weights: list[float]):
@@ -162,14 +160,9 @@ def gguf_logits(base, adapters: list, merged, weights: list[float]):
         if detect_format(lora).name != "gguf":
             convert_adapter(lora, Path(tmp) / "adapter.gguf", to="gguf", base=base)
             lora = Path(tmp) / "adapter.gguf"
-        vocab = _gguf_vocab(base)
-        rows = []
-        for sequence in token_ids(vocab).tolist():
-            rows.append((llama_logits(base, sequence, lora, weights[0]),
-                         llama_logits(merged, sequence)))
-    reference = torch.stack([r for r, _ in rows])
-    result = torch.stack([m for _, m in rows])
-    return reference, result, info.n_blocks
+        sequences = token_ids(_gguf_vocab(base)).tolist()
+        reference = llama_logits(base, sequences, lora, weights[0])
+    return reference, llama_logits(merged, sequences), info.n_blocks
 
 
 def _gguf_vocab(path) -> int:
