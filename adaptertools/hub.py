@@ -11,55 +11,44 @@ huggingface_hub is imported inside the functions, so ``import adaptertools`` sta
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote
 
 from ._io import atomic_output, require_exists
 from .errors import HubError, InputNotFoundError, UnsupportedError
 from .hub_files import (
+    ID_PART,
     INDEX_NAME,
     SCHEME,
     WEIGHT_SUFFIXES,
     HubRef,
     index_shards,
     is_unsafe_name,
+    parse_uri,
+    redact,
+    revision_problem,
     select_files,
+    shown,
+    split_uri,
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-# a Hub id part: letters, digits, '-', '_', '.'; not starting or ending with '-' or '.'
-_ID_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
-_PLAIN_ID = re.compile(rf"({_ID_PART})/({_ID_PART})(?:@([^/\s]+))?")
-_URI = re.compile(r"([^/@]+)/([^/@]+)(?:@([^/]+))?(?:/(.*))?")
+_PLAIN_ID = re.compile(rf"({ID_PART})/({ID_PART})(?:@([^/\s]+))?")
 # plain ``owner/name`` strings with these endings are paths that do not exist, not Hub ids
 _FILE_SUFFIXES = (".safetensors", ".gguf", ".json", ".bin", ".pt", ".pth")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
-
-def parse_uri(text: str) -> HubRef:
-    """``hf://owner/name[@revision][/subfolder]`` -> HubRef (a revision with ``/`` is written
-    ``%2F``, e.g. ``@refs%2Fpr%2F1``); plain ``owner/name[@revision]`` works too."""
-    match = _URI.fullmatch(text.removeprefix(SCHEME).strip("/"))
-    if match is None or not all(re.fullmatch(_ID_PART, p) for p in match.group(1, 2)):
-        raise UnsupportedError(f"{text}: not a Hub model id; write hf://owner/name[@revision]"
-                               "[/subfolder]")
-    owner, name, revision, path = match.groups()
-    if owner in ("datasets", "spaces"):
-        raise UnsupportedError(f"{text}: only model repos are supported; use hf://owner/name")
-    path = (path or "").strip("/")
-    if path and is_unsafe_name(path):
-        raise UnsupportedError(f"{text}: the subfolder {path!r} leaves the repo; drop '..' from it")
-    return HubRef(f"{owner}/{name}", unquote(revision) if revision else None, path)
 
 
 def hub_ref(path) -> HubRef | None:
     """The Hub reference ``path`` stands for, or None when it is a local path.
 
-    ``hf://...`` always means the Hub; a plain ``owner/name[@revision]`` means it only when no
-    such local path exists (and it does not end like a file name, e.g. ``.safetensors``).
+    ``hf://...`` always means the Hub (a malformed one is refused); a plain
+    ``owner/name[@revision]`` means it only when no such local path exists, it does not end like
+    a file name (e.g. ``.safetensors``) and it is a well-formed id and revision.
     """
     if not isinstance(path, str):
         return None                   # Path objects (and BaseInfo values) are local by design
@@ -67,7 +56,10 @@ def hub_ref(path) -> HubRef | None:
         return parse_uri(path)
     if _PLAIN_ID.fullmatch(path) and not path.endswith(_FILE_SUFFIXES) \
             and not os.path.lexists(path):
-        return parse_uri(path)
+        try:
+            return parse_uri(path)
+        except UnsupportedError:      # e.g. ``out/my..model``: a missing local path
+            return None
     return None
 
 
@@ -89,7 +81,39 @@ def offline() -> bool:
 def _api(endpoint: str, token):
     from huggingface_hub import HfApi
 
+    _redact_client_logs()
     return HfApi(endpoint=endpoint, token=token, library_name="adaptertools")
+
+
+class _RedactUrls(logging.Filter):
+    """Log records with every URL's user info written ``***@``: huggingface_hub logs request
+    URLs (warnings on retries reach stderr through its own handler, debug lines name each
+    request) and so does httpx (info), so an endpoint ``http://user:TOKEN@host`` would put the
+    token there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+_REDACT_URLS = _RedactUrls()
+
+
+_CLIENT_LOGGERS = ("huggingface_hub", "httpx", "httpx2")
+
+
+def _redact_client_logs() -> None:
+    """Put ``_REDACT_URLS`` on every logger of the Hub client and its HTTP library (a logger's
+    filters do not apply to its children's records, so each one needs it)."""
+    names = [n for n in list(logging.root.manager.loggerDict)
+             if n.split(".")[0] in _CLIENT_LOGGERS]
+    for name in names:
+        logger = logging.getLogger(name)
+        if _REDACT_URLS not in logger.filters:
+            logger.addFilter(_REDACT_URLS)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -107,7 +131,8 @@ TOKEN_HINT = "check your token (--token, HF_TOKEN or `hf auth login`)"
 def hub_error(exc: BaseException, what: str, endpoint: str) -> Exception | None:
     """A one-line error for an exception huggingface_hub raised about ``what`` (a URI or repo id),
     or None when ``exc`` is not a Hub failure. The client's own message is never quoted: it
-    spans lines and may carry request details."""
+    spans lines and may carry request details. The endpoint is shown without its user info."""
+    endpoint = redact(endpoint)
     names = _class_names(exc)
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if "GatedRepoError" in names:
@@ -139,11 +164,16 @@ def hub_error(exc: BaseException, what: str, endpoint: str) -> Exception | None:
 
 
 def _call(func, what: str, endpoint: str, *args, **kwargs):
-    """``func(*args, **kwargs)`` with huggingface_hub's failures turned into one-line errors."""
+    """``func(*args, **kwargs)`` with huggingface_hub's failures turned into one-line errors;
+    any other failure passes through unless its message holds a URL's user info (a token)."""
     try:
         return func(*args, **kwargs)
     except Exception as exc:
         error = hub_error(exc, what, endpoint)
+        if error is None and redact(str(exc)) != str(exc):
+            error = HubError(f"{what}: the request to {redact(endpoint)} failed "
+                             f"({type(exc).__name__}); check the endpoint (--endpoint, "
+                             "HF_ENDPOINT)")
         if error is None:
             raise
         raise error from None
@@ -166,7 +196,8 @@ class Snapshot:
         """What a report (and the model card) records about this input; never the token."""
         return {"role": role, "uri": self.ref.uri, "repo_id": self.ref.repo_id,
                 "revision": self.ref.revision or "main", "commit": self.commit,
-                "repo_path": self.ref.path, "endpoint": self.endpoint, "files": list(self.files)}
+                "repo_path": self.ref.path, "endpoint": redact(self.endpoint),
+                "files": list(self.files)}
 
 
 def fetch(ref: HubRef, *, kind: str = "any", include=(), endpoint: str | None = None,
@@ -301,20 +332,23 @@ def _copy_out(snapshot: Snapshot, rels: dict[str, str], out: Path, force: bool) 
 
 
 def push_target(repo_id: str) -> str:
-    """``owner/name`` or ``hf://owner/name`` -> ``owner/name`` (the branch goes in ``revision``)."""
-    try:
-        ref = parse_uri(repo_id)
-    except UnsupportedError:
-        ref = None
-    if ref is None or ref.path or ref.revision:
-        raise UnsupportedError(f"{repo_id}: push to a repo id, owner/name (pass the branch with "
-                               "--revision)")
-    return ref.repo_id
+    """``owner/name`` or ``hf://owner/name`` -> ``owner/name`` (the branch goes in ``revision``);
+    a malformed id is refused with the rule it breaks."""
+    parts = split_uri(repo_id)
+    if parts is None or parts[2] is not None or parts[3]:
+        raise UnsupportedError(f"{shown(repo_id)}: push to a repo id, owner/name (pass the "
+                               "branch with --revision)")
+    return parse_uri(repo_id).repo_id
 
 
-def check_push(repo_id: str) -> str:
-    """The repo id to push to, or an error now (bad id, offline) rather than after the work."""
+def check_push(repo_id: str, *, revision: str | None = None) -> str:
+    """The repo id to push to, or an error now (bad id or branch, offline) rather than after
+    the work."""
     repo_id = push_target(repo_id)
+    problem = None if revision is None else revision_problem(revision)
+    if problem is not None:
+        raise UnsupportedError(f"{repo_id}: the branch '{shown(revision)}' (--revision) is not a "
+                               f"git revision: {problem}; check the branch name")
     if offline():
         raise HubError(f"{repo_id}: cannot push while HF_HUB_OFFLINE=1; unset it to push")
     return repo_id
@@ -344,7 +378,7 @@ def push(src: str | os.PathLike, repo_id: str, *, private: bool = False,
     from .card import default_commit_message, model_card
 
     src = require_exists(src)
-    repo_id = check_push(repo_id)
+    repo_id = check_push(repo_id, revision=revision)
     endpoint = endpoint_url(endpoint)
     files = _upload_list(src)
     if not files:
@@ -367,5 +401,5 @@ def push(src: str | os.PathLike, repo_id: str, *, private: bool = False,
     info = _call(api.create_commit, repo_id, endpoint, repo_id, operations=operations,
                  commit_message=message, revision=revision)
     return {"repo_id": repo_id, "revision": revision or "main", "commit": info.oid,
-            "url": info.commit_url, "private": private, "endpoint": endpoint,
+            "url": redact(info.commit_url), "private": private, "endpoint": redact(endpoint),
             "files": sorted([f for f, _ in files] + (["README.md"] if readme else []))}

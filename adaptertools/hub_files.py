@@ -1,6 +1,9 @@
-"""Which files of a Hub repo an input needs, and which names are safe to write.
+"""``hf://`` URIs and their rules, which files of a Hub repo an input needs, and which names are
+safe to write.
 
-Pure functions of a repo listing (no network, no huggingface_hub): ``select_files`` picks an
+Pure functions (no network, no huggingface_hub): ``parse_uri`` refuses a malformed id or revision
+(or a control character) before any request; ``redact`` hides the user info of a URL (an
+endpoint's ``user:TOKEN@``) wherever one is shown. From a repo listing, ``select_files`` picks an
 adapter's config and weights, a base's weights, index, config, tokenizer and generation files, or
 for ``pull`` all of those; pickles and optimizer state only when asked for. A listing with a name
 that could leave the target folder (absolute, ``..``) is refused whole.
@@ -11,8 +14,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import unquote
 
 from .errors import HubError, InputNotFoundError, UnsupportedError
 
@@ -39,8 +44,115 @@ class HubRef:
 
     @property
     def uri(self) -> str:
-        rev = "" if self.revision is None else "@" + self.revision.replace("/", "%2F")
+        rev = "" if self.revision is None else \
+            "@" + self.revision.replace("%", "%25").replace("/", "%2F")
         return f"{SCHEME}{self.repo_id}{rev}" + (f"/{self.path}" if self.path else "")
+
+
+# ----------------------------------------------------------------------------- URIs and their rules
+
+# a Hub id part (huggingface_hub's validate_repo_id): ASCII letters, digits, '-', '_', '.', at
+# most 96, not starting or ending with '-' or '.'; '--', '..' and a '.git' end are refused too
+ID_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?"
+_URI = re.compile(r"([^/@]+)/([^/@]+)(?:@([^/]+))?(?:/(.*))?")
+# what git check-ref-format refuses in a branch or tag name, besides control characters
+_NOT_IN_REVISION = re.compile(r"[\s~^:?*\[\\]|\.\.|@\{")
+# ``scheme://user:password@``: the user info of a URL
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s?#]*@")
+URI_FORM = "write hf://owner/name[@revision][/subfolder]"
+
+
+def redact(text: str) -> str:
+    """``text`` with the user info of every URL in it (``http://user:TOKEN@host``) written
+    ``***@``: what messages, reports and cards show of an endpoint."""
+    return _USERINFO.sub(r"\1***@", str(text))
+
+
+def _control(text: str) -> str | None:
+    """The first control, format or line-separator character of ``text`` (None when none)."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+
+
+def shown(text: str) -> str:
+    """``text`` for a one-line message: control characters as ``\\x..`` / ``\\u....`` escapes."""
+    return "".join(c.encode("unicode_escape").decode() if _control(c) else c for c in text)
+
+
+def name_problem(part: str) -> str | None:
+    """Why ``part`` (an owner or a repo name) cannot be one, or None."""
+    if not re.fullmatch(ID_PART, part):
+        return ("a Hub name holds only ASCII letters, digits, '-', '_' and '.' (1 to 96), and "
+                "starts and ends with a letter or digit")
+    for bad in ("--", ".."):
+        if bad in part:
+            return f"it holds {bad!r}"
+    return "it ends with '.git'" if part.endswith(".git") else None
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why ``revision`` cannot name a git branch, tag or commit (git check-ref-format's rules),
+    or None."""
+    bad = _control(revision)
+    if bad is not None:
+        return f"it holds the control character U+{ord(bad):04X}"
+    found = _NOT_IN_REVISION.search(revision)
+    if found is not None:
+        what = "a space" if found.group().isspace() else repr(found.group())
+        return f"it holds {what}; git revisions cannot hold spaces, '..', '@{{' or ~^:?*[\\"
+    parts = revision.split("/")
+    if revision == "@" or "" in parts:
+        return "it is '@', or starts or ends with '/' or holds '//'"
+    if any(p.startswith(".") or p.endswith((".", ".lock")) for p in parts):
+        return "a part of it starts with '.' or ends with '.' or '.lock'"
+    return None
+
+
+def split_uri(text: str) -> tuple[str, str, str | None, str | None] | None:
+    """``hf://owner/name[@revision][/path]`` -> its four parts as written (None: not that
+    shape); ``parse_uri`` checks them."""
+    match = _URI.fullmatch(text.removeprefix(SCHEME).strip("/"))
+    return None if match is None else match.groups()
+
+
+def parse_uri(text: str) -> HubRef:
+    """``hf://owner/name[@revision][/subfolder]`` -> HubRef (a revision with ``/`` is written
+    ``%2F``, e.g. ``@refs%2Fpr%2F1``); plain ``owner/name[@revision]`` works too. A control
+    character anywhere, a malformed id or revision is refused before any request."""
+    bad = _control(text)
+    if bad is not None:
+        raise UnsupportedError(f"{shown(text)}: holds the control character U+{ord(bad):04X}, "
+                               f"which no Hub id, revision or path can hold; {URI_FORM}")
+    parts = split_uri(text)
+    if parts is None:
+        raise UnsupportedError(f"{text}: not a Hub model id; {URI_FORM}")
+    owner, name, revision, path = parts
+    if owner in ("datasets", "spaces"):
+        raise UnsupportedError(f"{text}: only model repos are supported; use hf://owner/name")
+    for part in (owner, name):
+        problem = name_problem(part)
+        if problem is not None:
+            raise UnsupportedError(f"{text}: {part!r} cannot be a Hub name: {problem}; "
+                                   f"{URI_FORM}")
+    if revision is not None:
+        revision = _revision(text, revision)
+    path = (path or "").strip("/")
+    if path and is_unsafe_name(path):
+        raise UnsupportedError(f"{text}: the subfolder {path!r} leaves the repo; drop '..' from it")
+    return HubRef(f"{owner}/{name}", revision, path)
+
+
+def _revision(text: str, raw: str) -> str:
+    """The revision of ``text``, percent-decoded and checked."""
+    try:
+        revision = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise UnsupportedError(f"{text}: the revision {raw!r} is not percent-encoded UTF-8; "
+                               "check the revision") from None
+    problem = revision_problem(revision)
+    if problem is not None:
+        raise UnsupportedError(f"{text}: the revision '{shown(revision)}' is not a git revision: "
+                               f"{problem}; check the revision (a '/' in it is written %2F)")
+    return revision
 
 
 def is_unsafe_name(name: str) -> bool:
