@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 
@@ -11,14 +10,28 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ._io import human_size
+from ._io import human_size, json_text
+from .card import human_seconds
+from .hub_files import redact
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    """``data`` on stdout as strict JSON (non-finite floats as null, listed under
+    ``"nonfinite"``: see ``_io.json_text``), any URL's user info (a token) written ``***@``."""
+    sys.stdout.write(json_text(_redacted(data), default=str))
+
+
+def _redacted(value):
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(item) for item in value]
+    return value
 
 
 # ANSI sequences and other control characters: third-party messages quoted in ours carry them
@@ -29,8 +42,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 def plain(message: str) -> Text:
     """``message`` as literal text: paths and tensor names may hold ``[x]`` or ``:name:``, which
-    rich would otherwise read as markup or emoji and silently drop or raise on."""
-    return Text(_CONTROL.sub(" ", _ANSI.sub("", str(message))).strip())
+    rich would otherwise read as markup or emoji and silently drop or raise on. A URL's user
+    info (``http://user:TOKEN@host``) is written ``***@``."""
+    return Text(_CONTROL.sub(" ", _ANSI.sub("", redact(str(message)))).strip())
 
 
 def _labelled(label: str, style: str, message: str) -> Text:
@@ -182,7 +196,7 @@ def merge_report(report: dict, *, dry_run: bool) -> None:
                f"adapters {adapters}; output {human_size(report['output_bytes'])} "
                f"({report['format']})")
     if not dry_run:
-        summary += f"; {report['wall_s']:.2f} s on {report['device']}"
+        summary += f"; {human_seconds(report['wall_s'])} on {report['device']}"
     out.print(plain(summary))
     if report.get("survival"):
         survival_table(report["survival"])
@@ -264,7 +278,8 @@ def validation_summary(report: dict) -> None:
     worst = report.get("worst_margin_db")
     text = (f"{report['adapted']} adapted tensors within {report['tolerance_db']:g} dB of their "
             f"floor (worst margin {_db(worst) if worst is not None else 'n/a'} dB), "
-            f"{report['untouched']} untouched tensors byte-identical; {report['wall_s']:.2f} s")
+            f"{report['untouched']} untouched tensors byte-identical; "
+            f"{human_seconds(report['wall_s'])}")
     if report["passed"]:
         info(f"validation passed: {text}")
     else:
@@ -288,6 +303,6 @@ def algebra_report(report: dict) -> None:
     total = report["total"]
     out.print(plain(f"total: {total['energy_kept']:.6f} of the delta energy kept, relative error "
                     f"{total['relative_error']:.3g} over {len(report['tensors'])} tensors; "
-                    f"{report['wall_s']:.2f} s"))
+                    f"{human_seconds(report['wall_s'])}"))
     for message in report["warnings"]:
         warning(message)
