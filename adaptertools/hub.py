@@ -18,7 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ._io import atomic_output, require_exists
+from ._io import require_exists
+from .paths import atomic_output, contained_file
 from .errors import HubError, InputNotFoundError, UnsupportedError
 from .hub_files import (
     ID_PART,
@@ -318,7 +319,8 @@ def _copy_out(snapshot: Snapshot, rels: dict[str, str], out: Path, force: bool) 
     """Copy the fetched files (real bytes, not cache links) into ``out``, atomically; every
     destination is checked to stay inside it."""
     nbytes = sum((snapshot.root / f).stat().st_size for f in rels)
-    with atomic_output(out, force=force, is_dir=True, expected_bytes=nbytes) as tmp:
+    with atomic_output(out, force=force, is_dir=True, expected_bytes=nbytes,
+                       inputs=(snapshot.root,)) as tmp:
         inside = tmp.resolve()
         for name, rel in rels.items():
             dst = (tmp / rel).resolve()
@@ -355,13 +357,15 @@ def check_push(repo_id: str, *, revision: str | None = None) -> str:
 
 
 def _upload_list(src: Path) -> list[tuple[str, Path]]:
-    """(path in repo, local file) for a file or a folder; hidden files and folders are skipped."""
+    """(path in repo, local file) for a file or a folder; hidden files and folders are skipped,
+    and a symlink leading out of the folder is refused (paths.contained_file)."""
     if src.is_file():
         return [(src.name, src)]
     files = []
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            contained_file(src, rel)
             files.append((rel.as_posix(), path))
     return files
 
