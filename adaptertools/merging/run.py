@@ -31,7 +31,7 @@ from ..kernels.triton.engine import fold_float_job, fold_gguf_job, resolve_kerne
 from .bases import INDEX_NAME, HFBase
 from .bnb import apply_left, due
 from .plan import TORCH_DTYPES, Job, OutputFile, Plan
-from .quantized import fold_gguf, needs_codec, summarize
+from .quantized import check_output, fold_gguf, needs_codec, summarize
 from .streams import (
     BufferPool,
     OrderedWriter,
@@ -204,6 +204,7 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
                 tensor = fold(run[0], source, fold_mode(plan), device, workers.buffers,
                               workers.pool, workers.survival, kernels=workers.kernels,
                               patches=workers.patches)
+                check_output(run[0], tensor, source)      # no Inf/NaN written
                 count = tensor.numel() * tensor.element_size()
                 writer.submit(count, write_released, out, tensor, workers.pool, reads, source)
             position += count
@@ -273,6 +274,7 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
             source = current.result()
             tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool,
                           workers.survival, kernels=workers.kernels)
+            check_output(job, tensor, source)             # no Inf/NaN written
             writer.submit(tensor.numel() * tensor.element_size(), write_released, out, tensor,
                           pool, reads, source)
             position = job.source.offset + job.source.nbytes
@@ -318,11 +320,14 @@ CALLER_THREADS: list[int | None] = [None]    # torch's thread count outside the 
 
 @contextmanager
 def caller_threads(job: Job):
-    """A conv LoRA's delta on the caller's thread count: oneDNN picks its convolution algorithm,
-    and with it the rounding, by thread count (measured: 7-13 of 160 elements differ from PEFT on
-    one thread), and PEFT runs with torch's default. Matmuls do not depend on it."""
+    """A conv LoRA's delta, and a DoRA norm, on the caller's thread count: oneDNN picks its
+    convolution algorithm, and with it the rounding, by thread count (measured: 7-13 of 160
+    elements differ from PEFT on one thread), and torch.linalg.norm splits its sum by thread
+    count (a DoRA embedding (100, 5), norm over the vocabulary: 1 ulp off PEFT on one thread);
+    PEFT runs with torch's default. Matmuls do not depend on it."""
     saved = CALLER_THREADS[0]
-    if saved is None or not any(c.weight.layer == "conv" for c in job.contributions):
+    if saved is None or not any(c.weight.layer == "conv" or c.weight.magnitude is not None
+                                for c in job.contributions):
         yield
         return
     torch.set_num_threads(saved)
