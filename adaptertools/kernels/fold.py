@@ -70,6 +70,20 @@ class Buffers:
         return self.product[:n].view(rows, cols), self.block[:n].view(rows, cols)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite (non-float tensors: True). The sum first: one pass,
+    no temporary (0.6 ms for 11.5M bf16 values on one thread, ``isfinite().all()`` 43 ms), and
+    finite whenever every value is; only a sum that is not (an Inf or NaN in ``t``, or finite
+    values whose sum overflows) pays for the exact test."""
+    if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    return int(t.numel() - torch.isfinite(t).sum()) if t.is_floating_point() else 0
+
+
 def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of about BLOCK_ELEMENTS values, none shorter than MIN_BLOCK_ROWS
     (a short tail joins the block before it)."""

@@ -107,11 +107,13 @@ class Group:
         """The output of the weight's job from its stored bytes ``raw``; the changed companions
         go to ``patches`` (keep), the score to ``survival`` (adapted weights)."""
         from ..kernels.quant import bnb as codec
-        from .quantized import fold_fp32
+        from .quantized import check_finite, fold_fp32
         from .quantized import survival as score
 
         weight, state = self.dequantized(raw)
         merged = fold_fp32(job, weight, mode)   # fp32 (rows, cols)
+        if job.changed:                          # before it is quantized (absmax, SCB: fp32)
+            check_finite(job, merged, base=weight)
         if self.out_dtype is not None:           # a plain float tensor
             out = merged.to(STORED[self.out_dtype]).contiguous()
             if job.changed and survival is not None:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import UnsupportedError
+from ..kernels.fold import all_finite, count_nonfinite
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from .plan import Job
 
@@ -31,6 +33,40 @@ class Survival:
     type: str               # the output tensor type
     cosine: float           # intended vs realized change; 1 = fully kept, ~0 = erased
     rel_error: float        # |realized - intended| / |intended|
+
+
+def check_finite(job: Job, values: torch.Tensor, *, base: torch.Tensor | None = None) -> None:
+    """Refuse a merge whose output tensor ``values`` (fp32 before encoding, or as stored) holds
+    Inf or NaN: an UnsupportedError naming the tensor, saying whether the base already held them
+    (``base``: the source tensor, when at hand) or the adapters' delta is too large for the output
+    type. Cheap when every value is finite (``kernels.fold.all_finite``)."""
+    if all_finite(values):
+        return
+    bad = count_nonfinite(values)
+    if base is not None and base.is_floating_point() and not all_finite(base):
+        raise UnsupportedError(f"{job.name}: the base tensor already holds "
+                               f"{count_nonfinite(base)} Inf/NaN value(s), so the merge would too; "
+                               "the base checkpoint is damaged: download or convert it again")
+    terms = (*job.contributions, *job.bias_contributions)
+    weights = ", ".join(f"{w:g}" for w in dict.fromkeys(c.factor for c in terms))
+    scales = ", ".join(f"{s:g}" for s in dict.fromkeys(c.weight.scale for c in terms))
+    # BF16 has float32's range: only F16 and block types (fp16 scales) have a wider type
+    wider = "" if job.out_dtype in ("F32", "BF16") else ", or write a wider type (--dtype " \
+        "fp32; --requantize f32 for a GGUF base)"
+    raise UnsupportedError(f"{job.name}: the merged tensor would hold {bad} Inf/NaN value(s) of "
+                           f"{values.numel()}: the adapters' delta (--weights {weights or '-'}, "
+                           f"scale {scales or '-'}) is too large for {job.out_dtype}; lower "
+                           f"--weights or check the adapter's lora_alpha / r{wider}; nothing was "
+                           "written")
+
+
+def check_output(job: Job, tensor: torch.Tensor, source: torch.Tensor | None) -> None:
+    """The engine's check of each output tensor as it is produced (merging/run.py): float
+    outputs here, against their ``source`` when it is a float tensor; block-quantized and
+    bitsandbytes outputs are checked before they are encoded (``fold_gguf``, bnb.py)."""
+    if job.changed and tensor.is_floating_point():
+        float_source = source is not None and source.is_floating_point()
+        check_finite(job, tensor, base=source if float_source else None)
 
 
 def is_quantized(type_name: str) -> bool:
@@ -135,12 +171,17 @@ def fold_gguf(job: Job, source: torch.Tensor, mode: str,
     # full-size fp32 temporaries (rows, cols) live in reused buffers when given
     weight = _as_float(job, source, _scratch(buffers, "weight", job))
     merged = fold_fp32(job, weight, mode, buffers)
+    if job.changed:
+        check_finite(job, merged, base=weight)
     encoded = _encode(job, merged)
     if not job.changed:
         return encoded, None
     old = weight if job.out_dtype == job.source.dtype else roundtrip(weight, job.out_dtype)
     intended = torch.sub(merged, weight, out=_scratch(buffers, "intended", job))
-    realized = _decode(job, encoded, _scratch(buffers, "decoded", job)).sub_(old)
+    decoded = _decode(job, encoded, _scratch(buffers, "decoded", job))
+    if is_quantized(job.out_dtype):     # finite values can still overflow fp16 block scales
+        check_finite(job, decoded)
+    realized = decoded.sub_(old)
     return encoded, survival(job.name, job.out_dtype, intended, realized, scratch=True)
 
 
