@@ -64,12 +64,19 @@ def info(message: str) -> None:
 
 
 def formats_table(rows: list[dict]) -> None:
+    """One row per format; a plugin that failed to load (``available`` false, or a description
+    ``unavailable: REASON``) is shown in red with its reason. Cells are literal text: a plugin's
+    name or error may hold ``[x]``."""
     table = Table(title="adapter formats")
     for column in ("name", "read", "write", "package", "description"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], _yes(row["read"]), _yes(row["write"]), row["package"],
-                      row["description"])
+        description = row["description"]
+        broken = row.get("available") is False or description.startswith("unavailable: ")
+        if row.get("error") and not description.startswith("unavailable: "):
+            description = f"unavailable: {row['error']}"
+        table.add_row(plain(row["name"]), _yes(row["read"]), _yes(row["write"]),
+                      plain(row["package"]), plain(description), style="red" if broken else None)
     out.print(table)
 
 

@@ -30,7 +30,15 @@ def parse_dtype(name: str):
 
 
 def _accepts(func, option: str) -> bool:
-    return option in _signature.signature(func).parameters
+    """Does ``func`` take ``option`` by keyword: it names it or has ``**opts`` (registry.py)?"""
+    try:
+        params = _signature.signature(func).parameters.values()
+    except (TypeError, ValueError):      # no signature to read (a builtin): pass nothing
+        return False
+    kind = _signature.Parameter
+    return any(p.kind is kind.VAR_KEYWORD or
+               (p.name == option and p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY))
+               for p in params)
 
 
 def _base_info(base):
