@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from .errors import FormatError
+from .errors import FormatError, UnsupportedError
 
 # How the base layer stores its weight, which decides the layout of the factors and the DoRA axis.
 #   linear    nn.Linear           weight (out, in)        delta = b @ a
@@ -126,16 +126,43 @@ def map_tensors(w: LoraWeight, fn) -> LoraWeight:
                          if getattr(w, part) is not None})
 
 
+def check_cast(name: str, original: torch.Tensor, cast: torch.Tensor, type_name: str, *,
+               most: float | None = None,
+               hint: str = "keep a wider dtype (--dtype keep or fp32)") -> None:
+    """Refuse (UnsupportedError naming the tensor, ending with ``hint``) a conversion of the
+    finite ``original`` to ``type_name`` that gave Inf or NaN: its values are too large for that
+    type, which holds magnitudes up to ``most`` (default: the largest finite value of ``cast``'s
+    dtype)."""
+    if not cast.is_floating_point() or bool(torch.isfinite(cast).all()):
+        return
+    if not bool(torch.isfinite(original).all()):
+        return           # already non-finite: the callers' own NaN/Inf refusal says so
+    largest = float(original.abs().max())
+    most = most if most is not None else torch.finfo(cast.dtype).max
+    limit = f" (at most {most:g})"
+    raise UnsupportedError(f"{name}: values up to {largest:g} do not fit {type_name}{limit}; "
+                           f"{hint}")
+
+
 def cast_adapter(adapter: Adapter, dtype: torch.dtype | None) -> Adapter:
-    """A copy with every floating tensor in ``dtype`` (None keeps each tensor's own dtype)."""
+    """A copy with every floating tensor in ``dtype`` (None keeps each tensor's own dtype);
+    a value too large for ``dtype`` is refused (``check_cast``), never written as Inf."""
     if dtype is None:
         return adapter
+    type_name = str(dtype).removeprefix("torch.")
 
-    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t.to(dtype) if t is not None and t.is_floating_point() else t
+    def cast(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not t.is_floating_point():
+            return t
+        out = t.to(dtype)
+        check_cast(name, t, out, type_name)
+        return out
 
-    weights = {n: map_tensors(w, cast) for n, w in adapter.weights.items()}
-    replacements = {n: cast(t) for n, t in adapter.replacements.items()}
+    parts = {"a": "lora_A", "b": "lora_B", "magnitude": "magnitude", "bias": "bias"}
+    weights = {n: replace(w, **{part: cast(f"{n} ({label})", getattr(w, part))
+                                for part, label in parts.items()})
+               for n, w in adapter.weights.items()}
+    replacements = {n: cast(n, t) for n, t in adapter.replacements.items()}
     return Adapter(weights, replacements, adapter.base_model, dict(adapter.metadata))
 
 

@@ -17,14 +17,16 @@ scales, the folds, the HF names and the base's head counts are also stored under
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..adapter import Adapter, LoraWeight, check_weight
+from ..adapter import Adapter, LoraWeight, check_cast, check_weight
 from ..errors import FormatError, UnsupportedError
+from . import check_fits_in_memory
 from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
                     permute_rows, read_base_tensor, rope_heads, unpermute_rows)
 
@@ -124,10 +126,15 @@ def restore_list(original: torch.Tensor, folded: torch.Tensor, fold: float) -> l
     return [[int(i), int(want[i])] for i in wrong]
 
 
-def apply_restore(tensor: torch.Tensor, restore: list[list[int]]) -> torch.Tensor:
+def apply_restore(tensor: torch.Tensor, restore: list[list[int]], where: str = "") -> torch.Tensor:
     if not restore or tensor.dtype not in _BITS:
         return tensor
     flat = tensor.contiguous().reshape(-1).clone()
+    info = torch.iinfo(_BITS[tensor.dtype])
+    if not all(0 <= i < flat.numel() and info.min <= b <= info.max for i, b in restore):
+        raise FormatError(f"{where}a `restore` entry of `{META_KEY}` lies outside its tensor "
+                          f"({flat.numel()} values of {tensor.dtype}); the file was damaged, "
+                          "convert it again")
     index = torch.tensor([i for i, _ in restore], dtype=torch.long)
     flat.view(_BITS[tensor.dtype])[index] = torch.tensor([b for _, b in restore],
                                                          dtype=_BITS[tensor.dtype])
@@ -157,11 +164,18 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
     kind = _tensor_type(dtype, tensor.dtype, int(tensor.shape[-1]))
     tensor = tensor.contiguous()
     if kind == T.Q8_0:
-        data = gguf.quants.quantize(tensor.float().numpy(), T.Q8_0)
+        with np.errstate(over="ignore", invalid="ignore"):     # check_cast below says it
+            data = gguf.quants.quantize(tensor.float().numpy(), T.Q8_0)
+            stored = torch.from_numpy(gguf.quants.dequantize(data, T.Q8_0))  # fp16 scales
     elif kind == T.BF16:
-        data = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        stored = tensor.to(torch.bfloat16)
+        data = stored.view(torch.int16).numpy().view(np.uint16)
     else:
-        data = tensor.to(torch.float32 if kind == T.F32 else torch.float16).numpy()
+        stored = tensor.to(torch.float32 if kind == T.F32 else torch.float16)
+        data = stored.numpy()
+    # Q8_0: 8-bit codes times an fp16 scale per block of 32
+    check_cast(name, tensor, stored, kind.name,
+               most=127 * torch.finfo(torch.float16).max if kind == T.Q8_0 else None)
     writer.add_tensor(name, data, raw_dtype=kind)
     return kind.name
 
@@ -242,6 +256,61 @@ def _tensor_data(tensor, path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
 
+def _alpha(reader, path: Path) -> float:
+    alpha = field_value(reader, "adapter.lora.alpha", 0.0)
+    if alpha is None or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise FormatError(f"{path}: adapter.lora.alpha is {alpha!r}, not a number; the file is "
+                          "corrupt, convert it again")
+    return float(alpha)
+
+
+# Our own `adaptertools.lora` entry, per tensor: (check, what is expected).
+ENTRY_FIELDS = {
+    "name": (lambda v: isinstance(v, str), "a tensor name"),
+    "scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "fold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0
+             and math.isfinite(v), "a finite non-zero number"),
+    "restore": (lambda v: isinstance(v, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                    for x in r) for r in v),
+        "a list of [index, bits] pairs"),
+}
+
+
+def _own_info(reader, path: Path) -> dict:
+    """The `adaptertools.lora` entry of our own files ({} for foreign ones), checked."""
+    from .peft import _shown, check_metadata
+
+    text = field_value(reader, META_KEY)
+    if text is None:
+        return {}
+    damaged = "the file was damaged, convert it again"
+    try:
+        info = json.loads(text) if isinstance(text, str) else None
+    except (json.JSONDecodeError, RecursionError):
+        info = None
+    if not isinstance(info, dict):
+        raise FormatError(f"{path}: the `{META_KEY}` entry is not a JSON object; {damaged}")
+    entries = info.get("tensors", {})
+    if not isinstance(entries, dict):
+        raise FormatError(f"{path}: `tensors` in `{META_KEY}` is {_shown(entries)}, expected an "
+                          f"object; {damaged}")
+    for gguf_name, entry in entries.items():
+        missing = [k for k in ("name", "scale", "fold") if not isinstance(entry, dict)
+                   or k not in entry]
+        bad = missing or [k for k, (ok, _) in ENTRY_FIELDS.items() if k in entry
+                          and not ok(entry[k])]
+        if bad:
+            expected = ENTRY_FIELDS[bad[0]][1]
+            raise FormatError(f"{path}: `{bad[0]}` of {gguf_name} in `{META_KEY}` is missing or "
+                              f"not {expected}; {damaged}")
+    if not isinstance(info.get("base_model"), (str, type(None))):
+        raise FormatError(f"{path}: `base_model` in `{META_KEY}` is {_shown(info['base_model'])}, "
+                          f"expected a string; {damaged}")
+    check_metadata(info.get("metadata") or {}, f"{path} (`{META_KEY}` metadata)")
+    return info
+
+
 def _pairs(reader, path: Path) -> dict[str, dict[str, object]]:
     pairs: dict[str, dict[str, object]] = {}
     for tensor in reader.tensors:
@@ -266,7 +335,7 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
         raise FormatError(f"{path}: not a GGUF LoRA adapter (general.type={kind!r}, "
                           f"adapter.type={adapter_type!r}); a GGUF model goes to --base")
     arch = field_value(reader, "general.architecture")
-    info = json.loads(field_value(reader, META_KEY) or "{}")
+    info = _own_info(reader, path)
     own_base = BaseInfo.from_json(info["base"], str(path)) if "base" in info else None
     base = base or own_base
     if base is None:
@@ -275,8 +344,10 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
     if base.arch != arch:
         raise FormatError(f"{path}: adapter is for architecture {arch!r} but --base is "
                           f"{base.arch!r} ({base.source}); pass the matching base")
-    alpha = float(field_value(reader, "adapter.lora.alpha", 0.0) or 0.0)
+    alpha = _alpha(reader, path)
     entries = info.get("tensors", {})
+    # loaded whole, as float32 at most (quantized factors are dequantized)
+    check_fits_in_memory(path, {t.name: int(t.n_elements) * 4 for t in reader.tensors})
     weights = {}
     for gguf_name, pair in _pairs(reader, path).items():
         lora_a, lora_b = (_tensor_data(pair[p], path) for p in ("lora_a", "lora_b"))
@@ -286,7 +357,8 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
         rank = int(lora_b.shape[1])
         if entry:   # our own file: undo the fold, take the exact scale
             if entry["fold"] != 1.0:
-                lora_b = apply_restore(unfold(lora_b, entry["fold"]), entry.get("restore"))
+                lora_b = apply_restore(unfold(lora_b, entry["fold"]), entry.get("restore"),
+                                       f"{path}: {gguf_name}: ")
             scale = float(entry["scale"])
         else:       # llama.cpp's rule: alpha / rank, alpha 0 means the scale is baked in
             scale = alpha / rank if alpha else 1.0
@@ -299,6 +371,9 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
     metadata["gguf_base"] = base.to_json()
     tokens = field_value(reader, "adapter.alora.invocation_tokens")
     if tokens is not None:
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise FormatError(f"{path}: adapter.alora.invocation_tokens is not a list of token "
+                              "ids; the file is corrupt, convert it again")
         metadata["alora_invocation_tokens"] = [int(t) for t in tokens]
     base_model = info.get("base_model") or field_value(reader, "general.base_model.0.name")
     return Adapter(weights=weights, base_model=base_model, metadata=metadata)

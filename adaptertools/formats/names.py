@@ -78,9 +78,21 @@ class BaseInfo:
 
     @staticmethod
     def from_json(data: dict, source: str) -> "BaseInfo":
-        return BaseInfo(arch=data["arch"], n_blocks=int(data["n_blocks"]), n_head=int(data["n_head"]),
-                        n_head_kv=int(data["n_head_kv"]),
-                        tied_embeddings=bool(data["tied_embeddings"]), source=source)
+        """The inverse of ``to_json``; a FormatError naming ``source`` for anything else."""
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        fields = {"arch": lambda v: isinstance(v, str), "n_blocks": whole, "n_head": whole,
+                  "n_head_kv": whole, "tied_embeddings": lambda v: isinstance(v, bool)}
+        bad = next((k for k, ok in fields.items() if not isinstance(data, dict) or k not in data
+                    or not ok(data[k])), None)
+        if bad is not None:
+            raise FormatError(f"{source}: the stored base model facts ({', '.join(fields)}) are "
+                              f"incomplete or mistyped (`{bad}`); the file was damaged, convert "
+                              "it again (or pass --base)")
+        return BaseInfo(arch=data["arch"], n_blocks=data["n_blocks"], n_head=data["n_head"],
+                        n_head_kv=data["n_head_kv"], tied_embeddings=data["tied_embeddings"],
+                        source=source)
 
 
 # ----------------------------------------------------------------------------- base info

@@ -14,6 +14,7 @@ Facts this module encodes (FORMATS.md, checked against PEFT 0.21.2):
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -119,19 +120,124 @@ def targets_cover(target_modules, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in (target_modules or []))
 
 
+# ----------------------------------------------------------------------------- config schema
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _whole(v) -> bool:
+    return _number(v) and float(v).is_integer() and v >= 1
+
+
+def _regex(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        re.compile(rf"(.*\.)?({v})$")     # as pattern_value and targets_cover use it
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+# The fields of adapter_config.json that this module reads (or carries into a PEFT config it
+# writes), each with the type PEFT's LoraConfig declares for it (peft/tuners/lora/config.py,
+# 0.21.2) as (check, what is expected). JSON null is accepted wherever LoraConfig allows None.
+# ``rank_pattern`` / ``alpha_pattern`` are checked key by key (PATTERN_FIELDS).
+CONFIG_FIELDS = {
+    "peft_type": (lambda v: isinstance(v, str), 'a string such as "LORA"'),
+    "r": (_whole, "a whole number >= 1 (the rank)"),
+    "lora_alpha": (lambda v: _number(v) and v > 0, "a positive number"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "target_modules": (lambda v: v is None or _strings(v) or _regex(v),
+                       "a list of module names or one valid regular expression"),
+    "modules_to_save": (lambda v: v is None or _strings(v), "a list of module names, or null"),
+    "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)),
+                          'true, false or a method name such as "gaussian"'),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string, or null"),
+    "task_type": (lambda v: v is None or isinstance(v, str), 'a string such as "CAUSAL_LM"'),
+    "alora_invocation_tokens": (lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)),
+        "a list of token ids"),
+}
+PATTERN_FIELDS = {"rank_pattern": (_whole, "a whole number >= 1 (a rank)"),
+                  "alpha_pattern": (_number, "a number (an alpha)")}
+
+
+def _shown(value) -> str:
+    """A JSON value as a user wrote it: its JSON type and, briefly, the value."""
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object", type(None): "null"}.get(type(value), "a value")
+    if value is None:
+        return kind
+    text = json.dumps(value, default=str)
+    return f"{kind} ({text[:40]}{'...' if len(text) > 40 else ''})"
+
+
+def check_types(config: dict, where: Path | str) -> None:
+    """A FormatError naming ``where``, the field and the expected type for the first field of
+    ``config`` (if present) that does not have the type PEFT gives it."""
+    def refuse(field: str, value, expected: str) -> FormatError:
+        return FormatError(f"{where}: `{field}` is {_shown(value)}, expected {expected}; fix "
+                           "the config")
+
+    for field, (ok, expected) in CONFIG_FIELDS.items():
+        if field in config and not ok(config[field]):
+            raise refuse(field, config[field], expected)
+    for field, (ok, expected) in PATTERN_FIELDS.items():
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise refuse(field, patterns, f"an object mapping module patterns to {expected}")
+        for key, value in patterns.items():
+            if not _regex(key):
+                raise FormatError(f"{where}: `{field}` key {key!r} is not a valid regular "
+                                  "expression (PEFT matches each key as one); fix the config")
+            if not ok(value):
+                raise refuse(f"{field}[{key!r}]", value, expected)
+
+
+def check_metadata(metadata, where: str) -> None:
+    """The metadata our own files carry (``Adapter.metadata``): an object whose ``peft_config``,
+    when present, has PEFT's types, and whose GGUF base facts are complete."""
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{where}: `metadata` is {_shown(metadata)}, expected an object; the "
+                          "file was damaged, write it again")
+    config = metadata.get("peft_config")
+    if config is not None and not isinstance(config, dict):
+        raise FormatError(f"{where}: `peft_config` is {_shown(config)}, expected an object; the "
+                          "file was damaged, write it again")
+    check_types(config or {}, f"{where}: peft_config")
+    check_types({k: v for k, v in metadata.items() if k == "alora_invocation_tokens"}, where)
+    if metadata.get("gguf_base") is not None:
+        from .names import BaseInfo
+
+        BaseInfo.from_json(metadata["gguf_base"], where)
+
+
 def check_config(config: dict, where: Path) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    """The adapter_config.json of a LoRA adapter: a PEFT type read here, r and lora_alpha set,
+    every field it has of the type PEFT gives it (``check_types``)."""
+    check_types({k: v for k, v in config.items() if k == "peft_type"}, where)
+    peft_type = config.get("peft_type", "LORA").upper()
     if peft_type != "LORA":
         raise UnsupportedError(f"{where}: not supported yet: {peft_type} (only LoRA and DoRA "
                                "adapters are read)")
+    for key in ("r", "lora_alpha"):
+        if config.get(key) is None:
+            raise FormatError(f"{where}: `{key}` is missing; set it to the value used in training")
+    check_types(config, where)
     for switch in UNSUPPORTED_SWITCHES:
         if config.get(switch):
             raise UnsupportedError(f"{where}: not supported yet: {switch}={config[switch]!r}")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise FormatError(f"{where}: `{key}` is missing or not a positive number "
-                              f"(got {value!r}); set it to the value used in training")
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(BASE_MODIFYING_INITS):
         warnings.warn(f"{where}: init_lora_weights={config['init_lora_weights']!r} means this "
@@ -238,17 +344,38 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                       f"{LEGACY_WEIGHTS_NAME}; copy the weights file next to the config")
 
 
+# What torch's weights-only unpickler says of a global it refuses (torch 2.6-2.13):
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" and
+# "Unsupported global: GLOBAL builtins.exec was not an allowed global by default".
+REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+CONVERT_HINT = ("if you trust its source, convert it to adapter_model.safetensors with trusted "
+                "tools (PEFT's save_pretrained(safe_serialization=True)) and pass that folder")
+
+
+def _unpickling_refusal(path: Path, exc: BaseException) -> FormatError:
+    """torch.load's refusal in our words: never its hint to retry with ``weights_only=False``."""
+    found = REFUSED_GLOBAL.search(str(exc))
+    if found:
+        return FormatError(f"{path}: refused: loading it would run code (the pickle calls "
+                           f"{found.group(1)}), and adaptertools loads only plain tensors from "
+                           f".bin files; {CONVERT_HINT}")
+    # the line that says what is wrong, without torch's advice around it
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()
+             and "weights_only" not in line and not line.strip().startswith(advice)]
+    detail = lines[0] if lines else type(exc).__name__
+    return FormatError(f"{path}: not a plain tensor state dict, refusing to unpickle it "
+                       f"({detail[:120]}); {CONVERT_HINT}")
+
+
 def load_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, loaded with ``weights_only=True`` so no code in it can run."""
-    import pickle
-
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise FormatError(f"{path}: not a plain tensor state dict, refusing to unpickle it "
-                          f"({reason}); convert it with `save_pretrained(safe_serialization=True)` "
-                          "in a trusted environment") from None
+        with warnings.catch_warnings():      # its notes on pickle protocols are not ours to show
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an untrusted file: the unpickler raises many kinds (pickle,
+        raise _unpickling_refusal(path, exc) from None   # zip, struct, EOF, Unicode errors...)
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a dict of tensors, got {type(data).__name__}; this is "
                           "not a PEFT adapter_model.bin")

@@ -70,13 +70,43 @@ def _read_bare_peft(path: Path, tensors: dict, scale: float | None) -> Adapter:
     return adapter
 
 
-def _read_own(path: Path, tensors: dict, metadata: dict[str, str]) -> Adapter:
+# The `adaptertools` metadata entry: (check, what is expected) per field of a tensor's entry.
+ENTRY_FIELDS = {
+    "scale": (lambda v: peft._number(v), "a number"),
+    "layer": (lambda v: isinstance(v, str), 'a layer kind such as "linear"'),
+    "weight_shape": (lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)),
+        "a list of sizes, or null"),
+}
+
+
+def _info(path: Path, metadata: dict[str, str]) -> dict:
+    """The `adaptertools` metadata entry, checked: {"tensors": {name: entry}, "metadata": {}}."""
+    damaged = "the file was damaged, write it again"
     try:
         info = json.loads(metadata.get("adaptertools", "{}"))
         entries = info["tensors"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
         raise FormatError(f"{path}: the `adaptertools` metadata entry is missing or not valid "
-                          "JSON; the file was damaged, write it again") from None
+                          f"JSON; {damaged}") from None
+    if not isinstance(entries, dict):
+        raise FormatError(f"{path}: `tensors` in the `adaptertools` metadata is "
+                          f"{peft._shown(entries)}, expected an object; {damaged}")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or "scale" not in entry:
+            raise FormatError(f"{path}: the `adaptertools` metadata of {name} is "
+                              f"{peft._shown(entry)}, expected an object with a `scale`; {damaged}")
+        for field, (ok, expected) in ENTRY_FIELDS.items():
+            if field in entry and not ok(entry[field]):
+                raise FormatError(f"{path}: `{field}` of {name} in the `adaptertools` metadata is "
+                                  f"{peft._shown(entry[field])}, expected {expected}; {damaged}")
+    peft.check_metadata(info.get("metadata", {}), f"{path} (`adaptertools` metadata)")
+    return info
+
+
+def _read_own(path: Path, tensors: dict, metadata: dict[str, str]) -> Adapter:
+    info = _info(path, metadata)
+    entries = info["tensors"]
     weights = {}
     used: set[str] = set()
     for name, entry in entries.items():

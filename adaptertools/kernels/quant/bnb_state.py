@@ -71,7 +71,7 @@ def state_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[
         meta = json.loads(bytes(tensors[key].to("cpu", torch.uint8).reshape(-1).tolist()).decode("utf-8"))
         quant_type, blocksize = meta["quant_type"], int(meta["blocksize"])
         shape, dtype = tuple(int(s) for s in meta["shape"]), str(meta["dtype"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:   # (JSON nested too deeply)
         raise FormatError(f"bitsandbytes 4-bit weight {name!r}: corrupted quant state {key!r} ({e})") from None
     if key.rsplit("__", 1)[1] != quant_type:
         raise FormatError(f"bitsandbytes 4-bit weight {name!r}: {key!r} says quant_type {quant_type!r}")
