@@ -265,6 +265,8 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
         jobs = [job_for(e) for e in f.tensors]
         if bnb is not None:
             jobs = bnb.jobs(jobs)
+        for job in jobs:
+            _check_foldable(job, base)
         added = add_lm_head and any(e.name == embedding for e in f.tensors)
         if added:
             jobs.append(job_for(lm_head_entry))
@@ -279,6 +281,31 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
         config, index = bnb.config(config, base.config), bnb.index(index, files)
     return Plan(base, tuple(files), mode, tuple(factors), tuple(names), config=config,
                 index=index, warnings=tuple(warnings))
+
+
+# what each stored dtype an adapter cannot be folded into is, for the refusal
+STORED_KINDS = {"I8": "int8", "U8": "uint8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "F64": "float64", "I16": "int16", "I32": "int32", "I64": "int64", "U16": "uint16",
+                "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+
+
+def _check_foldable(job: Job, base: HFBase) -> None:
+    """An adapted tensor of an HF checkpoint must be F32/F16/BF16 or a bitsandbytes weight."""
+    dtype = job.source.dtype
+    if not job.changed or job.group is not None or dtype in FLOAT_DTYPES:
+        return
+    where = f"{base.folder / job.source.file}: {job.name} is {dtype} ({STORED_KINDS.get(dtype, dtype)})"
+    supported = ("adapters are merged into F32, F16 and BF16 tensors, and into bitsandbytes "
+                 "NF4/FP4/int8 checkpoints (quantization_config in config.json)")
+    if dtype.startswith("F8"):
+        hint = ("FP8 checkpoints are not supported yet: merge into the BF16/F16 model and "
+                "quantize the result")
+    elif dtype in ("I8", "U8"):
+        hint = ("if this is a bitsandbytes checkpoint, restore the quantization_config of its "
+                "config.json; otherwise merge into the unquantized model")
+    else:
+        hint = "merge into a checkpoint whose adapted weights are F32, F16 or BF16"
+    raise UnsupportedError(f"{where} and an adapter changes it; {supported}; {hint}")
 
 
 def _updated_config(base: HFBase, dtype: str, untie: bool) -> dict | None:
