@@ -30,8 +30,9 @@ from functools import reduce
 
 import torch
 
-from ..adapter import Adapter, LoraWeight
+from ..adapter import Adapter, LoraWeight, check_cast
 from ..errors import UnsupportedError
+from ..kernels.fold import all_finite
 from ..kernels.lowrank import (
     SVD_CHOICES,
     choose_rank,
@@ -188,6 +189,28 @@ def combine_replacements(adapters: list[Adapter], names: list[str]) -> dict[str,
 
 # ----------------------------------------------------------------------------- one tensor
 
+def check_sum(name: str, group: list[Term], *tensors: torch.Tensor) -> None:
+    """The weighted sum of ``group``'s deltas (as ``tensors``: its float64 factors or the full
+    target) must be finite: the inputs are (load refuses NaN/Inf), so only --weights times the
+    scales can overflow it."""
+    if all(all_finite(t) for t in tensors):
+        return
+    weights = ", ".join(f"{t.weight:g}" for t in group)
+    scales = ", ".join(f"{t.lora.scale:g}" for t in group)
+    raise UnsupportedError(f"{name}: the weighted sum of the adapters' deltas overflows (--weights "
+                           f"{weights}; scales {scales}); lower --weights")
+
+
+def check_factors(name: str, b: torch.Tensor, a: torch.Tensor, wide: tuple[torch.Tensor, ...], *,
+                  cause: str = "lower --weights") -> None:
+    """The output factors ``b`` and ``a`` of ``name``, cast from ``wide`` (the same factors in
+    float64), must be finite: a refusal naming the tensor and the dtype that cannot hold them."""
+    hint = cause if b.dtype == torch.float32 else f"{cause}, or use --dtype fp32"
+    for label, cast, original in (("lora_B", b, wide[0]), ("lora_A", a, wide[1])):
+        check_cast(f"{name} ({label})", original, cast, str(cast.dtype).removeprefix("torch."),
+                   hint=hint)
+
+
 def out_dtype(group: list[Term], options: Options) -> torch.dtype:
     if options.dtype is not None:
         return options.dtype
@@ -204,6 +227,7 @@ def combine_factored(name: str, group: list[Term], options: Options):
     """cat or svd from the factors: (b, a, result) in float64."""
     terms = factored_terms(group)
     x, y = stack_factors(terms)                          # (rows, R), (R, cols)
+    check_sum(name, group, x, y)
     shape = group[0].lora.stored_shape
     if options.method == "cat":
         return x, y, TensorResult(name, shape, x.shape[1], product_norm(x, y), 0.0)
@@ -265,6 +289,7 @@ def combine_full(name: str, group: list[Term], options: Options,
         target = merge_pruned(deltas, weights, options.method, options.density, generator)
     else:                                                # svd of a materialized DoRA sum
         target = sum(w * d for w, d in zip(weights, deltas))
+    check_sum(name, group, target)
     b, a = truncate_matrix(target, rank=options.rank, energy=options.energy, svd=options.svd,
                            generator=generator)
     return b, a, target
@@ -285,14 +310,17 @@ def combine_tensor(name: str, group: list[Term], options: Options,
     if not use_full and not factored_terms(group):
         return None, TensorResult(name, shape, 0, 0.0, 0.0, "all weights are 0; left out")
     if use_full:
-        b, a, target = combine_full(name, group, options, base_weight)
-        b, a = b.to(dtype), a.to(dtype)
+        wide = combine_full(name, group, options, base_weight)
+        target = wide[2]
+        b, a = wide[0].to(dtype), wide[1].to(dtype)
+        check_factors(name, b, a, wide[:2])
         norm = float(torch.linalg.matrix_norm(target))
         error = float(torch.linalg.matrix_norm(target - b.double() @ a.double()))
         result = TensorResult(name, shape, b.shape[1], norm, error)
     else:
-        b, a, result = combine_factored(name, group, options)
-        b, a = b.to(dtype), a.to(dtype)
+        *wide, result = combine_factored(name, group, options)
+        b, a = wide[0].to(dtype), wide[1].to(dtype)
+        check_factors(name, b, a, tuple(wide))
         x, y = stack_factors([(1.0, b, a)] + [(-c, bi, ai) for c, bi, ai in factored_terms(group)])
         result = replace(result, error=product_norm(x, y))
     if result.target_norm == 0:

@@ -24,9 +24,10 @@ import torch
 
 from ..adapter import Adapter, LoraWeight, module_name
 from ..errors import FormatError, UnsupportedError
+from ..kernels.fold import all_finite, count_nonfinite
 from ..kernels.lowrank import truncate_matrix
 from .bases import HFBase, TensorEntry, open_base
-from .combine import TensorResult, tensor_generator
+from .combine import TensorResult, check_factors, tensor_generator
 
 # last component of the module name of input/position embeddings (HF Llama, GPT-2, BLOOM, NeoX, T5)
 EMBEDDING_MODULES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in",
@@ -86,6 +87,14 @@ def read_stored(folder: Path, entry: TensorEntry) -> torch.Tensor:
     return decode(read_raw(folder, entry), entry)
 
 
+def check_stored(checkpoint: HFBase, entry: TensorEntry, value: torch.Tensor) -> None:
+    """A tensor extract would factor or keep must be finite in the checkpoint it comes from."""
+    if not all_finite(value):
+        raise FormatError(f"{checkpoint.folder / entry.file}: {entry.name} holds "
+                          f"{count_nonfinite(value)} NaN/Inf value(s); the checkpoint is damaged "
+                          "(a diverged fine-tune?): save or download it again")
+
+
 # ----------------------------------------------------------------------------- planning
 
 def is_embedding(name: str) -> bool:
@@ -140,9 +149,10 @@ def pair_tensors(base: HFBase, tuned: HFBase, targets: tuple[str, ...] | None) -
 def factor_delta(pair: Pair, delta: torch.Tensor, options: ExtractOptions):
     """LoraWeight (scale 1) for ``delta`` (rows, cols) fp32, and its TensorResult.
     ``delta`` is overwritten with the residual."""
-    b, a = truncate_matrix(delta, rank=options.rank, energy=options.energy, svd=options.svd,
+    wide = truncate_matrix(delta, rank=options.rank, energy=options.energy, svd=options.svd,
                            generator=tensor_generator(options.seed, pair.name))
-    b, a = b.to(options.dtype), a.to(options.dtype)
+    b, a = wide[0].to(options.dtype), wide[1].to(options.dtype)
+    check_factors(pair.name, b, a, wide, cause="the fine-tune's change is too large for it")
     norm = float(torch.linalg.vector_norm(delta))
     delta.addmm_(b.to(delta.dtype), a.to(delta.dtype), alpha=-1)      # the residual, in place
     error = float(torch.linalg.vector_norm(delta))
@@ -155,6 +165,7 @@ def extract_pair(base: HFBase, tuned: HFBase, pair: Pair, options: ExtractOption
     raw = read_raw(tuned.folder, pair.tuned)
     if pair.base is None:
         value = decode(raw, pair.tuned)
+        check_stored(tuned, pair.tuned, value)
         norm = float(torch.linalg.vector_norm(value, dtype=torch.float64))
         note = "only in the fine-tune: kept whole (modules_to_save)"
         return "full", value, TensorResult(pair.name, tuple(pair.tuned.shape), None, norm, 0.0,
@@ -165,6 +176,12 @@ def extract_pair(base: HFBase, tuned: HFBase, pair: Pair, options: ExtractOption
     value = decode(raw, pair.tuned)
     wide = torch.float64 if value.dtype == torch.float64 else torch.float32
     delta = value.to(wide, copy=True).sub_(decode(old, pair.base))
+    if pair.role != "drop" and not all_finite(delta):    # an SVD of NaN fails to converge
+        check_stored(tuned, pair.tuned, value)
+        check_stored(base, pair.base, decode(old, pair.base))
+        raise UnsupportedError(f"{pair.name}: the difference between {tuned.folder} and "
+                               f"{base.folder} overflows {wide}; these are not two checkpoints "
+                               "of one model")
     del old
     shape = tuple(pair.tuned.shape)
     if pair.role == "lora":

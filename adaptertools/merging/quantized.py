@@ -50,9 +50,10 @@ def check_finite(job: Job, values: torch.Tensor, *, base: torch.Tensor | None = 
     terms = (*job.contributions, *job.bias_contributions)
     weights = ", ".join(f"{w:g}" for w in dict.fromkeys(c.factor for c in terms))
     scales = ", ".join(f"{s:g}" for s in dict.fromkeys(c.weight.scale for c in terms))
-    # BF16 has float32's range: only F16 and block types (fp16 scales) have a wider type
-    wider = "" if job.out_dtype in ("F32", "BF16") else ", or write a wider type (--dtype " \
-        "fp32; --requantize f32 for a GGUF base)"
+    # BF16 has float32's range: only F16 and block types (fp16 scales) have a wider type. (An HF
+    # merge of one adapter rounds to the stored dtype, as PEFT does: --dtype fp32 would not help)
+    wider = "" if job.out_dtype in ("F32", "BF16") else ", or merge into an F32 copy of the " \
+        "base (a GGUF base: --requantize f32)"
     raise UnsupportedError(f"{job.name}: the merged tensor would hold {bad} Inf/NaN value(s) of "
                            f"{values.numel()}: the adapters' delta (--weights {weights or '-'}, "
                            f"scale {scales or '-'}) is too large for {job.out_dtype}; lower "

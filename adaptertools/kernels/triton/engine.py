@@ -10,9 +10,13 @@ terms, replacements, DoRA, type changes, other block types) takes the torch path
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import torch
 
 from ...errors import UnsupportedError
+from ..fold import all_finite
 from . import available, interpreting
 
 KERNELS = ("auto", "torch", "triton")
@@ -60,6 +64,21 @@ def _factors(contributions) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     return [(w.a, w.b, 1.0)]
 
 
+@contextmanager
+def _interpreter_quiet():
+    """Under TRITON_INTERPRET=1 the kernels run in numpy, which warns about the Inf/NaN values a
+    refused merge produces (the engine checks the results and says so itself); on a GPU the
+    kernels never warn."""
+    if not interpreting():
+        yield
+        return
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def fold_float_job(job, tensor: torch.Tensor, mode: str, device: torch.device,
                    out_dtype: torch.dtype) -> torch.Tensor | None:
     """The job's output (on the CPU, shaped like ``tensor``) through ``fold.fold_float``, or None."""
@@ -71,14 +90,15 @@ def fold_float_job(job, tensor: torch.Tensor, mode: str, device: torch.device,
 
     shape = contributions[0].weight.shape                    # (rows, cols), the stored layout 2-D
     weight = tensor.to(device).reshape(shape)
-    if mode == "stacked":
-        for c in contributions:             # rounded to the stored dtype after each, as PEFT does
-            (a, b, s), = _factors([c])
-            weight = fold_float(weight, a, b, s, tensor.dtype)
-        result = weight.to(out_dtype)
-    else:
-        (a, b, s), = _factors(contributions)
-        result = fold_float(weight, a, b, s, out_dtype)
+    with _interpreter_quiet():
+        if mode == "stacked":
+            for c in contributions:         # rounded to the stored dtype after each, as PEFT does
+                (a, b, s), = _factors([c])
+                weight = fold_float(weight, a, b, s, tensor.dtype)
+            result = weight.to(out_dtype)
+        else:
+            (a, b, s), = _factors(contributions)
+            result = fold_float(weight, a, b, s, out_dtype)
     return result.reshape(tensor.shape).to("cpu").contiguous()
 
 
@@ -90,10 +110,19 @@ def fold_gguf_job(job, source: torch.Tensor, mode: str, device: torch.device):
             or (mode == "stacked" and len(contributions) > 1)):
         return None
     from ...merging.quantized import Survival
-    from .blocks import fold_gguf
+    from .blocks import Q4_0_BYTES, Q8_0_BYTES, fold_gguf
 
     (a, b, s), = _factors(contributions)
-    encoded, stats = fold_gguf(source.to(device), job.out_dtype, tuple(job.shape), a, b, s)
+    with _interpreter_quiet():
+        encoded, stats = fold_gguf(source.to(device), job.out_dtype, tuple(job.shape), a, b, s)
+    # each block is an fp16 scale d (its first 2 bytes) times small integers: its values are
+    # finite exactly when d is (Inf/NaN merged values, or a block too large for fp16, give none)
+    block = {"Q8_0": Q8_0_BYTES, "Q4_0": Q4_0_BYTES}[job.out_dtype]
+    if not all_finite(encoded.reshape(-1, block)[:, :2].contiguous().view(torch.float16)):
+        from ...merging.quantized import check_finite, dequantize
+
+        check_finite(job, dequantize(encoded.to("cpu"), job.out_dtype, tuple(job.shape)),
+                     base=dequantize(source.to("cpu"), job.source.dtype, tuple(job.shape)))
     ir, ii, rr, err = stats.double().sum(0).tolist()
     cosine = ir / (ii ** 0.5 * rr ** 0.5) if ii and rr else (1.0 if ii == rr else 0.0)
     rel_error = (err ** 0.5) / ii ** 0.5 if ii else float(rr > 0)
