@@ -563,3 +563,12 @@ def test_pickle_that_would_run_code(tmp_path):
                         "safetensors", "trusted"])
         assert "weights_only" not in line and "Re-running" not in line
     assert not marker.exists()
+
+
+def test_gguf_adapter_larger_than_available_memory(own_gguf, monkeypatch):
+    """GGUF adapters are loaded whole too (as float32 at most): the same refusal."""
+    import adaptertools.merging.prefetch as prefetch
+
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 1000)
+    with pytest.raises(UnsupportedError, match=f"{own_gguf}: .*loaded whole"):
+        at.load(own_gguf)
