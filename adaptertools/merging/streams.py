@@ -417,10 +417,17 @@ class OrderedWriter:
             self._finish_one()
 
     def abandon(self) -> None:
-        """Wait for queued writes without raising (an error is already on its way out)."""
-        for future, _ in self.pending:
-            future.exception()
+        """Skip the writes still queued and return once the writing thread is idle, without
+        raising (an error or Ctrl-C is already on its way out): the caller closes the file next.
+
+        It waits for a no-op queued behind everything, not for the futures in ``pending``: a
+        Ctrl-C that interrupted ``_finish_one`` (after its ``popleft``) or ``submit`` (before
+        its ``append``) leaves a write in flight that ``pending`` no longer holds, which would
+        go on writing to a closed, perhaps reused, file descriptor. (The executor has one
+        thread, so its queue runs in order.)"""
+        self.failed.set()
         self.pending.clear()
+        self.executor.submit(lambda: None).exception()
 
 
 
