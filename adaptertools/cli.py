@@ -1,13 +1,17 @@
 """The ``adaptertools`` command: thin click wrappers around the library.
 
-Exit codes: 0 success, 1 failed operation (bad input, refused conversion), 2 command-line misuse.
+Exit codes: 0 success, 1 failed operation (bad input, refused conversion, an internal error), 2
+command-line misuse (click's usage errors and the library's OptionError), 130 Ctrl-C, 143 SIGTERM.
 Nothing heavy is imported at module level, so ``adaptertools --help`` stays fast (no torch).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 import warnings
 
 import click
@@ -59,35 +63,165 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     _ui.warning(str(message))
 
 
+# ----------------------------------------------------------------------------- signals
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: the library's
+    atomic outputs clean up on the way out, and the CLI exits 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}      # 128 + the signal, as shells say
+INTERRUPTED = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+class StartupSignals:
+    """SIGINT and SIGTERM remembered, not acted on, from the start of ``main`` until the command
+    has imported torch and the library (``ready``); then Ctrl-C raises KeyboardInterrupt again,
+    SIGTERM raises Terminated, and a signal that came meanwhile acts at once.
+
+    Why: a KeyboardInterrupt raised inside ``import torch`` is not safe. Measured (merge of a
+    tiny model, SIGINT 0.3-0.5 s after the start, torch half imported): torch sometimes swallows
+    it, and the merge then runs to the end with exit 0; or its C++ code turns it into an
+    exception nothing catches (``terminate called after throwing an instance of
+    'pybind11::error_already_set' ... KeyboardInterrupt``: SIGABRT). Nothing is written before
+    ``ready`` (a merge's prefetch only reads), so a second signal in that time exits at once.
+
+    A signal the CLI was started with ignored (SIG_IGN: a job a non-interactive shell runs in
+    the background gets SIGINT so) stays ignored, as Python itself leaves it.
+    """
+
+    def __init__(self) -> None:
+        self.after: dict[int, object] = {}     # signal -> its handler once the command is ready
+        self.received: list[int] = []
+
+    def defer(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return                              # (signal handlers can only be set there)
+        for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                                (signal.SIGTERM, _raise_terminated)):
+            current = signal.getsignal(signum)
+            if current is signal.SIG_IGN or current is None:   # None: set outside Python
+                continue
+            self.after[signum] = default if current is signal.SIG_DFL else current
+            signal.signal(signum, self._record)
+
+    def _record(self, signum, frame) -> None:
+        if self.received:                       # the second one: nothing to clean up yet
+            os.write(2, f"error: {INTERRUPTED[signum]}\n".encode())
+            os._exit(EXIT_CODES[signum])
+        self.received.append(signum)
+
+    def ready(self) -> None:
+        """The heavy imports are done: the usual handlers back, and a signal received so far
+        raised now (KeyboardInterrupt, Terminated). Safe to call more than once."""
+        after, self.after = self.after, {}
+        for signum in sorted(after, reverse=True):     # SIGINT last: it may raise at once
+            signal.signal(signum, after[signum])
+        if self.received and self.received[0] in after:
+            signum = self.received.pop(0)
+            self.received.clear()
+            handler = after[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:                                       # SIG_DFL: what it would have done
+                signal.raise_signal(signum)
+
+
+STARTUP = StartupSignals()
+
+
+def ready() -> None:
+    """Call once a command's heavy imports (torch, the library) are done: see StartupSignals."""
+    STARTUP.ready()
+
+
+# ----------------------------------------------------------------------------- errors
+
+def debugging() -> bool:
+    """``--debug`` on the command line, or ADAPTERTOOLS_DEBUG=1: print tracebacks too."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        return True
+    return os.environ.get("ADAPTERTOOLS_DEBUG", "").strip().lower() not in ("", "0", "false",
+                                                                           "no", "off")
+
+
+def fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    """One ``error:`` line on stderr (after the traceback of ``exc`` with --debug); exit."""
+    from . import _ui
+
+    if exc is not None and debugging():
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+        sys.stderr.flush()
+    _ui.error(message)
+    sys.exit(code)
+
+
+def internal_error(exc: BaseException, command: str | None) -> str:
+    """The one line for an exception no code meant to raise: what and where, and what to do."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > 300:
+        first = first[:300] + "..."
+    what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    where = f"adaptertools {command}" if command else "adaptertools"
+    advice = ("please report it with the traceback above" if debugging() else
+              "please report it (rerun with --debug for the traceback)")
+    return f"internal error in '{where}': {what}; {advice}"
+
+
+def usage_hint(ctx: click.Context | None) -> str:
+    return f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+
+
+CLICK_FLOW = (click.ClickException, click.exceptions.Exit, click.Abort)   # click's own business
+
+
 def handle_errors(func):
-    """Turn the library's errors into one red line on stderr and exit code 1 (Ctrl-C: 130),
-    no traceback."""
+    """Turn every exception into one red line on stderr, no traceback (with --debug: the
+    traceback too): the library's misuse errors exit 2 with a usage hint, its other errors and
+    OSError exit 1, Ctrl-C 130, SIGTERM 143, anything else is an internal error (exit 1). A
+    signal that came before the command's ``ready()`` acts here at the latest."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from .errors import AdapterToolsError
+        from .errors import AdapterToolsError, OptionError
 
         warnings.showwarning = _show_warning
+        ctx = click.get_current_context(silent=True)
         try:
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                ready()
+        except CLICK_FLOW:
+            raise
+        except OptionError as exc:
+            fail(str(exc) + usage_hint(ctx), 2, exc)
         except (AdapterToolsError, OSError) as exc:
-            from . import _ui
-
-            _ui.error(str(exc))
-            sys.exit(1)
-        except KeyboardInterrupt:
+            fail(str(exc), 1, exc)
+        except KeyboardInterrupt as exc:
             # outputs are atomic: the library removed its temporary files on the way out
-            from . import _ui
-
-            _ui.error("interrupted (Ctrl-C); no partial output was left behind")
-            sys.exit(130)   # 128 + SIGINT, as shells report a Ctrl-C
+            fail("interrupted (Ctrl-C); no partial output was left behind", 130, exc)
+        except Terminated as exc:
+            fail("terminated (SIGTERM); no partial output was left behind", 143, exc)
+        except Exception as exc:  # noqa: BLE001  (RecursionError, MemoryError... too)
+            fail(internal_error(exc, ctx.info_name if ctx else None), 1, exc)
 
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="adaptertools")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="Print the traceback of any error (also: ADAPTERTOOLS_DEBUG=1).")
+def cli(debug: bool) -> None:
     """Convert, merge and validate LoRA adapters (PEFT, safetensors, GGUF)."""
 
 
@@ -99,8 +233,10 @@ def formats_cmd(as_json: bool) -> None:
     from . import _ui
     from .registry import formats
 
+    found = formats()         # imports the format modules, and torch with them
+    ready()
     rows = [{"name": f.name, "read": f.can_read, "write": f.can_write, "package": f.package,
-             "description": f.description} for f in formats().values()]
+             "description": f.description} for f in found.values()]
     _ui.print_json(rows) if as_json else _ui.formats_table(rows)
 
 
@@ -121,6 +257,7 @@ def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
     from . import _ui
     from .api import inspect
 
+    ready()
     report = inspect(path, layers=layers, format=from_format, scale=scale, base=base,
                      token=token, endpoint=endpoint)
     _ui.print_json(report) if as_json else _ui.inspect_report(report)
@@ -149,6 +286,7 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
     from . import _ui
     from .api import convert
 
+    ready()
     result = convert(src, dst, to=to_format, from_format=from_format, dtype=dtype, force=force,
                      scale=scale, base=base, push_to=push_to, private=private,
                      revision=revision, commit_message=commit_message, token=token,
@@ -203,7 +341,9 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
         prefetch.start(base, adapters)
     from . import _ui
     from .api import merge
+    from .merging import run  # noqa: F401  (the engine, which api.merge imports first thing)
 
+    ready()
     with _ui.progress_bar("merging") as bar:
         report = merge(base, adapters, out, weights=weights, mode=mode, dtype=dtype,
                        device=device, dry_run=dry_run, force=force, progress=bar,
@@ -265,6 +405,7 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
                                    + (f"; {extra[0]} only applies with --merged" if extra else ""))
         from .api import validate_against
 
+        ready()
         report = validate_against(paths[0], against, base=base, scale=scale, token=token,
                                   endpoint=endpoint)
         _ui.print_json(report) if as_json else _ui.validation_table(report)
@@ -279,6 +420,7 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     prefetch.start(paths[0], (merged,), first="base")   # read while torch is imported
     from .api import validate
 
+    ready()
     report = validate(paths[0], paths[1:], merged, weights=weights, mode=mode, e2e=e2e,
                       probes=probes, seed=seed, tolerance_db=tolerance_db, endpoint=endpoint,
                       token=token)
@@ -332,6 +474,7 @@ def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
     from . import _ui
     from .api import combine
 
+    ready()
     report = combine(adapters, out, method=method, weights=weights, rank=rank, energy=energy,
                      density=density, seed=seed, svd=svd, materialize=materialize, base=base,
                      to=to_format, dtype=dtype, force=force)
@@ -355,6 +498,7 @@ def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype:
     from . import _ui
     from .api import extract
 
+    ready()
     with _ui.progress_bar("extracting") as bar:
         report = extract(base, finetuned, out, rank=rank, energy=energy, targets=targets, svd=svd,
                          seed=seed, to=to_format, dtype=dtype, force=force, progress=bar)
@@ -375,9 +519,12 @@ def pull_cmd(uri: str, out: str | None, include: tuple[str, ...], force: bool, a
              token: str | None, endpoint: str | None) -> None:
     """Fetch hf://owner/name[@revision][/subfolder]: weights, configs, tokenizer, card (pickles
     and optimizer state only with --include). Prints the local folder."""
+    import huggingface_hub  # noqa: F401  (which hub.pull imports when it starts)
+
     from . import _ui
     from .hub import pull
 
+    ready()
     report = pull(uri, out=out, include=include, force=force, token=token, endpoint=endpoint)
     if as_json:
         _ui.print_json(report)
@@ -398,9 +545,12 @@ def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
              as_json: bool) -> None:
     """Upload the file or folder SRC to the Hub repo OWNER/NAME in one commit (with a README
     model card unless SRC has one)."""
+    import huggingface_hub  # noqa: F401  (which hub.push imports when it starts)
+
     from . import _ui
     from .hub import push
 
+    ready()
     report = push(src, repo_id, private=private, revision=revision,
                   commit_message=commit_message, token=token, endpoint=endpoint)
     _ui.print_json(report) if as_json else _echo_pushed({"pushed": report})
@@ -413,6 +563,7 @@ def demo_cmd(workdir: str | None) -> None:
     """Build a tiny Llama-style base and adapter in code and run every command on them."""
     from .demo import run_demo
 
+    ready()
     ok = run_demo(workdir)
     sys.exit(0 if ok else 1)
 
@@ -424,7 +575,6 @@ def _exit(code: int) -> None:
     if "torch" not in sys.modules:
         sys.exit(code)
     import atexit
-    import os
 
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
@@ -436,34 +586,48 @@ def _exit(code: int) -> None:
 
 
 def main() -> None:
+    STARTUP.defer()      # first: Ctrl-C while torch is imported is remembered (StartupSignals)
     try:
         _main()
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             _exit(exc.code or 0)
         raise
+    except (KeyboardInterrupt, Terminated) as exc:   # while an error line was being written
+        signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        os.write(2, f"error: {INTERRUPTED[signum]}\n".encode())
+        _exit(EXIT_CODES[signum])
 
 
-def _main() -> None:
+def _main(args: list[str] | None = None) -> None:
+    """The command line ``args`` (default: sys.argv[1:]), every outcome turned into an exit code
+    (SystemExit) and at most one ``error:`` line, whatever escapes a command's handle_errors
+    (click's parsing, ``--help``, the group) included."""
     # standalone_mode=False hands us click's usage errors, so that misuse gets the same one
     # "error:" line on stderr as a failed operation (with exit code 2) instead of a usage block.
     try:
-        code = cli.main(standalone_mode=False)
+        try:
+            code = cli.main(args, standalone_mode=False)
+        finally:
+            ready()      # e.g. a Ctrl-C during `--help`, or before click's usage error
     except NO_ARGS_IS_HELP as exc:
         exc.show()  # a bare `adaptertools`: the help text is the useful answer
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        from . import _ui
-
-        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
-        _ui.error(exc.format_message() + hint)
-        sys.exit(exc.exit_code)
-    except click.Abort:  # Ctrl-C outside a command's own handling (handle_errors), e.g. parsing
-        from . import _ui
-
-        _ui.error("interrupted (Ctrl-C)")
-        sys.exit(130)
+        fail(exc.format_message() + usage_hint(getattr(exc, "ctx", None)), exc.exit_code)
+    except (click.Abort, KeyboardInterrupt) as exc:   # Ctrl-C outside handle_errors, e.g. parsing
+        fail("interrupted (Ctrl-C)", 130, exc)
+    except Terminated as exc:
+        fail("terminated (SIGTERM)", 143, exc)
+    except Exception as exc:  # noqa: BLE001  (the last boundary: nothing escapes)
+        fail(internal_error(exc, _command_name(args)), 1, exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _command_name(args: list[str] | None) -> str | None:
+    """The subcommand named in ``args`` (default sys.argv[1:]), if any."""
+    words = sys.argv[1:] if args is None else args
+    return next((w for w in words if w in cli.commands), None)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ class UnsupportedError(AdapterToolsError, ValueError):
     """The input is valid but uses something adaptertools (or the target format) cannot express."""
 
 
+class OptionError(UnsupportedError):
+    """Misuse: an option or argument that cannot work whatever the inputs hold (``--rank 0``,
+    one ``--weights`` value for two adapters, ``--method ties`` without ``--density``). The CLI
+    exits 2 for it, as for its own usage errors. An AdapterToolsError and a ValueError like every
+    UnsupportedError, which these errors were before, so callers catching that keep working."""
+
+
 class InputNotFoundError(AdapterToolsError, FileNotFoundError):
     """A path given as input does not exist."""
 
