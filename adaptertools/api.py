@@ -10,7 +10,7 @@ from pathlib import Path
 from ._io import require_exists
 from .paths import atomic_output, refuse_output
 from .adapter import Adapter, cast_adapter, nonfinite_tensors
-from .errors import FormatError, UnsupportedError
+from .errors import FormatError, OptionError, UnsupportedError
 from .registry import Format, detect_format, get_format
 
 DTYPES = ("keep", "fp32", "fp16", "bf16")
@@ -24,7 +24,7 @@ def parse_dtype(name: str):
 
     table = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name not in table:
-        raise UnsupportedError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} "
+        raise OptionError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} "
                                f"({', '.join(FORMAT_DTYPES)} only where the format has it)")
     return table[name]
 
@@ -221,15 +221,15 @@ def parse_weights(weights, count: int) -> list[float]:
             items = list(weights)
         weights = [float(w) for w in items]
     except (TypeError, ValueError):
-        raise UnsupportedError(f"--weights {given!r}: expected numbers separated by commas, "
-                               "one per adapter") from None
+        raise OptionError(f"--weights {given!r}: expected numbers separated by commas, "
+                          "one per adapter") from None
     bad = [item for item, w in zip(items, weights) if not math.isfinite(w)]
     if bad:
-        raise UnsupportedError(f"--weights {given!r}: {str(bad[0]).strip()!r} is not a finite "
-                               "number; give finite weights, one per adapter")
+        raise OptionError(f"--weights {given!r}: {str(bad[0]).strip()!r} is not a finite "
+                          "number; give finite weights, one per adapter")
     if len(weights) != count:
-        raise UnsupportedError(f"--weights has {len(weights)} value(s) for {count} adapter(s); "
-                               "give one weight per adapter")
+        raise OptionError(f"--weights has {len(weights)} value(s) for {count} adapter(s); "
+                          "give one weight per adapter")
     return weights
 
 
@@ -244,10 +244,10 @@ def adapter_inputs(adapters, weights, mode: str) -> tuple[list, list[float]]:
     from .merging.plan import MODES
 
     if mode not in MODES:
-        raise UnsupportedError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise OptionError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     paths = adapter_list(adapters)
     if not paths:
-        raise UnsupportedError("no adapters given; pass at least one")
+        raise OptionError("no adapters given; pass at least one")
     return paths, parse_weights(weights, len(paths))
 
 
@@ -301,14 +301,14 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
 
     paths, factors = adapter_inputs(adapters, weights, mode)
     if dtype not in DTYPES:
-        raise UnsupportedError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
+        raise OptionError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
     if out is None and not dry_run:
-        raise UnsupportedError("no output given; pass --out")
+        raise OptionError("no output given; pass --out")
     if push_to is not None:
         from .hub import check_push
 
         if dry_run:
-            raise UnsupportedError("--push-to needs a real run; drop --dry-run")
+            raise OptionError("--push-to needs a real run; drop --dry-run")
         check_push(push_to)
     hub, sources = {"endpoint": endpoint, "token": token}, []
     local_base, checkpoint, local_paths, loaded = open_inputs(base, paths, hub, sources,
@@ -482,8 +482,8 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
                       seed, svd, materialize, _factor_dtype(dtype))
     check_options(options, len(paths))
     if materialize and base is None:
-        raise UnsupportedError("--materialize needs --base MODEL (the HF base folder) to read "
-                               "the base weights from")
+        raise OptionError("--materialize needs --base MODEL (the HF base folder) to read "
+                          "the base weights from")
     inputs = (*paths, base)
     refuse_output(out, force=force, is_dir=get_format(to).output_is_dir, inputs=inputs)
     names = [str(p) for p in paths]
@@ -518,7 +518,7 @@ def extract(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if targets is not None and not targets:
-        raise UnsupportedError("--targets is empty; name modules, e.g. q_proj,v_proj")
+        raise OptionError("--targets is empty; name modules, e.g. q_proj,v_proj")
     inputs = (base, finetuned)
     refuse_output(out, force=force, is_dir=get_format(to).output_is_dir, inputs=inputs)
     options = ExtractOptions(rank, energy, None if targets is None else tuple(targets), svd, seed,

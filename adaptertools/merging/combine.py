@@ -31,7 +31,7 @@ from functools import reduce
 import torch
 
 from ..adapter import Adapter, LoraWeight, check_cast
-from ..errors import UnsupportedError
+from ..errors import OptionError, UnsupportedError
 from ..kernels.fold import all_finite
 from ..kernels.lowrank import (
     SVD_CHOICES,
@@ -83,42 +83,42 @@ class TensorResult:
 
 
 def check_options(options: Options, count: int) -> None:
-    """Raise UnsupportedError for options that do not fit ``options.method``."""
+    """Raise OptionError (misuse) for options that do not fit ``options.method``."""
     method, density = options.method, options.density
     if method not in METHODS:
-        raise UnsupportedError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise OptionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if count < 1:
-        raise UnsupportedError("no adapters given; pass at least one")
+        raise OptionError("no adapters given; pass at least one")
     if method == "cat" and (options.rank is not None or options.energy is not None):
-        raise UnsupportedError("--method cat is exact (ranks add up); drop --rank/--energy or "
-                               "use --method svd to truncate")
+        raise OptionError("--method cat is exact (ranks add up); drop --rank/--energy or "
+                          "use --method svd to truncate")
     if method != "cat":
         check_truncation(options.rank, options.energy, options.svd, options.seed, what=method)
     if method in PRUNING and (density is None or not 0 < density <= 1):
-        raise UnsupportedError(f"--method {method} needs --density D with 0 < D <= 1 (the "
-                               f"fraction of each delta's entries kept), got {density!r}")
+        raise OptionError(f"--method {method} needs --density D with 0 < D <= 1 (the "
+                          f"fraction of each delta's entries kept), got {density!r}")
     if method not in PRUNING and density is not None:
-        raise UnsupportedError(f"--density applies to {', '.join(PRUNING)} only; drop it")
+        raise OptionError(f"--density applies to {', '.join(PRUNING)} only; drop it")
 
 
 def check_truncation(rank, energy, svd: str, seed, *, what: str) -> None:
     """Exactly one of a rank >= 1 and an energy fraction in (0, 1]; a known SVD; a valid seed."""
     if rank is not None and energy is not None:
-        raise UnsupportedError("--rank and --energy both given; pass one of them")
+        raise OptionError("--rank and --energy both given; pass one of them")
     if rank is None and energy is None:
-        raise UnsupportedError(f"{what} needs --rank R or --energy E for the result")
+        raise OptionError(f"{what} needs --rank R or --energy E for the result")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise UnsupportedError(f"--rank {rank!r}: give a whole number >= 1")
+        raise OptionError(f"--rank {rank!r}: give a whole number >= 1")
     if energy is not None and not 0 < energy <= 1:
-        raise UnsupportedError(f"--energy {energy!r}: give the fraction of the delta's energy "
-                               "to keep, 0 < E <= 1 (e.g. 0.99)")
+        raise OptionError(f"--energy {energy!r}: give the fraction of the delta's energy "
+                          "to keep, 0 < E <= 1 (e.g. 0.99)")
     if svd not in SVD_CHOICES:
-        raise UnsupportedError(f"unknown --svd {svd!r}; choose {', '.join(SVD_CHOICES)}")
+        raise OptionError(f"unknown --svd {svd!r}; choose {', '.join(SVD_CHOICES)}")
     if svd == "randomized" and rank is None:
-        raise UnsupportedError("--svd randomized needs --rank (an --energy target needs the "
-                               "whole spectrum: use --svd exact)")
+        raise OptionError("--svd randomized needs --rank (an --energy target needs the "
+                          "whole spectrum: use --svd exact)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise UnsupportedError(f"--seed {seed!r}: give a whole number 0 <= seed < 2**31")
+        raise OptionError(f"--seed {seed!r}: give a whole number 0 <= seed < 2**31")
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
