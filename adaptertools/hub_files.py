@@ -274,7 +274,7 @@ def index_shards(ref: HubRef, index_path: Path, names: list[str]) -> list[str]:
     listing, and for safety)."""
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         weight_map = None
     if not isinstance(weight_map, dict):
         raise HubError(f"{ref.uri}: {INDEX_NAME} has no readable weight_map; the repo's index "

@@ -309,22 +309,22 @@ def test_bad_input_gives_one_line_errors(cases, tmp_path):
     at.save(embed, tmp_path / "conflict", format="peft")
     out = tmp_path / "out"
     cases_ = [
-        ([dora, plain], [], ["dora", "DoRA", "--materialize"]),
-        ([dora, plain, "--materialize", "--base", base], [], ["--method svd"]),
-        ([plain, str(other)], [], ["down_proj.weight", "shape (32, 48)", "same base"]),
-        ([plain, "--method", "svd", "--rank", "0"], [], ["--rank 0"]),
-        ([plain, "--method", "svd", "--energy", "1.5"], [], ["--energy 1.5", "0 < E <= 1"]),
-        ([plain, "--method", "svd", "--energy", "0"], [], ["--energy 0"]),
-        ([plain, "--method", "svd"], [], ["--rank R or --energy E"]),
-        ([plain, "--rank", "4"], [], ["cat is exact"]),
-        ([plain, "--method", "ties", "--rank", "4"], [], ["--density"]),
-        ([plain, plain, "--weights", "1"], [], ["--weights has 1 value"]),
-        ([str(built["embed"].folder), str(tmp_path / "conflict")], [],
+        ([dora, plain], 1, ["dora", "DoRA", "--materialize"]),
+        ([dora, plain, "--materialize", "--base", base], 1, ["--method svd"]),
+        ([plain, str(other)], 1, ["down_proj.weight", "shape (32, 48)", "same base"]),
+        ([plain, "--method", "svd", "--rank", "0"], 2, ["--rank 0"]),
+        ([plain, "--method", "svd", "--energy", "1.5"], 2, ["--energy 1.5", "0 < E <= 1"]),
+        ([plain, "--method", "svd", "--energy", "0"], 2, ["--energy 0"]),
+        ([plain, "--method", "svd"], 2, ["--rank R or --energy E"]),
+        ([plain, "--rank", "4"], 2, ["cat is exact"]),
+        ([plain, "--method", "ties", "--rank", "4"], 2, ["--density"]),
+        ([plain, plain, "--weights", "1"], 2, ["--weights has 1 value"]),
+        ([str(built["embed"].folder), str(tmp_path / "conflict")], 1,
          ["lm_head.weight", "modules_to_save"]),
     ]
-    for args, _, fragments in cases_:
+    for args, code, fragments in cases_:      # 2: misuse of the options, 1: bad input
         outcome = run_inprocess("combine", *args, "--out", out)
-        assert_cli_error(outcome, fragments)
+        assert_cli_error(outcome, fragments, code=code)
         assert_nothing_written(out)
 
 

@@ -148,17 +148,17 @@ def test_bad_input_gives_one_line_errors(llama, tmp_path):
     make_model("gpt2").save_pretrained(tmp_path / "gpt2")
     out = tmp_path / "out"
     base, tuned = str(root / "base"), str(root / "tuned")
-    for args, fragments in [
-        ([base, tuned, "--rank", "0"], ["--rank 0"]),
-        ([base, tuned, "--energy", "1.5"], ["--energy 1.5", "0 < E <= 1"]),
-        ([base, tuned, "--energy", "0"], ["--energy 0"]),
-        ([base, tuned], ["--rank R or --energy E"]),
-        ([base, tuned, "--rank", "2", "--energy", "0.5"], ["both given"]),
-        ([base, base, "--rank", "2"], ["nothing to extract"]),
-        ([base, tuned, "--rank", "2", "--targets", "nope"], ["--targets nope", "q_proj"]),
-        ([base, str(tmp_path / "missing"), "--rank", "2"], ["missing"]),
+    for args, code, fragments in [          # 2: misuse of the options, 1: bad input
+        ([base, tuned, "--rank", "0"], 2, ["--rank 0"]),
+        ([base, tuned, "--energy", "1.5"], 2, ["--energy 1.5", "0 < E <= 1"]),
+        ([base, tuned, "--energy", "0"], 2, ["--energy 0"]),
+        ([base, tuned], 2, ["--rank R or --energy E"]),
+        ([base, tuned, "--rank", "2", "--energy", "0.5"], 2, ["both given"]),
+        ([base, base, "--rank", "2"], 1, ["nothing to extract"]),
+        ([base, tuned, "--rank", "2", "--targets", "nope"], 1, ["--targets nope", "q_proj"]),
+        ([base, str(tmp_path / "missing"), "--rank", "2"], 1, ["missing"]),
     ]:
-        assert_cli_error(run_inprocess("extract", *args, "--out", out), fragments)
+        assert_cli_error(run_inprocess("extract", *args, "--out", out), fragments, code=code)
         assert_nothing_written(out)
     # same tensor names are not required; a shape clash is named
     (tmp_path / "wide").mkdir()

@@ -42,7 +42,7 @@ def weight_files(base: str | os.PathLike) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             names = sorted(p.name for p in path.glob("*.safetensors"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return []
     return [path / name for name in names if (path / name).is_file()]
 
