@@ -24,16 +24,19 @@ _EXPORTS = {
     "Adapter": "adapter", "LoraWeight": "adapter",
     "AdapterToolsError": "errors", "FormatError": "errors", "UnsupportedError": "errors",
     "InputNotFoundError": "errors", "OutputExistsError": "errors", "HubError": "errors",
-    "AdapterToolsWarning": "errors",
+    "AdapterToolsWarning": "errors", "OptionError": "errors", "LlamaCppError": "errors",
+    "validate_against": "api",
     "pull": "hub", "push": "hub",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter, LoraWeight
-    from .api import combine, convert, extract, inspect, load, merge, save, validate
+    from .api import (combine, convert, extract, inspect, load, merge, save, validate,
+                      validate_against)
     from .errors import (AdapterToolsError, AdapterToolsWarning, FormatError, HubError,
-                         InputNotFoundError, OutputExistsError, UnsupportedError)
+                         InputNotFoundError, LlamaCppError, OptionError, OutputExistsError,
+                         UnsupportedError)
     from .hub import pull, push
 
 

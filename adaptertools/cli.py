@@ -236,7 +236,8 @@ def formats_cmd(as_json: bool) -> None:
     found = formats()         # imports the format modules, and torch with them
     ready()
     rows = [{"name": f.name, "read": f.can_read, "write": f.can_write, "package": f.package,
-             "description": f.description} for f in found.values()]
+             "description": f.description, "available": f.available, "error": f.error}
+            for f in found.values()]
     _ui.print_json(rows) if as_json else _ui.formats_table(rows)
 
 

@@ -38,5 +38,9 @@ class HubError(AdapterToolsError, ConnectionError):
     """The Hub (or a Hub-compatible server) refused a request, failed, or could not be reached."""
 
 
+class LlamaCppError(AdapterToolsError, RuntimeError):
+    """llama.cpp crashed (a signal), failed or timed out in its child process (``llamacpp.py``)."""
+
+
 class AdapterToolsWarning(UserWarning):
     """Loud warnings the CLI shows on stderr (base-modifying init methods, guessed scales)."""

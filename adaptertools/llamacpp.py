@@ -34,15 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from . import _llamacpp_child as child
-from .errors import AdapterToolsError, InputNotFoundError
+from .errors import InputNotFoundError, LlamaCppError
 
 TIMEOUT_ENV = "ADAPTERTOOLS_LLAMACPP_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0            # seconds: a 70B load from a slow disk, not a tiny test model
 TAIL_LINES, TAIL_CHARS = 3, 400     # how much of llama.cpp's last output an error shows
-
-
-class LlamaCppError(AdapterToolsError, RuntimeError):
-    """llama.cpp crashed, failed or timed out in its child process."""
 
 
 @dataclass(frozen=True)

@@ -238,6 +238,8 @@ def test_plugin_raising_on_import_leaves_the_cli_working(install, tmp_path, peft
     assert broken["read"] is False and broken["write"] is False
     assert broken["package"] == "atplug-raises"
     assert broken["description"].startswith("unavailable:") and "boom" in broken["description"]
+    assert broken["available"] is False and "boom" in broken["error"]
+    assert rows["peft"]["available"] is True and rows["peft"]["error"] is None
 
     proc = run_cli(install.roots, "formats")
     assert proc.returncode == 0, proc.stderr
