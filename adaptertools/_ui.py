@@ -313,3 +313,16 @@ def algebra_report(report: dict) -> None:
                     f"{human_seconds(report['wall_s'])}"))
     for message in report["warnings"]:
         warning(message)
+
+
+def shards_table(report: dict) -> None:
+    """``merge --max-shard-size``: the new weight files, their tensors and sizes."""
+    shards = report["shards"]
+    table = Table(title=plain(f"{len(shards)} shard(s) of at most "
+                              f"{human_size(report['max_shard_size'])}"))
+    table.add_column("file", overflow="fold")
+    for column in ("tensors", "size"):
+        table.add_column(column, justify="right")
+    for shard in shards:
+        table.add_row(plain(shard["file"]), str(shard["tensors"]), human_size(shard["bytes"]))
+    print_table(table)

@@ -281,7 +281,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
           push_to: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, endpoint: str | None = None, token=None,
           validate: bool = False, requantize: str = "keep", quantize_like=None,
-          kernels: str = "auto") -> dict:
+          kernels: str = "auto", max_shard_size: int | str | None = None) -> dict:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
@@ -296,10 +296,17 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     tensor kept.
     ``kernels``: "auto" runs the fused Triton kernels on a CUDA device when triton is importable,
     else the torch reference; "torch" or "triton" forces one (the report says which ran).
+    ``max_shard_size`` (HF bases; bytes, or "5GB", "500MB", "2GiB"): new shards grouped and
+    named as ``save_pretrained(max_shard_size=...)`` does (merging/shards.py); None keeps the
+    base's files.
     """
     from .merging.run import execute
 
     paths, factors = adapter_inputs(adapters, weights, mode)
+    if max_shard_size is not None:
+        from .merging.shards import parse_size
+
+        max_shard_size = parse_size(max_shard_size)
     if dtype not in DTYPES:
         raise OptionError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
     if out is None and not dry_run:
@@ -319,7 +326,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         refuse_output(out, force=force, is_dir=checkpoint.kind == "safetensors", inputs=inputs)
     names = [str(p) for p in paths]
     plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
-                      requantize=requantize, quantize_like=quantize_like)
+                      requantize=requantize, quantize_like=quantize_like,
+                      max_shard_size=max_shard_size)
     warnings = list(plan.warnings) + _base_model_warnings(checkpoint, loaded, names)
     report = _plan_report(plan, base, out, dtype, warnings)
     report["base_model"] = _base_model(checkpoint, loaded, sources)
@@ -349,7 +357,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     return _push_after(report, out, push_to, push, hub)
 
 
-def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like):
+def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like,
+               max_shard_size=None):
     """``plan_for`` with ``quantize_like`` (a path) opened as a GGUF model."""
     from .merging.bases import open_base
     from .merging.plan import plan_for
@@ -360,7 +369,7 @@ def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, q
         if like.kind != "gguf":
             raise UnsupportedError(f"--quantize-like {quantize_like}: expected a GGUF model file")
     return plan_for(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
-                    requantize=requantize, quantize_like=like)
+                    requantize=requantize, quantize_like=like, max_shard_size=max_shard_size)
 
 
 def _survival_report(report: dict, out) -> None:
@@ -409,7 +418,9 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
                      "replaced": j.replacement is not None, "added": j.name not in stored}
                     for j in changed],
         "warnings": warnings,
-    }
+    } | ({} if plan.max_shard_size is None else {   # --max-shard-size: the new files
+        "max_shard_size": plan.max_shard_size,
+        "shards": [{"file": f.name, "tensors": len(f.jobs), "bytes": f.size} for f in plan.files]})
 
 
 def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, weights=None,

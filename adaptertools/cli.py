@@ -322,12 +322,15 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 @click.option("--quantize-like", type=click.Path(), metavar="REF.gguf",
               help="GGUF F16/BF16/F32 base: give every tensor the type it has in REF (a quantized "
                    "GGUF of the same model); one quantization instead of two.")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="HF base: write new shards of at most SIZE (5GB, 500MB, 2GiB or bytes), named "
+                   "and indexed as save_pretrained does. Default: the base's own files.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
               mode: str, dtype: str, device: str, kernels: str, dry_run: bool, force: bool,
-              check: bool, requantize: str, quantize_like: str | None,
+              check: bool, requantize: str, quantize_like: str | None, max_shard_size: str | None,
               as_json: bool, push_to: str | None, private: bool, revision: str | None,
               commit_message: str | None, token: str | None, endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
@@ -351,11 +354,13 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
                        push_to=push_to, private=private, revision=revision,
                        commit_message=commit_message, token=token, endpoint=endpoint,
                        validate=check, requantize=requantize.lower(), quantize_like=quantize_like,
-                       kernels=kernels)
+                       kernels=kernels, max_shard_size=max_shard_size)
     if as_json:
         _ui.print_json(report)
     else:
         _ui.merge_report(report, dry_run=dry_run)
+        if report.get("shards"):            # --max-shard-size: the new files
+            _ui.shards_table(report)
         _echo_pushed(report)
         if "validation" in report:
             _ui.validation_summary(report["validation"])

@@ -78,6 +78,7 @@ class Plan:
     adapter_names: tuple[str, ...]
     config: dict | None = None        # config.json to write (None: copy the base's as is)
     index: dict | None = None         # model.safetensors.index.json to write, when the base has one
+    max_shard_size: int | None = None  # --max-shard-size: files regrouped as HF does (shards.py)
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -208,20 +209,25 @@ def _header(metadata: dict, jobs: list[Job]) -> bytes:
 
 def plan_for(base: HFBase | GGUFBase, adapters: list[Adapter], names: list[str],
              factors: list[float], *, mode: str, dtype: str, requantize: str = "keep",
-             quantize_like: GGUFBase | None = None) -> Plan:
+             quantize_like: GGUFBase | None = None, max_shard_size: int | None = None) -> Plan:
     """``plan_hf`` or ``plan_gguf``, by the kind of ``base``."""
     if base.kind == "safetensors":     # --requantize: bitsandbytes checkpoints (bnb.py)
         if quantize_like is not None:
             raise UnsupportedError("--quantize-like applies to GGUF bases; for an HF checkpoint "
                                    "use --dtype")
         return plan_hf(base, adapters, names, factors, mode=mode, dtype=dtype,
-                       requantize=requantize)
+                       requantize=requantize, max_shard_size=max_shard_size)
+    if max_shard_size is not None:
+        raise UnsupportedError(f"{base.path}: --max-shard-size applies to HF safetensors "
+                               "checkpoints; split a GGUF model with llama.cpp's `llama-gguf-split "
+                               "--split --split-max-size 5G MERGED.gguf PREFIX` after the merge")
     return plan_gguf(base, adapters, names, factors, mode=mode, dtype=dtype,
                      requantize=requantize, quantize_like=quantize_like)
 
 
 def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
-            mode: str, dtype: str, requantize: str = "keep") -> Plan:
+            mode: str, dtype: str, requantize: str = "keep",
+            max_shard_size: int | None = None) -> Plan:
     from . import bnb as bnb_layout
 
     entries = base.entries()
@@ -276,11 +282,16 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
         files.append(OutputFile(f.name, tuple(jobs), header,
                                 len(header) + sum(j.nbytes for j in jobs)))
     config, index = _updated_config(base, dtype, untie), _updated_index(base, files, add_lm_head)
+    if max_shard_size is not None:      # new shards, grouped and named as save_pretrained does
+        from .shards import regroup, resharded_index
+
+        files = regroup(files, max_shard_size, lambda jobs: _header(base.files[0].metadata, jobs))
+        index = resharded_index(base.index, files)
     if bnb is not None:
         bnb.place(files)
         config, index = bnb.config(config, base.config), bnb.index(index, files)
     return Plan(base, tuple(files), mode, tuple(factors), tuple(names), config=config,
-                index=index, warnings=tuple(warnings))
+                index=index, max_shard_size=max_shard_size, warnings=tuple(warnings))
 
 
 # what each stored dtype an adapter cannot be folded into is, for the refusal

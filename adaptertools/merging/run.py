@@ -171,6 +171,7 @@ def _runs(jobs: tuple[Job, ...]) -> list[list[Job]]:
     for job in jobs:
         prev = runs[-1][-1] if runs else None
         if prev is not None and _is_plain(job) and _is_plain(prev) and \
+                prev.source.file == job.source.file and \
                 prev.source.offset + prev.source.nbytes == job.source.offset:
             runs[-1].append(job)
         else:
@@ -178,24 +179,31 @@ def _runs(jobs: tuple[Job, ...]) -> list[list[Job]]:
     return runs
 
 
-def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path,
-                     device: torch.device, progress: Progress, workers: Workers,
-                     alignment: int = 1) -> None:
+def source_path(plan: Plan, name: str) -> Path:
+    """The base file holding a tensor whose ``TensorEntry.file`` is ``name``."""
+    return plan.base.folder / name if isinstance(plan.base, HFBase) else plan.base.path
+
+
+def write_sequential(plan: Plan, out_file: OutputFile, dst: Path, device: torch.device,
+                     progress: Progress, workers: Workers, alignment: int = 1) -> None:
     """The header, then every tensor in order: runs of untouched tensors copied in the kernel,
     the others folded. Serves safetensors shards and re-laid-out GGUF files, whose tensors each
-    start at a multiple of ``alignment`` from the data start (zero padding in between)."""
+    start at a multiple of ``alignment`` from the data start (zero padding in between). Each
+    tensor is read from the base file it lies in (several for --max-shard-size, shards.py)."""
     position = 0                                   # bytes written after the header
     size = len(out_file.header) + sum(j.nbytes for j in out_file.jobs)
-    direct = not any(j.group is not None for j in out_file.jobs)   # bnb patches write in place
-    with _file_pair(src_path, dst, workers, progress, size if direct else None) as \
-            (src, out, writer, reads):
-        os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    # bnb patches write in place: weights folded here, or companions of weights placed here
+    placed = {f for j in plan.jobs if j.group is not None for f, _ in j.group.placed.values()}
+    direct = out_file.name not in placed and not any(j.group is not None for j in out_file.jobs)
+    with _file_pair(lambda name: source_path(plan, name), dst, workers, progress,
+                    size if direct else None, sequential=True) as (sources, out, writer):
         writer.submit(len(out_file.header), out.write, out_file.header)
         runs = _runs(out_file.jobs)
-        pending = _prefetch(workers.reader, reads, runs, 0)
+        pending = _prefetch(workers.reader, sources, runs, 0)
         for i, run in enumerate(runs):
-            current, pending = pending, _prefetch(workers.reader, reads, runs, i + 1)
+            current, pending = pending, _prefetch(workers.reader, sources, runs, i + 1)
             position = _pad(writer, out, position, alignment)
+            src, reads = sources.get(run[0].source.file)
             if _is_plain(run[0]):
                 count = sum(j.source.nbytes for j in run)
                 writer.submit(count, out.copy, src, run[0].source.offset, count)
@@ -213,28 +221,56 @@ def write_sequential(plan: Plan, out_file: OutputFile, src_path: Path, dst: Path
         _pad(writer, out, position, alignment)
 
 
+class Sources:
+    """The base files one output file reads, each opened on first use: (fd, its Reads)."""
+
+    def __init__(self, path_of, pool: BufferPool, sequential: bool) -> None:
+        self.path_of, self.pool, self.sequential = path_of, pool, sequential
+        self.opened: dict[str, tuple[int, Reads]] = {}
+
+    def get(self, name: str) -> tuple[int, Reads]:
+        if name not in self.opened:
+            fd = os.open(self.path_of(name), os.O_RDONLY)
+            try:
+                if self.sequential:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self.opened[name] = fd, Reads(fd, self.pool)
+            except BaseException:
+                os.close(fd)
+                raise
+        return self.opened[name]
+
+    def close(self) -> None:
+        """On the reading thread: after any read still in flight."""
+        while self.opened:
+            fd, reads = self.opened.popitem()[1]
+            try:
+                reads.close()
+            finally:
+                os.close(fd)
+
+
 @contextmanager
-def _file_pair(src_path: Path, dst: Path, workers: Workers, progress: Progress,
-               out_bytes: int | None = None):
-    """(source fd, the output's sink, its ordered writer, the source's Reads). The sink writes
-    front to back: O_DIRECT for outputs of ``out_bytes`` >= DIRECT_MIN_BYTES where the filesystem
-    allows it, else the page cache (streams.open_sink). On success every queued write is done
-    and the output fsynced; on an error the queue is abandoned; both files are closed."""
-    src = os.open(src_path, os.O_RDONLY)
+def _file_pair(path_of, dst: Path, workers: Workers, progress: Progress,
+               out_bytes: int | None = None, sequential: bool = False):
+    """(the sources: base files by name, opened through ``path_of(name)`` on first use; the
+    output's sink; its ordered writer). The sink writes front to back: O_DIRECT for outputs of
+    ``out_bytes`` >= DIRECT_MIN_BYTES where the filesystem allows it, else the page cache
+    (streams.open_sink). On success every queued write is done and the output fsynced; on an
+    error the queue is abandoned; every file is closed."""
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sink = open_sink(out, dst, out_bytes)
     writer = OrderedWriter(workers.writer, progress)
-    reads = Reads(src, workers.pool)
+    sources = Sources(path_of, workers.pool, sequential)
     try:
-        yield src, sink, writer, reads
+        yield sources, sink, writer
         writer.drain()
         sink.finish()
         os.fsync(out)
     finally:
         writer.abandon()
-        workers.reader.submit(reads.close).result()   # after any read still in flight
+        workers.reader.submit(sources.close).result()
         sink.close()
-        os.close(src)
         os.close(out)
 
 
@@ -246,11 +282,11 @@ def _pad(writer: OrderedWriter, sink, position: int, alignment: int) -> int:
     return position + padding
 
 
-def _prefetch(reader: ThreadPoolExecutor, reads: Reads, runs: list[list[Job]], i: int):
+def _prefetch(reader: ThreadPoolExecutor, sources: Sources, runs: list[list[Job]], i: int):
     """Start reading run ``i``'s tensor in the background, when it needs its bytes here."""
     if i >= len(runs) or _is_plain(runs[i][0]):
         return None
-    return reader.submit(reads.read, runs[i][0])
+    return reader.submit(sources.get(runs[i][0].source.file)[1].read, runs[i][0])
 
 
 def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
@@ -259,8 +295,9 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
     Copies and writes go to the writer thread (each at its own offset), so they overlap the
     folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s)."""
     base = plan.base
-    with _file_pair(base.path, dst, workers, progress, base.data_end) as \
-            (src, out, writer, reads):
+    with _file_pair(lambda name: base.path, dst, workers, progress, base.data_end) as \
+            (sources, out, writer):
+        src, reads = sources.get(base.path.name)
         position = 0
         jobs = [j for j in plan.files[0].jobs if j.changed]
         reader = workers.reader
@@ -355,19 +392,19 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
         with torch.inference_mode(), one_compute_thread():
             if is_hf:
                 for out_file in plan.files:
-                    write_sequential(plan, out_file, plan.base.folder / out_file.name,
-                                     tmp / out_file.name, torch_device, progress, workers)
+                    write_sequential(plan, out_file, tmp / out_file.name, torch_device, progress,
+                                     workers)
                 apply_left(workers.patches, tmp)     # quant states in shards already written
                 copied = copy_side_files(plan.base.folder, tmp, plan)
                 if plan.config is not None:
                     write_json(tmp / "config.json", plan.config)
                 if plan.index is not None:
                     write_json(tmp / INDEX_NAME, plan.index)
-                elif plan.base.index is not None:
+                elif plan.base.index is not None and plan.max_shard_size is None:
                     shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
             elif plan.files[0].header:          # types changed: a new layout
-                write_sequential(plan, plan.files[0], plan.base.path, tmp, torch_device, progress,
-                                 workers, alignment=plan.base.header.alignment)
+                write_sequential(plan, plan.files[0], tmp, torch_device, progress, workers,
+                                 alignment=plan.base.header.alignment)
                 copied = []
             else:
                 write_gguf(plan, tmp, torch_device, progress, workers)
