@@ -281,7 +281,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
           push_to: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, endpoint: str | None = None, token=None,
           validate: bool = False, requantize: str = "keep", quantize_like=None,
-          kernels: str = "auto", max_shard_size: int | str | None = None) -> dict:
+          kernels: str = "auto", max_shard_size: int | str | None = None,
+          allow_modified_base: bool = False) -> dict:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
@@ -299,6 +300,9 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     ``max_shard_size`` (HF bases; bytes, or "5GB", "500MB", "2GiB"): new shards grouped and
     named as ``save_pretrained(max_shard_size=...)`` does (merging/shards.py); None keeps the
     base's files.
+    ``allow_modified_base``: merge adapters whose ``init_lora_weights`` (PiSSA, OLoRA, CorDA,
+    LoRA-GA, LoftQ; saved without PEFT's conversion) fit only the base PEFT modified at
+    initialisation, which ``base`` must then be; refused otherwise.
     """
     from .merging.run import execute
 
@@ -327,7 +331,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     names = [str(p) for p in paths]
     plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
                       requantize=requantize, quantize_like=quantize_like,
-                      max_shard_size=max_shard_size)
+                      max_shard_size=max_shard_size, allow_modified_base=allow_modified_base)
     warnings = list(plan.warnings) + _base_model_warnings(checkpoint, loaded, names)
     report = _plan_report(plan, base, out, dtype, warnings)
     report["base_model"] = _base_model(checkpoint, loaded, sources)
@@ -358,7 +362,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
 
 
 def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like,
-               max_shard_size=None):
+               max_shard_size=None, allow_modified_base=False):
     """``plan_for`` with ``quantize_like`` (a path) opened as a GGUF model."""
     from .merging.bases import open_base
     from .merging.plan import plan_for
@@ -369,7 +373,8 @@ def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, q
         if like.kind != "gguf":
             raise UnsupportedError(f"--quantize-like {quantize_like}: expected a GGUF model file")
     return plan_for(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
-                    requantize=requantize, quantize_like=like, max_shard_size=max_shard_size)
+                    requantize=requantize, quantize_like=like, max_shard_size=max_shard_size,
+                    allow_modified_base=allow_modified_base)
 
 
 def _survival_report(report: dict, out) -> None:

@@ -325,13 +325,17 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 @click.option("--max-shard-size", metavar="SIZE",
               help="HF base: write new shards of at most SIZE (5GB, 500MB, 2GiB or bytes), named "
                    "and indexed as save_pretrained does. Default: the base's own files.")
+@click.option("--allow-modified-base", is_flag=True,
+              help="Merge PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapters saved without PEFT's "
+                   "conversion; BASE must then be the base as PEFT modified it.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
               mode: str, dtype: str, device: str, kernels: str, dry_run: bool, force: bool,
               check: bool, requantize: str, quantize_like: str | None, max_shard_size: str | None,
-              as_json: bool, push_to: str | None, private: bool, revision: str | None,
+              allow_modified_base: bool, as_json: bool, push_to: str | None, private: bool,
+              revision: str | None,
               commit_message: str | None, token: str | None, endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
     hf://owner/name[@revision][/subfolder])."""
@@ -354,7 +358,8 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
                        push_to=push_to, private=private, revision=revision,
                        commit_message=commit_message, token=token, endpoint=endpoint,
                        validate=check, requantize=requantize.lower(), quantize_like=quantize_like,
-                       kernels=kernels, max_shard_size=max_shard_size)
+                       kernels=kernels, max_shard_size=max_shard_size,
+                       allow_modified_base=allow_modified_base)
     if as_json:
         _ui.print_json(report)
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, LoraWeight, module_name, nonfinite_tensors
+from .merging.copies import saved_copies
 
 
 def delta_singular_values(w: LoraWeight) -> torch.Tensor:
@@ -61,11 +62,13 @@ def size_on_disk(path: Path) -> int:
 
 
 def _init_warning(adapter: Adapter) -> str | None:
-    init = (adapter.metadata.get("peft_config") or {}).get("init_lora_weights", True)
-    from .formats.peft import BASE_MODIFYING_INITS
+    from .formats.peft import base_modifying_init
 
-    if str(init).lower().startswith(BASE_MODIFYING_INITS):
-        return f"init_lora_weights={init!r}: fits a modified base only, do not merge as is"
+    init = base_modifying_init(adapter.metadata.get("peft_config"))
+    if init is not None:
+        return (f"init_lora_weights={init!r}: fits a modified base only; merge refuses it unless "
+                "converted (PEFT's path_initial_model_for_weight_conversion) or merged into the "
+                "modified base with --allow-modified-base")
     return None
 
 
@@ -89,7 +92,10 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
         "base_model": adapter.base_model,
         "size_bytes": size_on_disk(path),
         "adapted_tensors": len(adapter.weights),
-        "replaced_tensors": sorted(adapter.replacements),
+        # saved copies of the training base (PEFT's base_layer tensors) are not replacements:
+        # a merge folds into the base's own tensor where the copy is the same weight
+        "replaced_tensors": sorted(adapter.replacements.keys() - saved_copies(adapter)),
+        "saved_base_copies": sorted(saved_copies(adapter)),
         "parameters": sum(t.numel() for t in tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
         "ranks": _counts(w.rank for w in adapter.weights.values()),

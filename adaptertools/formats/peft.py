@@ -238,13 +238,51 @@ def check_config(config: dict, where: Path) -> None:
     for switch in UNSUPPORTED_SWITCHES:
         if config.get(switch):
             raise UnsupportedError(f"{where}: not supported yet: {switch}={config[switch]!r}")
-    init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(BASE_MODIFYING_INITS):
-        warnings.warn(f"{where}: init_lora_weights={config['init_lora_weights']!r} means this "
+    init = base_modifying_init(config)
+    if init is not None:       # inspect and convert warn; merge refuses (merging/plan.py)
+        warnings.warn(f"{where}: init_lora_weights={init!r} means this "
                       "adapter only fits a base that PEFT modified at init time; merging it into "
                       "the original base gives WRONG weights unless it was converted to plain LoRA "
                       "(PEFT's path_initial_model_for_weight_conversion)",
                       AdapterToolsWarning, stacklevel=3)
+
+
+def base_modifying_init(config: dict | None) -> str | None:
+    """``init_lora_weights`` when it names a method that modifies the base at initialisation
+    (pissa, olora, corda, lora_ga, loftq, or a value starting so, e.g. "pissa_niter_4"), else
+    None. PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` converts such
+    an adapter to plain LoRA and sets the value back to True: one still naming the method was
+    saved unconverted and only fits the modified base."""
+    init = (config or {}).get("init_lora_weights", True) if isinstance(config, dict) else True
+    return init if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS) \
+        else None
+
+
+# Full tensors that are copies of the training base, not trained: a targeted layer's
+# ``base_layer`` tensors (save_embedding_layers), biases excepted when ``bias`` trains them, and
+# embedding layers saved whole that modules_to_save does not list (a resized vocabulary).
+SAVED_EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte")
+
+
+def saved_base_copies(state_dict: dict[str, torch.Tensor], config: dict) -> list[str]:
+    """Base tensor names of the saved copies of the training base in a PEFT state dict (kept in
+    ``Adapter.metadata["saved_base_copies"]``; the planner folds into the base's own tensor
+    where a copy is the same weight, merging/copies.py)."""
+    trained_biases = config.get("bias") in ("all", "lora_only")
+    saved = config.get("modules_to_save") or []
+    copies = set()
+    for key in state_dict:
+        name, part, _ = split_key(key)
+        if part is not None or (trained_biases and name.endswith(".bias")):
+            continue
+        module = module_name(name)
+        listed = isinstance(saved, list) and any(module == m or module.endswith("." + m)
+                                                 for m in saved)
+        tokens = key.split(".")
+        if "base_layer" in tokens or (module.rsplit(".", 1)[-1] in SAVED_EMBEDDING_LAYERS
+                                      and "modules_to_save" not in tokens and not listed):
+            copies.add(name)
+    return sorted(copies)
 
 
 # ----------------------------------------------------------------------------- state dict -> Adapter
@@ -402,13 +440,19 @@ def read(path: Path) -> Adapter:
                               f"{expected_rank} (r / rank_pattern); fix the config")
         return scale_of(alpha, expected_rank, use_rslora)
 
-    adapter = adapter_from_state_dict(read_state_dict(folder), scale_for,
+    state_dict = read_state_dict(folder)
+    adapter = adapter_from_state_dict(state_dict, scale_for,
                                       fan_in_fan_out=bool(config.get("fan_in_fan_out")),
                                       where=folder)
     if not adapter.weights and not adapter.replacements:
         raise FormatError(f"{folder}: the weights file holds no LoRA tensors")
     adapter.base_model = config.get("base_model_name_or_path")
     adapter.metadata = {"source_format": "peft", "peft_config": config}
+    copies = saved_base_copies(state_dict, config)
+    if copies:
+        from ..merging.copies import SAVED_COPIES
+
+        adapter.metadata[SAVED_COPIES] = copies
     return adapter
 
 
@@ -476,11 +520,22 @@ def config_for(adapter: Adapter) -> dict:
         config.setdefault("r", 8)
         config.setdefault("lora_alpha", 8)
         config.setdefault("target_modules", [])
+    from ..merging.copies import saved_copies
+
     lora_modules = set(modules)
-    saved = [module_name(n) for n in adapter.replacements if module_name(n) not in lora_modules]
-    missing = [m for m in dict.fromkeys(saved) if not targets_cover(config.get("modules_to_save"), m)]
+    # modules_to_save: modules with a full tensor other than a bias. Biases alone (bias "all" /
+    # "lora_only") and saved copies of the base load by key: PEFT's ModulesToSaveWrapper would
+    # look for the module's weight among the saved tensors (KeyError)
+    full = [n for n in adapter.replacements if n not in saved_copies(adapter)]
+    saved = list(dict.fromkeys(module_name(n) for n in full if not n.endswith(".bias")
+                               and module_name(n) not in lora_modules))
+    missing = [m for m in saved if not targets_cover(config.get("modules_to_save"), m)]
     if missing:
         config["modules_to_save"] = list(config.get("modules_to_save") or []) + missing
+    biases = [n for n in full if n.endswith(".bias") and module_name(n) not in saved]
+    if biases and config.get("bias", "none") == "none":
+        config["bias"] = "lora_only" if all(module_name(n) in lora_modules for n in biases) \
+            else "all"
     return config
 
 

@@ -171,11 +171,21 @@ def check_dora(terms: dict[str, list[Term]], names: list[str], options: Options,
 
 
 def combine_replacements(adapters: list[Adapter], names: list[str]) -> dict[str, torch.Tensor]:
-    """modules_to_save tensors of every adapter; the same tensor with two values is an error."""
+    """modules_to_save tensors of every adapter; the same tensor with two values is an error.
+    Two saved copies of the training base (copies.py) that are the same weight in different
+    dtypes agree: the finer one is kept."""
+    from .copies import PRECISION, same_weight, saved_copies
+
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
     for i, adapter in enumerate(adapters):
+        copies = saved_copies(adapter)
         for name, tensor in adapter.replacements.items():
+            if name in out and name in copies and name in saved_copies(adapters[owner[name]]) \
+                    and same_weight(tensor, out[name]):
+                if PRECISION.get(tensor.dtype, 0) > PRECISION.get(out[name].dtype, 0):
+                    out[name], owner[name] = tensor, i
+                continue
             if name in out and not (out[name].shape == tensor.shape and
                                     torch.equal(out[name], tensor.to(out[name].dtype))):
                 raise UnsupportedError(

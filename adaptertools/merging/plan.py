@@ -16,6 +16,7 @@ from ..adapter import Adapter, LoraWeight
 from ..errors import FormatError, UnsupportedError
 from ..kernels.reference import Contribution
 from .bases import FLOAT_DTYPES, SAFETENSORS_SIZES, GGUFBase, HFBase, TensorEntry
+from .copies import copy_matches_base, copy_note, saved_copies
 
 MODES = ("weighted", "stacked")
 DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -41,6 +42,8 @@ class Job:
     bias_contributions: tuple[Contribution, ...] = ()   # lora_bias terms for a bias tensor
     replacement: torch.Tensor | None = None              # modules_to_save: replaces the source
     group: object | None = None     # a bitsandbytes weight's quant-state group (merging/bnb.py)
+    # the replacement's shape where it differs from the source's (a resized vocabulary)
+    out_shape: tuple[int, ...] | None = None
 
     @property
     def changed(self) -> bool:
@@ -48,17 +51,24 @@ class Job:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The source tensor's shape (what is read from the base)."""
         return self.source.shape
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape written: the source's, or a resized replacement's."""
+        return self.out_shape or self.source.shape
+
+    @property
     def nbytes(self) -> int:
-        if self.out_dtype == self.source.dtype:
+        shape = self.output_shape
+        if self.out_dtype == self.source.dtype and self.out_shape is None:
             return self.source.nbytes
         if self.out_dtype in SAFETENSORS_SIZES:
-            return SAFETENSORS_SIZES[self.out_dtype] * _numel(self.shape)
+            return SAFETENSORS_SIZES[self.out_dtype] * _numel(shape)
         from ..kernels.quant.types import resolve  # a GGUF block type
 
-        return _numel(self.shape[:-1]) * resolve(self.out_dtype).row_bytes(self.shape[-1])
+        return _numel(shape[:-1]) * resolve(self.out_dtype).row_bytes(shape[-1])
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class _Targets:
     biases: dict[str, list[Contribution]] = field(default_factory=dict)
     replacements: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -115,10 +126,52 @@ def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
     return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
 
 
+def _resizes(base_name: str, shape: tuple[int, ...], entry: TensorEntry, resizable) -> bool:
+    """A full tensor with other rows than the base's, where that means a resized vocabulary."""
+    return base_name in resizable and len(shape) == 2 == len(entry.shape) and \
+        shape[1:] == tuple(entry.shape[1:])
+
+
+def _collect_full(targets: _Targets, i: int, adapter: Adapter, names: list[str],
+                  entries: dict[str, TensorEntry], resolve, compare, resizable) -> None:
+    """Adapter ``i``'s full tensors: replacements (modules_to_save, trained biases), and saved
+    copies of its training base (copies.py), which are folded into only where they are not
+    the same weight as the base's tensor (``compare(base name, copy) -> bool | None``)."""
+    copies = saved_copies(adapter)
+    for name, tensor in adapter.replacements.items():
+        found = resolve(name, None)
+        if found is None:
+            targets.mismatches.append(f"{name} (adapter {names[i]}): full tensor has no base "
+                                      "tensor to replace")
+            continue
+        base_name = found[0]
+        entry, shape = entries[base_name], tuple(tensor.shape)
+        resized = shape != tuple(entry.shape)
+        if resized and not _resizes(base_name, shape, entry, resizable):
+            targets.mismatches.append(f"{name} (adapter {names[i]}): full tensor "
+                                      f"{shape}, base {entry.shape}")
+            continue
+        if name in copies or resized:
+            same = None if resized else compare(base_name, tensor)
+            if same:
+                continue           # the base's own weight: fold into it (PEFT's roundings)
+            targets.warnings.append(copy_note(base_name, names[i], tensor, entry, same))
+        if base_name in targets.replacements and not _same(targets.replacements[base_name][1],
+                                                           tensor):
+            other = names[targets.replacements[base_name][0]]
+            raise UnsupportedError(f"{base_name}: replaced by both {other} and {names[i]} "
+                                   "(modules_to_save); merge them separately or drop one")
+        targets.replacements.setdefault(base_name, (i, tensor))
+
+
 def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
-             entries: dict[str, TensorEntry], resolve) -> _Targets:
-    """``resolve(name, w) -> (base name, LoraWeight in that tensor's stored layout) | None``."""
+             entries: dict[str, TensorEntry], resolve, *, compare=lambda name, copy: None,
+             resizable=()) -> _Targets:
+    """``resolve(name, w) -> (base name, LoraWeight in that tensor's stored layout) | None``;
+    ``compare`` and ``resizable`` (names whose rows a replacement may change): ``_collect_full``."""
     targets = _Targets()
+    for i, adapter in enumerate(adapters):
+        _collect_full(targets, i, adapter, names, entries, resolve, compare, resizable)
     for i, (adapter, factor) in enumerate(zip(adapters, factors)):
         for name, w in adapter.weights.items():
             found = resolve(name, w)
@@ -127,9 +180,12 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                 continue
             base_name, w = found
             entry = entries[base_name]
-            if w.stored_shape != entry.shape:
+            # a LoRA on a resized tensor has the replacement's shape
+            replaced = targets.replacements.get(base_name)
+            expected = tuple(replaced[1].shape) if replaced is not None else entry.shape
+            if w.stored_shape != expected:
                 targets.mismatches.append(f"{name} (adapter {names[i]}): adapter delta "
-                                          f"{w.stored_shape}, base {entry.shape}")
+                                          f"{w.stored_shape}, base {expected}")
                 continue
             contribution = Contribution(w, factor, i)
             targets.weights.setdefault(base_name, []).append(contribution)
@@ -139,23 +195,6 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                     raise UnsupportedError(f"{name} (adapter {names[i]}): has a lora_bias but the "
                                            "base layer has no bias to merge it into")
                 targets.biases.setdefault(bias_name, []).append(contribution)
-        for name, tensor in adapter.replacements.items():
-            found = resolve(name, None)
-            if found is None:
-                targets.mismatches.append(f"{name} (adapter {names[i]}): full tensor has no base "
-                                          "tensor to replace")
-                continue
-            base_name = found[0]
-            if base_name in targets.replacements and not _same(targets.replacements[base_name][1],
-                                                               tensor):
-                other = names[targets.replacements[base_name][0]]
-                raise UnsupportedError(f"{base_name}: replaced by both {other} and {names[i]} "
-                                       "(modules_to_save); merge them separately or drop one")
-            if tuple(tensor.shape) != entries[base_name].shape:
-                targets.mismatches.append(f"{name} (adapter {names[i]}): full tensor "
-                                          f"{tuple(tensor.shape)}, base {entries[base_name].shape}")
-                continue
-            targets.replacements.setdefault(base_name, (i, tensor))
     if targets.mismatches:
         shown = "; ".join(targets.mismatches[:MISMATCHES_SHOWN])
         more = len(targets.mismatches) - MISMATCHES_SHOWN
@@ -199,7 +238,7 @@ def _header(metadata: dict, jobs: list[Job]) -> bytes:
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for job in jobs:
-        header[job.name] = {"dtype": job.out_dtype, "shape": list(job.shape),
+        header[job.name] = {"dtype": job.out_dtype, "shape": list(job.output_shape),
                             "data_offsets": [offset, offset + job.nbytes]}
         offset += job.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -209,8 +248,13 @@ def _header(metadata: dict, jobs: list[Job]) -> bytes:
 
 def plan_for(base: HFBase | GGUFBase, adapters: list[Adapter], names: list[str],
              factors: list[float], *, mode: str, dtype: str, requantize: str = "keep",
-             quantize_like: GGUFBase | None = None, max_shard_size: int | None = None) -> Plan:
-    """``plan_hf`` or ``plan_gguf``, by the kind of ``base``."""
+             quantize_like: GGUFBase | None = None, max_shard_size: int | None = None,
+             allow_modified_base: bool = False) -> Plan:
+    """``plan_hf`` or ``plan_gguf``, by the kind of ``base``; adapters that only fit a base PEFT
+    modified at initialisation are refused unless ``allow_modified_base`` (``base`` is then
+    that modified base)."""
+    if not allow_modified_base:
+        _refuse_modified_base(adapters, names)
     if base.kind == "safetensors":     # --requantize: bitsandbytes checkpoints (bnb.py)
         if quantize_like is not None:
             raise UnsupportedError("--quantize-like applies to GGUF bases; for an HF checkpoint "
@@ -223,6 +267,26 @@ def plan_for(base: HFBase | GGUFBase, adapters: list[Adapter], names: list[str],
                                "--split --split-max-size 5G MERGED.gguf PREFIX` after the merge")
     return plan_gguf(base, adapters, names, factors, mode=mode, dtype=dtype,
                      requantize=requantize, quantize_like=quantize_like)
+
+
+def _refuse_modified_base(adapters: list[Adapter], names: list[str]) -> None:
+    """PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ start by changing the base weights (W - the
+    initial adapter's delta, or a quantized residual); an adapter saved without PEFT's
+    conversion to plain LoRA still names its method in ``init_lora_weights`` and only fits that
+    modified base. Merged into the original base it gives another model."""
+    from ..formats.peft import base_modifying_init
+
+    for name, adapter in zip(names, adapters):
+        init = base_modifying_init((adapter.metadata or {}).get("peft_config"))
+        if init is not None:
+            raise UnsupportedError(
+                f"{name}: init_lora_weights={init!r}: this adapter was saved without conversion, "
+                "so it only fits the base as PEFT modified it when the adapter was initialised; "
+                "merged into the original base it would give a different model. Convert it to "
+                "plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_"
+                "conversion=<the initial adapter, saved before training>)) and merge that, or "
+                "merge into the modified base and pass --allow-modified-base "
+                "(allow_modified_base=True)")
 
 
 def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
@@ -249,7 +313,11 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     def resolve(name: str, w: LoraWeight | None):
         return (name, w) if name in known else None
 
-    targets = _collect(adapters, names, factors, known, resolve)
+    targets = _collect(adapters, names, factors, known, resolve,
+                       compare=lambda name, copy: copy_matches_base(copy, base, known[name]),
+                       resizable=(embedding, LM_HEAD) if bnb is None else ())
+    vocab = _resized_vocab(targets, known, embedding, add_lm_head)
+    warnings += targets.warnings
     _check_modes(targets, mode, names)
     if untie:
         # PEFT's merge_and_unload changes the shared tensor in place, so its merged lm_head
@@ -261,10 +329,16 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
 
     def job_for(entry: TensorEntry) -> Job:
         replacement = targets.replacements.get(entry.name)
+        tensor = replacement[1] if replacement else None
+        resized = tensor is not None and tuple(tensor.shape) != tuple(entry.shape)
+        if tensor is not None and entry.name in targets.weights and entry.dtype in TORCH_DTYPES:
+            # a copy the adapter is folded into is first stored in the base's dtype, as PEFT's
+            # load_state_dict does, so the fold rounds as PEFT's merge does
+            tensor = tensor.to(TORCH_DTYPES[entry.dtype])
         return Job(entry.name, entry, _out_dtype(entry, dtype),
                    tuple(targets.weights.get(entry.name, ())),
-                   tuple(targets.biases.get(entry.name, ())),
-                   replacement[1] if replacement else None)
+                   tuple(targets.biases.get(entry.name, ())), tensor,
+                   out_shape=tuple(tensor.shape) if resized else None)
 
     files = []
     for f in base.files:
@@ -277,11 +351,12 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
         if added:
             jobs.append(job_for(lm_head_entry))
         same_layout = not added and len(jobs) == len(f.tensors) and \
-            all(j.out_dtype == j.source.dtype for j in jobs)
+            all(j.out_dtype == j.source.dtype and j.out_shape is None for j in jobs)
         header = f.header if same_layout else _header(f.metadata, jobs)
         files.append(OutputFile(f.name, tuple(jobs), header,
                                 len(header) + sum(j.nbytes for j in jobs)))
-    config, index = _updated_config(base, dtype, untie), _updated_index(base, files, add_lm_head)
+    config = _updated_config(base, dtype, untie, vocab)
+    index = _updated_index(base, files, add_lm_head)
     if max_shard_size is not None:      # new shards, grouped and named as save_pretrained does
         from .shards import regroup, resharded_index
 
@@ -319,10 +394,42 @@ def _check_foldable(job: Job, base: HFBase) -> None:
     raise UnsupportedError(f"{where} and an adapter changes it; {supported}; {hint}")
 
 
-def _updated_config(base: HFBase, dtype: str, untie: bool) -> dict | None:
-    if not base.config or (dtype == "keep" and not untie):
+def _resized_vocab(targets: _Targets, known: dict[str, TensorEntry], embedding: str | None,
+                   add_lm_head: bool) -> int | None:
+    """The new vocabulary size when the adapters' copies of the embedding and lm_head have other
+    rows than the base's (a vocabulary resized before training), else None; both must then
+    come resized (an added lm_head of a tied base takes the embedding's copy)."""
+    rows = {name: int(tensor.shape[0]) for name, (_, tensor) in targets.replacements.items()
+            if tuple(tensor.shape) != tuple(known[name].shape)}
+    if not rows:
+        return None
+    if len(set(rows.values())) > 1:
+        raise UnsupportedError("the adapters resize the vocabulary differently ("
+                               + ", ".join(f"{n}: {r} rows" for n, r in rows.items())
+                               + "); merge them into the resized base they were trained on")
+    first, size = next(iter(rows.items()))
+    old = known[first].shape[0]
+    if add_lm_head and embedding in rows and LM_HEAD not in rows:
+        targets.replacements[LM_HEAD] = targets.replacements[embedding]   # tied: the embedding
+        rows[LM_HEAD] = size
+    for other in (embedding, LM_HEAD):
+        if other is not None and other in known and other not in rows and \
+                known[other].shape[0] == old:
+            raise UnsupportedError(
+                f"{first}: the adapter resizes the vocabulary from {old} to {size} rows but "
+                f"carries no {other} of {size} rows, so the merged model would not fit together; "
+                "merge into the resized base (the model saved after resize_token_embeddings)")
+    return size
+
+
+def _updated_config(base: HFBase, dtype: str, untie: bool, vocab: int | None = None) -> dict | None:
+    if not base.config or (dtype == "keep" and not untie and vocab is None):
         return None
     config = json.loads(json.dumps(base.config))
+    if vocab is not None:              # a resized vocabulary (_resized_vocab)
+        for section in (config, config.get("text_config")):
+            if isinstance(section, dict) and "vocab_size" in section:
+                section["vocab_size"] = vocab
     if untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict) and \
@@ -369,7 +476,8 @@ def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors
                                f"--requantize {DTYPE_NAMES.get(dtype, dtype).lower()}")
     info = load_base_info(base.path)
     entries = base.entries()
-    targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries))
+    targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries),
+                       compare=lambda name, copy: copy_matches_base(copy, base, entries[name]))
     _check_modes(targets, mode, names)
     like = quantize_like.entries() if quantize_like is not None else None
     jobs = []
@@ -389,7 +497,8 @@ def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors
         header = header_bytes(base.header, laid)
         output = OutputFile(base.path.name, tuple(jobs), header,
                             file_size(header, laid, base.header.alignment))
-    return Plan(base, (output,), mode, tuple(factors), tuple(names))
+    return Plan(base, (output,), mode, tuple(factors), tuple(names),
+                warnings=tuple(targets.warnings))
 
 
 def _fits_blocks(entry: TensorEntry, type_name: str, where: str) -> str:

@@ -338,7 +338,7 @@ def _kind(job: Job) -> str:
 def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
     if entry is None:
         return "missing from the merged model"
-    expected = job.shape
+    expected = job.output_shape          # a resized vocabulary's copy: its own shape
     if job.group is not None and entry.dtype not in FLOAT_DTYPES:     # bitsandbytes, packed
         expected = job.group.members[job.name].shape
     if tuple(entry.shape) != tuple(expected):
