@@ -152,23 +152,30 @@ def inspect_report(report: dict) -> None:
 
 
 def convert_result(result: dict) -> None:
+    for note in result.get("notes", []):
+        info(note)
+    full = f", {result['replaced_tensors']} full tensors" if result["replaced_tensors"] else ""
+    dropped = result.get("dropped_tensors")
+    if dropped:
+        full += (f"; {dropped} full tensor(s) dropped: unchanged copies of the base (PEFT saves "
+                 f"them beside an adapted embedding), which {result['to']} does not need")
     out.print(plain(f"wrote {result['dst']} ({result['to']}) from {result['src']} "
-                    f"({result['from']}): {result['adapted_tensors']} LoRA tensors, "
-                    f"{result['replaced_tensors']} full tensors"))
+                    f"({result['from']}): {result['adapted_tensors']} LoRA tensors{full}"))
 
 
 class progress_bar:
     """A byte progress bar on stderr, shown only when stderr is a terminal. ``start(total)``
     once the total is known, then call it with the bytes just written."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, *, show: bool = True) -> None:
         from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
                                    TransferSpeedColumn)
 
         self.label = label
         self.progress = Progress("[progress.description]{task.description}", BarColumn(),
                                  DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                                 console=err, transient=True, disable=not err.is_terminal)
+                                 console=err, transient=True,
+                                 disable=not (show and err.is_terminal))
         self.task = None
 
     def __enter__(self):
@@ -186,40 +193,93 @@ class progress_bar:
             self.progress.advance(self.task, nbytes)
 
 
-def merge_report(report: dict, *, dry_run: bool) -> None:
-    changed = report["changed"]
-    table = Table(title=plain(f"{'plan' if dry_run else 'merged'}: {report['out'] or '(dry run)'}"))
-    table.add_column("tensor", overflow="fold")     # a name is folded, never cut with "…"
-    for column in ("shape", "dtype", "adapters", "replaced"):
-        table.add_column(column)
-    for row in changed:
-        table.add_row(plain(row["name"]), "x".join(map(str, row["shape"])), row["dtype"],
-                      ", ".join(str(i) for i in row["adapters"]) or "-",
-                      "yes" if row["replaced"] else ("added" if row.get("added") else ""))
-    print_table(table)
-    adapters = ", ".join(f"[{i}] {a} (x{w:g})" for i, (a, w) in
-                         enumerate(zip(report["adapters"], report["weights"])))
-    summary = (f"{len(changed)} of {report['tensors']} tensors change; mode {report['mode']}; "
-               f"adapters {adapters}; output {human_size(report['output_bytes'])} "
-               f"({report['format']})")
-    if not dry_run:
-        summary += f"; {human_seconds(report['wall_s'])} on {report['device']}"
-    out.print(plain(summary))
-    if report.get("survival"):
-        survival_table(report["survival"])
+def short_names(paths) -> list[str]:
+    """Adapter paths as given, each shortened to its last component when those are all
+    different (``runs/a/adapter``, ``runs/b/adapter`` stay whole)."""
+    full = [str(p) for p in paths]
+    last = [p.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] for p in full]
+    return last if all(last) and len(set(last)) == len(last) else full
+
+
+def _change(row: dict) -> str:
+    return "replaced" if row["replaced"] else ("added" if row.get("added") else "folded")
+
+
+def _pattern(name: str) -> str:
+    """A tensor name with its indices as ``*``: the rows of one kind, layer after layer."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def merge_report(report: dict, *, dry_run: bool, verbose: bool = False,
+                 quiet: bool = False) -> None:
+    """The plan or merge: by default one row per kind of changed tensor (indices as ``*``),
+    the worst survival and validation rows; ``verbose``: every tensor, every row; ``quiet``:
+    only the warnings (errors are the caller's)."""
+    if not quiet:
+        names = short_names(report["adapters"])
+        (changed_table if verbose else changed_summary)(report, names, dry_run=dry_run)
+        adapters = ", ".join(f"{n} (x{w:g})" for n, w in zip(names, report["weights"]))
+        summary = (f"{len(report['changed'])} of {report['tensors']} tensors change; mode "
+                   f"{report['mode']}; adapters {adapters}; output "
+                   f"{human_size(report['output_bytes'])} ({report['format']})")
+        if not dry_run:
+            summary += f"; {human_seconds(report['wall_s'])} on {report['device']}"
+        out.print(plain(summary))
+        if report.get("survival"):
+            survival_table(report["survival"], rows=None if verbose else SURVIVAL_ROWS)
     for message in report["warnings"]:
         warning(message)
 
 
-SURVIVAL_ROWS = 10
+def _merge_title(report: dict, dry_run: bool, extra: str = "") -> Text:
+    return plain(f"{'plan' if dry_run else 'merged'}: {report['out'] or '(dry run)'}{extra}")
 
 
-def survival_table(survival: dict) -> None:
-    """How much of the adapter each requantized tensor kept, worst first."""
-    table = Table(title=plain(f"adapter survival in quantized tensors (worst {SURVIVAL_ROWS})"))
+def changed_table(report: dict, names: list[str], *, dry_run: bool) -> None:
+    """``merge --verbose``: one row per changed tensor."""
+    table = Table(title=_merge_title(report, dry_run))
+    table.add_column("tensor", overflow="fold")     # a name is folded, never cut with "…"
+    for column in ("shape", "dtype", "adapters", "change"):
+        table.add_column(column)
+    for row in report["changed"]:
+        table.add_row(plain(row["name"]), "x".join(map(str, row["shape"])), row["dtype"],
+                      plain(", ".join(names[i] for i in row["adapters"]) or "-"), _change(row))
+    print_table(table)
+
+
+def changed_summary(report: dict, names: list[str], *, dry_run: bool) -> None:
+    """One row per kind of changed tensor: same name but for the indices, dtype, adapters and
+    change; in the order they first come."""
+    groups: dict[tuple, int] = {}
+    for row in report["changed"]:
+        key = (_pattern(row["name"]), row["dtype"], tuple(row["adapters"]), _change(row))
+        groups[key] = groups.get(key, 0) + 1
+    if not groups:
+        return
+    hint = "; --verbose lists every tensor" if len(groups) < len(report["changed"]) else ""
+    table = Table(title=_merge_title(report, dry_run, hint))
+    table.add_column("tensors", overflow="fold")
+    table.add_column("count", justify="right")
+    for column in ("dtype", "adapters", "change"):
+        table.add_column(column)
+    for (pattern, dtype, adapters, change), count in groups.items():
+        table.add_row(plain(pattern), str(count), dtype,
+                      plain(", ".join(names[i] for i in adapters) or "-"), change)
+    print_table(table)
+
+
+SURVIVAL_ROWS = 5      # the worst rows a summary shows (survival, validation failures)
+
+
+def survival_table(survival: dict, rows: int | None = SURVIVAL_ROWS) -> None:
+    """How much of the adapter each requantized tensor kept, worst first (``rows`` of them,
+    None: all)."""
+    shown = survival["rows"] if rows is None else survival["rows"][:rows]
+    worst = "" if len(shown) == len(survival["rows"]) else f" (worst {len(shown)})"
+    table = Table(title=plain(f"adapter survival in quantized tensors{worst}"))
     for column in ("tensor", "type", "cosine", "relative error"):
         table.add_column(column, overflow="fold")
-    for row in survival["rows"][:SURVIVAL_ROWS]:
+    for row in shown:
         table.add_row(plain(row["name"]), row["type"], f"{row['cosine']:.3f}",
                       f"{row['rel_error']:.3f}")
     print_table(table)
@@ -227,6 +287,21 @@ def survival_table(survival: dict) -> None:
                     f"{survival['median_cosine']:.3f} (min {survival['min_cosine']:.3f}), median "
                     f"relative error {survival['median_rel_error']:.3f}; scores in "
                     f"{survival.get('report', 'the report')}"))
+
+
+def failures_table(validation: dict, rows: int | None = SURVIVAL_ROWS) -> None:
+    """``merge --validate``: the tensors that failed (``rows`` of them, None: all)."""
+    failures = validation.get("failures") or []
+    if not failures:
+        return
+    shown = failures if rows is None else failures[:rows]
+    more = "" if len(shown) == len(failures) else f" (worst {len(shown)} of {len(failures)})"
+    table = Table(title=plain(f"validation failures{more}"))
+    for column in ("tensor", "problem"):
+        table.add_column(column, overflow="fold")
+    for row in shown:
+        table.add_row(plain(row["name"]), plain(row["problem"]))
+    print_table(table)
 
 
 def validation_table(report: dict) -> None:
@@ -280,20 +355,31 @@ def e2e_table(e2e: dict) -> None:
     print_table(table)
 
 
+def merge_validation(validation: dict, *, verbose: bool = False, quiet: bool = False) -> None:
+    """``merge --validate``: the worst failures (``verbose``: all), then the verdict (``quiet``:
+    only a failed one)."""
+    if not quiet:
+        failures_table(validation, rows=None if verbose else SURVIVAL_ROWS)
+    if not (quiet and validation["passed"]):
+        validation_summary(validation)
+
+
 def validation_summary(report: dict) -> None:
     """One line: the verdict, counts and the worst margin (also after ``merge --validate``)."""
     worst = report.get("worst_margin_db")
-    text = (f"{report['adapted']} adapted tensors within {report['tolerance_db']:g} dB of their "
-            f"floor (worst margin {_db(worst) if worst is not None else 'n/a'} dB), "
-            f"{report['untouched']} untouched tensors byte-identical; "
-            f"{human_seconds(report['wall_s'])}")
+    e2e = report.get("e2e")
+    end_to_end = "" if not e2e else \
+        f"; end-to-end: {'passed' if e2e['passed'] else 'FAILED'}"
     if report["passed"]:
-        info(f"validation passed: {text}")
-    else:
-        error(f"validation FAILED: {report['failed']} of {report['checked']} tensors"
-              + (" or the end-to-end check" if report.get("e2e") and not report["e2e"]["passed"]
-                 else "") + " failed; see the table" + (f" and {report['report']}"
-                                                       if report.get("report") else ""))
+        info(f"validation passed: {report['adapted']} adapted tensors within "
+             f"{report['tolerance_db']:g} dB of their floor (worst margin "
+             f"{_db(worst) if worst is not None else 'n/a'} dB), {report['untouched']} "
+             f"untouched tensors byte-identical{end_to_end}; {human_seconds(report['wall_s'])}")
+        return
+    failed = ("all passed" if not report["failed"] else
+              f"{report['failed']} failed")
+    error(f"validation FAILED: {report['checked']} tensors checked, {failed}{end_to_end}; see "
+          "the table" + (f" and {report['report']}" if report.get("report") else ""))
 
 
 def algebra_report(report: dict) -> None:

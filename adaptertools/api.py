@@ -54,7 +54,28 @@ def _readable(path: Path, format: str | None) -> Format:
     fmt = get_format(format) if format else detect_format(path)
     if not fmt.can_read:
         raise UnsupportedError(f"format {fmt.name!r} can only be written, not read")
+    if format and path.is_dir() and not fmt.output_is_dir and not _sniffs(fmt, path):
+        raise FormatError(_folder_for_file_format(path, fmt))
     return fmt
+
+
+def _sniffs(fmt: Format, path: Path) -> bool:
+    try:
+        return bool(fmt.module.sniff(path))
+    except Exception:  # noqa: BLE001  (a plugin's sniff: only a hint here)
+        return False
+
+
+def _folder_for_file_format(path: Path, fmt: Format) -> str:
+    """--from FORMAT names a one-file format, and ``path`` is a folder: say so, and name the
+    files in it that FORMAT could mean."""
+    try:
+        meant = sorted(p.name for p in path.iterdir() if p.is_file() and _sniffs(fmt, p))
+    except OSError:
+        meant = []
+    hint = (f"pass one of its files: {', '.join(meant[:5])}" + (", ..." if len(meant) > 5 else "")
+            if meant else f"it holds no {fmt.name} file; pass the file itself or drop --from")
+    return f"{path}: is a folder, and {fmt.name} adapters are one file; {hint}"
 
 
 def _local(path, kind: str, hub: dict, sources: list | None = None, role: str | None = None):
@@ -172,17 +193,44 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
         raise UnsupportedError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
     base = _base_info(base)     # parsed once, for the reader and the writer
     adapter = _read(fmt, src_path, scale, base)
+    named, notes = None, []
+    if base is None:
+        named = _named_base(adapter, target)
+        if named is not None:
+            base = _base_info(named)
+            notes.append(f"base model {named}: the one the adapter names (its "
+                         "base_model_name_or_path); pass --base to use another")
     save(adapter, dst, format=to, dtype=dtype, force=force, base=base, inputs=inputs)
     from_hub = any(s["role"] == "adapter" for s in sources)
+    # a GGUF LoRA stores no full tensors: the writer dropped those (unchanged copies of the
+    # base, as PEFT saves beside an adapted embedding) or refused the conversion
+    dropped = len(adapter.replacements) if target.name == "gguf" else 0
     report = {"src": given if from_hub else str(src_path), "dst": str(dst), "from": fmt.name,
               "to": to, "dtype": dtype, "adapted_tensors": len(adapter.weights),
-              "replaced_tensors": len(adapter.replacements)}
+              "replaced_tensors": len(adapter.replacements) - dropped}
+    if dropped:
+        report["dropped_tensors"] = dropped
+    if named is not None:
+        report["base"] = named
+    if notes:
+        report["notes"] = notes
     if adapter.base_model:           # for a pushed model card's ``base_model``
         report["base_model"] = adapter.base_model
     if sources:
         report["hub_inputs"] = sources
     push = {"private": private, "revision": revision, "commit_message": commit_message}
     return _push_after(report, dst, push_to, push, hub)
+
+
+def _named_base(adapter: Adapter, target: Format) -> str | None:
+    """The base the adapter was trained on (PEFT's base_model_name_or_path) when it is a local
+    folder or file and ``target`` writes with a base it was not given (GGUF); a Hub id is not
+    fetched."""
+    named = adapter.base_model
+    if (not named or not _accepts(target.module.write, "base") or "gguf_base" in adapter.metadata
+            or not os.path.exists(named)):
+        return None
+    return named
 
 
 def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None = None,
@@ -315,6 +363,9 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         raise OptionError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
     if out is None and not dry_run:
         raise OptionError("no output given; pass --out")
+    if validate and dry_run:
+        raise OptionError("--validate needs a real run; drop --dry-run")
+    requantize = str(requantize).lower()      # as the CLI: Q4_K and q4_k name one type
     if push_to is not None:
         from .hub import check_push
 
@@ -326,6 +377,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
                                                               refusal="refusing to merge it")
     inputs = (local_base, *local_paths, quantize_like)
     out_exists = out is not None and os.path.lexists(out)
+    if out is not None and checkpoint.kind == "safetensors":
+        _refuse_file_name(out, base)
     if out is not None and not (dry_run and out_exists):
         refuse_output(out, force=force, is_dir=checkpoint.kind == "safetensors", inputs=inputs)
     names = [str(p) for p in paths]
@@ -359,6 +412,20 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
             push_to = None
     push = {"private": private, "revision": revision, "commit_message": commit_message}
     return _push_after(report, out, push_to, push, hub)
+
+
+FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json")    # names of files, not folders
+
+
+def _refuse_file_name(out, base) -> None:
+    """An HF base merges into a folder: an OUT named like a file (``x.gguf``) is a mistake."""
+    suffix = Path(out).suffix.lower()
+    if suffix in FILE_SUFFIXES:
+        raise OptionError(f"--out {out}: {base} is an HF checkpoint, so the merge is a folder "
+                          f"(config.json and *.safetensors), not a {suffix} file; name a folder "
+                          f"(e.g. {Path(out).with_suffix('')})"
+                          + ("; for a merged GGUF, merge into a GGUF base" if suffix == ".gguf"
+                             else ""))
 
 
 def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like,

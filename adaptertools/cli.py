@@ -28,6 +28,12 @@ HUB_OPTIONS = (
                  help="Hub endpoint for hf:// inputs and pushes (default: HF_ENDPOINT, then "
                       "https://huggingface.co)."),
 )
+VERBOSITY_OPTIONS = (
+    click.option("-v", "--verbose", is_flag=True,
+                 help="One row per changed tensor (default: one per kind of tensor) and every "
+                      "survival and validation row (default: the worst few)."),
+    click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors."),
+)
 PUSH_OPTIONS = (
     click.option("--push-to", metavar="OWNER/NAME", help="Upload the output to this Hub repo, "
                  "with a model card."),
@@ -225,7 +231,7 @@ def cli(debug: bool) -> None:
     """Convert, merge and validate LoRA adapters (PEFT, safetensors, GGUF)."""
 
 
-@cli.command("formats")
+@cli.command("formats", short_help="List the adapter formats, built-in and from plugins.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def formats_cmd(as_json: bool) -> None:
@@ -241,7 +247,7 @@ def formats_cmd(as_json: bool) -> None:
     _ui.print_json(rows) if as_json else _ui.formats_table(rows)
 
 
-@cli.command("inspect")
+@cli.command("inspect", short_help="Show an adapter's ranks, scales, targets, size and problems.")
 @click.argument("path", type=click.Path())
 @click.option("--layers", is_flag=True, help="One row per adapted tensor.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -264,7 +270,8 @@ def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
     _ui.print_json(report) if as_json else _ui.inspect_report(report)
 
 
-@cli.command("convert")
+@cli.command("convert",
+             short_help="Convert an adapter to another format, losslessly or not at all.")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("--to", "to_format", required=True, metavar="FORMAT",
@@ -295,7 +302,7 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
     _ui.print_json(result) if as_json else (_ui.convert_result(result), _echo_pushed(result))
 
 
-@cli.command("merge")
+@cli.command("merge", short_help="Fold adapters into a base checkpoint (HF or GGUF).")
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", type=click.Path(), help="Output folder (HF base) or file (GGUF base).")
@@ -329,13 +336,13 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
               help="Merge PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapters saved without PEFT's "
                    "conversion; BASE must then be the base as PEFT modified it.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_options(*PUSH_OPTIONS, *HUB_OPTIONS)
+@_options(*VERBOSITY_OPTIONS, *PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
               mode: str, dtype: str, device: str, kernels: str, dry_run: bool, force: bool,
               check: bool, requantize: str, quantize_like: str | None, max_shard_size: str | None,
-              allow_modified_base: bool, as_json: bool, push_to: str | None, private: bool,
-              revision: str | None,
+              allow_modified_base: bool, as_json: bool, verbose: bool, quiet: bool,
+              push_to: str | None, private: bool, revision: str | None,
               commit_message: str | None, token: str | None, endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
     hf://owner/name[@revision][/subfolder])."""
@@ -343,6 +350,8 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
         raise click.UsageError("missing option '--out' (or pass --dry-run)")
     if check and dry_run:
         raise click.UsageError("--validate needs a real run; drop --dry-run")
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet contradict each other; pass one")
     if not dry_run:       # the disk reads the base while torch is imported (merging/prefetch.py)
         from .merging import prefetch
 
@@ -352,7 +361,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
     from .merging import run  # noqa: F401  (the engine, which api.merge imports first thing)
 
     ready()
-    with _ui.progress_bar("merging") as bar:
+    with _ui.progress_bar("merging", show=not quiet) as bar:
         report = merge(base, adapters, out, weights=weights, mode=mode, dtype=dtype,
                        device=device, dry_run=dry_run, force=force, progress=bar,
                        push_to=push_to, private=private, revision=revision,
@@ -363,17 +372,17 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
     if as_json:
         _ui.print_json(report)
     else:
-        _ui.merge_report(report, dry_run=dry_run)
-        if report.get("shards"):            # --max-shard-size: the new files
+        _ui.merge_report(report, dry_run=dry_run, verbose=verbose, quiet=quiet)
+        if report.get("shards") and not quiet:      # --max-shard-size: the new files
             _ui.shards_table(report)
-        _echo_pushed(report)
+        quiet or _echo_pushed(report)
         if "validation" in report:
-            _ui.validation_summary(report["validation"])
+            _ui.merge_validation(report["validation"], verbose=verbose, quiet=quiet)
     if "validation" in report and not report["validation"]["passed"]:
         sys.exit(1)
 
 
-@cli.command("validate")
+@cli.command("validate", short_help="Check a merge (--merged) or a conversion (--against).")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--merged", type=click.Path(),
               help="A merge of BASE and ADAPTERS to check: validate BASE ADAPTER... --merged M.")
@@ -443,6 +452,13 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     sys.exit(0 if report["passed"] else 1)
 
 
+def truncation_options(seed_help: str) -> tuple:
+    """combine's and extract's shared options; ``seed_help``: what --seed seeds there."""
+    return (*TRUNCATION_OPTIONS[:3],
+            click.option("--seed", type=int, default=0, show_default=True, help=seed_help),
+            *TRUNCATION_OPTIONS[3:])
+
+
 TRUNCATION_OPTIONS = (
     click.option("--rank", type=int, help="Rank of each output tensor."),
     click.option("--energy", type=float,
@@ -450,8 +466,6 @@ TRUNCATION_OPTIONS = (
                       "each delta's squared Frobenius norm."),
     click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto",
                  show_default=True, help="SVD for full matrices; randomized is seeded by --seed."),
-    click.option("--seed", type=int, default=0, show_default=True,
-                 help="Seed of the random draws (DARE masks, randomized SVD)."),
     click.option("--to", "to_format", default="peft", show_default=True, metavar="FORMAT",
                  help="Output format (see `adaptertools formats`)."),
     click.option("--force", is_flag=True, help="Overwrite OUT."),
@@ -459,7 +473,7 @@ TRUNCATION_OPTIONS = (
 )
 
 
-@cli.command("combine")
+@cli.command("combine", short_help="Combine adapters into one (cat, svd, ties, dare, pruning).")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", type=click.Path(), required=True, help="The combined adapter.")
 @click.option("--method", type=click.Choice(["cat", "svd", "ties", "dare_linear", "dare_ties",
@@ -475,7 +489,7 @@ TRUNCATION_OPTIONS = (
               help="HF base folder: base weights for --materialize, names for GGUF in/out.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
               help="Factor dtype (keep: the inputs' widest).")
-@_options(*TRUNCATION_OPTIONS)
+@_options(*truncation_options("Seed of the random draws (DARE masks, randomized SVD)."))
 @handle_errors
 def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str | None,
                 density: float | None, materialize: bool, base: str | None, dtype: str,
@@ -492,7 +506,7 @@ def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
     _ui.print_json(report) if as_json else _ui.algebra_report(report)
 
 
-@cli.command("extract")
+@cli.command("extract", short_help="Extract a LoRA from a fine-tune: FINETUNED - BASE.")
 @click.argument("base", type=click.Path())
 @click.argument("finetuned", type=click.Path())
 @click.option("--out", "out", type=click.Path(), required=True, help="The extracted adapter.")
@@ -500,7 +514,8 @@ def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
                                 "(default: every 2-D weight but the embeddings).")
 @click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True,
               help="Factor dtype.")
-@_options(*TRUNCATION_OPTIONS)
+@_options(*truncation_options("Seed of the randomized SVD (with --rank: --svd randomized, "
+                              "or auto on a rank well below the matrix's)."))
 @handle_errors
 def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype: str,
                 rank: int | None, energy: float | None, svd: str, seed: int, to_format: str,
@@ -516,7 +531,7 @@ def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype:
     _ui.print_json(report) if as_json else _ui.algebra_report(report)
 
 
-@cli.command("pull")
+@cli.command("pull", short_help="Fetch a model or adapter from the Hugging Face Hub.")
 @click.argument("uri")
 @click.option("--out", "out", type=click.Path(), help="Copy the files here (default: only the "
               "Hugging Face cache, whose folder is printed).")
@@ -545,10 +560,12 @@ def pull_cmd(uri: str, out: str | None, include: tuple[str, ...], force: bool, a
         click.echo(report["path"])
 
 
-@cli.command("push")
+@cli.command("push", short_help="Upload a file or folder to a Hub repo, with a model card.")
 @click.argument("src", type=click.Path())
 @click.argument("repo_id", metavar="OWNER/NAME")
-@_options(*PUSH_OPTIONS[1:], *HUB_OPTIONS)
+@click.option("--private", is_flag=True,
+              help="Create OWNER/NAME as a private repo when it does not exist yet.")
+@_options(*PUSH_OPTIONS[2:], *HUB_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
@@ -567,7 +584,7 @@ def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
     _ui.print_json(report) if as_json else _echo_pushed({"pushed": report})
 
 
-@cli.command("demo")
+@cli.command("demo", short_help="Run every command on a tiny model built in code.")
 @click.option("--workdir", type=click.Path(), help="Keep the demo files here (default: a temp dir).")
 @handle_errors
 def demo_cmd(workdir: str | None) -> None:

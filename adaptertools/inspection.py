@@ -101,7 +101,8 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
         "ranks": _counts(w.rank for w in adapter.weights.values()),
         "scales": _counts(w.scale for w in adapter.weights.values()),
         "rslora": bool(peft_config.get("use_rslora", False)),
-        "target_modules": sorted({module_name(n).rsplit(".", 1)[-1] for n in adapter.weights}),
+        "target_modules": sorted(set(target_names([module_name(n) for n in adapter.weights],
+                                                  peft_config.get("target_modules")))),
         "layer_kinds": _counts(w.layer for w in adapter.weights.values()),
         "dora": any(w.magnitude is not None for w in adapter.weights.values()),
         "lora_bias": any(w.bias is not None for w in adapter.weights.values()),
@@ -112,6 +113,46 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
     if layers:
         report["layers"] = per_layer
     return report
+
+
+def target_names(modules: list[str], configured=None) -> list[str]:
+    """How a person names each of ``modules`` (dotted module names), PEFT-style: the entry of
+    the adapter's ``target_modules`` list it matches (the longest, other than its full name),
+    else its own name from its container on, never a bare index: ``self_attn.q_proj`` ->
+    ``q_proj``; a Sequential's ``to_out.0`` -> ``to_out.0``, ``ff.net.0.proj`` -> ``net.0.proj``.
+    An index just before the name is a block index (``layers.3.q_proj`` -> ``q_proj``) when
+    it varies among the modules of the same shape, else part of the name."""
+    configured = [t for t in configured if isinstance(t, str)] \
+        if isinstance(configured, (list, tuple)) else []
+    parts = [m.split(".") for m in modules]
+    varying = _varying_indices(parts)
+    names = []
+    for module, comps in zip(modules, parts):
+        matches = [t for t in configured if t != module and module.endswith("." + t)]
+        if matches:
+            names.append(max(matches, key=len))
+            continue
+        start = len(comps) - 1
+        while start > 0 and (comps[start].isdigit() or (
+                comps[start - 1].isdigit() and start - 1 not in varying[_shape(comps)])):
+            start -= 1
+        names.append(".".join(comps[start:]))
+    return names
+
+
+def _shape(comps: list[str]) -> tuple[str, ...]:
+    return tuple("*" if c.isdigit() else c for c in comps)
+
+
+def _varying_indices(parts: list[list[str]]) -> dict[tuple[str, ...], set[int]]:
+    """For each module shape (indices as ``*``), the index positions whose values differ."""
+    seen: dict[tuple[str, ...], dict[int, set[str]]] = {}
+    for comps in parts:
+        values = seen.setdefault(_shape(comps), {})
+        for i, c in enumerate(comps):
+            if c.isdigit():
+                values.setdefault(i, set()).add(c)
+    return {shape: {i for i, v in values.items() if len(v) > 1} for shape, values in seen.items()}
 
 
 def _counts(values) -> dict:

@@ -317,8 +317,7 @@ class _Usage:
 
 def test_full_disk_precheck_refuses_before_writing(models, tmp_path, monkeypatch):
     monkeypatch.setattr(adaptertools._io.shutil, "disk_usage", lambda path: _Usage(4096))
-    calls = []
-    monkeypatch.setattr(merge_run, "write_all", lambda *a, **k: calls.append(a) or 0)
+    calls = _record_writers(monkeypatch)
     out = tmp_path / "out"
     before = listing(tmp_path)
     with pytest.raises(OSError) as info:
@@ -330,6 +329,26 @@ def test_full_disk_precheck_refuses_before_writing(models, tmp_path, monkeypatch
     assert calls == [], "bytes were written before the free-space check"
     assert listing(tmp_path) == before
     assert_nothing_written(out)
+
+
+def _record_writers(monkeypatch) -> list:
+    """What a merge writes through, recorded (and still done): every output file of the engine
+    (a safetensors shard, a GGUF file) gets its sink from ``open_sink`` in ``_file_pair``, and
+    the side files (config, tokenizer) are written by ``copy_side_files``."""
+    calls = []
+    for name in ("open_sink", "copy_side_files"):
+        real = getattr(merge_run, name)
+        monkeypatch.setattr(merge_run, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
+    return calls
+
+
+def test_record_writers_sees_an_ordinary_merge(models, tmp_path, monkeypatch):
+    """The recorder of the free-space test can fail: a merge that writes is seen."""
+    calls = _record_writers(monkeypatch)
+    at.merge(models["sharded"], [models["adapter"]], tmp_path / "out")
+    assert "open_sink" in calls and "copy_side_files" in calls
 
 
 def test_full_disk_precheck_creates_no_parent_folders(models, tmp_path, monkeypatch):
@@ -594,7 +613,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
     assert_nothing_written(out)
 
     outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out,
-                            "--dry-run")
+                            "--dry-run", "--verbose")
     assert outcome.code == 0, outcome.stderr
     assert f"14 of {len(SPEC.shapes())} tensors" in outcome.stdout
     assert "model.layers.0.mlp.down_proj" in outcome.stdout
@@ -605,7 +624,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
 def test_dry_run_plan_names_every_changed_tensor_in_full(models):
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     proc = subprocess.run([sys.executable, "-m", "adaptertools.cli", "merge",
-                           str(models["sharded"]), str(models["adapter"]), "--dry-run"],
+                           str(models["sharded"]), str(models["adapter"]), "--dry-run",
+                           "--verbose"],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
                           check=False, env=env | {"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,7 @@ Per tensor:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,9 +230,27 @@ def extract_checkpoints(base_path: str | os.PathLike, tuned_path: str | os.PathL
     if missing:
         warnings.append(f"{len(missing)} tensor(s) of the base are not in the fine-tune (e.g. "
                         f"{missing[0]}); an adapter cannot remove them")
-    name = base.config.get("_name_or_path") or str(base_path)
+    name = base_name(base_path, base.config)
     metadata = {"source_format": "adaptertools.extract", "peft_config": _peft_config(tuned)}
     return Adapter(weights, replacements, name, metadata), results, warnings
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def base_name(path: str | os.PathLike, config: dict) -> str:
+    """The extracted adapter's base (PEFT's base_model_name_or_path), usable from anywhere: the
+    Hub id of a Hub snapshot (the Hugging Face cache's ``models--OWNER--NAME/snapshots/COMMIT``),
+    else the Hub id the config names (``_name_or_path``), else the absolute path."""
+    resolved = Path(os.path.abspath(Path(path).expanduser()))   # a snapshot's files are links
+    parts = resolved.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots" and part[8:]:
+            return part[len("models--"):].replace("--", "/", 1)    # (ids never hold "--")
+    named = config.get("_name_or_path")
+    if isinstance(named, str) and HUB_ID.fullmatch(named) and not os.path.exists(named):
+        return named
+    return str(resolved)
 
 
 def _peft_config(tuned: HFBase) -> dict:

@@ -28,9 +28,14 @@ Real mistakes are far outside: one tensor's delta missing moves tiny-model logit
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import math
+import os
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,6 +96,54 @@ def token_ids(vocab: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- HF + PEFT
 
+def _debugging() -> bool:
+    """``--debug`` (when the CLI runs) or ADAPTERTOOLS_DEBUG=1."""
+    cli = sys.modules.get("adaptertools.cli")
+    if cli is not None:
+        return cli.debugging()
+    return os.environ.get("ADAPTERTOOLS_DEBUG", "").strip().lower() not in ("", "0", "false",
+                                                                           "no", "off")
+
+
+@contextlib.contextmanager
+def quiet_oracles():
+    """transformers, PEFT, huggingface_hub and bitsandbytes silent while they serve as the
+    oracle: their log lines (bitsandbytes' "Failed to load CPU gemm_4bit_forward from
+    kernels-community" at import, the kernels package's offline notice), loading bars and
+    warnings (deprecations) are not ours to show. All of it back as it was afterwards;
+    nothing silenced with --debug."""
+    if _debugging():
+        yield
+        return
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels", "peft",
+                                                    "accelerate")]
+    levels = [logger.level for logger in loggers]
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars_off = hub_utils.are_progress_bars_disabled()
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()          # (huggingface_hub's bars too)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars_off:
+            hub_utils.disable_progress_bars()
+        elif hub_utils.are_progress_bars_disabled():
+            hub_utils.enable_progress_bars()
+
+
+@quiet_oracles()
 def hf_logits(base, adapters: list, merged, weights: list[float], mode: str):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
