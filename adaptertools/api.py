@@ -299,27 +299,39 @@ def adapter_inputs(adapters, weights, mode: str) -> tuple[list, list[float]]:
     return paths, parse_weights(weights, len(paths))
 
 
-def open_inputs(base, paths: list, hub: dict, sources: list, *, refusal: str):
+def open_inputs(base, paths: list, hub: dict, sources: list, *, refusal: str,
+                scale: float | None = None):
     """Hub inputs fetched (their provenance appended to ``sources``), the base opened and the
     adapters loaded through it (GGUF adapters map names through the base; errors name the
-    adapters as given). Returns (local base, base checkpoint, local adapter paths, adapters)."""
+    adapters as given; ``scale`` as for ``load``). Returns (local base, base checkpoint, local
+    adapter paths, adapters)."""
     from .merging.bases import open_base
 
     local_base = _local(base, "base", hub, sources)
     local_paths = [_local(p, "adapter", hub, sources) for p in paths]
     checkpoint = open_base(local_base)
-    loaded = load_finite(local_paths, paths, base=local_base, refusal=refusal)
+    loaded = load_finite(local_paths, paths, base=local_base, refusal=refusal, scale=scale)
     return local_base, checkpoint, local_paths, loaded
 
 
-def load_finite(paths, names, *, base, refusal: str) -> list[Adapter]:
-    """``load`` each adapter (``names``: how errors call them); one holding NaN or Inf values
-    is refused with a FormatError ending in ``refusal``."""
-    loaded = [load(p, base=base) for p in paths]
+def load_finite(paths, names, *, base, refusal: str, scale: float | None = None) -> list[Adapter]:
+    """``load`` each adapter (``names``: how errors call them; ``scale`` for bare factor files,
+    refused for any other) to be merged or combined: one holding NaN or Inf values, or an
+    activated LoRA, is refused with an error ending in ``refusal``."""
+    from .formats.accounting import invocation_tokens
+
+    loaded = [load(p, base=base, scale=scale) for p in paths]
     for name, adapter in zip(names, loaded):
         bad = nonfinite_tensors(adapter)
         if bad:
             raise FormatError(f"{name}: {bad[0]} holds NaN or Inf values; {refusal}")
+        tokens = invocation_tokens(adapter)
+        if tokens:
+            raise UnsupportedError(f"{name}: an activated LoRA (aLoRA, invocation tokens "
+                                   f"{tokens}) changes only the tokens after its invocation "
+                                   "sequence, which no merged weight can do (PEFT: \"aLoRA does "
+                                   f"not support merging\"); {refusal} (convert keeps it: GGUF "
+                                   "stores adapter.alora.invocation_tokens)")
     return loaded
 
 
@@ -330,7 +342,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
           commit_message: str | None = None, endpoint: str | None = None, token=None,
           validate: bool = False, requantize: str = "keep", quantize_like=None,
           kernels: str = "auto", max_shard_size: int | str | None = None,
-          allow_modified_base: bool = False) -> dict:
+          scale: float | None = None, allow_modified_base: bool = False) -> dict:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
@@ -345,6 +357,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     tensor kept.
     ``kernels``: "auto" runs the fused Triton kernels on a CUDA device when triton is importable,
     else the torch reference; "torch" or "triton" forces one (the report says which ran).
+    ``scale``: the effective scale of bare factor files (no config), as for ``load``; refused
+    for adapters that carry their own.
     ``max_shard_size`` (HF bases; bytes, or "5GB", "500MB", "2GiB"): new shards grouped and
     named as ``save_pretrained(max_shard_size=...)`` does (merging/shards.py); None keeps the
     base's files.
@@ -374,7 +388,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         check_push(push_to)
     hub, sources = {"endpoint": endpoint, "token": token}, []
     local_base, checkpoint, local_paths, loaded = open_inputs(base, paths, hub, sources,
-                                                              refusal="refusing to merge it")
+                                                              refusal="refusing to merge it",
+                                                              scale=scale)
     inputs = (local_base, *local_paths, quantize_like)
     out_exists = out is not None and os.path.lexists(out)
     if out is not None and checkpoint.kind == "safetensors":
@@ -498,7 +513,7 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
 def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, weights=None,
              mode: str = "weighted", e2e: bool = False, probes: int = 16, seed: int = 0,
              tolerance_db: float = 1.0, progress=None, endpoint: str | None = None,
-             token=None) -> dict:
+             token=None, scale: float | None = None) -> dict:
     """Does ``merged`` compute what ``base`` with ``adapters`` computes?
 
     Per adapted tensor: ``probes`` seeded random vectors, the merged tensor's SQNR against the
@@ -506,14 +521,14 @@ def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, we
     floor its own dtype allows; every other tensor byte-identical to the base. ``e2e``: logits
     of the merged model against the unmerged one (transformers + PEFT, or llama.cpp). Any input
     may be a Hub URI (``hf://owner/name[@revision][/subfolder]``); their commits are reported
-    under ``hub_inputs``. Returns a report with ``passed`` and one row per tensor, worst first
-    (see validation/merged.py).
+    under ``hub_inputs``. ``scale``: for bare factor files, as in ``merge``. Returns a report
+    with ``passed`` and one row per tensor, worst first (see validation/merged.py).
     """
     from .validation.run import validate_merge
 
     return validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
                           probes=probes, seed=seed, tolerance_db=tolerance_db, progress=progress,
-                          hub={"endpoint": endpoint, "token": token})
+                          hub={"endpoint": endpoint, "token": token}, scale=scale)
 
 
 def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,
@@ -546,14 +561,16 @@ def _factor_dtype(dtype: str):
 def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=None,
             rank: int | None = None, energy: float | None = None, density: float | None = None,
             seed: int = 0, svd: str = "auto", materialize: bool = False, base=None,
-            to: str = "peft", dtype: str = "keep", force: bool = False) -> dict:
+            to: str = "peft", dtype: str = "keep", force: bool = False,
+            scale: float | None = None) -> dict:
     """Combine adapters into one new adapter written to ``out`` (any format, ``to``).
 
     ``method``: cat (exact: ranks concatenated), svd (the weighted sum truncated to ``rank`` or
     to the fewest ranks keeping ``energy``), ties, dare_linear, dare_ties, magnitude_prune (on
     the full deltas, with ``density``, seeded by ``seed``, factored back by SVD). DoRA inputs need
-    ``materialize=True`` and ``base`` (the HF base folder). Returns per tensor and in total the
-    fraction of the target delta's energy kept and the relative error.
+    ``materialize=True`` and ``base`` (the HF base folder). ``scale``: for bare factor files, as
+    in ``merge``. Returns per tensor and in total the fraction of the target delta's energy
+    kept and the relative error.
     """
     import time
 
@@ -570,7 +587,7 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
     inputs = (*paths, base)
     refuse_output(out, force=force, is_dir=get_format(to).output_is_dir, inputs=inputs)
     names = [str(p) for p in paths]
-    loaded = load_finite(paths, names, base=base, refusal="refusing to combine it")
+    loaded = load_finite(paths, names, base=base, refusal="refusing to combine it", scale=scale)
     combined, results, warnings = combine_adapters(loaded, names, options,
                                                    base=base if materialize else None)
     save(combined, out, format=to, dtype="keep" if options.dtype else dtype, force=force,

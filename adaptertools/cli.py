@@ -21,6 +21,8 @@ from . import __version__
 DTYPE_CHOICE = click.Choice(["keep", "fp32", "fp16", "bf16", "q8_0"])
 BASE_HELP = ("Base model (HF folder, its config.json, or a GGUF model): architecture and head "
              "counts for GGUF.")
+SCALE_HELP = "Scale for bare factor files without a config."
+SCALE_EACH_HELP = SCALE_HELP + " Applies to every ADAPTER; one that carries its own is refused."
 HUB_OPTIONS = (
     click.option("--token", metavar="TOKEN", default=None,
                  help="Hub token (default: HF_TOKEN, then the stored login); never printed."),
@@ -252,7 +254,7 @@ def formats_cmd(as_json: bool) -> None:
 @click.option("--layers", is_flag=True, help="One row per adapted tensor.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--from", "from_format", metavar="FORMAT", help="Skip format detection.")
-@click.option("--scale", type=float, help="Scale for bare factor files without a config.")
+@click.option("--scale", type=float, help=SCALE_HELP)
 @click.option("--base", type=click.Path(), help=BASE_HELP)
 @_options(*HUB_OPTIONS)
 @handle_errors
@@ -280,7 +282,7 @@ def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
 @click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
               help="Cast the factors (q8_0: GGUF only; rows not a multiple of 32 stay f16).")
 @click.option("--base", type=click.Path(), help=BASE_HELP)
-@click.option("--scale", type=float, help="Scale for bare factor files without a config.")
+@click.option("--scale", type=float, help=SCALE_HELP)
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*PUSH_OPTIONS, *HUB_OPTIONS)
@@ -332,6 +334,7 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 @click.option("--max-shard-size", metavar="SIZE",
               help="HF base: write new shards of at most SIZE (5GB, 500MB, 2GiB or bytes), named "
                    "and indexed as save_pretrained does. Default: the base's own files.")
+@click.option("--scale", type=float, help=SCALE_EACH_HELP)
 @click.option("--allow-modified-base", is_flag=True,
               help="Merge PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapters saved without PEFT's "
                    "conversion; BASE must then be the base as PEFT modified it.")
@@ -341,9 +344,10 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
               mode: str, dtype: str, device: str, kernels: str, dry_run: bool, force: bool,
               check: bool, requantize: str, quantize_like: str | None, max_shard_size: str | None,
-              allow_modified_base: bool, as_json: bool, verbose: bool, quiet: bool,
-              push_to: str | None, private: bool, revision: str | None,
-              commit_message: str | None, token: str | None, endpoint: str | None) -> None:
+              scale: float | None, allow_modified_base: bool, as_json: bool, verbose: bool,
+              quiet: bool, push_to: str | None, private: bool,
+              revision: str | None, commit_message: str | None, token: str | None,
+              endpoint: str | None) -> None:
     """Fold ADAPTERS into the BASE checkpoint, streaming it tensor by tensor (any of them may be
     hf://owner/name[@revision][/subfolder])."""
     if out is None and not dry_run:
@@ -367,7 +371,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
                        push_to=push_to, private=private, revision=revision,
                        commit_message=commit_message, token=token, endpoint=endpoint,
                        validate=check, requantize=requantize.lower(), quantize_like=quantize_like,
-                       kernels=kernels, max_shard_size=max_shard_size,
+                       kernels=kernels, max_shard_size=max_shard_size, scale=scale,
                        allow_modified_base=allow_modified_base)
     if as_json:
         _ui.print_json(report)
@@ -402,7 +406,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
               help="How far below its dtype's noise floor a tensor's SQNR may fall.")
 @click.option("--plot", type=click.Path(), help="With --merged: per-layer SQNR vs floor, as a PNG.")
 @click.option("--base", type=click.Path(), help=BASE_HELP + " (with --against)")
-@click.option("--scale", type=float, help="Scale for bare factor files without a config.")
+@click.option("--scale", type=float, help=SCALE_EACH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*HUB_OPTIONS)
 @handle_errors
@@ -432,9 +436,9 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
         sys.exit(0 if report["passed"] else 1)
     if len(paths) < 2:
         raise click.UsageError("--merged needs the BASE and at least one ADAPTER")
-    if base is not None or scale is not None:
-        raise click.UsageError("--base and --scale apply to --against; with --merged the base "
-                               "is the first argument")
+    if base is not None:
+        raise click.UsageError("--base applies to --against; with --merged the base is the "
+                               "first argument")
     from .merging import prefetch
 
     prefetch.start(paths[0], (merged,), first="base")   # read while torch is imported
@@ -443,7 +447,7 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     ready()
     report = validate(paths[0], paths[1:], merged, weights=weights, mode=mode, e2e=e2e,
                       probes=probes, seed=seed, tolerance_db=tolerance_db, endpoint=endpoint,
-                      token=token)
+                      token=token, scale=scale)
     if plot is not None:
         from .validation.plot import plot_report
 
@@ -489,12 +493,13 @@ TRUNCATION_OPTIONS = (
               help="HF base folder: base weights for --materialize, names for GGUF in/out.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
               help="Factor dtype (keep: the inputs' widest).")
+@click.option("--scale", type=float, help=SCALE_EACH_HELP)
 @_options(*truncation_options("Seed of the random draws (DARE masks, randomized SVD)."))
 @handle_errors
 def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str | None,
                 density: float | None, materialize: bool, base: str | None, dtype: str,
-                rank: int | None, energy: float | None, svd: str, seed: int, to_format: str,
-                force: bool, as_json: bool) -> None:
+                scale: float | None, rank: int | None, energy: float | None, svd: str, seed: int,
+                to_format: str, force: bool, as_json: bool) -> None:
     """Combine ADAPTERS into one new adapter, saying how much of each delta it keeps."""
     from . import _ui
     from .api import combine
@@ -502,7 +507,7 @@ def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
     ready()
     report = combine(adapters, out, method=method, weights=weights, rank=rank, energy=energy,
                      density=density, seed=seed, svd=svd, materialize=materialize, base=base,
-                     to=to_format, dtype=dtype, force=force)
+                     to=to_format, dtype=dtype, force=force, scale=scale)
     _ui.print_json(report) if as_json else _ui.algebra_report(report)
 
 

@@ -27,6 +27,7 @@ import torch
 from ..adapter import Adapter, LoraWeight, check_cast, check_weight
 from ..errors import FormatError, UnsupportedError
 from . import check_fits_in_memory
+from .accounting import check_factors, invocation_tokens
 from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
                     permute_rows, read_base_tensor, rope_heads, unpermute_rows)
 
@@ -199,8 +200,7 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
     if adapter.base_model:
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, adapter.base_model)
-    tokens = (adapter.metadata.get("peft_config") or {}).get("alora_invocation_tokens") \
-        or adapter.metadata.get("alora_invocation_tokens")
+    tokens = invocation_tokens(adapter)
     if tokens:
         writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
                              gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
@@ -366,6 +366,7 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
         weight = LoraWeight(a=a.contiguous(), b=b.contiguous(), scale=scale, layer=layer)
         check_base_shape(str(path), hf_name, weight, base)
         check_weight(hf_name, weight, where=str(path))
+        check_factors(hf_name, weight, path)
         weights[hf_name] = weight
     metadata = dict(info.get("metadata") or {"source_format": "gguf"})
     metadata["gguf_base"] = base.to_json()

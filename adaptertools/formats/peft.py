@@ -26,6 +26,7 @@ import torch
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
+from . import accounting, foreign
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
 SNIFF_ORDER = 10
@@ -41,6 +42,10 @@ LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_
 # Config switches that change what the factors mean; reading them as plain LoRA would be wrong.
 UNSUPPORTED_SWITCHES = ("use_qalora", "use_bdlora", "layer_replication", "target_parameters",
                         "trainable_token_indices")
+# LoRA variants whose tensors or forward differ from LoRA's, by the config field that turns each
+# on (peft/tuners/lora/config.py 0.21.2): refused by name until they are read.
+UNSUPPORTED_VARIANTS = {"kasa_config": "KaSA", "velora_config": "VeLoRA",
+                        "monteclora_config": "MonteCLoRA"}
 
 
 # ----------------------------------------------------------------------------- locating
@@ -168,7 +173,7 @@ CONFIG_FIELDS = {
         "a list of token ids"),
 }
 PATTERN_FIELDS = {"rank_pattern": (_whole, "a whole number >= 1 (a rank)"),
-                  "alpha_pattern": (_number, "a number (an alpha)")}
+                  "alpha_pattern": (lambda v: _number(v) and v > 0, "a number > 0 (an alpha)")}
 
 
 def _shown(value) -> str:
@@ -227,6 +232,9 @@ def check_config(config: dict, where: Path) -> None:
     """The adapter_config.json of a LoRA adapter: a PEFT type read here, r and lora_alpha set,
     every field it has of the type PEFT gives it (``check_types``)."""
     check_types({k: v for k, v in config.items() if k == "peft_type"}, where)
+    if foreign.mlx_config(config):
+        raise UnsupportedError(f"{where}: {foreign.MLX} (fine_tune_type, lora_parameters), not a "
+                               "PEFT adapter: not supported yet")
     peft_type = config.get("peft_type", "LORA").upper()
     if peft_type != "LORA":
         raise UnsupportedError(f"{where}: not supported yet: {peft_type} (only LoRA and DoRA "
@@ -238,6 +246,10 @@ def check_config(config: dict, where: Path) -> None:
     for switch in UNSUPPORTED_SWITCHES:
         if config.get(switch):
             raise UnsupportedError(f"{where}: not supported yet: {switch}={config[switch]!r}")
+    for field, variant in UNSUPPORTED_VARIANTS.items():
+        if config.get(field) is not None:
+            raise UnsupportedError(f"{where}: a {variant} adapter ({field} is set): not supported "
+                                   "yet; only plain LoRA and DoRA are read")
     init = base_modifying_init(config)
     if init is not None:       # inspect and convert warn; merge refuses (merging/plan.py)
         warnings.warn(f"{where}: init_lora_weights={init!r} means this "
@@ -335,6 +347,11 @@ def build_weight(module: str, parts: dict[str, torch.Tensor], scale: float,
     if first not in parts:
         raise FormatError(f"{where}: {module} has {', '.join(parts)} but no LoRA factors")
     A, B = parts[first], parts[second]  # PEFT layout: A (r, in, ...), B (out, r, ...)
+    if A.dim() > 2 and B.dim() > 2 and 0 < B.shape[1] < A.shape[0] and A.shape[0] % B.shape[1] == 0:
+        # PEFT's conv LoRA on a grouped base: lora_B is a grouped conv, (out, r / groups, 1, ...)
+        raise UnsupportedError(f"{where}: {module}: a LoRA on a grouped convolution (groups = "
+                               f"{A.shape[0] // B.shape[1]}): not supported yet (PEFT cannot "
+                               "merge it either)")
     if A.shape[0] != B.shape[1]:
         raise FormatError(f"{where}: {module}: {first} has rank {A.shape[0]} but {second} has "
                           f"rank {B.shape[1]}; the factors come from different adapters")
@@ -355,6 +372,7 @@ def build_weight(module: str, parts: dict[str, torch.Tensor], scale: float,
                         magnitude=None if magnitude is None else magnitude.reshape(-1),
                         bias=parts.get("lora_B.bias"), weight_shape=weight_shape)
     check_weight(module, weight, where=str(where))
+    accounting.check_factors(module, weight, where)
     return weight
 
 
@@ -441,11 +459,13 @@ def read(path: Path) -> Adapter:
         return scale_of(alpha, expected_rank, use_rslora)
 
     state_dict = read_state_dict(folder)
+    accounting.check_accounted(state_dict, config, folder)
     adapter = adapter_from_state_dict(state_dict, scale_for,
                                       fan_in_fan_out=bool(config.get("fan_in_fan_out")),
                                       where=folder)
     if not adapter.weights and not adapter.replacements:
         raise FormatError(f"{folder}: the weights file holds no LoRA tensors")
+    accounting.warn_disagreements(adapter, config, config_path)
     adapter.base_model = config.get("base_model_name_or_path")
     adapter.metadata = {"source_format": "peft", "peft_config": config}
     copies = saved_base_copies(state_dict, config)
@@ -466,9 +486,16 @@ DEFAULT_CONFIG = {
 }
 
 
-def _uniform_flag(adapter: Adapter, flag: str, has) -> bool:
-    """PEFT has one config-wide switch for DoRA, lora_bias and fan_in_fan_out."""
-    values = {name: has(w) for name, w in adapter.weights.items()}
+# The layers fan_in_fan_out applies to: PEFT's Embedding and ConvNd ignore it (an embedding's
+# delta is always transposed), so an embedding LoRA beside GPT-2 Conv1D ones is what PEFT writes.
+FAN_IN_LAYERS = ("linear", "conv1d")
+
+
+def _uniform_flag(adapter: Adapter, flag: str, has, among: tuple[str, ...] | None = None) -> bool:
+    """PEFT has one config-wide switch for DoRA, lora_bias and fan_in_fan_out (that one only for
+    the layer kinds ``among``)."""
+    values = {name: has(w) for name, w in adapter.weights.items()
+              if among is None or w.layer in among}
     if len(set(values.values())) > 1:
         example = next(name for name, value in values.items() if value)
         raise UnsupportedError(f"PEFT cannot express an adapter where only some tensors have "
@@ -509,7 +536,7 @@ def config_for(adapter: Adapter) -> dict:
     config["use_dora"] = _uniform_flag(adapter, "DoRA magnitudes", lambda w: w.magnitude is not None)
     config["lora_bias"] = _uniform_flag(adapter, "lora_bias", lambda w: w.bias is not None)
     config["fan_in_fan_out"] = _uniform_flag(adapter, "a GPT-2 Conv1D layout",
-                                             lambda w: w.layer == "conv1d")
+                                             lambda w: w.layer == "conv1d", among=FAN_IN_LAYERS)
     modules = sorted(module_name(n) for n in adapter.weights)
     if adapter.weights and not _scales_reproduced(config, adapter):
         _derive_rank_alpha(config, adapter)

@@ -28,8 +28,8 @@ import torch
 
 from .._io import load_safetensors
 from ..adapter import Adapter, LoraWeight, check_weight
-from ..errors import AdapterToolsWarning, FormatError
-from . import peft
+from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
+from . import accounting, foreign, peft
 
 DESCRIPTION = "single self-describing .safetensors file (kohya-style keys, config in __metadata__)"
 SNIFF_ORDER = 50
@@ -44,15 +44,41 @@ def stem_of(name: str) -> str:
 
 
 def sniff(path: Path) -> bool:
-    return Path(path).is_file() and Path(path).suffix == ".safetensors"
+    """A ``.safetensors`` file, or any file that is one of ours (by its header, not its name)."""
+    path = Path(path)
+    return path.is_file() and (path.suffix == ".safetensors" or _tagged(path))
+
+
+def _tagged(path: Path) -> bool:
+    """Does ``path`` start with a safetensors header whose metadata says ``format = FORMAT_TAG``?"""
+    try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+            if not 2 <= length <= 100_000_000:        # as read_safetensors_header bounds it
+                return False
+            raw = fh.read(length)
+        if FORMAT_TAG.encode() not in raw:           # cheap: most files stop here
+            return False
+        metadata = json.loads(raw).get("__metadata__") or {}
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == FORMAT_TAG
 
 
 def read(path: Path, *, scale: float | None = None) -> Adapter:
     path = Path(path)
     tensors, metadata = load_safetensors(path)
     if metadata.get("format") == FORMAT_TAG:
+        if scale is not None:
+            raise UnsupportedError(f"{path}: --scale only applies to files without a config; "
+                                   "this adaptertools file carries its own scales, drop --scale")
         return _read_own(path, tensors, metadata)
+    what = foreign.file_looks_like(tensors, metadata)
+    if what is not None:
+        raise UnsupportedError(f"{path}: {what}: not supported yet")
     if any(".lora_A." in k or ".lora_embedding_A" in k for k in tensors):
+        accounting.check_accounted(tensors, None, path)
         return _read_bare_peft(path, tensors, scale)
     raise FormatError(f"{path}: neither an adaptertools LoRA file (no `format = {FORMAT_TAG}` in "
                       "its metadata) nor PEFT-style lora_A/lora_B tensors; pass --from FORMAT")
@@ -123,6 +149,7 @@ def _read_own(path: Path, tensors: dict, metadata: dict[str, str]) -> Adapter:
                             magnitude=tensors.get(keys["magnitude"]), bias=tensors.get(keys["bias"]),
                             weight_shape=tuple(shape) if shape is not None else None)
         check_weight(name, weight, where=str(path))
+        accounting.check_factors(name, weight, path)
         weights[name] = weight
         used.update(keys.values())
     stray = [k for k in tensors if k not in used and k.endswith(tuple(SUFFIXES.values()))]

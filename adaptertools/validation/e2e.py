@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import AdapterToolsWarning, UnsupportedError
 
 UNIT_ROUNDOFF = {"F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
 KAPPA_TIMES_TWO = 32          # 8 (amplification) x 2 (both sides) x 2 (sqrt(3) rounded up)
@@ -166,13 +166,46 @@ def hf_logits(base, adapters: list, merged, weights: list[float], mode: str):
         raise UnsupportedError("--e2e has no unmerged reference for stacked DoRA adapters (PEFT "
                                "takes every DoRA norm on the unmerged base); check per tensor only")
     unmerged.eval()
+    notes = oracle_notes(unmerged, names, adapters)
     vocab = model.config.get_text_config().vocab_size
     ids = token_ids(vocab)
     with torch.no_grad():
         reference = unmerged(ids).logits
         del unmerged, model
         result = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
-    return reference, result, _hf_blocks(merged)
+    return reference, result, _hf_blocks(merged), notes
+
+
+def oracle_notes(unmerged, names: list[str], adapters: list) -> list[str]:
+    """Where PEFT, the oracle, reads an adapter otherwise than adaptertools (which merged it):
+    tensors it ignores (modules target_modules does not cover), DoRA magnitudes it drops
+    (``use_dora`` unset) or makes up (``use_dora`` without magnitudes). One line per adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    from ..adapter import module_name
+    from ..api import load
+
+    peft_view: list[dict[str, bool]] = [{} for _ in names]     # module -> applies DoRA
+    for path, module in unmerged.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            for i, name in enumerate(names):
+                if name in module.lora_A or name in module.lora_embedding_A:
+                    peft_view[i][path] = bool(module.use_dora.get(name))
+    notes = []
+    for path, view in zip(adapters, peft_view):
+        ours = {module_name(n): w.magnitude is not None for n, w in load(path).weights.items()}
+        ignored = sorted(set(ours) - set(view))
+        dropped = sorted(m for m in ours if ours[m] and m in view and not view[m])
+        made_up = sorted(m for m in ours if not ours[m] and view.get(m))
+        parts = [f"{what} ({len(found)} module(s), e.g. {found[0]})" for what, found in (
+            ("ignores the tensors of modules its target_modules does not cover", ignored),
+            ("drops the DoRA magnitudes (use_dora is not set)", dropped),
+            ("applies DoRA with initial magnitudes where the file has none", made_up)) if found]
+        if parts:
+            notes.append(f"{path}: the oracle (PEFT) reads this adapter otherwise than "
+                         f"adaptertools, which merged it: it {'; it '.join(parts)}. A failure "
+                         "of the end-to-end check may be the oracle's reading, not the merge")
+    return notes
 
 
 def _hf_blocks(folder) -> int:
@@ -231,14 +264,20 @@ def end_to_end(base, adapters, merged, *, weights: list[float], mode: str, kind:
     from ..api import adapter_list
 
     adapters = adapter_list(adapters)
+    notes: list[str] = []
     if kind == "safetensors":
-        reference, result, n_blocks = hf_logits(base, adapters, merged, weights, mode)
+        reference, result, n_blocks, notes = hf_logits(base, adapters, merged, weights, mode)
         runtime = "transformers + PEFT (unmerged) vs transformers (merged)"
     else:
         reference, result, n_blocks = gguf_logits(base, adapters, merged, weights)
         runtime = "llama.cpp runtime LoRA vs llama.cpp merged file"
     limits = thresholds(dtypes, n_blocks)
     metrics = compare_logits(reference, result, limits)
-    return {"passed": all(m["passed"] for m in metrics.values()), "runtime": runtime,
-            "tokens": SEQUENCES * LENGTH, "blocks": n_blocks, "dtypes": sorted(set(dtypes)),
-            "unit_roundoff": limits["unit_roundoff"], "metrics": metrics}
+    for note in notes:           # (the CLI shows warnings on stderr; the report keeps them)
+        warnings.warn(note, AdapterToolsWarning, stacklevel=2)
+    report = {"passed": all(m["passed"] for m in metrics.values()), "runtime": runtime,
+              "tokens": SEQUENCES * LENGTH, "blocks": n_blocks, "dtypes": sorted(set(dtypes)),
+              "unit_roundoff": limits["unit_roundoff"], "metrics": metrics}
+    if notes:
+        report["oracle_notes"] = notes
+    return report

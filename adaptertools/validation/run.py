@@ -16,7 +16,7 @@ REPORT_NAME = "validation.json"
 
 
 def make_plan(base, adapters, *, weights=None, mode: str = "weighted", hub: dict | None = None,
-              sources: list | None = None):
+              sources: list | None = None, scale: float | None = None):
     """The plan ``merge`` would make (``--dtype keep``; a cast output is judged in its own
     dtype), with the local paths of the base and the adapters (Hub inputs fetched through
     ``hub``, their provenance appended to ``sources``)."""
@@ -25,7 +25,8 @@ def make_plan(base, adapters, *, weights=None, mode: str = "weighted", hub: dict
 
     paths, factors = adapter_inputs(adapters, weights, mode)
     local_base, checkpoint, local_paths, loaded = open_inputs(
-        base, paths, hub or {}, [] if sources is None else sources, refusal="nothing to validate")
+        base, paths, hub or {}, [] if sources is None else sources, refusal="nothing to validate",
+        scale=scale)
     plan = plan_for(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep")
     return plan, local_base, local_paths
 
@@ -54,16 +55,17 @@ def check_output(plan, merged, *, settings: Settings | None = None, progress=Non
 
 def validate_merge(base, adapters, merged, *, weights=None, mode: str = "weighted",
                    e2e: bool = False, probes: int = 16, seed: int = 0,
-                   tolerance_db: float = 1.0, progress=None, hub: dict | None = None) -> dict:
+                   tolerance_db: float = 1.0, progress=None, hub: dict | None = None,
+                   scale: float | None = None) -> dict:
     """Any input may be a Hub URI, fetched through ``hub`` (endpoint, token); their commits
-    are reported under ``hub_inputs``."""
+    are reported under ``hub_inputs``. ``scale``: for bare factor files (``api.load``)."""
     from ..api import _local
 
     if probes < 1:
         raise UnsupportedError(f"--probes {probes}: give at least 1 probe vector")
     sources: list = []
     plan, base, adapters = make_plan(base, adapters, weights=weights, mode=mode, hub=hub,
-                                     sources=sources)
+                                     sources=sources, scale=scale)
     merged = _local(merged, "base", hub or {}, sources, role="merged")
     report = check_output(plan, merged, settings=Settings(probes, seed, tolerance_db),
                           progress=progress)
