@@ -25,17 +25,17 @@ from ..adapter import Adapter, LoraWeight
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
 from . import foreign
 
-# Embedding layers PEFT saves whole with ``save_embedding_layers`` (peft/utils/constants.py
-# EMBEDDING_LAYER_NAMES, plus GPT-2's ``wte``, what get_input_embeddings returns there).
-SAVED_EMBEDDINGS = ("embed_tokens", "lm_head", "wte")
 # The largest Frobenius norm whose square float32 holds: a delta beyond it cannot be used in
 # fp32 arithmetic (a DoRA norm, an RMSNorm of the layer's outputs, our own SQNR all square it).
 MAX_DELTA_NORM = math.sqrt(torch.finfo(torch.float32).max)        # ~1.8e19
 
 
 def _saved_copy(stem: str, module: str) -> bool:
-    """A copy of a layer's own weights PEFT saves beside the adapter."""
-    return "base_layer" in stem.split(".") or module.rsplit(".", 1)[-1] in SAVED_EMBEDDINGS
+    """A copy of a layer's own weights PEFT saves beside the adapter: a targeted layer's
+    ``base_layer`` tensors, or an embedding layer saved whole (``save_embedding_layers``)."""
+    from .peft import SAVED_EMBEDDING_LAYERS
+
+    return "base_layer" in stem.split(".") or module.rsplit(".", 1)[-1] in SAVED_EMBEDDING_LAYERS
 
 
 def _in_modules_to_save(module: str, saved) -> bool:
