@@ -25,7 +25,7 @@ def parse_dtype(name: str):
     table = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name not in table:
         raise OptionError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} "
-                               f"({', '.join(FORMAT_DTYPES)} only where the format has it)")
+                          f"({', '.join(FORMAT_DTYPES)} only where the format has it)")
     return table[name]
 
 
@@ -128,8 +128,8 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
     options = {}
     if scale is not None:
         if not _accepts(fmt.module.read, "scale"):
-            raise UnsupportedError(f"{path}: --scale only applies to files without a config; "
-                                   f"{fmt.name} adapters carry their own scale, drop --scale")
+            raise OptionError(f"{path}: --scale only applies to files without a config; "
+                              f"{fmt.name} adapters carry their own scale, drop --scale")
         options["scale"] = scale
     if base is not None and _accepts(fmt.module.read, "base"):
         options["base"] = _base_info(base)
@@ -190,7 +190,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
     if base is not None and not (_accepts(fmt.module.read, "base") or
                                  _accepts(target.module.write, "base")):
-        raise UnsupportedError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
+        raise OptionError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
     base = _base_info(base)     # parsed once, for the reader and the writer
     adapter = _read(fmt, src_path, scale, base)
     named, notes = None, []
@@ -453,7 +453,7 @@ def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, q
     if quantize_like is not None:
         like = open_base(require_exists(quantize_like))
         if like.kind != "gguf":
-            raise UnsupportedError(f"--quantize-like {quantize_like}: expected a GGUF model file")
+            raise OptionError(f"--quantize-like {quantize_like}: expected a GGUF model file")
     return plan_for(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
                     requantize=requantize, quantize_like=like, max_shard_size=max_shard_size,
                     allow_modified_base=allow_modified_base)
@@ -500,7 +500,7 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
         "base": str(base), "out": None if out is None else str(out), "format": plan.base.kind,
         "adapters": list(plan.adapter_names), "weights": list(plan.factors), "mode": plan.mode,
         "dtype": dtype, "tensors": len(plan.jobs), "output_bytes": plan.size,
-        "changed": [{"name": j.name, "shape": list(j.shape), "dtype": j.out_dtype,
+        "changed": [{"name": j.name, "shape": list(j.output_shape), "dtype": j.out_dtype,
                      "adapters": sorted({c.adapter for c in j.contributions + j.bias_contributions}),
                      "replaced": j.replacement is not None, "added": j.name not in stored}
                     for j in changed],
@@ -513,7 +513,7 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
 def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, weights=None,
              mode: str = "weighted", e2e: bool = False, probes: int = 16, seed: int = 0,
              tolerance_db: float = 1.0, progress=None, endpoint: str | None = None,
-             token=None, scale: float | None = None) -> dict:
+             token=None, scale: float | None = None, allow_modified_base: bool = False) -> dict:
     """Does ``merged`` compute what ``base`` with ``adapters`` computes?
 
     Per adapted tensor: ``probes`` seeded random vectors, the merged tensor's SQNR against the
@@ -521,14 +521,16 @@ def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, we
     floor its own dtype allows; every other tensor byte-identical to the base. ``e2e``: logits
     of the merged model against the unmerged one (transformers + PEFT, or llama.cpp). Any input
     may be a Hub URI (``hf://owner/name[@revision][/subfolder]``); their commits are reported
-    under ``hub_inputs``. ``scale``: for bare factor files, as in ``merge``. Returns a report
+    under ``hub_inputs``. ``scale``: for bare factor files, ``allow_modified_base``: adapters
+    fitting a base PEFT modified (PiSSA, ...), both as in ``merge``. Returns a report
     with ``passed`` and one row per tensor, worst first (see validation/merged.py).
     """
     from .validation.run import validate_merge
 
     return validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
                           probes=probes, seed=seed, tolerance_db=tolerance_db, progress=progress,
-                          hub={"endpoint": endpoint, "token": token}, scale=scale)
+                          hub={"endpoint": endpoint, "token": token}, scale=scale,
+                          allow_modified_base=allow_modified_base)
 
 
 def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,

@@ -407,13 +407,17 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
 @click.option("--plot", type=click.Path(), help="With --merged: per-layer SQNR vs floor, as a PNG.")
 @click.option("--base", type=click.Path(), help=BASE_HELP + " (with --against)")
 @click.option("--scale", type=float, help=SCALE_EACH_HELP)
+@click.option("--allow-modified-base", is_flag=True,
+              help="With --merged: check a merge of PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapters "
+                   "saved without PEFT's conversion; BASE is then the base PEFT modified.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*HUB_OPTIONS)
 @handle_errors
 def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None,
                  weights: str | None, mode: str, e2e: bool, probes: int, seed: int,
                  tolerance_db: float, plot: str | None, base: str | None, scale: float | None,
-                 as_json: bool, token: str | None, endpoint: str | None) -> None:
+                 allow_modified_base: bool, as_json: bool, token: str | None,
+                 endpoint: str | None) -> None:
     """Check a merge (validate BASE ADAPTER... --merged MERGED: every tensor against the unmerged
     adapters, within its dtype's noise) or a conversion (validate ADAPTER --against OTHER: the
     same delta for every tensor). Exit 1 when anything fails."""
@@ -423,7 +427,8 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
         raise click.UsageError("give --merged MERGED (check a merge: BASE ADAPTER... --merged M) "
                                "or --against OTHER (compare two adapters: ADAPTER --against O)")
     if against is not None:
-        extra = [n for n, v in (("--weights", weights), ("--e2e", e2e), ("--plot", plot)) if v]
+        extra = [n for n, v in (("--weights", weights), ("--e2e", e2e), ("--plot", plot),
+                                ("--allow-modified-base", allow_modified_base)) if v]
         if len(paths) != 1 or extra:
             raise click.UsageError("--against compares exactly one ADAPTER with OTHER"
                                    + (f"; {extra[0]} only applies with --merged" if extra else ""))
@@ -447,7 +452,7 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     ready()
     report = validate(paths[0], paths[1:], merged, weights=weights, mode=mode, e2e=e2e,
                       probes=probes, seed=seed, tolerance_db=tolerance_db, endpoint=endpoint,
-                      token=token, scale=scale)
+                      token=token, scale=scale, allow_modified_base=allow_modified_base)
     if plot is not None:
         from .validation.plot import plot_report
 

@@ -144,7 +144,7 @@ def test_an_internal_error_in_a_subprocess(models, tmp_path, debug):
 def misuse_cases(models, tmp_path) -> list[tuple[list, int, list[str]]]:
     """(arguments, exit code, fragments of the one error line)."""
     base, adapter = str(models["base"]), str(models["adapter"])
-    missing = str(tmp_path / "missing")
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "out")
     return [
         (["merge", base, adapter, "--weights", "1,2"], 2, ["--weights has 2 value(s)"]),
         (["merge", base, adapter, adapter, "--weights", "0.5"], 2, ["--weights has 1 value"]),
@@ -163,6 +163,14 @@ def misuse_cases(models, tmp_path) -> list[tuple[list, int, list[str]]]:
         (["extract", base, base, "--rank", "2", "--energy", "0.5"], 2, ["both given"]),
         (["merge", base, adapter], 2, ["--out"]),                         # click's own check
         (["merge", base, adapter, "--mode", "sideways"], 2, ["sideways"]),  # click's Choice
+        (["merge", base, adapter, "--out", out, "--quantize-like", base], 2,
+         ["--quantize-like", "expected a GGUF model file"]),
+        (["merge", base, adapter, "--out", out, "--requantize", "q4_0"], 2,
+         ["--requantize q4_0"]),
+        (["inspect", adapter, "--scale", "2"], 2, ["--scale only applies"]),
+        (["convert", adapter, out, "--to", "safetensors", "--base", base], 2,
+         ["--base does not apply"]),
+        (["push", adapter, "not/a/repo/id"], 2, ["push to a repo id"]),
         (["merge", base, missing], 1, [missing]),                          # failed: exit 1
         (["combine", missing, "--method", "svd", "--rank", "2"], 1, [missing]),
     ]
@@ -181,8 +189,9 @@ def run_main(capsys, *args: str) -> Outcome:
 def test_misuse_exits_2_with_a_usage_hint_and_failures_exit_1(models, tmp_path, capsys):
     out = tmp_path / "out"
     for args, code, fragments in misuse_cases(models, tmp_path):
-        extra = [] if args == ["merge", str(models["base"]), str(models["adapter"])] else \
-            ["--out", str(out)]
+        takes_out = args[0] in ("merge", "combine", "extract") and "--out" not in args
+        extra = [] if not takes_out or args == ["merge", str(models["base"]),
+                                                str(models["adapter"])] else ["--out", str(out)]
         line = assert_cli_error(run_main(capsys, *args, *extra), fragments, code=code)
         hint = line.endswith(f" {args[0]} --help`)")       # (see `PROG merge --help`)
         assert hint == (code == 2), (args, line)

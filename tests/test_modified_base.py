@@ -171,6 +171,24 @@ def test_validate_refuses_it_as_a_reference(pissa):
         at.validate(root / "base", [root / "unconverted"], root / "lib_allowed")
 
 
+def test_validate_allow_modified_base_checks_the_merge_into_the_modified_base(pissa, tmp_path):
+    """validate --allow-modified-base: the merge into the base PEFT modified passes, and the
+    same adapter merged into the original base (wrong weights) fails against it."""
+    root, _, _ = pissa
+    at.merge(root / "modified_base", [root / "unconverted"], tmp_path / "right",
+             allow_modified_base=True)
+    report = at.validate(root / "modified_base", [root / "unconverted"], tmp_path / "right",
+                         allow_modified_base=True)
+    assert report["passed"] and report["adapted"] > 0
+    outcome = run_inprocess("validate", root / "modified_base", root / "unconverted", "--merged",
+                            tmp_path / "right", "--allow-modified-base", "--json")
+    assert outcome.code == 0, outcome.stderr
+    at.merge(root / "base", [root / "unconverted"], tmp_path / "wrong", allow_modified_base=True)
+    report = at.validate(root / "modified_base", [root / "unconverted"], tmp_path / "wrong",
+                         allow_modified_base=True)
+    assert not report["passed"]
+
+
 def test_inspect_and_convert_only_warn(pissa, tmp_path):
     root, _, _ = pissa
     with pytest.warns(AdapterToolsWarning, match="pissa"):

@@ -462,3 +462,29 @@ def test_gguf_base_uses_a_trained_copy(gguf_bases, kind):
     notes = copy_warnings(report)
     assert len(notes) == 1 and notes[0].startswith("token_embd.weight"), report["warnings"]
     assert {row["name"]: row for row in report["changed"]}["token_embd.weight"]["replaced"]
+
+
+@pytest.mark.parametrize("trained, into", [("fp32", "bf16"), ("bf16", "fp32"), ("fp16", "bf16")])
+def test_gguf_conversion_drops_copies_of_the_base_in_another_dtype(adapters, bases, tmp_path,
+                                                                   trained, into):
+    """A GGUF LoRA cannot hold full tensors; saved copies that are the base's own weight in
+    another dtype (merging/copies.same_weight) change nothing and are dropped, as same-dtype
+    ones always were; the converted factors are the adapter's."""
+    out = tmp_path / "adapter.gguf"
+    at.convert(adapters[trained], out, to="gguf", base=bases[into])
+    back = at.load(out, base=bases[into])
+    source = at.load(adapters[trained])
+    assert not back.replacements
+    for name in (EMBED, HEAD):
+        assert torch.equal(back.weights[name].b, source.weights[name].b), name
+
+
+def test_gguf_conversion_refuses_a_trained_copy(adapters, bases, tmp_path):
+    adapter = tmp_path / "trained"
+    shutil.copytree(adapters["fp32"], adapter)
+    state = load_file(adapter / WEIGHTS_NAME)
+    key = next(k for k in state if k.endswith("embed_tokens.base_layer.weight"))
+    state[key] = state[key] + 0.01
+    save_file(state, adapter / WEIGHTS_NAME, metadata={"format": "pt"})
+    with pytest.raises(at.UnsupportedError, match="cannot be stored in a GGUF LoRA"):
+        at.convert(adapter, tmp_path / "a.gguf", to="gguf", base=bases["bf16"])

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..adapter import Adapter, LoraWeight, check_cast, check_weight
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, OptionError, UnsupportedError
 from . import check_fits_in_memory
 from .accounting import check_factors, invocation_tokens
 from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
@@ -67,11 +67,14 @@ def _check_expressible(adapter: Adapter, base: BaseInfo) -> None:
             raise UnsupportedError(f"{name}: the base ties lm_head to the token embedding, which "
                                    "llama.cpp stores once as token_embd; a LoRA on either side "
                                    f"cannot be expressed there; {MERGE_INSTEAD} (it unties them)")
+    from ..merging.copies import same_weight
+
     for name, tensor in adapter.replacements.items():
         # PEFT saves a targeted embedding's untouched base weights too (save_embedding_layers);
-        # a copy identical to the base changes nothing and is dropped, anything else is refused
+        # a copy that is the base's own weight (in any float dtype: merging/copies.same_weight)
+        # changes nothing and is dropped, anything else is refused
         original = read_base_tensor(base, name)
-        if original is not None and original.dtype == tensor.dtype and torch.equal(original, tensor):
+        if original is not None and same_weight(tensor, original):
             continue
         hint = "" if base.weights_folder else " (or pass --base with the model's weights if it " \
                                              "is an unchanged copy of the base tensor)"
@@ -190,7 +193,7 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
                           "counts: pass --base (the HF model folder, its config.json, or a GGUF "
                           "model file)")
     if dtype not in DTYPES:
-        raise UnsupportedError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise OptionError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     _check_expressible(adapter, base)
     alpha = _file_alpha(adapter)
     writer = gguf.GGUFWriter(str(path), base.arch)

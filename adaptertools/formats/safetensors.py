@@ -28,7 +28,7 @@ import torch
 
 from .._io import load_safetensors
 from ..adapter import Adapter, LoraWeight, check_weight
-from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
+from ..errors import AdapterToolsWarning, FormatError, OptionError, UnsupportedError
 from . import accounting, foreign, peft
 
 DESCRIPTION = "single self-describing .safetensors file (kohya-style keys, config in __metadata__)"
@@ -71,8 +71,8 @@ def read(path: Path, *, scale: float | None = None) -> Adapter:
     tensors, metadata = load_safetensors(path)
     if metadata.get("format") == FORMAT_TAG:
         if scale is not None:
-            raise UnsupportedError(f"{path}: --scale only applies to files without a config; "
-                                   "this adaptertools file carries its own scales, drop --scale")
+            raise OptionError(f"{path}: --scale only applies to files without a config; "
+                              "this adaptertools file carries its own scales, drop --scale")
         return _read_own(path, tensors, metadata)
     what = foreign.file_looks_like(tensors, metadata)
     if what is not None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, OptionError, UnsupportedError
 from .bases import HFBase, TensorEntry
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
@@ -257,12 +257,12 @@ def inspect(base: HFBase, requantize: str = "keep") -> Layout | None:
     a plain checkpoint."""
     qc = (base.config or {}).get("quantization_config")
     if requantize != "keep" and requantize not in REQUANTIZE:
-        raise UnsupportedError(f"--requantize {requantize}: a bitsandbytes checkpoint is kept in "
-                               "its quantization (keep) or written as bf16, fp16 or fp32")
+        raise OptionError(f"--requantize {requantize}: a bitsandbytes checkpoint is kept in "
+                          "its quantization (keep) or written as bf16, fp16 or fp32")
     if not qc:
         if requantize != "keep":
-            raise UnsupportedError(f"{base.folder}: --requantize applies to GGUF bases and "
-                                   "bitsandbytes checkpoints; for this HF checkpoint use --dtype")
+            raise OptionError(f"{base.folder}: --requantize applies to GGUF bases and "
+                              "bitsandbytes checkpoints; for this HF checkpoint use --dtype")
         return None
     four, eight = _check_config(base, qc)
     entries = base.entries()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..adapter import Adapter, LoraWeight
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, OptionError, UnsupportedError
 from ..kernels.reference import Contribution
 from .bases import FLOAT_DTYPES, SAFETENSORS_SIZES, GGUFBase, HFBase, TensorEntry
 from .copies import copy_matches_base, copy_note, saved_copies
@@ -257,14 +257,14 @@ def plan_for(base: HFBase | GGUFBase, adapters: list[Adapter], names: list[str],
         _refuse_modified_base(adapters, names)
     if base.kind == "safetensors":     # --requantize: bitsandbytes checkpoints (bnb.py)
         if quantize_like is not None:
-            raise UnsupportedError("--quantize-like applies to GGUF bases; for an HF checkpoint "
-                                   "use --dtype")
+            raise OptionError("--quantize-like applies to GGUF bases; for an HF checkpoint "
+                              "use --dtype")
         return plan_hf(base, adapters, names, factors, mode=mode, dtype=dtype,
                        requantize=requantize, max_shard_size=max_shard_size)
     if max_shard_size is not None:
-        raise UnsupportedError(f"{base.path}: --max-shard-size applies to HF safetensors "
-                               "checkpoints; split a GGUF model with llama.cpp's `llama-gguf-split "
-                               "--split --split-max-size 5G MERGED.gguf PREFIX` after the merge")
+        raise OptionError(f"{base.path}: --max-shard-size applies to HF safetensors "
+                          "checkpoints; split a GGUF model with llama.cpp's `llama-gguf-split "
+                          "--split --split-max-size 5G MERGED.gguf PREFIX` after the merge")
     return plan_gguf(base, adapters, names, factors, mode=mode, dtype=dtype,
                      requantize=requantize, quantize_like=quantize_like)
 
@@ -472,8 +472,8 @@ def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors
     from ..formats.names import load_base_info
 
     if dtype != "keep":
-        raise UnsupportedError(f"{base.path}: --dtype {dtype} does not apply to a GGUF base; use "
-                               f"--requantize {DTYPE_NAMES.get(dtype, dtype).lower()}")
+        raise OptionError(f"{base.path}: --dtype {dtype} does not apply to a GGUF base; use "
+                          f"--requantize {DTYPE_NAMES.get(dtype, dtype).lower()}")
     info = load_base_info(base.path)
     entries = base.entries()
     targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries),
@@ -527,8 +527,8 @@ def _requantized_type(entry: TensorEntry, changed: bool, requantize: str, path) 
         return entry.dtype
     target = resolve(requantize)
     if not target.requantizable:
-        raise UnsupportedError(f"--requantize {requantize}: adaptertools cannot write {target.name}; "
-                               "choose f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or q2_k..q6_k")
+        raise OptionError(f"--requantize {requantize}: adaptertools cannot write {target.name}; "
+                          "choose f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or q2_k..q6_k")
     return _fits_blocks(entry, target.name, str(path))
 
 

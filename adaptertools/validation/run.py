@@ -9,14 +9,15 @@ from pathlib import Path
 
 from .._io import require_exists, write_json
 from ..paths import atomic_output
-from ..errors import UnsupportedError
+from ..errors import OptionError, UnsupportedError
 from .merged import Settings, check_plan
 
 REPORT_NAME = "validation.json"
 
 
 def make_plan(base, adapters, *, weights=None, mode: str = "weighted", hub: dict | None = None,
-              sources: list | None = None, scale: float | None = None):
+              sources: list | None = None, scale: float | None = None,
+              allow_modified_base: bool = False):
     """The plan ``merge`` would make (``--dtype keep``; a cast output is judged in its own
     dtype), with the local paths of the base and the adapters (Hub inputs fetched through
     ``hub``, their provenance appended to ``sources``)."""
@@ -27,7 +28,8 @@ def make_plan(base, adapters, *, weights=None, mode: str = "weighted", hub: dict
     local_base, checkpoint, local_paths, loaded = open_inputs(
         base, paths, hub or {}, [] if sources is None else sources, refusal="nothing to validate",
         scale=scale)
-    plan = plan_for(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep")
+    plan = plan_for(checkpoint, loaded, [str(p) for p in paths], factors, mode=mode, dtype="keep",
+                    allow_modified_base=allow_modified_base)
     return plan, local_base, local_paths
 
 
@@ -56,16 +58,17 @@ def check_output(plan, merged, *, settings: Settings | None = None, progress=Non
 def validate_merge(base, adapters, merged, *, weights=None, mode: str = "weighted",
                    e2e: bool = False, probes: int = 16, seed: int = 0,
                    tolerance_db: float = 1.0, progress=None, hub: dict | None = None,
-                   scale: float | None = None) -> dict:
+                   scale: float | None = None, allow_modified_base: bool = False) -> dict:
     """Any input may be a Hub URI, fetched through ``hub`` (endpoint, token); their commits
     are reported under ``hub_inputs``. ``scale``: for bare factor files (``api.load``)."""
     from ..api import _local
 
     if probes < 1:
-        raise UnsupportedError(f"--probes {probes}: give at least 1 probe vector")
+        raise OptionError(f"--probes {probes}: give at least 1 probe vector")
     sources: list = []
     plan, base, adapters = make_plan(base, adapters, weights=weights, mode=mode, hub=hub,
-                                     sources=sources, scale=scale)
+                                     sources=sources, scale=scale,
+                                     allow_modified_base=allow_modified_base)
     merged = _local(merged, "base", hub or {}, sources, role="merged")
     report = check_output(plan, merged, settings=Settings(probes, seed, tolerance_db),
                           progress=progress)

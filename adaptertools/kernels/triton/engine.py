@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ...errors import UnsupportedError
+from ...errors import OptionError, UnsupportedError
 from ..fold import all_finite
 from . import available, interpreting
 
@@ -27,7 +27,7 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
     """``auto`` -> "triton" on a CUDA device with triton importable, else "torch"; an explicit
     "triton" that cannot run raises (on the CPU it runs only under TRITON_INTERPRET=1, for tests)."""
     if kernels not in KERNELS:
-        raise UnsupportedError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+        raise OptionError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels == "auto":
         return "triton" if device.type == "cuda" and available() else "torch"
     if kernels == "triton":
@@ -35,8 +35,8 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
             raise UnsupportedError("--kernels triton: triton is not installed; pip install "
                                    "'adaptertools[triton]', or use --kernels torch")
         if device.type != "cuda" and not interpreting():
-            raise UnsupportedError("--kernels triton needs --device cuda (or TRITON_INTERPRET=1, "
-                                   "triton's slow CPU interpreter); use --kernels torch on the CPU")
+            raise OptionError("--kernels triton needs --device cuda (or TRITON_INTERPRET=1, "
+                              "triton's slow CPU interpreter); use --kernels torch on the CPU")
     return kernels
 
 
