@@ -1,7 +1,7 @@
 """Real signals sent to ``adaptertools merge`` in its first second, and the pieces behind them.
 
 Until a command has imported torch and the library, the CLI only remembers SIGINT and SIGTERM
-(``cli.StartupSignals``): a KeyboardInterrupt raised inside ``import torch`` was sometimes
+(``_boundary.StartupSignals``): a KeyboardInterrupt raised inside ``import torch`` was sometimes
 swallowed (the merge ran on and wrote OUT, exit 0) or aborted the process (SIGABRT, "terminate
 called after throwing an instance of 'pybind11::error_already_set'"). Each delay below gets its
 own merge subprocess and one signal; every outcome must be one of:
@@ -32,14 +32,14 @@ import pytest
 import torch
 
 import adaptertools as at
-from adaptertools import cli
+from adaptertools import _boundary
 from adaptertools.merging import streams
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
 from cli_helpers import assert_nothing_written
 
 DELAYS = [round(0.05 + i * 1.15 / 13, 3) for i in range(14)]      # 0.05 .. 1.2 s
-OWN_FRAME = re.compile(r'adaptertools[/\\]cli\.py", line \d+, in (?!<module>)')
+OWN_FRAME = re.compile(r'adaptertools[/\\](cli|_boundary)\.py", line \d+, in (?!<module>)')
 
 
 @contextmanager
@@ -101,9 +101,9 @@ def signal_a_merge(inputs, out: Path, delay: float, signum: int = signal.SIGINT)
     if code == 0:
         assert done, f"{where}: exit 0, but OUT did not exist yet when the signal was sent"
         assert folder_bytes(out) == inputs["reference"], where
-    elif code == cli.EXIT_CODES[signum]:
+    elif code == _boundary.EXIT_CODES[signum]:
         lines = error_lines(stderr)
-        assert len(lines) == 1 and lines[0].startswith(f"error: {cli.INTERRUPTED[signum]}"), \
+        assert len(lines) == 1 and lines[0].startswith(f"error: {_boundary.INTERRUPTED[signum]}"), \
             f"{where}: {stderr!r}"
         if out.exists():                   # the signal came as OUT was renamed into place
             assert folder_bytes(out) == inputs["reference"], where
@@ -172,21 +172,21 @@ def handlers():
 
 
 @pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt),
-                                            (signal.SIGTERM, cli.Terminated)])
+                                            (signal.SIGTERM, _boundary.Terminated)])
 def test_startup_signals_remembered_then_raised_at_ready(handlers, signum, raised):
-    startup = cli.StartupSignals()
+    startup = _boundary.StartupSignals()
     startup.defer()
     signal.raise_signal(signum)           # handled here, in the main thread: only remembered
     assert startup.received == [signum]
     with pytest.raises(raised):
         startup.ready()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+    assert signal.getsignal(signal.SIGTERM) is _boundary._raise_terminated
     startup.ready()                        # once only
 
 
 def test_startup_signals_without_a_signal_just_restore(handlers):
-    startup = cli.StartupSignals()
+    startup = _boundary.StartupSignals()
     startup.defer()
     assert signal.getsignal(signal.SIGINT) == startup._record
     startup.ready()
@@ -197,7 +197,7 @@ def test_startup_signals_without_a_signal_just_restore(handlers):
 
 def test_startup_signals_leave_an_ignored_sigint_ignored(handlers):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    startup = cli.StartupSignals()
+    startup = _boundary.StartupSignals()
     startup.defer()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     startup.ready()
