@@ -12,53 +12,19 @@ merge; the float base quantized to the output type otherwise).
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from ..errors import UnsupportedError
-from ..kernels.fold import all_finite, count_nonfinite
+from ..kernels.quant.codec import dequantize, quantize
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
+from ..kernels.survival import Survival, check_finite
 from .plan import Job
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # below this median cosine the report warns in plain words
 LOW_SURVIVAL = 0.7
 BNB_TYPES = ("NF4", "FP4", "INT8")      # bitsandbytes keep-type merges (merging/bnb.py)
-
-
-@dataclass(frozen=True)
-class Survival:
-    name: str
-    type: str               # the output tensor type
-    cosine: float           # intended vs realized change; 1 = fully kept, ~0 = erased
-    rel_error: float        # |realized - intended| / |intended|
-
-
-def check_finite(job: Job, values: torch.Tensor, *, base: torch.Tensor | None = None) -> None:
-    """Refuse a merge whose output tensor ``values`` (fp32 before encoding, or as stored) holds
-    Inf or NaN: an UnsupportedError naming the tensor, saying whether the base already held them
-    (``base``: the source tensor, when at hand) or the adapters' delta is too large for the output
-    type. Cheap when every value is finite (``kernels.fold.all_finite``)."""
-    if all_finite(values):
-        return
-    bad = count_nonfinite(values)
-    if base is not None and base.is_floating_point() and not all_finite(base):
-        raise UnsupportedError(f"{job.name}: the base tensor already holds "
-                               f"{count_nonfinite(base)} Inf/NaN value(s), so the merge would too; "
-                               "the base checkpoint is damaged: download or convert it again")
-    terms = (*job.contributions, *job.bias_contributions)
-    weights = ", ".join(f"{w:g}" for w in dict.fromkeys(c.factor for c in terms))
-    scales = ", ".join(f"{s:g}" for s in dict.fromkeys(c.weight.scale for c in terms))
-    # BF16 has float32's range: only F16 and block types (fp16 scales) have a wider type. (An HF
-    # merge of one adapter rounds to the stored dtype, as PEFT does: --dtype fp32 would not help)
-    wider = "" if job.out_dtype in ("F32", "BF16") else ", or merge into an F32 copy of the " \
-        "base (a GGUF base: --requantize f32)"
-    raise UnsupportedError(f"{job.name}: the merged tensor would hold {bad} Inf/NaN value(s) of "
-                           f"{values.numel()}: the adapters' delta (--weights {weights or '-'}, "
-                           f"scale {scales or '-'}) is too large for {job.out_dtype}; lower "
-                           f"--weights or check the adapter's lora_alpha / r{wider}; nothing was "
-                           "written")
 
 
 def check_output(job: Job, tensor: torch.Tensor, source: torch.Tensor | None) -> None:
@@ -89,29 +55,6 @@ def _as_float(job: Job, source: torch.Tensor, out: torch.Tensor | None = None) -
 def _scratch(buffers, role: str, job: Job) -> torch.Tensor | None:
     return buffers.named(role, tuple(job.shape)) if buffers is not None and \
         len(job.shape) == 2 else None
-
-
-def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], *,
-               name: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Block bytes -> fp32 ``shape``: ggml's own to_float on the CPU when llama-cpp-python
-    provides it (the same floats, several times faster; into ``out`` when given), else the
-    torch codec."""
-    from ..kernels.quant import ggml
-    from ..kernels.quant import gguf as codec
-
-    if raw.device.type == "cpu" and len(shape) == 2 and ggml.dequantizable(type_name):
-        return ggml.dequantize(raw, type_name, shape, out=out)
-    return codec.dequantize(raw, type_name, shape, name=name)
-
-
-def quantize(x: torch.Tensor, type_name: str, *, name: str | None = None) -> torch.Tensor:
-    """fp32 (rows, cols) -> block bytes, through ggml on the CPU when it can (same bytes)."""
-    from ..kernels.quant import ggml
-    from ..kernels.quant import gguf as codec
-
-    if x.device.type == "cpu" and x.dim() == 2 and ggml.available(type_name):
-        return ggml.quantize(x, type_name)
-    return codec.quantize(x, type_name, name=name)
 
 
 def roundtrip(x: torch.Tensor, type_name: str) -> torch.Tensor:

@@ -109,7 +109,7 @@ def fold_gguf_job(job, source: torch.Tensor, mode: str, device: torch.device):
             or job.replacement is not None or len(job.shape) != 2 or not _plain(contributions, mode)
             or (mode == "stacked" and len(contributions) > 1)):
         return None
-    from ...merging.quantized import Survival
+    from ..survival import Survival
     from .blocks import Q4_0_BYTES, Q8_0_BYTES, fold_gguf
 
     (a, b, s), = _factors(contributions)
@@ -119,7 +119,8 @@ def fold_gguf_job(job, source: torch.Tensor, mode: str, device: torch.device):
     # finite exactly when d is (Inf/NaN merged values, or a block too large for fp16, give none)
     block = {"Q8_0": Q8_0_BYTES, "Q4_0": Q4_0_BYTES}[job.out_dtype]
     if not all_finite(encoded.reshape(-1, block)[:, :2].contiguous().view(torch.float16)):
-        from ...merging.quantized import check_finite, dequantize
+        from ..quant.codec import dequantize
+        from ..survival import check_finite
 
         check_finite(job, dequantize(encoded.to("cpu"), job.out_dtype, tuple(job.shape)),
                      base=dequantize(source.to("cpu"), job.source.dtype, tuple(job.shape)))
