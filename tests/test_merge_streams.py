@@ -30,7 +30,7 @@ import adaptertools as at
 from adaptertools.merging import prefetch, streams
 from adaptertools.merging import run as merge_run
 from adaptertools.merging.bases import TensorEntry
-from adaptertools.merging.plan import Job
+from adaptertools.merging.jobs import Job
 from adaptertools.merging.streams import tensor_bytes
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 

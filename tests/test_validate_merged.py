@@ -26,7 +26,7 @@ from test_merge_peft import build_base, make_adapter
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
 from adaptertools.merging.bases import open_base
-from adaptertools.merging.plan import TORCH_DTYPES
+from adaptertools.merging.jobs import TORCH_DTYPES
 from adaptertools.validation.merged import floor_for, survival
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -7,7 +7,7 @@ packed weight and its quant state (``absmax``, ``quant_map``, ``nested_*``, the 
 ``quant_state.bitsandbytes__*``; or ``SCB`` and ``weight_format`` for int8). The plan validates
 every group from the headers and the small JSON states (no weight data) and gives the weight's job
 the logical shape, so adapters are matched as for any float checkpoint. At run time the weight's
-job (the ``group`` field of ``plan.Job``) is folded here: the packed weight is dequantized with its
+job (the ``group`` field of ``jobs.Job``) is folded here: the packed weight is dequantized with its
 companions (read with ``pread``), folded in fp32 with ``kernels.reference`` and either
 
 - quantized back the same way (``--requantize keep``): same names, dtypes, shapes and byte sizes,

@@ -89,7 +89,7 @@ def copy_matches_base(copy: torch.Tensor, checkpoint, entry) -> bool | None:
     (an HF checkpoint or a GGUF model); for a block-quantized GGUF tensor
     ``same_as_quantized``. None when the two cannot be compared (a packed bitsandbytes weight,
     a GGUF type adaptertools cannot write)."""
-    from .plan import TORCH_DTYPES
+    from .jobs import TORCH_DTYPES
 
     path = Path(checkpoint.path) if checkpoint.kind == "gguf" else \
         Path(checkpoint.folder) / entry.file
@@ -124,7 +124,7 @@ def same_as_quantized(copy: torch.Tensor, raw: torch.Tensor, type_name: str, blo
     are two roundings of one weight in different codecs, every element of the base lies within
     twice the largest error storing the copy's block in that type makes, plus one step of the
     copy's dtype (changed rows or tokens move elements by far more than one quantization step)."""
-    from .quantized import dequantize, quantize
+    from ..kernels.quant.codec import dequantize, quantize
 
     x = copy.to(torch.float32)
     encoded = quantize(x, type_name)

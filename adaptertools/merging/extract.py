@@ -76,7 +76,7 @@ def read_raw(folder: Path, entry: TensorEntry) -> bytearray:
 
 
 def decode(buffer: bytearray, entry: TensorEntry) -> torch.Tensor:
-    from .plan import TORCH_DTYPES
+    from .jobs import TORCH_DTYPES
 
     dtype = TORCH_DTYPES.get(entry.dtype)
     if dtype is None:

@@ -15,13 +15,12 @@ import torch
 from ..adapter import Adapter, LoraWeight
 from ..errors import FormatError, OptionError, UnsupportedError
 from ..kernels.reference import Contribution
-from .bases import FLOAT_DTYPES, SAFETENSORS_SIZES, GGUFBase, HFBase, TensorEntry
+from .bases import FLOAT_DTYPES, GGUFBase, HFBase, TensorEntry
 from .copies import copy_matches_base, copy_note, saved_copies
+from .jobs import TORCH_DTYPES, Job, OutputFile, Plan
 
 MODES = ("weighted", "stacked")
 DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "F64": torch.float64}
 CONFIG_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # input-embedding names, most specific first (HF LlamaForCausalLM, GPT-2, BLOOM, GPT-NeoX, ...)
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight",
@@ -29,82 +28,6 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight",
                    "gpt_neox.embed_in.weight", "embed_tokens.weight")
 LM_HEAD = "lm_head.weight"
 MISMATCHES_SHOWN = 5
-
-
-@dataclass(frozen=True)
-class Job:
-    """One output tensor: its source bytes, and what the adapters do to it."""
-
-    name: str
-    source: TensorEntry
-    out_dtype: str
-    contributions: tuple[Contribution, ...] = ()
-    bias_contributions: tuple[Contribution, ...] = ()   # lora_bias terms for a bias tensor
-    replacement: torch.Tensor | None = None              # modules_to_save: replaces the source
-    group: object | None = None     # a bitsandbytes weight's quant-state group (merging/bnb.py)
-    # the replacement's shape where it differs from the source's (a resized vocabulary)
-    out_shape: tuple[int, ...] | None = None
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.contributions or self.bias_contributions) or self.replacement is not None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The source tensor's shape (what is read from the base)."""
-        return self.source.shape
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        """The shape written: the source's, or a resized replacement's."""
-        return self.out_shape or self.source.shape
-
-    @property
-    def nbytes(self) -> int:
-        shape = self.output_shape
-        if self.out_dtype == self.source.dtype and self.out_shape is None:
-            return self.source.nbytes
-        if self.out_dtype in SAFETENSORS_SIZES:
-            return SAFETENSORS_SIZES[self.out_dtype] * _numel(shape)
-        from ..kernels.quant.types import resolve  # a GGUF block type
-
-        return _numel(shape[:-1]) * resolve(self.out_dtype).row_bytes(shape[-1])
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    name: str
-    jobs: tuple[Job, ...]
-    header: bytes          # written first, byte for byte
-    size: int              # header plus data
-
-
-@dataclass(frozen=True)
-class Plan:
-    base: HFBase | GGUFBase
-    files: tuple[OutputFile, ...]
-    mode: str
-    factors: tuple[float, ...]
-    adapter_names: tuple[str, ...]
-    config: dict | None = None        # config.json to write (None: copy the base's as is)
-    index: dict | None = None         # model.safetensors.index.json to write, when the base has one
-    max_shard_size: int | None = None  # --max-shard-size: files regrouped as HF does (shards.py)
-    warnings: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def jobs(self) -> list[Job]:
-        return [j for f in self.files for j in f.jobs]
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ----------------------------------------------------------------------------- targets

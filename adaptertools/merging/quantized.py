@@ -19,7 +19,7 @@ import torch
 from ..kernels.quant.codec import dequantize, quantize
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from ..kernels.survival import Survival, check_finite
-from .plan import Job
+from .jobs import Job
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # below this median cosine the report warns in plain words

@@ -30,7 +30,7 @@ from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from ..kernels.triton.engine import fold_float_job, fold_gguf_job, resolve_kernels
 from .bases import INDEX_NAME, HFBase
 from .bnb import apply_left, due
-from .plan import TORCH_DTYPES, Job, OutputFile, Plan
+from .jobs import TORCH_DTYPES, Job, OutputFile, Plan
 from .quantized import check_output, fold_gguf, needs_codec, summarize
 from .streams import (
     BufferPool,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import OptionError
-from .plan import Job, OutputFile
+from .jobs import Job, OutputFile
 
 FILENAME_PATTERN = "model{suffix}.safetensors"      # save_pretrained's, for safetensors weights
 # save_pretrained's units are powers of 1000 (huggingface_hub parse_size_to_int); GiB and its

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .plan import TORCH_DTYPES, Job
+from .jobs import TORCH_DTYPES, Job
 
 COPY_CHUNK = 64 << 20
 TRUNCATED_BASE = "unexpected end of file while copying a base tensor; the base is truncated"

@@ -52,7 +52,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..merging.bases import FLOAT_DTYPES, GGUFBase, HFBase, TensorEntry
-from ..merging.plan import TORCH_DTYPES, Job, Plan
+from ..merging.jobs import TORCH_DTYPES, Job, Plan
 from .stored import Files, check_untouched, stored_values
 
 BLOCK_ELEMENTS = 1 << 18          # rows per block: ~1 MB of fp32, the elementwise work stays in cache

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..merging.bases import GGUFBase, HFBase, TensorEntry
-from ..merging.plan import TORCH_DTYPES, Job
+from ..merging.jobs import TORCH_DTYPES, Job
 
 COMPARE_CHUNK = 16 << 20
 
@@ -19,7 +19,7 @@ def stored_values(entry: TensorEntry, raw: torch.Tensor) -> torch.Tensor:
     """A stored tensor as numbers: float types as they are, quantized ones dequantized (fp32)."""
     if entry.dtype in TORCH_DTYPES:
         return raw
-    from ..merging.quantized import dequantize
+    from ..kernels.quant.codec import dequantize
 
     return dequantize(raw, entry.dtype, tuple(entry.shape), name=entry.name)
 
