@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ._io import require_exists
 from .paths import atomic_output, contained_file
-from .errors import HubError, InputNotFoundError, OptionError, UnsupportedError
+from .errors import HubError, InputNotFoundError, UnsupportedError
 from .hub_files import (
     ID_PART,
     INDEX_NAME,
@@ -338,8 +338,8 @@ def push_target(repo_id: str) -> str:
     a malformed id is refused with the rule it breaks."""
     parts = split_uri(repo_id)
     if parts is None or parts[2] is not None or parts[3]:
-        raise OptionError(f"{shown(repo_id)}: push to a repo id, owner/name (pass the "
-                          "branch with --revision)")
+        raise UnsupportedError(f"{shown(repo_id)}: push to a repo id, owner/name (pass the "
+                               "branch with --revision)")
     return parse_uri(repo_id).repo_id
 
 
@@ -349,8 +349,8 @@ def check_push(repo_id: str, *, revision: str | None = None) -> str:
     repo_id = push_target(repo_id)
     problem = None if revision is None else revision_problem(revision)
     if problem is not None:
-        raise OptionError(f"{repo_id}: the branch '{shown(revision)}' (--revision) is not a "
-                          f"git revision: {problem}; check the branch name")
+        raise UnsupportedError(f"{repo_id}: the branch '{shown(revision)}' (--revision) is not a "
+                               f"git revision: {problem}; check the branch name")
     if offline():
         raise HubError(f"{repo_id}: cannot push while HF_HUB_OFFLINE=1; unset it to push")
     return repo_id

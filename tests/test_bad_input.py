@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adaptertools as at
-from adaptertools.errors import (AdapterToolsWarning, FormatError, InputNotFoundError,
+from adaptertools.errors import (AdapterToolsWarning, FormatError, InputNotFoundError, OptionError,
                                  OutputExistsError, UnsupportedError)
 from adaptertools.tiny import make_adapter
 
@@ -96,6 +96,7 @@ class Case:
     to: str = "safetensors"
     options: dict = field(default_factory=dict)   # library keywords; CLI flags derived from them
     marker: Path | None = None              # must never be created
+    code: int = 1                           # the CLI's exit code: 2 for misuse of an option
 
 
 def case_no_config(tmp: Path) -> Case:
@@ -213,7 +214,7 @@ def case_missing_path(tmp: Path) -> Case:
 
 def case_scale_for_peft(tmp: Path) -> Case:
     folder = write_peft(tmp / "adapter")
-    return Case(folder, UnsupportedError, [str(folder), "--scale"], options={"scale": 2.0})
+    return Case(folder, OptionError, [str(folder), "--scale"], options={"scale": 2.0}, code=2)
 
 
 def case_writer_fails_midway(tmp: Path) -> Case:
@@ -309,7 +310,7 @@ def test_cli_convert_refuses(name, via, tmp_path):
     dst.parent.mkdir()
     run = run_subprocess if via == "subprocess" else run_inprocess
     outcome = run("convert", case.src, dst, "--to", case.to, *cli_flags(case.options))
-    assert_cli_error(outcome, case.fragments)
+    assert_cli_error(outcome, case.fragments, code=case.code)
     assert_nothing_written(dst)
     if case.marker is not None:
         assert not case.marker.exists(), "the pickle's code ran"
@@ -330,7 +331,7 @@ def test_cli_inspect_refuses_truncated_file_in_subprocess(tmp_path):
 
 def test_cli_inspect_refuses_scale_for_peft(tmp_path):
     case = case_scale_for_peft(tmp_path)
-    assert_cli_error(run_inprocess("inspect", case.src, "--scale", "2"), case.fragments)
+    assert_cli_error(run_inprocess("inspect", case.src, "--scale", "2"), case.fragments, code=2)
 
 
 def test_evil_pickle_really_would_create_the_marker(tmp_path):

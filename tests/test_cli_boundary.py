@@ -170,7 +170,7 @@ def misuse_cases(models, tmp_path) -> list[tuple[list, int, list[str]]]:
         (["inspect", adapter, "--scale", "2"], 2, ["--scale only applies"]),
         (["convert", adapter, out, "--to", "safetensors", "--base", base], 2,
          ["--base does not apply"]),
-        (["push", adapter, "not/a/repo/id"], 2, ["push to a repo id"]),
+        (["push", adapter, "not/a/repo/id"], 1, ["push to a repo id"]),
         (["merge", base, missing], 1, [missing]),                          # failed: exit 1
         (["combine", missing, "--method", "svd", "--rank", "2"], 1, [missing]),
     ]

@@ -44,8 +44,8 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-def refused(outcome, fragments: list[str], dst: Path | None = None) -> str:
-    line = assert_cli_error(outcome, fragments)
+def refused(outcome, fragments: list[str], dst: Path | None = None, *, code: int = 1) -> str:
+    line = assert_cli_error(outcome, fragments, code=code)
     if dst is not None:
         assert_nothing_written(dst)
     return line
@@ -506,4 +506,5 @@ def test_scale_is_refused_for_adapters_with_their_own(bare, tmp_path, command):
                 "validate": ["validate", base, adapter, "--merged", merged],
                 "combine": ["combine", adapter, "--out", out]}[command]
         refused(run_inprocess(*args, "--scale", "2"), ["--scale only applies to files without a "
-                                                      "config", str(adapter)], out)
+                                                      "config", str(adapter)], out,
+                code=2)                     # an option that does not apply: misuse

@@ -260,7 +260,7 @@ def test_gguf_base_refuses_the_option(models, tmp_path):
         at.merge(base, [models["adapter"]], out, max_shard_size="5GB")
     outcome = run_inprocess("merge", base, models["adapter"], "--out", out,
                             "--max-shard-size", "5GB")
-    assert_cli_error(outcome, ["--max-shard-size", "llama-gguf-split", str(base)], code=1)
+    assert_cli_error(outcome, ["--max-shard-size", "llama-gguf-split", str(base)], code=2)
     assert_nothing_written(out)
 
 

@@ -98,9 +98,9 @@ def token_ids(vocab: int) -> torch.Tensor:
 
 def _debugging() -> bool:
     """``--debug`` (when the CLI runs) or ADAPTERTOOLS_DEBUG=1."""
-    cli = sys.modules.get("adaptertools.cli")
-    if cli is not None:
-        return cli.debugging()
+    boundary = sys.modules.get("adaptertools._boundary")
+    if boundary is not None:
+        return boundary.debugging()
     return os.environ.get("ADAPTERTOOLS_DEBUG", "").strip().lower() not in ("", "0", "false",
                                                                            "no", "off")
 
@@ -183,7 +183,7 @@ def oracle_notes(unmerged, names: list[str], adapters: list) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
     from ..adapter import module_name
-    from ..api import load
+    from ..adapter_io import load
 
     peft_view: list[dict[str, bool]] = [{} for _ in names]     # module -> applies DoRA
     for path, module in unmerged.base_model.model.named_modules():
@@ -233,7 +233,7 @@ def llama_logits(model_path, sequences, lora_path=None, scale: float = 1.0) -> t
 
 
 def gguf_logits(base, adapters: list, merged, weights: list[float]):
-    from ..api import convert as convert_adapter
+    from ..adapter_io import convert as convert_adapter
     from ..formats.names import load_base_info
     from ..registry import detect_format
 
@@ -261,7 +261,7 @@ def _gguf_vocab(path) -> int:
 def end_to_end(base, adapters, merged, *, weights: list[float], mode: str, kind: str,
                dtypes=("F32",)) -> dict:
     _require(kind)
-    from ..api import adapter_list
+    from ..inputs import adapter_list
 
     adapters = adapter_list(adapters)
     notes: list[str] = []
