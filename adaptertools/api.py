@@ -2,235 +2,18 @@
 
 from __future__ import annotations
 
-import inspect as _signature
-import math
 import os
 from pathlib import Path
 
 from ._io import require_exists
+from .adapter import Adapter
+# load, save and convert are public (adaptertools.load, ...): re-exported from adapter_io
+from .adapter_io import (DTYPES, _push_after, _read, _readable, convert, load,  # noqa: F401
+                         local_input_path, parse_dtype, save)
+from .errors import OptionError
+from .inputs import adapter_inputs, adapter_list, load_finite, open_inputs, parse_weights
 from .paths import atomic_output, refuse_output
-from .adapter import Adapter, cast_adapter, nonfinite_tensors
-from .errors import FormatError, OptionError, UnsupportedError
-from .registry import Format, detect_format, get_format
-
-DTYPES = ("keep", "fp32", "fp16", "bf16")
-# Storage types a format may offer beyond plain casts (its writer then takes ``dtype`` itself).
-FORMAT_DTYPES = ("q8_0",)
-
-
-def parse_dtype(name: str):
-    """``keep`` -> None, else the torch dtype (``fp32``, ``fp16``, ``bf16``)."""
-    import torch
-
-    table = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise OptionError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} "
-                          f"({', '.join(FORMAT_DTYPES)} only where the format has it)")
-    return table[name]
-
-
-def _accepts(func, option: str) -> bool:
-    """Does ``func`` take ``option`` by keyword: it names it or has ``**opts`` (registry.py)?"""
-    try:
-        params = _signature.signature(func).parameters.values()
-    except (TypeError, ValueError):      # no signature to read (a builtin): pass nothing
-        return False
-    kind = _signature.Parameter
-    return any(p.kind is kind.VAR_KEYWORD or
-               (p.name == option and p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY))
-               for p in params)
-
-
-def _base_info(base):
-    """``base`` as a path (HF folder, config.json, GGUF model) -> BaseInfo; BaseInfo passes."""
-    if base is None or not isinstance(base, (str, os.PathLike)):
-        return base
-    from .formats.names import load_base_info
-
-    return load_base_info(base)
-
-
-def _readable(path: Path, format: str | None) -> Format:
-    fmt = get_format(format) if format else detect_format(path)
-    if not fmt.can_read:
-        raise UnsupportedError(f"format {fmt.name!r} can only be written, not read")
-    if format and path.is_dir() and not fmt.output_is_dir and not _sniffs(fmt, path):
-        raise FormatError(_folder_for_file_format(path, fmt))
-    return fmt
-
-
-def _sniffs(fmt: Format, path: Path) -> bool:
-    try:
-        return bool(fmt.module.sniff(path))
-    except Exception:  # noqa: BLE001  (a plugin's sniff: only a hint here)
-        return False
-
-
-def _folder_for_file_format(path: Path, fmt: Format) -> str:
-    """--from FORMAT names a one-file format, and ``path`` is a folder: say so, and name the
-    files in it that FORMAT could mean."""
-    try:
-        meant = sorted(p.name for p in path.iterdir() if p.is_file() and _sniffs(fmt, p))
-    except OSError:
-        meant = []
-    hint = (f"pass one of its files: {', '.join(meant[:5])}" + (", ..." if len(meant) > 5 else "")
-            if meant else f"it holds no {fmt.name} file; pass the file itself or drop --from")
-    return f"{path}: is a folder, and {fmt.name} adapters are one file; {hint}"
-
-
-def _local(path, kind: str, hub: dict, sources: list | None = None, role: str | None = None):
-    """``path`` as a local path: Hub URIs (``hf://owner/name[@rev][/sub]``) and plain
-    ``owner/name`` ids are fetched, only the files ``kind`` needs; their provenance (resolved
-    commit, under ``role``) is appended to ``sources``. ``hub``: ``endpoint`` and ``token``."""
-    if path is None:
-        return None
-    from .hub import local_input
-
-    local, provenance = local_input(path, kind=kind, **hub)
-    if provenance is not None and sources is not None:
-        sources.append(dict(provenance, role=role or kind))
-    return local
-
-
-def _push_after(report: dict, output, push_to: str | None, push: dict, hub: dict) -> dict:
-    """Push ``output`` with its model card (from ``report``) when asked; the push is recorded."""
-    if push_to is not None:
-        from .errors import AdapterToolsError
-        from .hub import push as push_output
-
-        try:
-            report["pushed"] = push_output(output, push_to, report=report, **push, **hub)
-        except AdapterToolsError as exc:     # the output stays: say how to push it later
-            raise type(exc)(f"{exc} ({output} was written; push it with `adaptertools push "
-                            f"{output} {push_to}`)") from None
-    return report
-
-
-def load(path: str | os.PathLike, *, format: str | None = None, scale: float | None = None,
-         base=None, endpoint: str | None = None, token=None) -> Adapter:
-    """Read an adapter; the format is detected unless given.
-
-    ``scale`` is the effective scale for bare factor files that carry no config; ``base`` (a
-    path to the HF model folder, its config.json or a GGUF model) maps GGUF names back to HF.
-    Either may be a Hub URI (``hf://owner/name[@revision][/subfolder]``), fetched from
-    ``endpoint`` with ``token`` (see ``adaptertools.hub``).
-    """
-    hub = {"endpoint": endpoint, "token": token}
-    path, base = _local(path, "adapter", hub), _local(base, "config", hub)
-    path = require_exists(path)
-    fmt = _readable(path, format)
-    return _read(fmt, path, scale, base)
-
-
-def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
-    """``fmt.read`` with the options it takes; ``base`` (path or BaseInfo) is only resolved
-    when the format uses it, so a PEFT adapter never needs a GGUF-mappable base."""
-    options = {}
-    if scale is not None:
-        if not _accepts(fmt.module.read, "scale"):
-            raise OptionError(f"{path}: --scale only applies to files without a config; "
-                              f"{fmt.name} adapters carry their own scale, drop --scale")
-        options["scale"] = scale
-    if base is not None and _accepts(fmt.module.read, "base"):
-        options["base"] = _base_info(base)
-    return fmt.module.read(path, **options)
-
-
-def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str = "keep",
-         force: bool = False, base=None, inputs=()) -> None:
-    """Write ``adapter`` atomically: nothing appears at ``path`` unless the whole write succeeds.
-
-    ``dtype``: keep | fp32 | fp16 | bf16, plus q8_0 for GGUF. ``base`` as for ``load``; GGUF
-    needs it unless the adapter came from one of our own GGUF files. ``inputs``: paths the
-    caller read, which ``path`` must neither be, contain nor lie inside (``paths.py``).
-    """
-    fmt = get_format(format)
-    if not fmt.can_write:
-        raise UnsupportedError(f"format {fmt.name!r} can be read but not written")
-    bad = nonfinite_tensors(adapter)
-    if bad:
-        raise FormatError(f"{bad[0]} holds NaN or Inf values ({len(bad)} tensor(s) in all); "
-                          "refusing to write a broken adapter, fix or retrain it")
-    options = {}
-    if _accepts(fmt.module.write, "dtype"):
-        options["dtype"] = dtype          # the format casts (and may quantize) itself
-    else:
-        adapter = cast_adapter(adapter, parse_dtype(dtype))
-    if base is not None and _accepts(fmt.module.write, "base"):
-        options["base"] = _base_info(base)
-    nbytes = sum(t.numel() * t.element_size() for w in adapter.weights.values()
-                 for t in (w.a, w.b, w.magnitude, w.bias) if t is not None)
-    nbytes += sum(t.numel() * t.element_size() for t in adapter.replacements.values())
-    with atomic_output(path, force=force, is_dir=fmt.output_is_dir, expected_bytes=nbytes,
-                       inputs=inputs) as tmp:
-        fmt.module.write(adapter, tmp, **options)
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
-            from_format: str | None = None, dtype: str = "keep", force: bool = False,
-            scale: float | None = None, base=None, push_to: str | None = None,
-            private: bool = False, revision: str | None = None,
-            commit_message: str | None = None, endpoint: str | None = None, token=None) -> dict:
-    """Convert an adapter between formats; returns what was done (formats, tensor counts).
-
-    ``src`` and ``base`` may be Hub URIs; ``push_to`` (``owner/name``) uploads the result with
-    a model card to branch ``revision`` of that repo (created, ``private`` if asked).
-    """
-    hub, sources = {"endpoint": endpoint, "token": token}, []
-    if push_to is not None:
-        from .hub import check_push
-
-        check_push(push_to)       # a bad id or offline mode fails before any work
-    given = str(src)
-    src = _local(src, "adapter", hub, sources)
-    base = _local(base, "config", hub, sources, role="base")
-    src_path = require_exists(src)
-    fmt, target = _readable(src_path, from_format), get_format(to)
-    inputs = (src_path, base if isinstance(base, (str, os.PathLike)) else None)
-    refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
-    if base is not None and not (_accepts(fmt.module.read, "base") or
-                                 _accepts(target.module.write, "base")):
-        raise OptionError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
-    base = _base_info(base)     # parsed once, for the reader and the writer
-    adapter = _read(fmt, src_path, scale, base)
-    named, notes = None, []
-    if base is None:
-        named = _named_base(adapter, target)
-        if named is not None:
-            base = _base_info(named)
-            notes.append(f"base model {named}: the one the adapter names (its "
-                         "base_model_name_or_path); pass --base to use another")
-    save(adapter, dst, format=to, dtype=dtype, force=force, base=base, inputs=inputs)
-    from_hub = any(s["role"] == "adapter" for s in sources)
-    # a GGUF LoRA stores no full tensors: the writer dropped those (unchanged copies of the
-    # base, as PEFT saves beside an adapted embedding) or refused the conversion
-    dropped = len(adapter.replacements) if target.name == "gguf" else 0
-    report = {"src": given if from_hub else str(src_path), "dst": str(dst), "from": fmt.name,
-              "to": to, "dtype": dtype, "adapted_tensors": len(adapter.weights),
-              "replaced_tensors": len(adapter.replacements) - dropped}
-    if dropped:
-        report["dropped_tensors"] = dropped
-    if named is not None:
-        report["base"] = named
-    if notes:
-        report["notes"] = notes
-    if adapter.base_model:           # for a pushed model card's ``base_model``
-        report["base_model"] = adapter.base_model
-    if sources:
-        report["hub_inputs"] = sources
-    push = {"private": private, "revision": revision, "commit_message": commit_message}
-    return _push_after(report, dst, push_to, push, hub)
-
-
-def _named_base(adapter: Adapter, target: Format) -> str | None:
-    """The base the adapter was trained on (PEFT's base_model_name_or_path) when it is a local
-    folder or file and ``target`` writes with a base it was not given (GGUF); a Hub id is not
-    fetched."""
-    named = adapter.base_model
-    if (not named or not _accepts(target.module.write, "base") or "gguf_base" in adapter.metadata
-            or not os.path.exists(named)):
-        return None
-    return named
+from .registry import get_format
 
 
 def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None = None,
@@ -241,8 +24,8 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
     from .inspection import adapter_report
 
     hub, sources = {"endpoint": endpoint, "token": token}, []
-    path = _local(path, "adapter", hub, sources)
-    base = _local(base, "config", hub, sources, role="base")
+    path = local_input_path(path, "adapter", hub, sources)
+    base = local_input_path(base, "config", hub, sources, role="base")
     path = require_exists(path)
     fmt = _readable(path, format)
     adapter = _read(fmt, path, scale, base)
@@ -253,86 +36,6 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
     if sources:
         report["hub_inputs"] = sources
     return report
-
-
-def parse_weights(weights, count: int) -> list[float]:
-    """``"0.5,0.5"``, a number or a sequence -> one finite float per adapter (default 1 each)."""
-    if weights is None:
-        return [1.0] * count
-    given = weights
-    try:
-        if isinstance(weights, str):
-            items = weights.split(",")
-        elif isinstance(weights, (int, float)):
-            items = [weights]
-        else:
-            items = list(weights)
-        weights = [float(w) for w in items]
-    except (TypeError, ValueError):
-        raise OptionError(f"--weights {given!r}: expected numbers separated by commas, "
-                          "one per adapter") from None
-    bad = [item for item, w in zip(items, weights) if not math.isfinite(w)]
-    if bad:
-        raise OptionError(f"--weights {given!r}: {str(bad[0]).strip()!r} is not a finite "
-                          "number; give finite weights, one per adapter")
-    if len(weights) != count:
-        raise OptionError(f"--weights has {len(weights)} value(s) for {count} adapter(s); "
-                          "give one weight per adapter")
-    return weights
-
-
-def adapter_list(adapters) -> list:
-    """One adapter path (str or PathLike) or a sequence of them, as a list."""
-    return [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
-
-
-def adapter_inputs(adapters, weights, mode: str) -> tuple[list, list[float]]:
-    """The adapters as given, as a list, and one weight each; the ``mode`` checked (merge and
-    the validator)."""
-    from .merging.plan import MODES
-
-    if mode not in MODES:
-        raise OptionError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    paths = adapter_list(adapters)
-    if not paths:
-        raise OptionError("no adapters given; pass at least one")
-    return paths, parse_weights(weights, len(paths))
-
-
-def open_inputs(base, paths: list, hub: dict, sources: list, *, refusal: str,
-                scale: float | None = None):
-    """Hub inputs fetched (their provenance appended to ``sources``), the base opened and the
-    adapters loaded through it (GGUF adapters map names through the base; errors name the
-    adapters as given; ``scale`` as for ``load``). Returns (local base, base checkpoint, local
-    adapter paths, adapters)."""
-    from .merging.bases import open_base
-
-    local_base = _local(base, "base", hub, sources)
-    local_paths = [_local(p, "adapter", hub, sources) for p in paths]
-    checkpoint = open_base(local_base)
-    loaded = load_finite(local_paths, paths, base=local_base, refusal=refusal, scale=scale)
-    return local_base, checkpoint, local_paths, loaded
-
-
-def load_finite(paths, names, *, base, refusal: str, scale: float | None = None) -> list[Adapter]:
-    """``load`` each adapter (``names``: how errors call them; ``scale`` for bare factor files,
-    refused for any other) to be merged or combined: one holding NaN or Inf values, or an
-    activated LoRA, is refused with an error ending in ``refusal``."""
-    from .formats.accounting import invocation_tokens
-
-    loaded = [load(p, base=base, scale=scale) for p in paths]
-    for name, adapter in zip(names, loaded):
-        bad = nonfinite_tensors(adapter)
-        if bad:
-            raise FormatError(f"{name}: {bad[0]} holds NaN or Inf values; {refusal}")
-        tokens = invocation_tokens(adapter)
-        if tokens:
-            raise UnsupportedError(f"{name}: an activated LoRA (aLoRA, invocation tokens "
-                                   f"{tokens}) changes only the tokens after its invocation "
-                                   "sequence, which no merged weight can do (PEFT: \"aLoRA does "
-                                   f"not support merging\"); {refusal} (convert keeps it: GGUF "
-                                   "stores adapter.alora.invocation_tokens)")
-    return loaded
 
 
 def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = None, *,
@@ -544,8 +247,8 @@ def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, ba
     from .validation.adapters import compare_adapters
 
     hub, sources = {"endpoint": endpoint, "token": token}, []
-    paths = [_local(p, "adapter", hub, sources) for p in (adapter, other)]
-    base = _local(base, "config", hub, sources, role="base")
+    paths = [local_input_path(p, "adapter", hub, sources) for p in (adapter, other)]
+    base = local_input_path(base, "config", hub, sources, role="base")
     first, second = (load(p, scale=scale, base=base) for p in paths)
     report = compare_adapters(first, second)
     report.update(adapter=str(adapter), against=str(other))

@@ -21,7 +21,7 @@ def make_plan(base, adapters, *, weights=None, mode: str = "weighted", hub: dict
     """The plan ``merge`` would make (``--dtype keep``; a cast output is judged in its own
     dtype), with the local paths of the base and the adapters (Hub inputs fetched through
     ``hub``, their provenance appended to ``sources``)."""
-    from ..api import adapter_inputs, open_inputs
+    from ..inputs import adapter_inputs, open_inputs
     from ..merging.plan import plan_for
 
     paths, factors = adapter_inputs(adapters, weights, mode)
@@ -61,7 +61,7 @@ def validate_merge(base, adapters, merged, *, weights=None, mode: str = "weighte
                    scale: float | None = None, allow_modified_base: bool = False) -> dict:
     """Any input may be a Hub URI, fetched through ``hub`` (endpoint, token); their commits
     are reported under ``hub_inputs``. ``scale``: for bare factor files (``api.load``)."""
-    from ..api import _local
+    from ..adapter_io import local_input_path
 
     if probes < 1:
         raise OptionError(f"--probes {probes}: give at least 1 probe vector")
@@ -69,7 +69,7 @@ def validate_merge(base, adapters, merged, *, weights=None, mode: str = "weighte
     plan, base, adapters = make_plan(base, adapters, weights=weights, mode=mode, hub=hub,
                                      sources=sources, scale=scale,
                                      allow_modified_base=allow_modified_base)
-    merged = _local(merged, "base", hub or {}, sources, role="merged")
+    merged = local_input_path(merged, "base", hub or {}, sources, role="merged")
     report = check_output(plan, merged, settings=Settings(probes, seed, tolerance_db),
                           progress=progress)
     if e2e:

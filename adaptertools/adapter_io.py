@@ -1,0 +1,236 @@
+"""Reading, writing and converting one adapter: ``load``, ``save``, ``convert`` (re-exported by
+api.py, the public API), and Hub inputs as local paths (``local_input_path``). Below api.py and
+the validators, which both use it.
+"""
+
+from __future__ import annotations
+
+import inspect as _signature
+import os
+from pathlib import Path
+
+from ._io import require_exists
+from .adapter import Adapter, cast_adapter, nonfinite_tensors
+from .errors import FormatError, OptionError, UnsupportedError
+from .paths import atomic_output, refuse_output
+from .registry import Format, detect_format, get_format
+
+DTYPES = ("keep", "fp32", "fp16", "bf16")
+
+# Storage types a format may offer beyond plain casts (its writer then takes ``dtype`` itself).
+FORMAT_DTYPES = ("q8_0",)
+
+
+def parse_dtype(name: str):
+    """``keep`` -> None, else the torch dtype (``fp32``, ``fp16``, ``bf16``)."""
+    import torch
+
+    table = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise OptionError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} "
+                          f"({', '.join(FORMAT_DTYPES)} only where the format has it)")
+    return table[name]
+
+
+def _accepts(func, option: str) -> bool:
+    """Does ``func`` take ``option`` by keyword: it names it or has ``**opts`` (registry.py)?"""
+    try:
+        params = _signature.signature(func).parameters.values()
+    except (TypeError, ValueError):      # no signature to read (a builtin): pass nothing
+        return False
+    kind = _signature.Parameter
+    return any(p.kind is kind.VAR_KEYWORD or
+               (p.name == option and p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY))
+               for p in params)
+
+
+def _base_info(base):
+    """``base`` as a path (HF folder, config.json, GGUF model) -> BaseInfo; BaseInfo passes."""
+    if base is None or not isinstance(base, (str, os.PathLike)):
+        return base
+    from .formats.names import load_base_info
+
+    return load_base_info(base)
+
+
+def _readable(path: Path, format: str | None) -> Format:
+    fmt = get_format(format) if format else detect_format(path)
+    if not fmt.can_read:
+        raise UnsupportedError(f"format {fmt.name!r} can only be written, not read")
+    if format and path.is_dir() and not fmt.output_is_dir and not _sniffs(fmt, path):
+        raise FormatError(_folder_for_file_format(path, fmt))
+    return fmt
+
+
+def _sniffs(fmt: Format, path: Path) -> bool:
+    try:
+        return bool(fmt.module.sniff(path))
+    except Exception:  # noqa: BLE001  (a plugin's sniff: only a hint here)
+        return False
+
+
+def _folder_for_file_format(path: Path, fmt: Format) -> str:
+    """--from FORMAT names a one-file format, and ``path`` is a folder: say so, and name the
+    files in it that FORMAT could mean."""
+    try:
+        meant = sorted(p.name for p in path.iterdir() if p.is_file() and _sniffs(fmt, p))
+    except OSError:
+        meant = []
+    hint = (f"pass one of its files: {', '.join(meant[:5])}" + (", ..." if len(meant) > 5 else "")
+            if meant else f"it holds no {fmt.name} file; pass the file itself or drop --from")
+    return f"{path}: is a folder, and {fmt.name} adapters are one file; {hint}"
+
+
+def local_input_path(path, kind: str, hub: dict, sources: list | None = None, role: str | None = None):
+    """``path`` as a local path: Hub URIs (``hf://owner/name[@rev][/sub]``) and plain
+    ``owner/name`` ids are fetched, only the files ``kind`` needs; their provenance (resolved
+    commit, under ``role``) is appended to ``sources``. ``hub``: ``endpoint`` and ``token``."""
+    if path is None:
+        return None
+    from .hub import local_input
+
+    local, provenance = local_input(path, kind=kind, **hub)
+    if provenance is not None and sources is not None:
+        sources.append(dict(provenance, role=role or kind))
+    return local
+
+
+def _push_after(report: dict, output, push_to: str | None, push: dict, hub: dict) -> dict:
+    """Push ``output`` with its model card (from ``report``) when asked; the push is recorded."""
+    if push_to is not None:
+        from .errors import AdapterToolsError
+        from .hub import push as push_output
+
+        try:
+            report["pushed"] = push_output(output, push_to, report=report, **push, **hub)
+        except AdapterToolsError as exc:     # the output stays: say how to push it later
+            raise type(exc)(f"{exc} ({output} was written; push it with `adaptertools push "
+                            f"{output} {push_to}`)") from None
+    return report
+
+
+def load(path: str | os.PathLike, *, format: str | None = None, scale: float | None = None,
+         base=None, endpoint: str | None = None, token=None) -> Adapter:
+    """Read an adapter; the format is detected unless given.
+
+    ``scale`` is the effective scale for bare factor files that carry no config; ``base`` (a
+    path to the HF model folder, its config.json or a GGUF model) maps GGUF names back to HF.
+    Either may be a Hub URI (``hf://owner/name[@revision][/subfolder]``), fetched from
+    ``endpoint`` with ``token`` (see ``adaptertools.hub``).
+    """
+    hub = {"endpoint": endpoint, "token": token}
+    path, base = local_input_path(path, "adapter", hub), local_input_path(base, "config", hub)
+    path = require_exists(path)
+    fmt = _readable(path, format)
+    return _read(fmt, path, scale, base)
+
+
+def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
+    """``fmt.read`` with the options it takes; ``base`` (path or BaseInfo) is only resolved
+    when the format uses it, so a PEFT adapter never needs a GGUF-mappable base."""
+    options = {}
+    if scale is not None:
+        if not _accepts(fmt.module.read, "scale"):
+            raise OptionError(f"{path}: --scale only applies to files without a config; "
+                              f"{fmt.name} adapters carry their own scale, drop --scale")
+        options["scale"] = scale
+    if base is not None and _accepts(fmt.module.read, "base"):
+        options["base"] = _base_info(base)
+    return fmt.module.read(path, **options)
+
+
+def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str = "keep",
+         force: bool = False, base=None, inputs=()) -> None:
+    """Write ``adapter`` atomically: nothing appears at ``path`` unless the whole write succeeds.
+
+    ``dtype``: keep | fp32 | fp16 | bf16, plus q8_0 for GGUF. ``base`` as for ``load``; GGUF
+    needs it unless the adapter came from one of our own GGUF files. ``inputs``: paths the
+    caller read, which ``path`` must neither be, contain nor lie inside (``paths.py``).
+    """
+    fmt = get_format(format)
+    if not fmt.can_write:
+        raise UnsupportedError(f"format {fmt.name!r} can be read but not written")
+    bad = nonfinite_tensors(adapter)
+    if bad:
+        raise FormatError(f"{bad[0]} holds NaN or Inf values ({len(bad)} tensor(s) in all); "
+                          "refusing to write a broken adapter, fix or retrain it")
+    options = {}
+    if _accepts(fmt.module.write, "dtype"):
+        options["dtype"] = dtype          # the format casts (and may quantize) itself
+    else:
+        adapter = cast_adapter(adapter, parse_dtype(dtype))
+    if base is not None and _accepts(fmt.module.write, "base"):
+        options["base"] = _base_info(base)
+    nbytes = sum(t.numel() * t.element_size() for w in adapter.weights.values()
+                 for t in (w.a, w.b, w.magnitude, w.bias) if t is not None)
+    nbytes += sum(t.numel() * t.element_size() for t in adapter.replacements.values())
+    with atomic_output(path, force=force, is_dir=fmt.output_is_dir, expected_bytes=nbytes,
+                       inputs=inputs) as tmp:
+        fmt.module.write(adapter, tmp, **options)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
+            from_format: str | None = None, dtype: str = "keep", force: bool = False,
+            scale: float | None = None, base=None, push_to: str | None = None,
+            private: bool = False, revision: str | None = None,
+            commit_message: str | None = None, endpoint: str | None = None, token=None) -> dict:
+    """Convert an adapter between formats; returns what was done (formats, tensor counts).
+
+    ``src`` and ``base`` may be Hub URIs; ``push_to`` (``owner/name``) uploads the result with
+    a model card to branch ``revision`` of that repo (created, ``private`` if asked).
+    """
+    hub, sources = {"endpoint": endpoint, "token": token}, []
+    if push_to is not None:
+        from .hub import check_push
+
+        check_push(push_to)       # a bad id or offline mode fails before any work
+    given = str(src)
+    src = local_input_path(src, "adapter", hub, sources)
+    base = local_input_path(base, "config", hub, sources, role="base")
+    src_path = require_exists(src)
+    fmt, target = _readable(src_path, from_format), get_format(to)
+    inputs = (src_path, base if isinstance(base, (str, os.PathLike)) else None)
+    refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
+    if base is not None and not (_accepts(fmt.module.read, "base") or
+                                 _accepts(target.module.write, "base")):
+        raise OptionError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
+    base = _base_info(base)     # parsed once, for the reader and the writer
+    adapter = _read(fmt, src_path, scale, base)
+    named, notes = None, []
+    if base is None:
+        named = _named_base(adapter, target)
+        if named is not None:
+            base = _base_info(named)
+            notes.append(f"base model {named}: the one the adapter names (its "
+                         "base_model_name_or_path); pass --base to use another")
+    save(adapter, dst, format=to, dtype=dtype, force=force, base=base, inputs=inputs)
+    from_hub = any(s["role"] == "adapter" for s in sources)
+    # a GGUF LoRA stores no full tensors: the writer dropped those (unchanged copies of the
+    # base, as PEFT saves beside an adapted embedding) or refused the conversion
+    dropped = len(adapter.replacements) if target.name == "gguf" else 0
+    report = {"src": given if from_hub else str(src_path), "dst": str(dst), "from": fmt.name,
+              "to": to, "dtype": dtype, "adapted_tensors": len(adapter.weights),
+              "replaced_tensors": len(adapter.replacements) - dropped}
+    if dropped:
+        report["dropped_tensors"] = dropped
+    if named is not None:
+        report["base"] = named
+    if notes:
+        report["notes"] = notes
+    if adapter.base_model:           # for a pushed model card's ``base_model``
+        report["base_model"] = adapter.base_model
+    if sources:
+        report["hub_inputs"] = sources
+    push = {"private": private, "revision": revision, "commit_message": commit_message}
+    return _push_after(report, dst, push_to, push, hub)
+
+
+def _named_base(adapter: Adapter, target: Format) -> str | None:
+    """The base the adapter was trained on (PEFT's base_model_name_or_path) when it is a local
+    folder or file and ``target`` writes with a base it was not given (GGUF); a Hub id is not
+    fetched."""
+    named = adapter.base_model
+    if (not named or not _accepts(target.module.write, "base") or "gguf_base" in adapter.metadata
+            or not os.path.exists(named)):
+        return None
+    return named
