@@ -7,11 +7,25 @@ from pathlib import Path
 
 from ._io import require_exists
 from .adapter import Adapter
-# load, save and convert are public (adaptertools.load, ...): re-exported from adapter_io
-from .adapter_io import (DTYPES, _push_after, _read, _readable, convert, load,  # noqa: F401
-                         local_input_path, parse_dtype, save)
+from .adapter_io import (  # noqa: F401  (load, save, convert: public, re-exported)
+    DTYPES,
+    _push_after,
+    _read,
+    _readable,
+    convert,
+    load,
+    local_input_path,
+    parse_dtype,
+    save,
+)
 from .errors import OptionError
-from .inputs import adapter_inputs, adapter_list, load_finite, open_inputs, parse_weights
+from .inputs import (
+    adapter_inputs,
+    adapter_list,
+    load_finite,
+    open_inputs,
+    parse_weights,
+)
 from .paths import atomic_output, refuse_output
 from .registry import get_format
 
@@ -279,7 +293,8 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
     """
     import time
 
-    from .merging.combine import Options, check_options, combine_adapters, summarize
+    from .merging.combine import Options, check_options, combine_adapters
+    from .merging.lowrank_common import summarize
 
     start = time.perf_counter()
     paths = adapter_list(adapters)
@@ -315,8 +330,8 @@ def extract(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os
     """
     import time
 
-    from .merging.combine import check_truncation, summarize
     from .merging.extract import ExtractOptions, extract_checkpoints
+    from .merging.lowrank_common import check_truncation, summarize
 
     start = time.perf_counter()
     check_truncation(rank, energy, svd, seed, what="extract")
