@@ -9,7 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import FormatError, InputNotFoundError
+from .errors import FormatError, InputNotFoundError, UnsupportedError
+
+DEFAULT_BUDGET = 1 << 30   # when /proc/meminfo cannot be read (merging/prefetch.py)
 
 
 def require_exists(path: str | os.PathLike) -> Path:
@@ -105,15 +107,42 @@ def _finite(value, pointer: str, found: dict[str, str]):
     return value
 
 
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes; DEFAULT_BUDGET * 4 where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return DEFAULT_BUDGET * 4
+
+
+def check_fits_in_memory(path: str | os.PathLike, sizes: dict[str, int]) -> None:
+    """Adapters are loaded whole (eagerly): refuse one whose tensors, ``sizes`` (name -> bytes
+    once loaded, from the file's header), need more than the memory available, before any is
+    read. A file declaring a 100 GB tensor would otherwise be read until the kernel kills us."""
+    total = sum(sizes.values())
+    available = available_memory()
+    if total <= available:
+        return
+    largest = max(sizes, key=sizes.get)
+    raise UnsupportedError(f"{path}: its tensors need {human_size(total)} of memory ({largest} "
+                           f"alone {human_size(sizes[largest])}) but only {human_size(available)} "
+                           "is available; adapters are loaded whole, so one can be at most about "
+                           "the free memory: free some, or use a larger machine (a LoRA adapter is "
+                           "usually MBs to a few GB: check that this file is one)")
+
+
 def load_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
     """All tensors of a safetensors file and its ``__metadata__``, or a FormatError naming the file.
     Tensors the header declares larger than the memory available are refused before any is read
-    (``formats.check_fits_in_memory``)."""
+    (``check_fits_in_memory``)."""
     from safetensors import SafetensorError, safe_open
 
     from .errors import AdapterToolsError
-    from .formats import check_fits_in_memory
-    from .merging.bases import read_safetensors_header
+    from .tensor_index import read_safetensors_header
 
     try:   # loaded whole: the sizes the header declares are checked against memory first
         declared = {t.name: t.nbytes for t in read_safetensors_header(path).tensors}

@@ -54,7 +54,7 @@ def w1_tuned(base: Path, folder: Path) -> Path:
     """The synthetic fine-tune of ``base``: same shards, headers and order; targets changed."""
     import torch
 
-    from adaptertools.merging.bases import read_safetensors_header
+    from adaptertools.tensor_index import read_safetensors_header
     from adaptertools.merging.extract import read_stored
 
     done = folder / ".complete"

@@ -513,14 +513,14 @@ def test_adapter_declaring_a_100_gb_tensor(tiny, tmp_path):
 def test_adapter_larger_than_available_memory(tmp_path, monkeypatch):
     """The limit is the memory available, whatever the size: an ordinary adapter is refused when
     less is available, and loads when enough is."""
-    import adaptertools.merging.prefetch as prefetch
+    import adaptertools._io as _io
 
     folder = write_peft(tmp_path / "adapter")
     need = sum(t.numel() * t.element_size() for t in load_file(folder / WEIGHTS).values())
-    monkeypatch.setattr(prefetch, "available_memory", lambda: need - 1)
+    monkeypatch.setattr(_io, "available_memory", lambda: need - 1)
     with pytest.raises(UnsupportedError, match="loaded whole"):
         at.load(folder)
-    monkeypatch.setattr(prefetch, "available_memory", lambda: need)
+    monkeypatch.setattr(_io, "available_memory", lambda: need)
     assert len(at.load(folder).weights) == len(make_adapter().weights)
 
 
@@ -569,8 +569,8 @@ def test_pickle_that_would_run_code(tmp_path):
 
 def test_gguf_adapter_larger_than_available_memory(own_gguf, monkeypatch):
     """GGUF adapters are loaded whole too (as float32 at most): the same refusal."""
-    import adaptertools.merging.prefetch as prefetch
+    import adaptertools._io as _io
 
-    monkeypatch.setattr(prefetch, "available_memory", lambda: 1000)
+    monkeypatch.setattr(_io, "available_memory", lambda: 1000)
     with pytest.raises(UnsupportedError, match=f"{own_gguf}: .*loaded whole"):
         at.load(own_gguf)

@@ -29,9 +29,9 @@ from safetensors.torch import load_file
 import adaptertools as at
 from adaptertools.merging import prefetch, streams
 from adaptertools.merging import run as merge_run
-from adaptertools.merging.bases import TensorEntry
 from adaptertools.merging.jobs import Job
 from adaptertools.merging.streams import tensor_bytes
+from adaptertools.tensor_index import TensorEntry
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
 # ----------------------------------------------------------------------------- writes

@@ -28,8 +28,8 @@ from test_merge_errors import SHARDS, SPEC, make_sharded_base
 
 import adaptertools as at
 from adaptertools.errors import OptionError, UnsupportedError
-from adaptertools.merging.bases import read_safetensors_header
 from adaptertools.merging.shards import parse_size
+from adaptertools.tensor_index import read_safetensors_header
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
 INDEX = "model.safetensors.index.json"

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import check_fits_in_memory
 from ..adapter import Adapter, LoraWeight, check_cast, check_weight
 from ..errors import FormatError, OptionError, UnsupportedError
-from . import check_fits_in_memory
 from .accounting import check_factors, invocation_tokens
 from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
                     permute_rows, read_base_tensor, rope_heads, unpermute_rows)

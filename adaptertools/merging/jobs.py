@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.reference import Contribution
-from .bases import SAFETENSORS_SIZES, GGUFBase, HFBase, TensorEntry
+from ..tensor_index import SAFETENSORS_SIZES
+from .bases import GGUFBase, HFBase, TensorEntry
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "F64": torch.float64}

@@ -24,9 +24,10 @@ import os
 import threading
 from pathlib import Path
 
+from .._io import available_memory
+
 INDEX_NAME = "model.safetensors.index.json"     # (bases.INDEX_NAME; bases.py imports more)
 CHUNK = 256 << 20          # bytes per sendfile call
-DEFAULT_BUDGET = 1 << 30   # when /proc/meminfo cannot be read
 
 
 def weight_files(base: str | os.PathLike) -> list[Path]:
@@ -45,18 +46,6 @@ def weight_files(base: str | os.PathLike) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return []
     return [path / name for name in names if (path / name).is_file()]
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo, in bytes; DEFAULT_BUDGET * 4 where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return DEFAULT_BUDGET * 4
 
 
 def read_ahead(paths: list[Path], budget: int, stop: threading.Event) -> int:
