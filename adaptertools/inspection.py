@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, LoraWeight, module_name, nonfinite_tensors
-from .merging.copies import saved_copies
+from .copies import saved_copies
 
 
 def delta_singular_values(w: LoraWeight) -> torch.Tensor:

@@ -224,7 +224,7 @@ def test_peft_route_with_the_copies_agrees_where_they_round_to_the_base(bases, a
 # ----------------------------------------------------------------------------- 2. same_weight
 
 def test_same_weight_definition():
-    from adaptertools.merging.copies import same_weight
+    from adaptertools.copies import same_weight
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 32, generator=gen) * 0.02
@@ -468,7 +468,7 @@ def test_gguf_base_uses_a_trained_copy(gguf_bases, kind):
 def test_gguf_conversion_drops_copies_of_the_base_in_another_dtype(adapters, bases, tmp_path,
                                                                    trained, into):
     """A GGUF LoRA cannot hold full tensors; saved copies that are the base's own weight in
-    another dtype (merging/copies.same_weight) change nothing and are dropped, as same-dtype
+    another dtype (copies.same_weight) change nothing and are dropped, as same-dtype
     ones always were; the converted factors are the adapter's."""
     out = tmp_path / "adapter.gguf"
     at.convert(adapters[trained], out, to="gguf", base=bases[into])

@@ -67,11 +67,11 @@ def _check_expressible(adapter: Adapter, base: BaseInfo) -> None:
             raise UnsupportedError(f"{name}: the base ties lm_head to the token embedding, which "
                                    "llama.cpp stores once as token_embd; a LoRA on either side "
                                    f"cannot be expressed there; {MERGE_INSTEAD} (it unties them)")
-    from ..merging.copies import same_weight
+    from ..copies import same_weight
 
     for name, tensor in adapter.replacements.items():
         # PEFT saves a targeted embedding's untouched base weights too (save_embedding_layers);
-        # a copy that is the base's own weight (in any float dtype: merging/copies.same_weight)
+        # a copy that is the base's own weight (in any float dtype: copies.same_weight)
         # changes nothing and is dropped, anything else is refused
         original = read_base_tensor(base, name)
         if original is not None and same_weight(tensor, original):

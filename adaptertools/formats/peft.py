@@ -279,7 +279,7 @@ SAVED_EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte")
 def saved_base_copies(state_dict: dict[str, torch.Tensor], config: dict) -> list[str]:
     """Base tensor names of the saved copies of the training base in a PEFT state dict (kept in
     ``Adapter.metadata["saved_base_copies"]``; the planner folds into the base's own tensor
-    where a copy is the same weight, merging/copies.py)."""
+    where a copy is the same weight, copies.py)."""
     trained_biases = config.get("bias") in ("all", "lora_only")
     saved = config.get("modules_to_save") or []
     copies = set()
@@ -470,7 +470,7 @@ def read(path: Path) -> Adapter:
     adapter.metadata = {"source_format": "peft", "peft_config": config}
     copies = saved_base_copies(state_dict, config)
     if copies:
-        from ..merging.copies import SAVED_COPIES
+        from ..copies import SAVED_COPIES
 
         adapter.metadata[SAVED_COPIES] = copies
     return adapter
@@ -547,7 +547,7 @@ def config_for(adapter: Adapter) -> dict:
         config.setdefault("r", 8)
         config.setdefault("lora_alpha", 8)
         config.setdefault("target_modules", [])
-    from ..merging.copies import saved_copies
+    from ..copies import saved_copies
 
     lora_modules = set(modules)
     # modules_to_save: modules with a full tensor other than a bias. Biases alone (bias "all" /

@@ -16,7 +16,8 @@ from ..adapter import Adapter, LoraWeight
 from ..errors import FormatError, OptionError, UnsupportedError
 from ..kernels.reference import Contribution
 from .bases import FLOAT_DTYPES, GGUFBase, HFBase, TensorEntry
-from .copies import copy_matches_base, copy_note, saved_copies
+from ..copies import saved_copies
+from .copies import copy_matches_base, copy_note
 from .jobs import TORCH_DTYPES, Job, OutputFile, Plan
 
 MODES = ("weighted", "stacked")
