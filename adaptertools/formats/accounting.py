@@ -33,7 +33,7 @@ MAX_DELTA_NORM = math.sqrt(torch.finfo(torch.float32).max)        # ~1.8e19
 def _saved_copy(stem: str, module: str) -> bool:
     """A copy of a layer's own weights PEFT saves beside the adapter: a targeted layer's
     ``base_layer`` tensors, or an embedding layer saved whole (``save_embedding_layers``)."""
-    from .peft import SAVED_EMBEDDING_LAYERS
+    from .peft_keys import SAVED_EMBEDDING_LAYERS
 
     return "base_layer" in stem.split(".") or module.rsplit(".", 1)[-1] in SAVED_EMBEDDING_LAYERS
 
@@ -53,7 +53,7 @@ def _in_modules_to_save(module: str, saved) -> bool:
 def check_accounted(state_dict: dict, config: dict | None, where) -> None:
     """Refuse tensors of a PEFT-style state dict that are none of the kinds listed above.
     ``config`` None: a bare file, whose full tensors nothing lists in modules_to_save."""
-    from .peft import KEY_PREFIX, split_key
+    from .peft_keys import KEY_PREFIX, split_key
 
     config = config or {}
     lora_modules, nested, unknown = set(), [], []

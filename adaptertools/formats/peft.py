@@ -27,6 +27,7 @@ from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
 from . import accounting, foreign
+from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
 SNIFF_ORDER = 10
@@ -35,10 +36,8 @@ OUTPUT_IS_DIR = True
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."
 # init_lora_weights values whose adapter only fits a base that PEFT modified at init time.
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
-LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 # Config switches that change what the factors mean; reading them as plain LoRA would be wrong.
 UNSUPPORTED_SWITCHES = ("use_qalora", "use_bdlora", "layer_replication", "target_parameters",
                         "trainable_token_indices")
@@ -270,12 +269,6 @@ def base_modifying_init(config: dict | None) -> str | None:
         else None
 
 
-# Full tensors that are copies of the training base, not trained: a targeted layer's
-# ``base_layer`` tensors (save_embedding_layers), biases excepted when ``bias`` trains them, and
-# embedding layers saved whole that modules_to_save does not list (a resized vocabulary).
-SAVED_EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte")
-
-
 def saved_base_copies(state_dict: dict[str, torch.Tensor], config: dict) -> list[str]:
     """Base tensor names of the saved copies of the training base in a PEFT state dict (kept in
     ``Adapter.metadata["saved_base_copies"]``; the planner folds into the base's own tensor
@@ -298,25 +291,6 @@ def saved_base_copies(state_dict: dict[str, torch.Tensor], config: dict) -> list
 
 
 # ----------------------------------------------------------------------------- state dict -> Adapter
-
-def split_key(key: str) -> tuple[str, str | None, str | None]:
-    """``base_model.model.m.lora_A.weight`` -> (module ``m``, part ``lora_A``, param ``weight``).
-
-    Non-LoRA keys give (base tensor name, None, None). Adapter names kept by some savers
-    (``lora_A.default.weight``) are dropped.
-    """
-    key = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-    tokens = key.split(".")
-    part_at = max((i for i, t in enumerate(tokens) if t in LORA_PARTS), default=None)
-    if part_at is None or part_at == 0:
-        # a full tensor; ``m.base_layer.weight`` and ``m.modules_to_save.<name>.weight`` are m's
-        if "modules_to_save" in tokens:
-            i = tokens.index("modules_to_save")
-            tokens = tokens[:i] + tokens[i + 2:]
-        return ".".join(t for t in tokens if t != "base_layer"), None, None
-    rest = tokens[part_at + 1:]
-    param = rest[-1] if rest and rest[-1] in ("weight", "bias") else None
-    return ".".join(tokens[:part_at]), tokens[part_at], param
 
 
 def group_state_dict(state_dict: dict[str, torch.Tensor]):

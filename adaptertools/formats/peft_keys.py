@@ -1,0 +1,34 @@
+"""PEFT state-dict keys: the ``base_model.model.`` prefix, the LoRA parts, ``split_key``, and the
+embedding layers PEFT saves whole. Data and one pure function, below peft.py and accounting.py,
+which both read keys with them.
+"""
+
+from __future__ import annotations
+
+KEY_PREFIX = "base_model.model."
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+# Full tensors that are copies of the training base, not trained: a targeted layer's
+# ``base_layer`` tensors (save_embedding_layers), biases excepted when ``bias`` trains them, and
+# embedding layers saved whole that modules_to_save does not list (a resized vocabulary).
+SAVED_EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte")
+
+
+def split_key(key: str) -> tuple[str, str | None, str | None]:
+    """``base_model.model.m.lora_A.weight`` -> (module ``m``, part ``lora_A``, param ``weight``).
+
+    Non-LoRA keys give (base tensor name, None, None). Adapter names kept by some savers
+    (``lora_A.default.weight``) are dropped.
+    """
+    key = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+    tokens = key.split(".")
+    part_at = max((i for i, t in enumerate(tokens) if t in LORA_PARTS), default=None)
+    if part_at is None or part_at == 0:
+        # a full tensor; ``m.base_layer.weight`` and ``m.modules_to_save.<name>.weight`` are m's
+        if "modules_to_save" in tokens:
+            i = tokens.index("modules_to_save")
+            tokens = tokens[:i] + tokens[i + 2:]
+        return ".".join(t for t in tokens if t != "base_layer"), None, None
+    rest = tokens[part_at + 1:]
+    param = rest[-1] if rest and rest[-1] in ("weight", "bias") else None
+    return ".".join(tokens[:part_at]), tokens[part_at], param
