@@ -208,12 +208,18 @@ def arithmetic_allowance(w: torch.Tensor, terms: list[Term], final: torch.Tensor
     where the change is as large as the weight its noise can exceed F's by several dB. The
     model: each rounding multiplies its result by (1 + d), d uniform on [-u, u] (variance u^2/3,
     u = 2^-24), independently. One element is W + sum_j t_j over the n rank terms t_j =
-    c b_ij a_jk of every adapter (a lora_bias is one term); each t_j is rounded at most 3 times
-    (B scaled, the scale, the product), each of the n partial sums once, and every partial sum,
-    in any order, is at most T = |W| + sum_j |t_j|. So
+    c b_ij a_jk of every adapter (a lora_bias is one term), the products summed before they
+    meet W (as PEFT, the engine, the Triton kernels and llama.cpp's export-lora all do), in any
+    order and grouping. Each t_j is rounded at most 3 times (B scaled, the scale, the product);
+    each of the n partial sums of products once, each at most S = sum_j |t_j|; and each of the
+    at most k + 1 sums that involve W (k terms added one after another, or all at once) once,
+    each at most T = |W| + S. So
 
-        var <= (u^2 / 3) (3 sum_j t_j^2 + n T^2) <= (u^2 / 3) (n + 3) T^2.
+        var <= (u^2 / 3) (3 sum_j t_j^2 + n S^2 + (k + 1) T^2)
+            <= (u^2 / 3) ((n + 3) S^2 + (k + 1) T^2).
 
+    For a typical LoRA (S << |W|) that is about two roundings of W, 3-5 dB above the floor of
+    one merge; for a change as large as the weight, the product's own sums dominate.
     DoRA scales V = W + delta by m / ||V||: V's errors scale by that gain g, and the norm (a sum
     of N squares, N = ``norm_length``: N partial sums each at most ||V||^2, half the relative
     error after the square root), the division and the product add (u^2/3) (N/4 + 2) M^2.
@@ -221,16 +227,17 @@ def arithmetic_allowance(w: torch.Tensor, terms: list[Term], final: torch.Tensor
     if not terms:                   # a replacement stored as it is: no arithmetic at all
         return 0.0
     work = energy.dtype
-    bound = w.to(work).abs()
+    products = torch.zeros(w.shape, dtype=work)                   # S: (rows, cols)
     count = 0
     for t in terms:
         if t.dense is not None:
-            bound += t.dense.to(work).abs() * abs(t.scale)
+            products += t.dense.to(work).abs() * abs(t.scale)
             count += 1
         else:
-            bound += (t.b.to(work).abs() @ t.a.to(work).abs()) * abs(t.scale)
+            products += (t.b.to(work).abs() @ t.a.to(work).abs()) * abs(t.scale)
             count += t.a.shape[0]
-    var = bound.square_().mul_(count + 3)
+    total = products + w.to(work).abs()                           # T = |W| + S
+    var = products.square_().mul_(count + 3).add_(total.square_(), alpha=len(terms) + 1)
     dora = next((t for t in terms if t.magnitude is not None), None)
     if dora is not None:
         plain = [Term(t.scale, t.a, t.b, t.dense) for t in terms]
