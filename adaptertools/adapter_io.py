@@ -23,9 +23,9 @@ FORMAT_DTYPES = ("q8_0",)
 
 def parse_dtype(name: str):
     """``keep`` -> None, else the torch dtype (``fp32``, ``fp16``, ``bf16``)."""
-    import torch
+    from .dtypes import OPTION_DTYPES
 
-    table = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    table = {"keep": None, **OPTION_DTYPES}
     if name not in table:
         raise OptionError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} "
                           f"({', '.join(FORMAT_DTYPES)} only where the format has it)")

@@ -19,11 +19,10 @@ from __future__ import annotations
 import torch
 
 from .adapter import Adapter
+from .dtypes import PRECISION
 
 SAVED_COPIES = "saved_base_copies"     # Adapter.metadata key (set by formats/peft.py read)
 
-# mantissa bits: how finely each float dtype resolves a value; the coarser dtype has fewer
-PRECISION = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 FP16_SUBNORMAL_STEP = 2.0 ** -24
 
 

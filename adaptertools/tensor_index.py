@@ -11,12 +11,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dtypes import SAFETENSORS_SIZES
 from .errors import FormatError, UnsupportedError
-
-# safetensors dtype names -> bytes per element (the float ones are what merges can touch)
-SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
-                     "U32": 4, "U64": 8}
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from conftest import LLAMA_ALL
 from test_merge_peft import build_base, make_adapter
 
 import adaptertools as at
+from adaptertools.dtypes import TORCH_DTYPES
 from adaptertools.errors import UnsupportedError
 from adaptertools.merging.bases import open_base
-from adaptertools.merging.jobs import TORCH_DTYPES
 from adaptertools.validation.merged import floor_for, survival
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -26,6 +26,7 @@ import torch
 
 from .._io import check_fits_in_memory
 from ..adapter import Adapter, LoraWeight, check_cast, check_weight
+from ..dtypes import OPTION_DTYPES, OPTION_NAMES, SAME_WIDTH_INTS
 from ..errors import FormatError, OptionError, UnsupportedError
 from .accounting import check_factors, invocation_tokens
 from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
@@ -109,10 +110,6 @@ def from_gguf_factors(hf_name: str, gguf_name: str, lora_a: torch.Tensor, lora_b
     return lora_a, lora_b, "linear"
 
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
 def unfold(folded: torch.Tensor, fold: float) -> torch.Tensor:
     return (folded.double() / fold).to(folded.dtype)
 
@@ -123,7 +120,7 @@ def restore_list(original: torch.Tensor, folded: torch.Tensor, fold: float) -> l
     Dividing a rounded product by the same factor recovers x in all but a few elements; storing
     those few bit patterns makes GGUF -> PEFT bit-exact even for folded tensors.
     """
-    bits = _BITS[original.dtype]
+    bits = SAME_WIDTH_INTS[original.dtype]
     back = unfold(folded, fold).reshape(-1).view(bits)
     want = original.reshape(-1).view(bits)
     wrong = torch.nonzero(back != want).reshape(-1)
@@ -131,17 +128,17 @@ def restore_list(original: torch.Tensor, folded: torch.Tensor, fold: float) -> l
 
 
 def apply_restore(tensor: torch.Tensor, restore: list[list[int]], where: str = "") -> torch.Tensor:
-    if not restore or tensor.dtype not in _BITS:
+    if not restore or tensor.dtype not in SAME_WIDTH_INTS:
         return tensor
     flat = tensor.contiguous().reshape(-1).clone()
-    info = torch.iinfo(_BITS[tensor.dtype])
+    info = torch.iinfo(SAME_WIDTH_INTS[tensor.dtype])
     if not all(0 <= i < flat.numel() and info.min <= b <= info.max for i, b in restore):
         raise FormatError(f"{where}a `restore` entry of `{META_KEY}` lies outside its tensor "
                           f"({flat.numel()} values of {tensor.dtype}); the file was damaged, "
                           "convert it again")
     index = torch.tensor([i for i, _ in restore], dtype=torch.long)
-    flat.view(_BITS[tensor.dtype])[index] = torch.tensor([b for _, b in restore],
-                                                         dtype=_BITS[tensor.dtype])
+    ints = SAME_WIDTH_INTS[tensor.dtype]
+    flat.view(ints)[index] = torch.tensor([b for _, b in restore], dtype=ints)
     return flat.reshape(tensor.shape)
 
 
@@ -157,7 +154,7 @@ def _tensor_type(dtype: str, source: torch.dtype, row: int):
     if dtype == "q8_0":
         block = gguf.GGML_QUANT_SIZES[T.Q8_0][0]
         return T.Q8_0 if row % block == 0 else T.F16
-    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, source)
+    wanted = OPTION_DTYPES.get(dtype, source)
     return {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}.get(wanted, T.F32)
 
 
@@ -216,7 +213,7 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
         entry = {"name": name, "scale": w.scale, "fold": fold}
         if fold != 1.0:  # llama.cpp applies alpha / rank: carry the rest in B
             folded = (lora_b.double() * fold).to(lora_b.dtype)
-            if dtype in ("keep", _DTYPE_NAMES.get(lora_b.dtype)):
+            if dtype in ("keep", OPTION_NAMES.get(lora_b.dtype)):
                 entry["restore"] = restore_list(lora_b, folded, fold)
             lora_b = folded
         entry["types"] = [_add_tensor(writer, f"{gguf_name}.lora_a", lora_a, dtype),

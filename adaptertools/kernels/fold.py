@@ -25,14 +25,13 @@ import math
 
 import torch
 
+from ..dtypes import FLOAT_TORCH_DTYPES
 from .reference import Contribution, combined_weight
-
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def supports(weight: torch.Tensor, contributions: list[Contribution]) -> bool:
     """Plain LoRA on a 2-D float weight: no DoRA, no transposed layouts, no conv views."""
-    return (weight.dim() == 2 and weight.dtype in FLOATS and bool(contributions)
+    return (weight.dim() == 2 and weight.dtype in FLOAT_TORCH_DTYPES and bool(contributions)
             and all(c.weight.layer == "linear" and c.weight.magnitude is None
                     and c.weight.shape == tuple(weight.shape) for c in contributions))
 

@@ -18,7 +18,6 @@ from ..paths import contained_file
 from ..tensor_index import SafetensorsFile, TensorEntry, read_safetensors_header
 
 INDEX_NAME = "model.safetensors.index.json"
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)

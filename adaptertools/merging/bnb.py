@@ -33,14 +33,12 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import BNB_STORED, REQUANTIZE_NAMES
 from ..errors import FormatError, OptionError, UnsupportedError
 from .bases import HFBase, TensorEntry
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
 COMPANIONS_4BIT = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
-REQUANTIZE = {"bf16": "BF16", "fp16": "F16", "f16": "F16", "fp32": "F32", "f32": "F32"}
-STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
-          "I8": torch.int8}
 DAMAGED = ("the checkpoint is damaged: download it again, or quantize and save it again with "
            "bitsandbytes (transformers' save_pretrained)")
 
@@ -82,7 +80,7 @@ class Group:
 
         tensors = self.read()
         entry = self.members[self.name]
-        tensors[self.name] = raw.reshape(-1).view(STORED[entry.dtype]).reshape(entry.shape)
+        tensors[self.name] = raw.reshape(-1).view(BNB_STORED[entry.dtype]).reshape(entry.shape)
         try:
             if self.kind == "int8":
                 cb, scb = codec.int8_from_tensors(tensors, self.name)
@@ -115,7 +113,7 @@ class Group:
         if job.changed:                          # before it is quantized (absmax, SCB: fp32)
             check_finite(job, merged, base=weight)
         if self.out_dtype is not None:           # a plain float tensor
-            out = merged.to(STORED[self.out_dtype]).contiguous()
+            out = merged.to(BNB_STORED[self.out_dtype]).contiguous()
             if job.changed and survival is not None:
                 old = weight.to(out.dtype).to(torch.float32)
                 survival.append(score(self.name, self.out_dtype, merged - weight,
@@ -133,7 +131,7 @@ class Group:
                 changed[f"{self.name}.nested_absmax"] = new_state.nested_absmax
             realized = codec.dequantize_4bit(out, new_state)
         for name, data in changed.items():
-            data = data.to("cpu", STORED[self.members[name].dtype]).contiguous()
+            data = data.to("cpu", BNB_STORED[self.members[name].dtype]).contiguous()
             if data.numel() * data.element_size() != self.members[name].nbytes:
                 raise AssertionError(f"{name}: requantized to {data.numel()} values, stored "
                                      f"{self.members[name].nbytes} bytes")
@@ -155,8 +153,8 @@ def _read(folder: Path, entry: TensorEntry) -> torch.Tensor:
         raise OSError(f"{entry.file}: unexpected end of file inside {entry.name}; the file is "
                       "truncated, download it again")
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return flat.view(STORED[entry.dtype]).reshape(entry.shape) if entry.nbytes else \
-        torch.empty(entry.shape, dtype=STORED[entry.dtype])
+    return flat.view(BNB_STORED[entry.dtype]).reshape(entry.shape) if entry.nbytes else \
+        torch.empty(entry.shape, dtype=BNB_STORED[entry.dtype])
 
 
 def _check_codes(state, name: str) -> None:
@@ -256,7 +254,7 @@ def inspect(base: HFBase, requantize: str = "keep") -> Layout | None:
     """The bitsandbytes layout of ``base`` (validated from headers and JSON states), or None for
     a plain checkpoint."""
     qc = (base.config or {}).get("quantization_config")
-    if requantize != "keep" and requantize not in REQUANTIZE:
+    if requantize != "keep" and requantize not in REQUANTIZE_NAMES:
         raise OptionError(f"--requantize {requantize}: a bitsandbytes checkpoint is kept in "
                           "its quantization (keep) or written as bf16, fp16 or fp32")
     if not qc:
@@ -267,7 +265,7 @@ def inspect(base: HFBase, requantize: str = "keep") -> Layout | None:
     four, eight = _check_config(base, qc)
     entries = base.entries()
     folder = Path(base.folder)
-    out_dtype = None if requantize == "keep" else REQUANTIZE[requantize]
+    out_dtype = None if requantize == "keep" else REQUANTIZE_NAMES[requantize]
     groups: dict[str, Group] = {}
     for name in sorted(_weights_4bit(entries, four)):
         groups[name] = _group_4bit(folder, entries, name, out_dtype)
@@ -333,7 +331,7 @@ def _weights_int8(entries: dict[str, TensorEntry], eight: bool) -> set[str]:
 
 
 def _meta(entry: TensorEntry) -> torch.Tensor:
-    return torch.empty(entry.shape, dtype=STORED.get(entry.dtype, torch.uint8), device="meta")
+    return torch.empty(entry.shape, dtype=BNB_STORED.get(entry.dtype, torch.uint8), device="meta")
 
 
 def _group_4bit(folder: Path, entries, name: str, out_dtype) -> Group:

@@ -140,7 +140,8 @@ def combine_replacements(adapters: list[Adapter], names: list[str]) -> dict[str,
     """modules_to_save tensors of every adapter; the same tensor with two values is an error.
     Two saved copies of the training base (copies.py) that are the same weight in different
     dtypes agree: the finer one is kept."""
-    from ..copies import PRECISION, same_weight, saved_copies
+    from ..copies import same_weight, saved_copies
+    from ..dtypes import PRECISION
 
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}

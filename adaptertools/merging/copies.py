@@ -29,7 +29,7 @@ def copy_matches_base(copy: torch.Tensor, checkpoint, entry) -> bool | None:
     (an HF checkpoint or a GGUF model); for a block-quantized GGUF tensor
     ``same_as_quantized``. None when the two cannot be compared (a packed bitsandbytes weight,
     a GGUF type adaptertools cannot write)."""
-    from .jobs import TORCH_DTYPES
+    from ..dtypes import TORCH_DTYPES
 
     path = Path(checkpoint.path) if checkpoint.kind == "gguf" else \
         Path(checkpoint.folder) / entry.file

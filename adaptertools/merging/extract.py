@@ -76,7 +76,7 @@ def read_raw(folder: Path, entry: TensorEntry) -> bytearray:
 
 
 def decode(buffer: bytearray, entry: TensorEntry) -> torch.Tensor:
-    from .jobs import TORCH_DTYPES
+    from ..dtypes import TORCH_DTYPES
 
     dtype = TORCH_DTYPES.get(entry.dtype)
     if dtype is None:

@@ -1,6 +1,5 @@
-"""The plan's plain data: ``Job`` (one output tensor), ``OutputFile``, ``Plan``, and the float
-dtype table they use. No engine code: plan.py builds these, run.py, bnb.py, quantized.py and the
-validators read them.
+"""The plan's plain data: ``Job`` (one output tensor), ``OutputFile``, ``Plan``. No
+engine code: plan.py builds these, run.py, bnb.py, quantized.py and the validators read them.
 """
 
 from __future__ import annotations
@@ -9,12 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..dtypes import SAFETENSORS_SIZES
 from ..kernels.reference import Contribution
-from ..tensor_index import SAFETENSORS_SIZES
 from .bases import GGUFBase, HFBase, TensorEntry
-
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "F64": torch.float64}
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..adapter import Adapter, LoraWeight
+from ..copies import saved_copies
+from ..dtypes import CONFIG_DTYPES, DTYPE_NAMES, FLOAT_DTYPES, TORCH_DTYPES
 from ..errors import FormatError, OptionError, UnsupportedError
 from ..kernels.reference import Contribution
-from .bases import FLOAT_DTYPES, GGUFBase, HFBase, TensorEntry
-from ..copies import saved_copies
+from .bases import GGUFBase, HFBase, TensorEntry
 from .copies import copy_matches_base, copy_note
-from .jobs import TORCH_DTYPES, Job, OutputFile, Plan
+from .jobs import Job, OutputFile, Plan
 
 MODES = ("weighted", "stacked")
-DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-CONFIG_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # input-embedding names, most specific first (HF LlamaForCausalLM, GPT-2, BLOOM, GPT-NeoX, ...)
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight",
                    "model.decoder.embed_tokens.weight", "transformer.word_embeddings.weight",

@@ -16,12 +16,12 @@ from dataclasses import asdict
 
 import torch
 
+from ..dtypes import FLOAT_DTYPES, TORCH_DTYPES
 from ..kernels.quant.codec import dequantize, quantize
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from ..kernels.survival import Survival, check_finite
 from .jobs import Job
 
-FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # below this median cosine the report warns in plain words
 LOW_SURVIVAL = 0.7
 BNB_TYPES = ("NF4", "FP4", "INT8")      # bitsandbytes keep-type merges (merging/bnb.py)
@@ -37,7 +37,7 @@ def check_output(job: Job, tensor: torch.Tensor, source: torch.Tensor | None) ->
 
 
 def is_quantized(type_name: str) -> bool:
-    return type_name not in FLOAT_TYPES
+    return type_name not in FLOAT_DTYPES
 
 
 def needs_codec(job: Job) -> bool:
@@ -60,7 +60,7 @@ def _scratch(buffers, role: str, job: Job) -> torch.Tensor | None:
 def roundtrip(x: torch.Tensor, type_name: str) -> torch.Tensor:
     """What storing ``x`` (rows, cols) in ``type_name`` keeps of it, as fp32."""
     if not is_quantized(type_name):
-        return x.to(FLOAT_TYPES[type_name]).to(torch.float32)
+        return x.to(TORCH_DTYPES[type_name]).to(torch.float32)
     return dequantize(quantize(x.to(torch.float32), type_name), type_name, tuple(x.shape))
 
 
@@ -71,7 +71,7 @@ def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
     if is_quantized(job.out_dtype):
         return quantize(merged, job.out_dtype, name=job.name)
     # a copy even for F32: ``merged`` may be a reused buffer, the writer may still need this
-    return merged.to(FLOAT_TYPES[job.out_dtype], copy=True)
+    return merged.to(TORCH_DTYPES[job.out_dtype], copy=True)
 
 
 def _decode(job: Job, encoded: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

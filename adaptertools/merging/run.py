@@ -24,13 +24,14 @@ import torch
 from .._io import write_json
 from ..paths import atomic_output, contained_file
 from ..adapter import map_tensors
+from ..dtypes import TORCH_DTYPES
 from ..kernels.fold import Buffers, fold_linear
 from ..kernels.fold import supports as fast_fold_supports
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from ..kernels.triton.engine import fold_float_job, fold_gguf_job, resolve_kernels
 from .bases import INDEX_NAME, HFBase
 from .bnb import apply_left, due
-from .jobs import TORCH_DTYPES, Job, OutputFile, Plan
+from .jobs import Job, OutputFile, Plan
 from .quantized import check_output, fold_gguf, needs_codec, summarize
 from .streams import (
     BufferPool,

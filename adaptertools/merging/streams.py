@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .jobs import TORCH_DTYPES, Job
+from ..dtypes import TORCH_DTYPES
+from .jobs import Job
 
 COPY_CHUNK = 64 << 20
 TRUNCATED_BASE = "unexpected end of file while copying a base tensor; the base is truncated"

@@ -12,11 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..adapter import Adapter, LoraWeight
+from ..dtypes import TORCH_UNIT_ROUNDOFF
 from ..kernels.lowrank import product_norm
 
-# unit roundoff of each factor dtype: what a lossless-in-intent cast may cost per element
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
-                 torch.float64: 2.0 ** -53}
 EXACT = 1e-12      # float64 noise of the QR route, relative to the delta's norm
 
 
@@ -40,7 +38,7 @@ def tolerance(w: LoraWeight, v: LoraWeight) -> float:
     dtypes = {w.a.dtype, w.b.dtype, v.a.dtype, v.b.dtype}
     if len(dtypes) == 1:
         return EXACT
-    return 2.01 * max(UNIT_ROUNDOFF.get(d, 0.0) for d in dtypes) + EXACT
+    return 2.01 * max(TORCH_UNIT_ROUNDOFF.get(d, 0.0) for d in dtypes) + EXACT
 
 
 def _extra_difference(p: torch.Tensor | None, q: torch.Tensor | None) -> float | None:
@@ -83,7 +81,7 @@ def compare_adapters(x: Adapter, y: Adapter) -> dict:
         p, q = x.replacements.get(name), y.replacements.get(name)
         error = _extra_difference(p, q)
         allowed = EXACT if p is None or q is None or p.dtype == q.dtype else \
-            max(UNIT_ROUNDOFF.get(p.dtype, 0.0), UNIT_ROUNDOFF.get(q.dtype, 0.0)) + EXACT
+            max(TORCH_UNIT_ROUNDOFF.get(p.dtype, 0.0), TORCH_UNIT_ROUNDOFF.get(q.dtype, 0.0)) + EXACT
         same = error is not None and error <= allowed
         rows.append({"name": name, "passed": same, "relative_error": error, "tolerance": allowed,
                      "problem": "" if same else "full tensor differs or is missing"})

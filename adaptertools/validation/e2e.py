@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import UNIT_ROUNDOFF
 from ..errors import AdapterToolsWarning, UnsupportedError
 
-UNIT_ROUNDOFF = {"F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
 KAPPA_TIMES_TWO = 32          # 8 (amplification) x 2 (both sides) x 2 (sqrt(3) rounded up)
 MAX_SIGMAS = 8
 SEQUENCES, LENGTH, SEED = 2, 16, 0

@@ -50,9 +50,10 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import FLOAT_DTYPES, TORCH_DTYPES
 from ..errors import UnsupportedError
-from ..merging.bases import FLOAT_DTYPES, GGUFBase, HFBase, TensorEntry
-from ..merging.jobs import TORCH_DTYPES, Job, Plan
+from ..merging.bases import GGUFBase, HFBase, TensorEntry
+from ..merging.jobs import Job, Plan
 from .stored import Files, check_untouched, stored_values
 
 BLOCK_ELEMENTS = 1 << 18          # rows per block: ~1 MB of fp32, the elementwise work stays in cache

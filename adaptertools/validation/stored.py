@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import TORCH_DTYPES
 from ..merging.bases import GGUFBase, HFBase, TensorEntry
-from ..merging.jobs import TORCH_DTYPES, Job
+from ..merging.jobs import Job
 
 COMPARE_CHUNK = 16 << 20
 

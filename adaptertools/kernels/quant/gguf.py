@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...dtypes import FLOAT_DTYPES, TORCH_DTYPES
 from ...errors import FormatError, UnsupportedError
 from . import kdequant, kquant, legacy
 from .types import GGUFType, requantizable, resolve
@@ -59,9 +60,8 @@ def dequantize(raw, qtype, shape, *, name: str | None = None) -> torch.Tensor:
     if raw.numel() != rows * t.row_bytes(cols):
         raise FormatError(f"{t.name} tensor of shape {shape} needs {rows * t.row_bytes(cols)} bytes, "
                           f"got {raw.numel()}{_where(name)}: the file is truncated or the type is wrong")
-    if t.name in ("F32", "F16", "BF16"):
-        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.name]
-        return raw.reshape(-1).view(dt).to(torch.float32).reshape(shape)
+    if t.name in FLOAT_DTYPES:
+        return raw.reshape(-1).view(TORCH_DTYPES[t.name]).to(torch.float32).reshape(shape)
     blocks = raw.reshape(-1, t.nbytes)                                  # (rows * cols / block, nbytes)
     if t.name in _DEQUANT:
         out = _DEQUANT[t.name](blocks)                                  # (n_blocks, block)
