@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import FormatError, InputNotFoundError, UnsupportedError
 
-DEFAULT_BUDGET = 1 << 30   # when /proc/meminfo cannot be read (merging/prefetch.py)
+DEFAULT_BUDGET = 1 << 30   # when /proc/meminfo cannot be read (_prefetch.py)
 
 
 def require_exists(path: str | os.PathLike) -> Path:

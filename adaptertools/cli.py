@@ -195,8 +195,8 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
         raise click.UsageError("--validate needs a real run; drop --dry-run")
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet contradict each other; pass one")
-    if not dry_run:       # the disk reads the base while torch is imported (merging/prefetch.py)
-        from .merging import prefetch
+    if not dry_run:       # the disk reads the base while torch is imported (_prefetch.py)
+        from . import _prefetch as prefetch
 
         prefetch.start(base, adapters)
     from . import _ui
@@ -283,7 +283,7 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     if base is not None:
         raise click.UsageError("--base applies to --against; with --merged the base is the "
                                "first argument")
-    from .merging import prefetch
+    from . import _prefetch as prefetch
 
     prefetch.start(paths[0], (merged,), first="base")   # read while torch is imported
     from .api import validate

@@ -342,7 +342,7 @@ def test_deep_json_in_a_base(tiny, tmp_path, name):
     out = tmp_path / "merged"
     refused(run_inprocess("merge", base, adapter, "--dry-run"), None,
             [str(base / name), "nested too deeply"])
-    # a full CLI run first reads the index ahead in merging/prefetch.py (best effort: silent)
+    # a full CLI run first reads the index ahead in _prefetch.py (best effort: silent)
     refused(run_inprocess("merge", base, adapter, "--out", out), out,
             [str(base / name), "nested too deeply"])
     with pytest.raises(FormatError, match="nested too deeply"):

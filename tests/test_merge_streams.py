@@ -27,7 +27,8 @@ from cli_helpers import run_subprocess
 from safetensors.torch import load_file
 
 import adaptertools as at
-from adaptertools.merging import prefetch, streams
+from adaptertools import _prefetch as prefetch
+from adaptertools.merging import streams
 from adaptertools.merging import run as merge_run
 from adaptertools.merging.jobs import Job
 from adaptertools.merging.streams import tensor_bytes

@@ -24,9 +24,9 @@ import os
 import threading
 from pathlib import Path
 
-from .._io import available_memory
+from ._io import available_memory
 
-INDEX_NAME = "model.safetensors.index.json"     # (bases.INDEX_NAME; bases.py imports more)
+INDEX_NAME = "model.safetensors.index.json"     # (merging/bases.INDEX_NAME; bases.py imports more)
 CHUNK = 256 << 20          # bytes per sendfile call
 
 
