@@ -32,3 +32,16 @@ def split_key(key: str) -> tuple[str, str | None, str | None]:
     rest = tokens[part_at + 1:]
     param = rest[-1] if rest and rest[-1] in ("weight", "bias") else None
     return ".".join(tokens[:part_at]), tokens[part_at], param
+
+
+# transformers' GPT-2-style Conv1D layers (``transformers.pytorch_utils.Conv1D``, weight stored
+# (in, out)), by model_type (from each model's modeling code). PEFT decides fan_in_fan_out per
+# layer from the wrapped module's type, Conv1D on and Linear off, whatever adapter_config.json
+# says: its saved flag is whatever the last layer it wrapped left there (GPT-2 with c_proj and
+# lm_head targeted saves false). So where the base is known, the layout follows the base.
+CONV1D_MODULES = {
+    "gpt2": ("c_attn", "q_attn", "c_proj", "c_fc"),
+    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
+    "imagegpt": ("c_attn", "q_attn", "c_proj", "c_fc"),
+    "decision_transformer": ("c_attn", "q_attn", "c_proj", "c_fc"),
+}

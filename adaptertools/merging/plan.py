@@ -212,6 +212,22 @@ def _refuse_modified_base(adapters: list[Adapter], names: list[str]) -> None:
                 "(allow_modified_base=True)")
 
 
+def base_layer_layout(name: str, w: LoraWeight, model_type: str) -> LoraWeight:
+    """``w`` in the layout of the base's own layer ``name``: a Linear-or-Conv1D LoRA read with
+    the config's fan_in_fan_out is re-laid when the base's layer is the other kind
+    (formats/peft_keys.CONV1D_MODULES; ``w`` itself when it already fits or the model is not
+    one with Conv1D layers). Conv1D stores (in, out): a (r, out) = B.T, b (in, r) = A.T."""
+    from ..formats.peft_keys import CONV1D_MODULES
+
+    modules = CONV1D_MODULES.get(model_type)
+    if modules is None or w.layer not in ("linear", "conv1d") or not name.endswith(".weight"):
+        return w
+    want = "conv1d" if name.rsplit(".", 2)[-2] in modules else "linear"
+    if w.layer == want:
+        return w
+    return replace(w, a=w.b.T.contiguous(), b=w.a.T.contiguous(), layer=want)
+
+
 def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
             mode: str, dtype: str, requantize: str = "keep",
             max_shard_size: int | None = None) -> Plan:
@@ -233,14 +249,28 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     if bnb is not None:         # quantized weights in their unquantized shapes
         known = bnb.logical(known)
 
+    relaid: list[str] = []
+
     def resolve(name: str, w: LoraWeight | None):
-        return (name, w) if name in known else None
+        if name not in known:
+            return None
+        if w is None:                       # a replacement: nothing to lay out
+            return name, w
+        laid = base_layer_layout(name, w, base.config.get("model_type", ""))
+        if laid is not w:
+            relaid.append(name)
+        return name, laid
 
     targets = _collect(adapters, names, factors, known, resolve,
                        compare=lambda name, copy: copy_matches_base(copy, base, known[name]),
                        resizable=(embedding, LM_HEAD) if bnb is None else ())
     vocab = _resized_vocab(targets, known, embedding, add_lm_head)
     warnings += targets.warnings
+    if relaid:
+        warnings.append(f"{len(relaid)} tensor(s) (e.g. {relaid[0]}) read in the layout of the "
+                        "base's own layer, as PEFT does: adapter_config.json's fan_in_fan_out "
+                        "says otherwise (PEFT sets it per layer: on for GPT-2 Conv1D, off for "
+                        "Linear, and saves whichever it set last)")
     _check_modes(targets, mode, names)
     if untie:
         # PEFT's merge_and_unload changes the shared tensor in place, so its merged lm_head
