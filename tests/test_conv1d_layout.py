@@ -47,3 +47,21 @@ def test_layout_follows_the_base_layer_as_in_peft(tmp_path, targets):
     relaid = [w for w in report["warnings"] if "fan_in_fan_out" in w]
     assert bool(relaid) == ("lm_head" in targets and saved_flag is False), report["warnings"]
     assert at.validate(tmp_path / "base", [tmp_path / "adapter"], tmp_path / "out")["passed"]
+
+
+def test_gguf_conversion_lays_conv1d_out_as_peft_does(tmp_path):
+    """The same adapter (fan_in_fan_out saved false) through GGUF and back, merged: PEFT's bits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = gpt2(tmp_path)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["attn.c_proj", "c_fc"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = False           # as PEFT saves it when lm_head is targeted too
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    expected = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    at.convert(tmp_path / "adapter", tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    at.merge(tmp_path / "base", [tmp_path / "a.gguf"], tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert [k for k in merged if not torch.equal(merged[k], expected[k])] == []

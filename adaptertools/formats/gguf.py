@@ -17,6 +17,7 @@ scales, the folds, the HF names and the base's head counts are also stored under
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..adapter import Adapter, LoraWeight, check_cast, check_weight
 from ..dtypes import OPTION_DTYPES, OPTION_NAMES, SAME_WIDTH_INTS
 from ..errors import FormatError, OptionError, UnsupportedError
 from .accounting import check_factors, invocation_tokens
+from .peft_keys import base_layer_layout
 from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
                     permute_rows, read_base_tensor, rope_heads, unpermute_rows)
 
@@ -191,6 +193,9 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
                           "model file)")
     if dtype not in DTYPES:
         raise OptionError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    # PEFT lays each GPT-2 layer out by its type, whatever the config's fan_in_fan_out says
+    adapter = replace(adapter, weights={n: base_layer_layout(n, w, base.arch)
+                                        for n, w in adapter.weights.items()})
     _check_expressible(adapter, base)
     alpha = _file_alpha(adapter)
     writer = gguf.GGUFWriter(str(path), base.arch)

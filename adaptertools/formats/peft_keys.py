@@ -5,6 +5,12 @@ which both read keys with them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapter import LoraWeight
+
 KEY_PREFIX = "base_model.model."
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
@@ -45,3 +51,17 @@ CONV1D_MODULES = {
     "imagegpt": ("c_attn", "q_attn", "c_proj", "c_fc"),
     "decision_transformer": ("c_attn", "q_attn", "c_proj", "c_fc"),
 }
+
+
+def base_layer_layout(name: str, w: LoraWeight, model_type: str) -> LoraWeight:
+    """``w`` in the layout of the base's own layer ``name``: a Linear-or-Conv1D LoRA read with
+    the config's fan_in_fan_out is re-laid when the base's layer is the other kind
+    (CONV1D_MODULES; ``w`` itself when it already fits or the model is not one with Conv1D
+    layers). Conv1D stores (in, out): a (r, out) = B.T, b (in, r) = A.T."""
+    modules = CONV1D_MODULES.get(model_type)
+    if modules is None or w.layer not in ("linear", "conv1d") or not name.endswith(".weight"):
+        return w
+    want = "conv1d" if name.rsplit(".", 2)[-2] in modules else "linear"
+    if w.layer == want:
+        return w
+    return replace(w, a=w.b.T.contiguous(), b=w.a.T.contiguous(), layer=want)

@@ -19,6 +19,7 @@ from ..errors import FormatError, OptionError, UnsupportedError
 from ..kernels.reference import Contribution
 from .bases import GGUFBase, HFBase, TensorEntry
 from .copies import copy_matches_base, copy_note
+from ..formats.peft_keys import base_layer_layout
 from .jobs import Job, OutputFile, Plan
 
 MODES = ("weighted", "stacked")
@@ -212,22 +213,6 @@ def _refuse_modified_base(adapters: list[Adapter], names: list[str]) -> None:
                 "(allow_modified_base=True)")
 
 
-def base_layer_layout(name: str, w: LoraWeight, model_type: str) -> LoraWeight:
-    """``w`` in the layout of the base's own layer ``name``: a Linear-or-Conv1D LoRA read with
-    the config's fan_in_fan_out is re-laid when the base's layer is the other kind
-    (formats/peft_keys.CONV1D_MODULES; ``w`` itself when it already fits or the model is not
-    one with Conv1D layers). Conv1D stores (in, out): a (r, out) = B.T, b (in, r) = A.T."""
-    from ..formats.peft_keys import CONV1D_MODULES
-
-    modules = CONV1D_MODULES.get(model_type)
-    if modules is None or w.layer not in ("linear", "conv1d") or not name.endswith(".weight"):
-        return w
-    want = "conv1d" if name.rsplit(".", 2)[-2] in modules else "linear"
-    if w.layer == want:
-        return w
-    return replace(w, a=w.b.T.contiguous(), b=w.a.T.contiguous(), layer=want)
-
-
 def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
             mode: str, dtype: str, requantize: str = "keep",
             max_shard_size: int | None = None) -> Plan:
@@ -256,7 +241,7 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
             return None
         if w is None:                       # a replacement: nothing to lay out
             return name, w
-        laid = base_layer_layout(name, w, base.config.get("model_type", ""))
+        laid = base_layer_layout(name, w, base.config.get("model_type", ""))      # PEFT's rule
         if laid is not w:
             relaid.append(name)
         return name, laid
