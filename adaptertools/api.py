@@ -293,8 +293,8 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
     """
     import time
 
-    from .merging.combine import Options, check_options, combine_adapters
-    from .merging.lowrank_common import summarize
+    from .algebra.combine import Options, check_options, combine_adapters
+    from .algebra.common import summarize
 
     start = time.perf_counter()
     paths = adapter_list(adapters)
@@ -330,8 +330,8 @@ def extract(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os
     """
     import time
 
-    from .merging.extract import ExtractOptions, extract_checkpoints
-    from .merging.lowrank_common import check_truncation, summarize
+    from .algebra.extract import ExtractOptions, extract_checkpoints
+    from .algebra.common import check_truncation, summarize
 
     start = time.perf_counter()
     check_truncation(rank, energy, svd, seed, what="extract")

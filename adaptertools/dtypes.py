@@ -59,7 +59,7 @@ def _torch_tables() -> dict:
         # bytes, int8 rows); merging/bnb.py
         "BNB_STORED": {**{name: torch_dtypes[name] for name in FLOAT_DTYPES},
                        "U8": torch.uint8, "I8": torch.int8},
-        # torch float dtype -> mantissa bits; copies.py, merging/combine.py
+        # torch float dtype -> mantissa bits; copies.py, algebra/combine.py
         "PRECISION": {torch_dtypes[name]: bits for name, bits in MANTISSA_BITS.items()},
         # torch float dtype -> unit roundoff: what a lossless-in-intent cast may cost per element;
         # validation/adapters.py

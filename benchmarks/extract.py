@@ -55,7 +55,7 @@ def w1_tuned(base: Path, folder: Path) -> Path:
     import torch
 
     from adaptertools.tensor_index import read_safetensors_header
-    from adaptertools.merging.extract import read_stored
+    from adaptertools.algebra.extract import read_stored
 
     done = folder / ".complete"
     if done.is_file() and done.read_text() == TUNED_VERSION:

@@ -41,7 +41,7 @@ from ..kernels.lowrank import (
     truncate_matrix,
 )
 from ..kernels.reference import apply_lora, lora_delta
-from .lowrank_common import (
+from .common import (
     TensorResult,
     check_factors,
     check_truncation,
@@ -309,7 +309,7 @@ def fill_biases(weights: dict[str, LoraWeight]) -> dict[str, LoraWeight]:
 
 def read_base_weights(base, wanted: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """The base tensors DoRA needs, read one at a time from an HF safetensors base."""
-    from .bases import open_base
+    from ..merging.bases import open_base
     from .extract import read_stored
 
     checkpoint = open_base(base)

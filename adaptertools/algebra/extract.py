@@ -27,8 +27,8 @@ from ..adapter import Adapter, LoraWeight, module_name
 from ..errors import FormatError, UnsupportedError
 from ..kernels.fold import all_finite, count_nonfinite
 from ..kernels.lowrank import truncate_matrix
-from .bases import HFBase, TensorEntry, open_base
-from .lowrank_common import TensorResult, check_factors, tensor_generator
+from ..merging.bases import HFBase, TensorEntry, open_base
+from .common import TensorResult, check_factors, tensor_generator
 
 # last component of the module name of input/position embeddings (HF Llama, GPT-2, BLOOM, NeoX, T5)
 EMBEDDING_MODULES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in",
