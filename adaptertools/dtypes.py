@@ -25,7 +25,7 @@ SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4
 DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 # --requantize of a bitsandbytes checkpoint -> stored name: DTYPE_NAMES plus the GGML-style
-# spellings f16 / f32; merging/bnb.py
+# spellings f16 / f32; merging/encoded.py, codecs/bnb.py
 REQUANTIZE_NAMES = {**DTYPE_NAMES, "f16": "F16", "f32": "F32"}
 
 # stored name -> the name config.json's torch_dtype uses; merging/plan.py
@@ -55,10 +55,12 @@ def _torch_tables() -> dict:
         # option name (fp32 / fp16 / bf16) -> torch dtype; adapter_io.parse_dtype, formats/gguf.py
         "OPTION_DTYPES": {option: torch_dtypes[DTYPE_NAMES[option]]
                           for option in ("fp32", "fp16", "bf16")},
-        # stored name -> torch dtype of a bitsandbytes checkpoint's tensors (floats, packed
-        # bytes, int8 rows); merging/bnb.py
-        "BNB_STORED": {**{name: torch_dtypes[name] for name in FLOAT_DTYPES},
-                       "U8": torch.uint8, "I8": torch.int8},
+        # stored name -> torch dtype of the tensors a codec reads and writes (floats, packed
+        # bytes and words, int8 rows, fp8 codes); merging/encoded.py, codecs/
+        "STORED_TORCH_DTYPES": {**{name: torch_dtypes[name] for name in FLOAT_DTYPES},
+                                "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                                "I32": torch.int32, "I64": torch.int64,
+                                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2},
         # torch float dtype -> mantissa bits; copies.py, algebra/combine.py
         "PRECISION": {torch_dtypes[name]: bits for name, bits in MANTISSA_BITS.items()},
         # torch float dtype -> unit roundoff: what a lossless-in-intent cast may cost per element;
@@ -76,7 +78,7 @@ def _torch_tables() -> dict:
 
 
 _TORCH_TABLES = ("TORCH_DTYPES", "FLOAT_TORCH_DTYPES", "OPTION_DTYPES", "OPTION_NAMES",
-                 "BNB_STORED", "PRECISION", "TORCH_UNIT_ROUNDOFF", "SAME_WIDTH_INTS")
+                 "STORED_TORCH_DTYPES", "PRECISION", "TORCH_UNIT_ROUNDOFF", "SAME_WIDTH_INTS")
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
 """The plan's plain data: ``Job`` (one output tensor), ``OutputFile``, ``Plan``. No
-engine code: plan.py builds these, run.py, bnb.py, quantized.py and the validators read them.
+engine code: plan.py builds these, run.py, encoded.py, quantized.py and the validators read them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Job:
     contributions: tuple[Contribution, ...] = ()
     bias_contributions: tuple[Contribution, ...] = ()   # lora_bias terms for a bias tensor
     replacement: torch.Tensor | None = None              # modules_to_save: replaces the source
-    group: object | None = None     # a bitsandbytes weight's quant-state group (merging/bnb.py)
+    group: object | None = None     # an encoded weight's group of stored tensors (encoded.py)
     # the replacement's shape where it differs from the source's (a resized vocabulary)
     out_shape: tuple[int, ...] | None = None
 

@@ -179,7 +179,7 @@ def plan_for(base: HFBase | GGUFBase, adapters: list[Adapter], names: list[str],
     that modified base)."""
     if not allow_modified_base:
         _refuse_modified_base(adapters, names)
-    if base.kind == "safetensors":     # --requantize: bitsandbytes checkpoints (bnb.py)
+    if base.kind == "safetensors":     # --requantize: quantized checkpoints (encoded.py)
         if quantize_like is not None:
             raise OptionError("--quantize-like applies to GGUF bases; for an HF checkpoint "
                               "use --dtype")
@@ -216,10 +216,10 @@ def _refuse_modified_base(adapters: list[Adapter], names: list[str]) -> None:
 def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: list[float], *,
             mode: str, dtype: str, requantize: str = "keep",
             max_shard_size: int | None = None) -> Plan:
-    from . import bnb as bnb_layout
+    from .encoded import layout_for
 
     entries = base.entries()
-    bnb = bnb_layout.inspect(base, requantize)     # None unless a bitsandbytes checkpoint
+    encoded = layout_for(base, requantize)     # None unless a quantized checkpoint (codecs/)
     warnings: list[str] = []
     embedding = _embedding_name(entries)
     # Changing one of two tied tensors unties them. The config must say so even when the base
@@ -231,8 +231,8 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     add_lm_head = untie and LM_HEAD not in entries
     lm_head_entry = replace(entries[embedding], name=LM_HEAD) if add_lm_head else None
     known = dict(entries, **({LM_HEAD: lm_head_entry} if add_lm_head else {}))
-    if bnb is not None:         # quantized weights in their unquantized shapes
-        known = bnb.logical(known)
+    if encoded is not None:         # encoded weights in their unencoded shapes
+        known = encoded.logical(known)
 
     relaid: list[str] = []
 
@@ -248,7 +248,7 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
 
     targets = _collect(adapters, names, factors, known, resolve,
                        compare=lambda name, copy: copy_matches_base(copy, base, known[name]),
-                       resizable=(embedding, LM_HEAD) if bnb is None else ())
+                       resizable=(embedding, LM_HEAD) if encoded is None else ())
     vocab = _resized_vocab(targets, known, embedding, add_lm_head)
     warnings += targets.warnings
     if relaid:
@@ -281,8 +281,8 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     files = []
     for f in base.files:
         jobs = [job_for(e) for e in f.tensors]
-        if bnb is not None:
-            jobs = bnb.jobs(jobs)
+        if encoded is not None:
+            jobs = encoded.jobs(jobs)
         for job in jobs:
             _check_foldable(job, base)
         added = add_lm_head and any(e.name == embedding for e in f.tensors)
@@ -300,9 +300,9 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
 
         files = regroup(files, max_shard_size, lambda jobs: _header(base.files[0].metadata, jobs))
         index = resharded_index(base.index, files)
-    if bnb is not None:
-        bnb.place(files)
-        config, index = bnb.config(config, base.config), bnb.index(index, files)
+    if encoded is not None:
+        encoded.place(files)
+        config, index = encoded.config(config, base.config), encoded.index(index, files)
     return Plan(base, tuple(files), mode, tuple(factors), tuple(names), config=config,
                 index=index, max_shard_size=max_shard_size, warnings=tuple(warnings))
 
@@ -314,18 +314,21 @@ STORED_KINDS = {"I8": "int8", "U8": "uint8", "F8_E4M3": "float8_e4m3fn", "F8_E5M
 
 
 def _check_foldable(job: Job, base: HFBase) -> None:
-    """An adapted tensor of an HF checkpoint must be F32/F16/BF16 or a bitsandbytes weight."""
+    """An adapted tensor of an HF checkpoint must be F32/F16/BF16 or a weight a codec encodes."""
+    from ..codecs import quant_methods
+
     dtype = job.source.dtype
     if not job.changed or job.group is not None or dtype in FLOAT_DTYPES:
         return
     where = f"{base.folder / job.source.file}: {job.name} is {dtype} ({STORED_KINDS.get(dtype, dtype)})"
-    supported = ("adapters are merged into F32, F16 and BF16 tensors, and into bitsandbytes "
-                 "NF4/FP4/int8 checkpoints (quantization_config in config.json)")
+    supported = ("adapters are merged into F32, F16 and BF16 tensors, and into quantized "
+                 "checkpoints whose config.json quantization_config has quant_method "
+                 f"{' or '.join(quant_methods())}")
     if dtype.startswith("F8"):
         hint = ("FP8 checkpoints are not supported yet: merge into the BF16/F16 model and "
                 "quantize the result")
     elif dtype in ("I8", "U8"):
-        hint = ("if this is a bitsandbytes checkpoint, restore the quantization_config of its "
+        hint = ("if this is a quantized checkpoint, restore the quantization_config of its "
                 "config.json; otherwise merge into the unquantized model")
     else:
         hint = "merge into a checkpoint whose adapted weights are F32, F16 or BF16"

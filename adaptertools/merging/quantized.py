@@ -24,13 +24,12 @@ from .jobs import Job
 
 # below this median cosine the report warns in plain words
 LOW_SURVIVAL = 0.7
-BNB_TYPES = ("NF4", "FP4", "INT8")      # bitsandbytes keep-type merges (merging/bnb.py)
 
 
 def check_output(job: Job, tensor: torch.Tensor, source: torch.Tensor | None) -> None:
     """The engine's check of each output tensor as it is produced (merging/run.py): float
     outputs here, against their ``source`` when it is a float tensor; block-quantized and
-    bitsandbytes outputs are checked before they are encoded (``fold_gguf``, bnb.py)."""
+    codec-encoded outputs are checked before they are encoded (``fold_gguf``, encoded.py)."""
     if job.changed and tensor.is_floating_point():
         float_source = source is not None and source.is_floating_point()
         check_finite(job, tensor, base=source if float_source else None)
@@ -82,7 +81,7 @@ def _decode(job: Job, encoded: torch.Tensor, out: torch.Tensor | None = None) ->
 
 def fold_fp32(job: Job, weight: torch.Tensor, mode: str, buffers=None) -> torch.Tensor:
     """The job's adapters (or its replacement) applied to the fp32 ``weight`` (rows, cols), in
-    fp32: the dequantized side of every quantized merge (GGUF here, bitsandbytes in bnb.py).
+    fp32: the dequantized side of every quantized merge (GGUF here, codec-encoded HF weights in encoded.py).
     With ``buffers``, plain LoRA takes the fast fold (the reference's bits)."""
     from ..kernels.fold import fold_linear
     from ..kernels.fold import supports as fast_fold_supports
@@ -146,9 +145,9 @@ def survival(name: str, type_name: str, intended: torch.Tensor, realized: torch.
     return Survival(name, type_name, cosine, rel_error)
 
 
-def summarize(records: list[Survival]) -> dict | None:
+def summarize(records: list[Survival], *, gguf: bool) -> dict | None:
     """The report's survival section: worst tensors first, the median, and a warning when the
-    adapter mostly did not survive."""
+    adapter mostly did not survive (its better routes depend on whether the base is ``gguf``)."""
     if not records:
         return None
     rows = sorted(records, key=lambda s: s.cosine)
@@ -157,9 +156,8 @@ def summarize(records: list[Survival]) -> dict | None:
                "median_rel_error": statistics.median(s.rel_error for s in rows),
                "rows": [asdict(s) for s in rows]}
     if median < LOW_SURVIVAL:
-        bnb = all(s.type in BNB_TYPES for s in rows)
         routes = ("--requantize bf16 (a plain 16-bit model), merging into the unquantized model and "
-                  "quantizing the result once" if bnb else
+                  "quantizing the result once" if not gguf else
                   "merge into the F16/BF16 base with --quantize-like REF.gguf (one quantization "
                   "instead of two), --requantize f16 or q8_0")
         summary["warning"] = (

@@ -30,7 +30,7 @@ from ..kernels.fold import supports as fast_fold_supports
 from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from ..kernels.triton.engine import fold_float_job, fold_gguf_job, resolve_kernels
 from .bases import INDEX_NAME, HFBase
-from .bnb import apply_left, due
+from .encoded import apply_left, due
 from .jobs import Job, OutputFile, Plan
 from .quantized import check_output, fold_gguf, needs_codec, summarize
 from .streams import (
@@ -59,7 +59,7 @@ class Workers:
     buffers: Buffers
     pool: BufferPool
     survival: list = field(default_factory=list)
-    patches: list = field(default_factory=list)   # bitsandbytes quant states to overwrite (bnb.py)
+    patches: list = field(default_factory=list)   # encoded weights' companions to overwrite (encoded.py)
     kernels: str = "torch"          # "triton": fused kernels where they cover a job (kernels/triton)
 
 
@@ -91,8 +91,13 @@ def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
     """The output tensor of ``job`` from its source ``tensor``; the fast path writes it into
     memory from ``pool`` when given. Quantized GGUF tensors go through their codecs, and their
     survival scores are appended to ``survival``."""
-    if job.group is not None:     # a bitsandbytes weight: its changed quant state -> patches
-        return job.group.fold(job, tensor, mode, survival, patches)
+    if job.group is not None:     # an encoded weight: its changed companions -> patches
+        folded = job.group.fold(job, tensor, mode)
+        if folded.survival is not None and survival is not None:
+            survival.append(folded.survival)
+        if patches is not None:
+            patches.extend(folded.patches)
+        return folded.tensor
     with caller_threads(job):
         return _fold(job, tensor, mode, device, buffers, pool, survival, kernels)
 
@@ -193,7 +198,7 @@ def write_sequential(plan: Plan, out_file: OutputFile, dst: Path, device: torch.
     tensor is read from the base file it lies in (several for --max-shard-size, shards.py)."""
     position = 0                                   # bytes written after the header
     size = len(out_file.header) + sum(j.nbytes for j in out_file.jobs)
-    # bnb patches write in place: weights folded here, or companions of weights placed here
+    # companion patches write in place: weights folded here, or companions of weights placed here
     placed = {f for j in plan.jobs if j.group is not None for f, _ in j.group.placed.values()}
     direct = out_file.name not in placed and not any(j.group is not None for j in out_file.jobs)
     with _file_pair(lambda name: source_path(plan, name), dst, workers, progress,
@@ -411,4 +416,4 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
                 write_gguf(plan, tmp, torch_device, progress, workers)
                 copied = []
     return {"wall_s": time.perf_counter() - start, "device": str(torch_device), "kernels": kernels,
-            "copied_files": copied, "survival": summarize(workers.survival)}
+            "copied_files": copied, "survival": summarize(workers.survival, gguf=not is_hf)}

@@ -90,8 +90,8 @@ def regroup(files: list[OutputFile], max_bytes: int,
 
 
 def _as_stored(job: Job) -> Job:
-    """``job`` as its header entry describes it: a bitsandbytes weight kept quantized is planned
-    in its unquantized shape (bnb.py), but stored packed."""
+    """``job`` as its header entry describes it: an encoded weight kept encoded is planned in
+    its unencoded shape (encoded.py), but stored packed."""
     stored = job.group.members[job.name] if job.group is not None else None
     if stored is not None and job.out_dtype == stored.dtype:
         return replace(job, source=stored)

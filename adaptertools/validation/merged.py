@@ -347,7 +347,7 @@ def _layout_problem(job: Job, entry: TensorEntry | None) -> str:
     if entry is None:
         return "missing from the merged model"
     expected = job.output_shape          # a resized vocabulary's copy: its own shape
-    if job.group is not None and entry.dtype not in FLOAT_DTYPES:     # bitsandbytes, packed
+    if job.group is not None and entry.dtype not in FLOAT_DTYPES:     # encoded (packed)
         expected = job.group.members[job.name].shape
     if tuple(entry.shape) != tuple(expected):
         return f"stored with shape {tuple(entry.shape)}, expected {tuple(expected)}"
@@ -373,7 +373,7 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     start = time.perf_counter()
     stored = merged.entries()
     base_files, merged_files = Files(plan.base), Files(merged)
-    # a bitsandbytes weight's quant-state tensors change with it and are checked through it
+    # an encoded weight's companions (quant states, scales) change with it and are checked through it
     companions = {name for job in plan.jobs if job.group is not None
                   for name in job.group.members if name != job.group.name}
     work = [(job, stored.get(job.name)) for job in plan.jobs if job.name not in companions]
@@ -407,11 +407,11 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     return summarize(rows, settings, time.perf_counter() - start)
 
 
-def check_bnb(job: Job, entry: TensorEntry, data, merged_files: Files, *, stacked: bool,
+def check_encoded(job: Job, entry: TensorEntry, data, merged_files: Files, *, stacked: bool,
               settings: Settings) -> dict:
-    """A bitsandbytes weight (merging/bnb.py group): base and merged values dequantized with
-    their quant states; the floor is the fp32 merge quantized the way the base is (its blocks
-    run across rows, so the whole tensor at once), or cast for a 16-bit output."""
+    """An encoded weight (merging/encoded.py group: bitsandbytes, ...): base and merged values
+    decoded with their companions; the floor is the fp32 merge encoded the way the base is (its
+    blocks may run across rows, so the whole tensor at once), or cast for a float output."""
     from dataclasses import replace
 
     group = job.group
@@ -435,7 +435,7 @@ def check_bnb(job: Job, entry: TensorEntry, data, merged_files: Files, *, stacke
                 "problem": "" if same else f"not the dequantized base cast to {entry.dtype}"}
     row = check_adapted(job, weight, merged, stacked=stacked, settings=settings,
                         whole_floor=whole)
-    row["dtype"] = group.kind.upper() if whole is not None else entry.dtype
+    row["dtype"] = group.type if whole is not None else entry.dtype
     if job.contributions:
         intended = evaluate(weight, terms_of(job, stacked=stacked), compute=torch.float64,
                             stacked=stacked) - weight.double()
@@ -461,7 +461,7 @@ def _check_one(job: Job, entry: TensorEntry | None, data, base_files: Files,
         return {"name": job.name, "kind": _kind(job) if job.changed else "untouched",
                 "passed": False, "problem": problem}
     if job.group is not None:
-        return check_bnb(job, entry, data, merged_files, stacked=stacked, settings=settings)
+        return check_encoded(job, entry, data, merged_files, stacked=stacked, settings=settings)
     # a float tensor is judged in the dtype the merge stored it in (--dtype)
     job = replace(job, out_dtype=entry.dtype)
     if not job.changed:
