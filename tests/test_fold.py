@@ -122,9 +122,9 @@ def test_merge_files_identical_with_and_without_the_fast_fold(tmp_path, monkeypa
         at.save(make_adapter(spec, rank=4 + seed, seed=seed), tmp_path / f"a{seed}", format="peft")
         adapters.append(tmp_path / f"a{seed}")
     at.merge(base, adapters, tmp_path / "fast", weights=[0.5, -1.0, 2.0])
-    import adaptertools.merging.run as run
+    import adaptertools.kernels.folding as folding
 
-    monkeypatch.setattr(run, "fast_fold_supports", lambda *args: False)
+    monkeypatch.setattr(folding, "fast_fold_supports", lambda *args: False)
     at.merge(base, adapters, tmp_path / "reference", weights=[0.5, -1.0, 2.0])
     fast_bytes = (tmp_path / "fast" / "model.safetensors").read_bytes()
     assert fast_bytes == (tmp_path / "reference" / "model.safetensors").read_bytes()
