@@ -17,8 +17,8 @@ from dataclasses import asdict
 import torch
 
 from ..dtypes import FLOAT_DTYPES, TORCH_DTYPES
+from ..kernels.folding import fold_tensor
 from ..kernels.quant.codec import dequantize, quantize
-from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
 from ..kernels.survival import Survival, check_finite
 from .jobs import Job
 
@@ -79,41 +79,26 @@ def _decode(job: Job, encoded: torch.Tensor, out: torch.Tensor | None = None) ->
     return encoded.to(torch.float32, copy=True)         # the caller may change it in place
 
 
-def fold_fp32(job: Job, weight: torch.Tensor, mode: str, buffers=None) -> torch.Tensor:
+def fold_fp32(job: Job, weight: torch.Tensor, mode: str, buffers=None, pool=None, *,
+              threads: int | None = None) -> torch.Tensor:
     """The job's adapters (or its replacement) applied to the fp32 ``weight`` (rows, cols), in
-    fp32: the dequantized side of every quantized merge (GGUF here, codec-encoded HF weights in encoded.py).
-    With ``buffers``, plain LoRA takes the fast fold (the reference's bits)."""
-    from ..kernels.fold import fold_linear
-    from ..kernels.fold import supports as fast_fold_supports
-
-    stacked = mode == "stacked"
-    contributions = list(job.contributions)
-    if job.replacement is not None:
-        return job.replacement.reshape(weight.shape).to(torch.float32)
-    if contributions and buffers is not None and fast_fold_supports(weight, contributions):
-        if stacked and len(contributions) > 1:
-            merged = weight
-            for c in contributions:
-                merged = fold_linear(merged, [c], torch.float32, buffers)
-            return merged
-        return fold_linear(weight, contributions, torch.float32, buffers,
-                           out=_scratch(buffers, "merged", job))
-    if contributions:
-        merge = merge_stacked if stacked else merge_weighted
-        return merge(weight, contributions, torch.float32)
-    if job.bias_contributions:
-        return merge_bias(weight, list(job.bias_contributions), torch.float32, stacked=stacked)
-    return weight
+    fp32 (kernels/folding.py): the decoded side of every quantized merge (GGUF here,
+    codec-encoded HF weights in encoded.py). With ``buffers``, plain LoRA takes the fast fold
+    (the reference's bits), its result in memory from ``pool`` when given."""
+    replacement = job.replacement.reshape(weight.shape) if job.replacement is not None else None
+    return fold_tensor(weight, job.contributions, job.bias_contributions, replacement,
+                       stacked=mode == "stacked", out_dtype=torch.float32, buffers=buffers,
+                       pool=pool, threads=threads)
 
 
-def fold_gguf(job: Job, source: torch.Tensor, mode: str,
-              buffers=None) -> tuple[torch.Tensor, Survival | None]:
+def fold_gguf(job: Job, source: torch.Tensor, mode: str, buffers=None, pool=None, *,
+              threads: int | None = None) -> tuple[torch.Tensor, Survival | None]:
     """The output bytes of one GGUF job with a quantized side, and its survival score (None for
     tensors the adapters do not change: a ``--quantize-like`` tensor is only converted).
     ``buffers`` (kernels/fold.Buffers) lets plain LoRA take the fast fold (the same bits)."""
     # full-size fp32 temporaries (rows, cols) live in reused buffers when given
     weight = _as_float(job, source, _scratch(buffers, "weight", job))
-    merged = fold_fp32(job, weight, mode, buffers)
+    merged = fold_fp32(job, weight, mode, buffers, pool, threads=threads)
     if job.changed:
         check_finite(job, merged, base=weight)
     encoded = _encode(job, merged)
@@ -121,6 +106,8 @@ def fold_gguf(job: Job, source: torch.Tensor, mode: str,
         return encoded, None
     old = weight if job.out_dtype == job.source.dtype else roundtrip(weight, job.out_dtype)
     intended = torch.sub(merged, weight, out=_scratch(buffers, "intended", job))
+    if pool is not None:
+        pool.give(merged)
     decoded = _decode(job, encoded, _scratch(buffers, "decoded", job))
     if is_quantized(job.out_dtype):     # finite values can still overflow fp16 block scales
         check_finite(job, decoded)

@@ -16,21 +16,20 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .._io import write_json
-from ..paths import atomic_output, contained_file
-from ..adapter import map_tensors
 from ..dtypes import TORCH_DTYPES
-from ..kernels.fold import Buffers, fold_linear
-from ..kernels.fold import supports as fast_fold_supports
-from ..kernels.reference import merge_bias, merge_stacked, merge_weighted
-from ..kernels.triton.engine import fold_float_job, fold_gguf_job, resolve_kernels
+from ..kernels.fold import Buffers
+from ..kernels.folding import fold_tensor
+from ..kernels.survival import Survival
+from ..kernels.triton.engine import fold_gguf_job, resolve_kernels
+from ..paths import atomic_output, contained_file
 from .bases import INDEX_NAME, HFBase
-from .encoded import apply_left, due
+from .encoded import Folded, Patch, apply_left, due
 from .jobs import Job, OutputFile, Plan
 from .quantized import check_output, fold_gguf, needs_codec, summarize
 from .streams import (
@@ -50,17 +49,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 
 
 @dataclass(frozen=True)
-class Workers:
-    """One reading thread (prefetch), one writing thread (in order), reused fold buffers, a
-    pool of I/O buffers, and the survival scores of quantized tensors as they are folded."""
+class RunContext:
+    """What every tensor of one run shares, fixed once in ``execute``: the fold's mode, device
+    and kernels, torch's thread count outside the merge, one reading thread (prefetch), one
+    writing thread (in order), reused fold buffers and a pool of I/O buffers."""
 
+    plan: Plan
+    mode: str                       # fold_mode(plan)
+    device: torch.device
+    kernels: str                    # "triton": fused kernels where they cover a job
+    threads: int                    # torch's thread count outside the merge (folding.py)
     reader: ThreadPoolExecutor
     writer: ThreadPoolExecutor
     buffers: Buffers
     pool: BufferPool
-    survival: list = field(default_factory=list)
-    patches: list = field(default_factory=list)   # encoded weights' companions to overwrite (encoded.py)
-    kernels: str = "torch"          # "triton": fused kernels where they cover a job (kernels/triton)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,84 +86,24 @@ def fold_mode(plan: Plan) -> str:
     return "stacked" if single else plan.mode
 
 
-def fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
-         buffers: Buffers | None = None, pool: BufferPool | None = None,
-         survival: list | None = None, *, kernels: str = "torch",
-         patches: list | None = None) -> torch.Tensor:
-    """The output tensor of ``job`` from its source ``tensor``; the fast path writes it into
-    memory from ``pool`` when given. Quantized GGUF tensors go through their codecs, and their
-    survival scores are appended to ``survival``."""
-    if job.group is not None:     # an encoded weight: its changed companions -> patches
-        folded = job.group.fold(job, tensor, mode)
-        if folded.survival is not None and survival is not None:
-            survival.append(folded.survival)
-        if patches is not None:
-            patches.extend(folded.patches)
-        return folded.tensor
-    with caller_threads(job):
-        return _fold(job, tensor, mode, device, buffers, pool, survival, kernels)
-
-
-def _fold(job: Job, tensor: torch.Tensor, mode: str, device: torch.device,
-          buffers: Buffers | None, pool: BufferPool | None, survival: list | None,
-          kernels: str) -> torch.Tensor:
+def fold(job: Job, tensor: torch.Tensor, ctx: RunContext) -> Folded:
+    """The output of ``job`` from its source ``tensor``: a codec-encoded weight through its
+    codec (encoded.py), a GGUF block type through the GGUF codecs (quantized.py), a float
+    tensor through the one fold (kernels/folding.py), its memory from the pool."""
+    if job.group is not None:     # an encoded weight: its changed companions come back too
+        return job.group.fold(job, tensor, ctx.mode)
     if needs_codec(job):
-        fused = fold_gguf_job(job, tensor, mode, device) if kernels == "triton" else None
-        encoded, score = fused or fold_gguf(job, tensor, mode, buffers)
-        if score is not None and survival is not None:
-            survival.append(score)
-        return encoded
-    if job.replacement is not None:
-        tensor = job.replacement
-    out_dtype = TORCH_DTYPES.get(job.out_dtype, tensor.dtype)
-    stacked = mode == "stacked"
-    contributions = list(job.contributions)
-    if kernels == "triton" and contributions:
-        fused = fold_float_job(job, tensor, mode, device, out_dtype)
-        if fused is not None:
-            return fused
-    if device.type == "cpu" and buffers is not None and fast_fold_supports(tensor, contributions):
-        # the reference's arithmetic in reused blocks (kernels/fold.py): same bits, less memory
-        if not stacked:
-            return fold_linear(tensor, contributions, out_dtype, buffers,
-                               out=_output(pool, tensor, out_dtype))
-        result = tensor
-        for c in contributions:      # rounded to the stored dtype after each, as PEFT does
-            previous = result
-            result = fold_linear(result, [c], result.dtype, buffers,
-                                 out=_output(pool, result, result.dtype))
-            if previous is not tensor and pool is not None:
-                pool.give(previous)
-        if result.dtype != out_dtype:
-            previous, result = result, result.to(out_dtype)
-            if pool is not None:
-                pool.give(previous)
-        return result
-    if job.contributions:
-        contributions = [_to(c, device) for c in job.contributions]
-        tensor = tensor.to(device)
-        merge = merge_stacked if stacked else merge_weighted
-        tensor = merge(tensor, contributions, out_dtype)
-    elif job.bias_contributions:
-        tensor = merge_bias(tensor.to(device), [_to(c, device) for c in job.bias_contributions],
-                            out_dtype, stacked=stacked)
-    return tensor.to("cpu", out_dtype).contiguous()
-
-
-def _output(pool: BufferPool | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """Pooled memory for a fold's result, shaped like ``like`` in ``dtype``."""
-    if pool is None:
-        return None
-    nbytes = like.numel() * torch.empty(0, dtype=dtype).element_size()
-    return pool.take(nbytes).view(dtype).view(like.shape)
-
-
-def _to(contribution, device: torch.device):
-    if device.type == "cpu":
-        return contribution
-    from dataclasses import replace
-
-    return replace(contribution, weight=map_tensors(contribution.weight, lambda t: t.to(device)))
+        fused = fold_gguf_job(job, tensor, ctx.mode, ctx.device) \
+            if ctx.kernels == "triton" else None
+        encoded, score = fused or fold_gguf(job, tensor, ctx.mode, ctx.buffers, ctx.pool,
+                                            threads=ctx.threads)
+        return Folded(encoded, (), score)
+    source = job.replacement if job.replacement is not None else tensor
+    out_dtype = TORCH_DTYPES.get(job.out_dtype, source.dtype)
+    return Folded(fold_tensor(tensor, job.contributions, job.bias_contributions, job.replacement,
+                              stacked=ctx.mode == "stacked", out_dtype=out_dtype,
+                              device=ctx.device, buffers=ctx.buffers, pool=ctx.pool,
+                              kernels=ctx.kernels, threads=ctx.threads))
 
 
 # ----------------------------------------------------------------------------- files
@@ -190,24 +132,28 @@ def source_path(plan: Plan, name: str) -> Path:
     return plan.base.folder / name if isinstance(plan.base, HFBase) else plan.base.path
 
 
-def write_sequential(plan: Plan, out_file: OutputFile, dst: Path, device: torch.device,
-                     progress: Progress, workers: Workers, alignment: int = 1) -> None:
+def write_sequential(ctx: RunContext, out_file: OutputFile, dst: Path, progress: Progress,
+                     patches: tuple[Patch, ...] = (), alignment: int = 1
+                     ) -> tuple[list[Survival], list[Patch]]:
     """The header, then every tensor in order: runs of untouched tensors copied in the kernel,
     the others folded. Serves safetensors shards and re-laid-out GGUF files, whose tensors each
     start at a multiple of ``alignment`` from the data start (zero padding in between). Each
-    tensor is read from the base file it lies in (several for --max-shard-size, shards.py)."""
+    tensor is read from the base file it lies in (several for --max-shard-size, shards.py).
+    ``patches``: companions of encoded weights folded earlier, still to be written; returns the
+    survival scores of this file's tensors and the patches left for other files."""
+    plan, pending_patches, scores = ctx.plan, list(patches), []
     position = 0                                   # bytes written after the header
     size = len(out_file.header) + sum(j.nbytes for j in out_file.jobs)
     # companion patches write in place: weights folded here, or companions of weights placed here
     placed = {f for j in plan.jobs if j.group is not None for f, _ in j.group.placed.values()}
     direct = out_file.name not in placed and not any(j.group is not None for j in out_file.jobs)
-    with _file_pair(lambda name: source_path(plan, name), dst, workers, progress,
+    with _file_pair(lambda name: source_path(plan, name), dst, ctx, progress,
                     size if direct else None, sequential=True) as (sources, out, writer):
         writer.submit(len(out_file.header), out.write, out_file.header)
         runs = _runs(out_file.jobs)
-        pending = _prefetch(workers.reader, sources, runs, 0)
+        pending = _prefetch(ctx.reader, sources, runs, 0)
         for i, run in enumerate(runs):
-            current, pending = pending, _prefetch(workers.reader, sources, runs, i + 1)
+            current, pending = pending, _prefetch(ctx.reader, sources, runs, i + 1)
             position = _pad(writer, out, position, alignment)
             src, reads = sources.get(run[0].source.file)
             if _is_plain(run[0]):
@@ -215,16 +161,18 @@ def write_sequential(plan: Plan, out_file: OutputFile, dst: Path, device: torch.
                 writer.submit(count, out.copy, src, run[0].source.offset, count)
             else:
                 source = current.result()
-                tensor = fold(run[0], source, fold_mode(plan), device, workers.buffers,
-                              workers.pool, workers.survival, kernels=workers.kernels,
-                              patches=workers.patches)
+                folded = fold(run[0], source, ctx)
+                tensor = folded.tensor
                 check_output(run[0], tensor, source)      # no Inf/NaN written
+                scores += [folded.survival] if folded.survival is not None else []
+                pending_patches += folded.patches
                 count = tensor.numel() * tensor.element_size()
-                writer.submit(count, write_released, out, tensor, workers.pool, reads, source)
+                writer.submit(count, write_released, out, tensor, ctx.pool, reads, source)
             position += count
-            for patch in due(workers.patches, out_file.name, len(out_file.header) + position):
+            for patch in due(pending_patches, out_file.name, len(out_file.header) + position):
                 writer.submit(0, write_all, out.fd, tensor_bytes(patch.data), patch.offset)
         _pad(writer, out, position, alignment)
+    return scores, pending_patches
 
 
 class Sources:
@@ -257,7 +205,7 @@ class Sources:
 
 
 @contextmanager
-def _file_pair(path_of, dst: Path, workers: Workers, progress: Progress,
+def _file_pair(path_of, dst: Path, ctx: RunContext, progress: Progress,
                out_bytes: int | None = None, sequential: bool = False):
     """(the sources: base files by name, opened through ``path_of(name)`` on first use; the
     output's sink; its ordered writer). The sink writes front to back: O_DIRECT for outputs of
@@ -266,8 +214,8 @@ def _file_pair(path_of, dst: Path, workers: Workers, progress: Progress,
     error the queue is abandoned; every file is closed."""
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sink = open_sink(out, dst, out_bytes)
-    writer = OrderedWriter(workers.writer, progress)
-    sources = Sources(path_of, workers.pool, sequential)
+    writer = OrderedWriter(ctx.writer, progress)
+    sources = Sources(path_of, ctx.pool, sequential)
     try:
         yield sources, sink, writer
         writer.drain()
@@ -275,7 +223,7 @@ def _file_pair(path_of, dst: Path, workers: Workers, progress: Progress,
         os.fsync(out)
     finally:
         writer.abandon()
-        workers.reader.submit(sources.close).result()
+        ctx.reader.submit(sources.close).result()
         sink.close()
         os.close(out)
 
@@ -295,19 +243,18 @@ def _prefetch(reader: ThreadPoolExecutor, sources: Sources, runs: list[list[Job]
     return reader.submit(sources.get(runs[i][0].source.file)[1].read, runs[i][0])
 
 
-def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
-               workers: Workers) -> None:
+def write_gguf(ctx: RunContext, dst: Path, progress: Progress) -> list[Survival]:
     """Same header, same layout: untouched regions copied, adapted tensors rewritten in place.
     Copies and writes go to the writer thread (each at its own offset), so they overlap the
-    folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s)."""
-    base = plan.base
-    with _file_pair(lambda name: base.path, dst, workers, progress, base.data_end) as \
+    folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s). Returns the survival
+    scores of the quantized tensors."""
+    base, scores = ctx.plan.base, []
+    with _file_pair(lambda name: base.path, dst, ctx, progress, base.data_end) as \
             (sources, out, writer):
         src, reads = sources.get(base.path.name)
         position = 0
-        jobs = [j for j in plan.files[0].jobs if j.changed]
-        reader = workers.reader
-        pool = workers.pool
+        jobs = [j for j in ctx.plan.files[0].jobs if j.changed]
+        reader = ctx.reader
         pending = reader.submit(reads.read, jobs[0]) if jobs else None
         for i, job in enumerate(jobs):
             current = pending
@@ -315,14 +262,16 @@ def write_gguf(plan: Plan, dst: Path, device: torch.device, progress: Progress,
             gap = job.source.offset - position
             writer.submit(gap, out.copy, src, position, gap)
             source = current.result()
-            tensor = fold(job, source, fold_mode(plan), device, workers.buffers, pool,
-                          workers.survival, kernels=workers.kernels)
+            folded = fold(job, source, ctx)
+            tensor = folded.tensor
             check_output(job, tensor, source)             # no Inf/NaN written
+            scores += [folded.survival] if folded.survival is not None else []
             writer.submit(tensor.numel() * tensor.element_size(), write_released, out, tensor,
-                          pool, reads, source)
+                          ctx.pool, reads, source)
             position = job.source.offset + job.source.nbytes
         tail = base.data_end - position
         writer.submit(tail, out.copy, src, position, tail)
+    return scores
 
 
 def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
@@ -343,41 +292,19 @@ def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
 
 @contextmanager
 def one_compute_thread():
-    """torch's CPU ops on one thread while the merge runs (restored afterwards). The fold needs
-    about one core (W1: 1 s of CPU in all); the reading and writing threads need the others. With
-    torch's default of one OpenMP thread per core, its threads spin-wait between matmuls and
-    take the cores the I/O threads need: measured on 2 cores, W1 took 69-112 s of wall and 28-34
-    s of user CPU with the default, 14-17 s and 1.8 s with one thread (machine under load)."""
+    """torch's CPU ops on one thread while the merge runs (restored afterwards); yields the
+    caller's thread count, which conv deltas and DoRA norms still use (kernels/folding.py). The
+    fold needs about one core (W1: 1 s of CPU in all); the reading and writing threads need the
+    others. With torch's default of one OpenMP thread per core, its threads spin-wait between
+    matmuls and take the cores the I/O threads need: measured on 2 cores, W1 took 69-112 s of
+    wall and 28-34 s of user CPU with the default, 14-17 s and 1.8 s with one thread (machine
+    under load)."""
     threads = torch.get_num_threads()
-    CALLER_THREADS[0] = threads
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
-        CALLER_THREADS[0] = None
-
-
-CALLER_THREADS: list[int | None] = [None]    # torch's thread count outside the merge
-
-
-@contextmanager
-def caller_threads(job: Job):
-    """A conv LoRA's delta, and a DoRA norm, on the caller's thread count: oneDNN picks its
-    convolution algorithm, and with it the rounding, by thread count (measured: 7-13 of 160
-    elements differ from PEFT on one thread), and torch.linalg.norm splits its sum by thread
-    count (a DoRA embedding (100, 5), norm over the vocabulary: 1 ulp off PEFT on one thread);
-    PEFT runs with torch's default. Matmuls do not depend on it."""
-    saved = CALLER_THREADS[0]
-    if saved is None or not any(c.weight.layer == "conv" or c.weight.magnitude is not None
-                                for c in job.contributions):
-        yield
-        return
-    torch.set_num_threads(saved)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(1)
 
 
 def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: bool = False,
@@ -394,13 +321,16 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
                        inputs=inputs) as tmp, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-write") as writer:
-        workers = Workers(reader, writer, Buffers(), BufferPool(), kernels=kernels)
-        with torch.inference_mode(), one_compute_thread():
+        with torch.inference_mode(), one_compute_thread() as threads:
+            ctx = RunContext(plan, fold_mode(plan), torch_device, kernels, threads, reader,
+                             writer, Buffers(), BufferPool())
+            scores, patches = [], []
             if is_hf:
                 for out_file in plan.files:
-                    write_sequential(plan, out_file, tmp / out_file.name, torch_device, progress,
-                                     workers)
-                apply_left(workers.patches, tmp)     # quant states in shards already written
+                    done, patches = write_sequential(ctx, out_file, tmp / out_file.name,
+                                                     progress, tuple(patches))
+                    scores += done
+                apply_left(patches, tmp)     # companions in shards already written
                 copied = copy_side_files(plan.base.folder, tmp, plan)
                 if plan.config is not None:
                     write_json(tmp / "config.json", plan.config)
@@ -409,11 +339,11 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
                 elif plan.base.index is not None and plan.max_shard_size is None:
                     shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
             elif plan.files[0].header:          # types changed: a new layout
-                write_sequential(plan, plan.files[0], tmp, torch_device, progress, workers,
-                                 alignment=plan.base.header.alignment)
+                scores, _ = write_sequential(ctx, plan.files[0], tmp, progress,
+                                             alignment=plan.base.header.alignment)
                 copied = []
             else:
-                write_gguf(plan, tmp, torch_device, progress, workers)
+                scores = write_gguf(ctx, tmp, progress)
                 copied = []
     return {"wall_s": time.perf_counter() - start, "device": str(torch_device), "kernels": kernels,
-            "copied_files": copied, "survival": summarize(workers.survival, gguf=not is_hf)}
+            "copied_files": copied, "survival": summarize(scores, gguf=not is_hf)}

@@ -43,9 +43,11 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
 def _plain(contributions, mode: str) -> bool:
     from ..reference import _pointwise_conv
 
+    from ...adapter import LoraWeight
+
     for c in contributions:
         w = c.weight
-        if w.magnitude is not None or (w.layer == "conv" and not _pointwise_conv(w.weight_shape)):
+        if not isinstance(w, LoraWeight) or w.magnitude is not None or (w.layer == "conv" and not _pointwise_conv(w.weight_shape)):
             return False
         if w.layer == "embedding" and mode == "stacked":     # PEFT rounds the delta first
             return False
@@ -79,12 +81,15 @@ def _interpreter_quiet():
         yield
 
 
-def fold_float_job(job, tensor: torch.Tensor, mode: str, device: torch.device,
-                   out_dtype: torch.dtype) -> torch.Tensor | None:
-    """The job's output (on the CPU, shaped like ``tensor``) through ``fold.fold_float``, or None."""
-    contributions = list(job.contributions)
-    if (job.replacement is not None or not _plain(contributions, mode)
-            or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+def fold_float_terms(contributions, tensor: torch.Tensor, stacked: bool, device: torch.device,
+                     out_dtype: torch.dtype) -> torch.Tensor | None:
+    """``contributions`` folded into ``tensor`` (the result on the CPU, shaped like ``tensor``)
+    through ``fold.fold_float``, or None where the kernels do not cover them (kernels/folding.py
+    then runs the torch path)."""
+    contributions = list(contributions)
+    mode = "stacked" if stacked else "weighted"
+    if not _plain(contributions, mode) or \
+            tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None
     from .fold import fold_float
 
