@@ -98,9 +98,17 @@ def check_options(options: Options, count: int) -> None:
 def gather_terms(adapters: list[Adapter], names: list[str],
                  weights: tuple[float, ...]) -> dict[str, list[Term]]:
     """Tensor name -> the adapters' terms, checked to have one layout per tensor."""
+    from ..kernels.deltas import exactly_low_rank, kind
+
     terms: dict[str, list[Term]] = {}
     for i, adapter in enumerate(adapters):
         for name, lora in adapter.weights.items():
+            if not exactly_low_rank(lora):      # the delta protocol (kernels/deltas.py)
+                raise UnsupportedError(
+                    f"{name}: {names[i]} is a {kind(lora).name} delta ({kind(lora).formula}), "
+                    "not B @ A: combine works on LoRA factors; merge the adapters into the base "
+                    "instead (adaptertools merge BASE A B --weights ...) or extract a LoRA from "
+                    "that merge")
             terms.setdefault(name, []).append(Term(i, weights[i], lora))
     for name, group in terms.items():
         first = group[0]

@@ -58,10 +58,18 @@ def base_layer_layout(name: str, w: LoraWeight, model_type: str) -> LoraWeight:
     the config's fan_in_fan_out is re-laid when the base's layer is the other kind
     (CONV1D_MODULES; ``w`` itself when it already fits or the model is not one with Conv1D
     layers). Conv1D stores (in, out): a (r, out) = B.T, b (in, r) = A.T."""
+    from ..adapter import LoraWeight
+
     modules = CONV1D_MODULES.get(model_type)
     if modules is None or w.layer not in ("linear", "conv1d") or not name.endswith(".weight"):
         return w
     want = "conv1d" if name.rsplit(".", 2)[-2] in modules else "linear"
     if w.layer == want:
         return w
+    if not isinstance(w, LoraWeight):
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"{name}: a {type(w).__name__} on a {model_type} Conv1D layer "
+                               "(stored (in, out)); only LoRA knows that layout; merge a LoRA "
+                               "adapter, or into a checkpoint with Linear layers")
     return replace(w, a=w.b.T.contiguous(), b=w.a.T.contiguous(), layer=want)

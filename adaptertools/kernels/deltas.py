@@ -2,7 +2,10 @@
 
 What one adapter adds to one base tensor (DESIGN.md, "the delta seam"): its dense delta in the
 stored weight's layout, its Frobenius norm (without forming the delta where that is cheaper) and
-whether it is exactly low-rank. The engine does not use these yet.
+whether it is exactly low-rank. The protocol at the end of this module (``kind``, ``delta``,
+``delta_rows``, ``norm``, ``exactly_low_rank``) is what the engine (kernels/reference.py), the
+validator and the algebra ask of any delta: ``adapter.LoraWeight`` (``scale * B @ A``, with the
+fast paths that only it has), ``LohaWeight`` and ``LokrWeight``.
 
 The operation order is PEFT's own ``get_delta_weight`` so that a delta from here is bit-identical
 to PEFT's on CPU, and ``W + delta`` to ``merge_and_unload``. Lines cited are PEFT 0.21.2's
@@ -57,6 +60,8 @@ from typing import Literal
 
 import torch
 
+from ..adapter import LoraWeight
+
 
 @dataclass(frozen=True)
 class DeltaKind:
@@ -73,8 +78,30 @@ LOHA = DeltaKind("loha", "LOHA", False, "(w1_a @ w1_b) * (w2_a @ w2_b) * scale")
 LOKR = DeltaKind("lokr", "LOKR", False, "kron(w1, w2) * scale")
 
 
+class _DenseShaped:
+    """What the planner asks of every delta (``adapter.LoraWeight`` has the same names), for the
+    kinds whose delta is only known dense: no DoRA, no lora_bias, the stored weight's shape."""
+
+    magnitude = None
+    bias = None
+    weight_shape: tuple[int, ...]
+
+    @property
+    def layer(self) -> str:
+        return "linear" if len(self.weight_shape) == 2 else "conv"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The delta as a 2-D matrix (out, in * prod(kernel))."""
+        return int(self.weight_shape[0]), math.prod(self.weight_shape[1:])
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape)
+
+
 @dataclass(frozen=True)
-class LohaWeight:
+class LohaWeight(_DenseShaped):
     """One LoHa layer, PEFT's tensors under their PEFT names less ``hada_``.
 
     Linear, and conv without the CP form (``in*`` = in * prod(kernel)):
@@ -94,7 +121,7 @@ class LohaWeight:
 
 
 @dataclass(frozen=True)
-class LokrWeight:
+class LokrWeight(_DenseShaped):
     """One LoKr layer, PEFT's tensors under their PEFT names less ``lokr_``; out = a*b, in = c*d.
 
     w1 (a, c), or w1_a (a, r) and w1_b (r, c).
@@ -291,3 +318,91 @@ def rank_bound(w: LohaWeight | LokrWeight) -> int:
         rank2 = min(b, d_k) if w.w2 is not None else min(b, d_k, w.w2_b.shape[0])
         inner = rank1 * rank2
     return min(out, cols, inner)
+
+
+# -- the LoRA kind (``adapter.LoraWeight``) -------------------------------------------------------
+
+def lora_delta(w: LoraWeight, dtype: torch.dtype = torch.float32, factor: float = 1.0) -> torch.Tensor:
+    """``factor * scale * B @ A`` in ``dtype``, (rows, cols): the stored layout viewed 2-D."""
+    scale = w.scale * factor if factor != 1.0 else w.scale
+    a, b = w.a.to(dtype), w.b.to(dtype)
+    if w.layer in ("embedding", "conv1d"):
+        # PEFT keeps B (out, r) and A (r, in) and transposes the product to the stored layout
+        return (a.T.contiguous() @ b.T.contiguous()).T * scale
+    if w.layer == "conv" and not _pointwise_conv(w.weight_shape):
+        return conv_delta(a, b, w.weight_shape) * scale
+    return (b @ a) * scale
+
+
+def _pointwise_conv(weight_shape: tuple[int, ...]) -> bool:
+    """PEFT's test for its matmul branch: ``weight.size()[2:4] == (1, 1)`` (a 1x1 Conv2d)."""
+    return tuple(weight_shape[2:4]) == (1, 1)
+
+
+def conv_delta(a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """A conv LoRA's ``B @ A`` computed the way PEFT computes it, as a convolution, so that the
+    rounding is PEFT's: ``conv(A^T, B)^T`` with A as the input batch and B as a 1x1 kernel.
+
+    a (r, in * k...) -> A (r, in, k...); b (out, r) -> B (out, r, 1...); returns (out, in * k...).
+    """
+    import torch.nn.functional as F
+
+    kernel = tuple(weight_shape[2:])
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
+    factor_a = a.reshape(a.shape[0], weight_shape[1], *kernel)          # (r, in, k...)
+    factor_b = b.reshape(b.shape[0], b.shape[1], *(1,) * len(kernel))   # (out, r, 1...)
+    delta = conv(factor_a.transpose(0, 1), factor_b).transpose(0, 1)    # (out, in, k...)
+    return delta.reshape(b.shape[0], -1)
+
+
+
+# -- the protocol --------------------------------------------------------------------------------
+
+Delta = LoraWeight | LohaWeight | LokrWeight
+
+
+def kind(w: Delta) -> DeltaKind:
+    if isinstance(w, LoraWeight):
+        return LORA
+    return kind_of(w)
+
+
+def exactly_low_rank(w: Delta) -> bool:
+    """Whether the delta is ``B @ A`` with the adapter's own factors: what ``combine --method
+    cat``, rank truncation by factors and GGUF's LoRA tensors need."""
+    return kind(w).exactly_low_rank
+
+
+def delta(w: Delta, dtype: torch.dtype = torch.float32, factor: float = 1.0) -> torch.Tensor:
+    """``factor`` times the delta in ``dtype``, (rows, cols): the stored layout viewed 2-D."""
+    if isinstance(w, LoraWeight):
+        return lora_delta(w, dtype, factor)
+    full = loha_delta(w, dtype, factor) if isinstance(w, LohaWeight) else \
+        lokr_delta(w, dtype, factor)
+    return full.reshape(w.shape)
+
+
+def delta_rows(w: Delta, start: int, stop: int, dtype: torch.dtype = torch.float32,
+               factor: float = 1.0) -> torch.Tensor:
+    """Rows [start, stop) of ``delta(w)``: a plain LoRA's and a non-CP LoHa's from their
+    factors' rows, the others sliced from the whole delta."""
+    if isinstance(w, LoraWeight) and w.layer == "linear":
+        from dataclasses import replace
+
+        return lora_delta(replace(w, b=w.b[start:stop]), dtype, factor)
+    if isinstance(w, LohaWeight) and w.t1 is None:
+        part = LohaWeight(w.w1_a[start:stop], w.w1_b, w.w2_a[start:stop], w.w2_b, w.scale,
+                          (stop - start, *w.weight_shape[1:]))
+        return delta(part, dtype, factor)
+    return delta(w, dtype, factor)[start:stop]
+
+
+def norm(w: Delta, factor: float = 1.0) -> float:
+    """``||factor * delta||_F`` without forming the delta where that is cheaper."""
+    if isinstance(w, LohaWeight):
+        return loha_norm(w, factor)
+    if isinstance(w, LokrWeight):
+        return lokr_norm(w, factor)
+    if w.layer == "conv" and not _pointwise_conv(w.weight_shape):
+        return float(torch.linalg.norm(lora_delta(w, torch.float64, factor)))
+    return math.sqrt(max(_lowrank_sq_norm(w.b, w.a), 0.0)) * abs(_scaled(w.scale, factor))

@@ -26,13 +26,15 @@ import math
 import torch
 
 from ..dtypes import FLOAT_TORCH_DTYPES
+from ..adapter import LoraWeight
 from .reference import Contribution, combined_weight
 
 
 def supports(weight: torch.Tensor, contributions: list[Contribution]) -> bool:
-    """Plain LoRA on a 2-D float weight: no DoRA, no transposed layouts, no conv views."""
+    """Plain LoRA on a 2-D float weight: no DoRA, no transposed layouts, no conv views, no
+    other delta kinds (LoHa, LoKr: the reference folds them)."""
     return (weight.dim() == 2 and weight.dtype in FLOAT_TORCH_DTYPES and bool(contributions)
-            and all(c.weight.layer == "linear" and c.weight.magnitude is None
+            and all(isinstance(c.weight, LoraWeight) and c.weight.layer == "linear" and c.weight.magnitude is None
                     and c.weight.shape == tuple(weight.shape) for c in contributions))
 
 

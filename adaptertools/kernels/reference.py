@@ -15,48 +15,17 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import LoraWeight
+from . import deltas
+from .deltas import Delta, _pointwise_conv, conv_delta, lora_delta  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
 class Contribution:
     """One adapter's share of one base tensor."""
 
-    weight: LoraWeight
+    weight: Delta              # adapter.LoraWeight, or a LoHa/LoKr delta (kernels/deltas.py)
     factor: float = 1.0        # the user's weight for this adapter (--weights)
     adapter: int = 0           # position in the adapter list, for reports
-
-
-def lora_delta(w: LoraWeight, dtype: torch.dtype = torch.float32, factor: float = 1.0) -> torch.Tensor:
-    """``factor * scale * B @ A`` in ``dtype``, (rows, cols): the stored layout viewed 2-D."""
-    scale = w.scale * factor if factor != 1.0 else w.scale
-    a, b = w.a.to(dtype), w.b.to(dtype)
-    if w.layer in ("embedding", "conv1d"):
-        # PEFT keeps B (out, r) and A (r, in) and transposes the product to the stored layout
-        return (a.T.contiguous() @ b.T.contiguous()).T * scale
-    if w.layer == "conv" and not _pointwise_conv(w.weight_shape):
-        return conv_delta(a, b, w.weight_shape) * scale
-    return (b @ a) * scale
-
-
-def _pointwise_conv(weight_shape: tuple[int, ...]) -> bool:
-    """PEFT's test for its matmul branch: ``weight.size()[2:4] == (1, 1)`` (a 1x1 Conv2d)."""
-    return tuple(weight_shape[2:4]) == (1, 1)
-
-
-def conv_delta(a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """A conv LoRA's ``B @ A`` computed the way PEFT computes it, as a convolution, so that the
-    rounding is PEFT's: ``conv(A^T, B)^T`` with A as the input batch and B as a 1x1 kernel.
-
-    a (r, in * k...) -> A (r, in, k...); b (out, r) -> B (out, r, 1...); returns (out, in * k...).
-    """
-    import torch.nn.functional as F
-
-    kernel = tuple(weight_shape[2:])
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
-    factor_a = a.reshape(a.shape[0], weight_shape[1], *kernel)          # (r, in, k...)
-    factor_b = b.reshape(b.shape[0], b.shape[1], *(1,) * len(kernel))   # (out, r, 1...)
-    delta = conv(factor_a.transpose(0, 1), factor_b).transpose(0, 1)    # (out, in, k...)
-    return delta.reshape(b.shape[0], -1)
 
 
 def dora_rescale(merged: torch.Tensor, w: LoraWeight) -> torch.Tensor:
@@ -67,10 +36,11 @@ def dora_rescale(merged: torch.Tensor, w: LoraWeight) -> torch.Tensor:
     return factor * merged
 
 
-def apply_lora(weight: torch.Tensor, w: LoraWeight, dtype: torch.dtype = torch.float32,
+def apply_lora(weight: torch.Tensor, w: Delta, dtype: torch.dtype = torch.float32,
                factor: float = 1.0) -> torch.Tensor:
-    """The merged weight in ``dtype``, shaped like ``weight``; DoRA by PEFT's rule."""
-    merged = weight.to(dtype).reshape(w.shape) + lora_delta(w, dtype, factor)
+    """The merged weight in ``dtype``, shaped like ``weight``; DoRA by PEFT's rule. Any delta
+    kind: PEFT's LoHa/LoKr merge adds ``get_delta_weight`` to the weight the same way."""
+    merged = weight.to(dtype).reshape(w.shape) + deltas.delta(w, dtype, factor)
     if w.magnitude is not None:
         merged = dora_rescale(merged, w)
     return merged.reshape(weight.shape)
@@ -119,11 +89,11 @@ def merge_weighted(weight: torch.Tensor, contributions: list[Contribution],
     (A merge of ONE adapter runs ``merge_stacked`` instead, PEFT's order: see merge/run.py.)
     """
     merged = weight.to(torch.float32).reshape(contributions[0].weight.shape)
-    if len(contributions) > 1:
+    if len(contributions) > 1 and all(isinstance(c.weight, LoraWeight) for c in contributions):
         merged = merged + lora_delta(combined_weight(contributions), torch.float32)
-    else:
-        merged = merged + lora_delta(contributions[0].weight, torch.float32,
-                                     contributions[0].factor)
+    else:                       # one adapter, or deltas of other kinds: added one by one
+        for c in contributions:
+            merged = merged + deltas.delta(c.weight, torch.float32, c.factor)
     dora = [c.weight for c in contributions if c.weight.magnitude is not None]
     if dora:
         merged = dora_rescale(merged, dora[0])

@@ -30,7 +30,7 @@ from types import ModuleType
 import torch
 
 from ..codecs import Encoding
-from ..dtypes import STORED_TORCH_DTYPES, REQUANTIZE_NAMES
+from ..dtypes import REQUANTIZE_NAMES, STORED_TORCH_DTYPES
 from ..errors import FormatError, OptionError, UnsupportedError
 from ..kernels.survival import Survival
 from .bases import HFBase, TensorEntry

@@ -504,6 +504,12 @@ def gguf_target(name: str, w: LoraWeight | None, info, entries) -> tuple[str, Lo
         return None
     if w is None:
         return gguf_name, None
+    if not isinstance(w, LoraWeight):
+        from ..kernels.deltas import kind
+
+        raise UnsupportedError(f"{name}: {kind(w).name} deltas are not merged into GGUF bases yet "
+                               "(only LoRA factors are re-laid out for GGUF's tensors); merge "
+                               "into the HF checkpoint, then convert it to GGUF with llama.cpp")
     if w.layer == "embedding":          # token_embd is stored (vocab, dim) in both
         return gguf_name, w
     a, b = to_gguf_factors(name, w, info)   # delta = b @ a in GGUF's (out, in)

@@ -98,9 +98,15 @@ class Term:
 
 
 def terms_of(job: Job, *, stacked: bool) -> list[Term]:
+    from ..adapter import LoraWeight
+    from ..kernels.deltas import delta
+
     out = []
     for c in job.contributions:
         w = c.weight
+        if not isinstance(w, LoraWeight):       # LoHa, LoKr: their dense delta, in float64
+            out.append(Term(c.factor, dense=delta(w, torch.float64)))
+            continue
         out.append(Term(w.scale * c.factor, w.a, w.b, None, w.magnitude, w.norm_dim,
                         pre_round=stacked and w.layer == "embedding" and w.magnitude is None))
     for c in job.bias_contributions:
