@@ -15,6 +15,22 @@ class FormatError(AdapterToolsError, ValueError):
     """An input file is malformed or inconsistent (bad config, missing factor, bad shapes)."""
 
 
+class TruncatedFileError(FormatError):
+    """A stored file ends before the bytes its header promises: a short read of a tensor (or a
+    header shorter than its length prefix), i.e. a download or copy cut short. One class for
+    every reader (tensor_index.read_entry, the header index); a FormatError, so the CLI exits 1.
+    ``file`` and ``tensor`` (None: the header itself) are kept for callers and tests."""
+
+    def __init__(self, file, tensor: str | None, detail: str = "") -> None:
+        self.file, self.tensor, self.detail = str(file), tensor, detail
+        where = "its header" if tensor is None else f"tensor {tensor}"
+        super().__init__(f"{file}: ends inside {where}{detail}; the file is truncated; "
+                         "download it again")
+
+    def __reduce__(self):        # (pickled with its own arguments, not the message)
+        return type(self), (self.file, self.tensor, self.detail)
+
+
 class UnsupportedError(AdapterToolsError, ValueError):
     """The input is valid but uses something adaptertools (or the target format) cannot express."""
 

@@ -54,8 +54,7 @@ def w1_tuned(base: Path, folder: Path) -> Path:
     """The synthetic fine-tune of ``base``: same shards, headers and order; targets changed."""
     import torch
 
-    from adaptertools.tensor_index import read_safetensors_header
-    from adaptertools.algebra.extract import read_stored
+    from adaptertools.tensor_index import read_entry, read_safetensors_header
 
     done = folder / ".complete"
     if done.is_file() and done.read_text() == TUNED_VERSION:
@@ -68,7 +67,7 @@ def w1_tuned(base: Path, folder: Path) -> Path:
         with open(folder / file.name, "wb") as fh:
             fh.write(header.header)
             for n, entry in enumerate(header.tensors):        # data order
-                tensor = read_stored(base, entry)
+                tensor = read_entry(file, entry)
                 if is_target(entry.name):
                     gen = torch.Generator().manual_seed(SEED + 1000 * k + n)
                     rows, cols = entry.shape

@@ -318,7 +318,7 @@ def fill_biases(weights: dict[str, LoraWeight]) -> dict[str, LoraWeight]:
 def read_base_weights(base, wanted: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """The base tensors DoRA needs, read one at a time from an HF safetensors base."""
     from ..merging.bases import open_base
-    from .extract import read_stored
+    from .extract import read_float
 
     checkpoint = open_base(base)
     if checkpoint.kind != "safetensors":
@@ -332,7 +332,7 @@ def read_base_weights(base, wanted: dict[str, tuple[int, ...]]) -> dict[str, tor
             found = "missing" if entry is None else f"of shape {tuple(entry.shape)}"
             raise UnsupportedError(f"{base}: {name} is {found}, the DoRA adapter needs shape "
                                    f"{tuple(shape)}; pass the base the adapter was trained on")
-        out[name] = read_stored(checkpoint.folder, entry)
+        out[name] = read_float(checkpoint.folder, entry)
     return out
 
 

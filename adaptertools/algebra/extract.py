@@ -28,6 +28,7 @@ from ..errors import FormatError, UnsupportedError
 from ..kernels.fold import all_finite, count_nonfinite
 from ..kernels.lowrank import truncate_matrix
 from ..merging.bases import HFBase, TensorEntry, open_base
+from ..tensor_index import read_entry
 from .common import TensorResult, check_factors, tensor_generator
 
 # last component of the module name of input/position embeddings (HF Llama, GPT-2, BLOOM, NeoX, T5)
@@ -60,32 +61,32 @@ class Pair:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_raw(folder: Path, entry: TensorEntry) -> bytearray:
-    """The bytes of one stored tensor, read into fresh memory."""
-    buffer = bytearray(entry.nbytes)
-    with open(folder / entry.file, "rb", buffering=0) as fh:
-        fh.seek(entry.offset)
-        view, done = memoryview(buffer), 0
-        while done < entry.nbytes:
-            got = fh.readinto(view[done:])
-            if not got:
-                raise FormatError(f"{folder / entry.file}: ends inside {entry.name}; the file "
-                                  "is truncated, download it again")
-            done += got
-    return buffer
+def read_float(folder: Path, entry: TensorEntry) -> torch.Tensor:
+    """A float tensor of an HF checkpoint in ``folder``, into fresh memory
+    (tensor_index.read_entry); other dtypes are refused (extract and DoRA's --materialize
+    only do float arithmetic)."""
+    return as_float(entry, read_entry(folder / entry.file, entry))
 
 
-def decode(buffer: bytearray, entry: TensorEntry) -> torch.Tensor:
+def as_float(entry: TensorEntry, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (read_entry's tensor of ``entry``), refused unless a float type."""
     from ..dtypes import TORCH_DTYPES
 
-    dtype = TORCH_DTYPES.get(entry.dtype)
-    if dtype is None:
+    if entry.dtype not in TORCH_DTYPES:
         raise UnsupportedError(f"{entry.name}: dtype {entry.dtype} is not a float type read here")
-    return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+    return value
 
 
-def read_stored(folder: Path, entry: TensorEntry) -> torch.Tensor:
-    return decode(read_raw(folder, entry), entry)
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two stored tensors hold the same bytes (any dtypes and shapes). Compared as 8-byte words
+    where the length allows: torch.equal on uint8 takes about 8x as long (46 MB: 8 ms against
+    1 ms, which is what the memcmp of two bytearrays took before)."""
+    x, y = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    if x.numel() != y.numel():
+        return False
+    if x.numel() % 8 == 0 and x.storage_offset() % 8 == 0 and y.storage_offset() % 8 == 0:
+        x, y = x.view(torch.int64), y.view(torch.int64)
+    return torch.equal(x, y)
 
 
 def check_stored(checkpoint: HFBase, entry: TensorEntry, value: torch.Tensor) -> None:
@@ -163,23 +164,23 @@ def factor_delta(pair: Pair, delta: torch.Tensor, options: ExtractOptions):
 
 def extract_pair(base: HFBase, tuned: HFBase, pair: Pair, options: ExtractOptions):
     """(kind, value, result) for one tensor: kind lora | full | drop | same."""
-    raw = read_raw(tuned.folder, pair.tuned)
+    raw = read_entry(tuned.folder / pair.tuned.file, pair.tuned)
     if pair.base is None:
-        value = decode(raw, pair.tuned)
+        value = as_float(pair.tuned, raw)
         check_stored(tuned, pair.tuned, value)
         norm = float(torch.linalg.vector_norm(value, dtype=torch.float64))
         note = "only in the fine-tune: kept whole (modules_to_save)"
         return "full", value, TensorResult(pair.name, tuple(pair.tuned.shape), None, norm, 0.0,
                                            note)
-    old = read_raw(base.folder, pair.base)
-    if pair.base.dtype == pair.tuned.dtype and old == raw:
+    old = read_entry(base.folder / pair.base.file, pair.base)
+    if pair.base.dtype == pair.tuned.dtype and same_bytes(old, raw):
         return "same", None, None
-    value = decode(raw, pair.tuned)
+    value = as_float(pair.tuned, raw)
     wide = torch.float64 if value.dtype == torch.float64 else torch.float32
-    delta = value.to(wide, copy=True).sub_(decode(old, pair.base))
+    delta = value.to(wide, copy=True).sub_(as_float(pair.base, old))
     if pair.role != "drop" and not all_finite(delta):    # an SVD of NaN fails to converge
         check_stored(tuned, pair.tuned, value)
-        check_stored(base, pair.base, decode(old, pair.base))
+        check_stored(base, pair.base, old)
         raise UnsupportedError(f"{pair.name}: the difference between {tuned.folder} and "
                                f"{base.folder} overflows {wide}; these are not two checkpoints "
                                "of one model")

@@ -10,18 +10,9 @@ from pathlib import Path
 import torch
 
 from ..copies import same_weight
+from ..tensor_index import entry_rows, read_entry
 
 COMPARE_BYTES = 4 << 20           # base bytes read and compared at a time
-
-
-def _raw(path: Path, offset: int, nbytes: int) -> torch.Tensor:
-    data = bytearray(nbytes)
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        if fh.readinto(data) != nbytes:
-            raise OSError(f"{path}: unexpected end of file; the file is truncated, download it "
-                          "again")
-    return torch.frombuffer(data, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
 
 
 def copy_matches_base(copy: torch.Tensor, checkpoint, entry) -> bool | None:
@@ -36,15 +27,14 @@ def copy_matches_base(copy: torch.Tensor, checkpoint, entry) -> bool | None:
     if tuple(copy.shape) != tuple(entry.shape):
         return False
     if entry.dtype in TORCH_DTYPES:      # row blocks: memory stays at a few MB per block
-        dtype = TORCH_DTYPES[entry.dtype]
-        rows = int(entry.shape[0]) if entry.shape else 1
+        rows = entry_rows(entry)
         row_bytes = entry.nbytes // max(rows, 1)
         step = max(1, COMPARE_BYTES // max(row_bytes, 1))
         flat = copy.reshape(rows, -1)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            raw = _raw(path, entry.offset + start * row_bytes, (stop - start) * row_bytes)
-            if not same_weight(flat[start:stop], raw.view(dtype).reshape(stop - start, -1)):
+            stored = read_entry(path, entry, start=start, stop=stop)   # (stop - start, ...)
+            if not same_weight(flat[start:stop], stored.reshape(stop - start, -1)):
                 return False
         return True
     if checkpoint.kind != "gguf" or len(entry.shape) != 2 or not copy.is_floating_point():
@@ -54,8 +44,7 @@ def copy_matches_base(copy: torch.Tensor, checkpoint, entry) -> bool | None:
     kind = resolve(entry.dtype)
     if not kind.requantizable or entry.shape[-1] % kind.block:
         return None
-    return same_as_quantized(copy, _raw(path, entry.offset, entry.nbytes), entry.dtype,
-                             kind.block)
+    return same_as_quantized(copy, read_entry(path, entry), entry.dtype, kind.block)
 
 
 def same_as_quantized(copy: torch.Tensor, raw: torch.Tensor, type_name: str, block: int) -> bool:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..dtypes import TORCH_DTYPES
+from ..tensor_index import TensorEntry, as_stored, read_entry, stored_dtype
 from .jobs import Job
 
 COPY_CHUNK = 64 << 20
@@ -78,24 +78,6 @@ class BufferPool:
 
 
 
-def read_tensor(fd: int, job: Job, pool: BufferPool | None = None) -> torch.Tensor:
-    """The source tensor of ``job``, read with pread into pooled (or fresh) memory, (shape) in
-    its dtype."""
-    buffer = pool.take(job.source.nbytes) if pool else torch.empty(job.source.nbytes,
-                                                                   dtype=torch.uint8)
-    view, done = memoryview(buffer.numpy()), 0
-    while done < len(buffer):
-        n = os.preadv(fd, [view[done:]], job.source.offset + done)
-        if n == 0:
-            raise OSError(f"{job.source.file}: unexpected end of file inside {job.name}; the file "
-                          "is truncated, download it again")
-        done += n
-    dtype = TORCH_DTYPES.get(job.source.dtype)
-    if dtype is None:
-        return buffer                                   # raw bytes, copied as they are
-    return buffer.view(dtype).reshape(job.shape)
-
-
 def linux_libc(name: str, argtypes: list):
     """A Linux libc function through ctypes (which releases the GIL during the call), or None
     elsewhere."""
@@ -128,8 +110,8 @@ class Reads:
     this process's memory), so resident memory stays at the tensors in flight. Only pages wholly
     inside a tensor are dropped; the one or two it shares with a neighbour go with the mapping.
 
-    Elsewhere, or for a tensor not aligned to its element size, ``read_tensor`` into pooled
-    buffers, as before.
+    Elsewhere, or for a tensor not aligned to its element size, ``tensor_index.read_entry``
+    (pread) into pooled buffers, as before.
     """
 
     def __init__(self, fd: int, pool: BufferPool | None) -> None:
@@ -144,19 +126,23 @@ class Reads:
             except (OSError, ValueError):
                 self.base = None
 
-    def read(self, job: Job) -> torch.Tensor:
-        start, nbytes = job.source.offset, job.source.nbytes
-        dtype = TORCH_DTYPES.get(job.source.dtype)
+    def read(self, entry: TensorEntry | Job) -> torch.Tensor:
+        """The stored tensor ``entry`` (a job: its source), as ``tensor_index.as_stored``
+        types it: a view of the mapping, or read into a pooled buffer."""
+        if isinstance(entry, Job):         # run.py hands the jobs themselves
+            entry = entry.source
+        start, nbytes = entry.offset, entry.nbytes
+        dtype = stored_dtype(entry.dtype)
         size = dtype.itemsize if dtype is not None else 1
         if self.base is None or start + nbytes > self.base.numel() or start % size or nbytes == 0:
-            return read_tensor(self.fd, job, self.pool)     # (a short file raises there)
+            return read_entry(self.fd, entry, pool=self.pool)   # (a short file raises there)
         view = self.base[start:start + nbytes]
         if self.populate:
             address = view.data_ptr()
             first = address - address % PAGE
             if MADVISE(first, address + nbytes - first, MADV_POPULATE_READ) != 0:
                 self.populate = False     # an older kernel: the fold's page faults do it
-        return view if dtype is None else view.view(dtype).reshape(job.shape)
+        return as_stored(entry, view)
 
     def done(self, tensor: torch.Tensor | None) -> None:
         """``tensor`` (from ``read``) is written: let its memory go."""

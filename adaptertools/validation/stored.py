@@ -12,6 +12,7 @@ import torch
 from ..dtypes import TORCH_DTYPES
 from ..merging.bases import GGUFBase, HFBase, TensorEntry
 from ..merging.jobs import Job
+from ..tensor_index import read_entry, short_read
 
 COMPARE_CHUNK = 16 << 20
 
@@ -40,9 +41,7 @@ class Files:
             return self.fds[entry.file]
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
-        from ..merging.streams import read_tensor
-
-        return read_tensor(self.fd(entry), Job(entry.name, entry, entry.dtype))
+        return read_entry(self.fd(entry), entry)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -51,13 +50,18 @@ class Files:
 
 
 def same_bytes(x: Files, a: TensorEntry, y: Files, b: TensorEntry) -> bool:
-    """Streamed comparison of two stored tensors' bytes."""
+    """Streamed comparison of two stored tensors' bytes; a file that ends inside its tensor is
+    a TruncatedFileError (a regular file reads short only at its end)."""
     if a.nbytes != b.nbytes:
         return False
     fa, fb, done = x.fd(a), y.fd(b), 0
     while done < a.nbytes:
         n = min(COMPARE_CHUNK, a.nbytes - done)
-        if os.pread(fa, n, a.offset + done) != os.pread(fb, n, b.offset + done):
+        left, right = os.pread(fa, n, a.offset + done), os.pread(fb, n, b.offset + done)
+        for got, entry in ((left, a), (right, b)):
+            if len(got) < n:
+                raise short_read(entry.file, entry, entry.offset + done + len(got))
+        if left != right:
             return False
         done += n
     return True
