@@ -6,8 +6,11 @@ Library use::
     adapter = at.load("path/to/peft_adapter")          # -> Adapter
     at.save(adapter, "adapter.safetensors", format="safetensors")
     at.convert("peft_dir", "out.safetensors", to="safetensors")
-    info = at.inspect("peft_dir", layers=True)         # -> dict
+    info = at.inspect("peft_dir", layers=True)         # -> InspectReport
     at.merge("hf://owner/base", ["hf://owner/adapter@v1"], "out", push_to="me/merged")
+
+Results are reports (``reports.py``): frozen dataclasses whose ``to_dict()`` is the ``--json``
+output; they still read as dicts (``info["ranks"]``).
 
 Imports are lazy: ``import adaptertools`` does not import torch.
 """
@@ -27,6 +30,9 @@ _EXPORTS = {
     "AdapterToolsWarning": "errors", "OptionError": "errors", "LlamaCppError": "errors",
     "validate_against": "api",
     "pull": "hub", "push": "hub",
+    "Report": "reports", "InspectReport": "reports", "ConvertReport": "reports",
+    "MergeReport": "reports", "MergePlanReport": "reports", "ValidationReport": "reports",
+    "ComparisonReport": "reports", "CombineReport": "reports", "ExtractReport": "reports",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -38,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
                          InputNotFoundError, LlamaCppError, OptionError, OutputExistsError,
                          UnsupportedError)
     from .hub import pull, push
+    from .reports import (CombineReport, ComparisonReport, ConvertReport, ExtractReport,
+                          InspectReport, MergePlanReport, MergeReport, Report, ValidationReport)
 
 
 def __getattr__(name: str):

@@ -12,8 +12,10 @@ from pathlib import Path
 from ._io import require_exists
 from .adapter import Adapter, cast_adapter, nonfinite_tensors
 from .errors import FormatError, OptionError, UnsupportedError
+from .options import AdapterDtype
 from .paths import atomic_output, refuse_output
 from .registry import Format, detect_format, get_format
+from .reports import ConvertReport
 
 DTYPES = ("keep", "fp32", "fp16", "bf16")
 
@@ -113,10 +115,30 @@ def load(path: str | os.PathLike, *, format: str | None = None, scale: float | N
          base=None, endpoint: str | None = None, token=None) -> Adapter:
     """Read an adapter; the format is detected unless given.
 
-    ``scale`` is the effective scale for bare factor files that carry no config; ``base`` (a
-    path to the HF model folder, its config.json or a GGUF model) maps GGUF names back to HF.
-    Either may be a Hub URI (``hf://owner/name[@revision][/subfolder]``), fetched from
-    ``endpoint`` with ``token`` (see ``adaptertools.hub``).
+    Args:
+        path: the adapter (folder or file), or a Hub URI ``hf://owner/name[@revision][/sub]``.
+        format: skip detection and read it as this format (see ``adaptertools formats``).
+        scale: the effective scale of bare factor files that carry no config.
+        base: the base model (HF folder, its config.json or a GGUF model, or a Hub URI); maps
+            GGUF names back to HF.
+        endpoint, token: the Hub to fetch ``hf://`` inputs from (see ``adaptertools.hub``).
+
+    Returns:
+        Adapter (not a report: the factors themselves).
+
+    Raises:
+        InputNotFoundError: ``path`` does not exist.
+        FormatError: ``path`` is no adapter adaptertools recognises, or is malformed.
+        UnsupportedError: the format is unknown, unavailable or write-only, or the adapter
+            uses what adaptertools cannot read.
+        OptionError: ``scale`` for an adapter that carries its own.
+        HubError: a Hub input could not be fetched.
+
+    Example:
+        >>> from adaptertools import load
+        >>> adapter = load("peft_adapter")
+        >>> sorted(adapter.weights)[0]
+        'model.layers.0.mlp.down_proj.weight'
     """
     hub = {"endpoint": endpoint, "token": token}
     path, base = local_input_path(path, "adapter", hub), local_input_path(base, "config", hub)
@@ -139,13 +161,32 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
     return fmt.module.read(path, **options)
 
 
-def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str = "keep",
+def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: AdapterDtype = "keep",
          force: bool = False, base=None, inputs=()) -> None:
     """Write ``adapter`` atomically: nothing appears at ``path`` unless the whole write succeeds.
 
-    ``dtype``: keep | fp32 | fp16 | bf16, plus q8_0 for GGUF. ``base`` as for ``load``; GGUF
-    needs it unless the adapter came from one of our own GGUF files. ``inputs``: paths the
-    caller read, which ``path`` must neither be, contain nor lie inside (``paths.py``).
+    Args:
+        adapter: what to write.
+        path: the output file or folder (as the format writes it).
+        format: the output format (see ``adaptertools formats``).
+        dtype: cast the factors (fp32, fp16, bf16); q8_0 where the format has it (GGUF).
+        force: replace an existing ``path``.
+        base: as for ``load``; GGUF needs it unless the adapter came from one of our own GGUF
+            files.
+        inputs: paths the caller read, which ``path`` must neither be, contain nor lie inside
+            (``paths.py``).
+
+    Raises:
+        UnsupportedError: ``format`` is unknown, unavailable or read-only, or cannot express
+            the adapter; ``path`` is, holds or lies in an input.
+        OptionError: an unknown ``dtype``.
+        FormatError: the adapter holds NaN or Inf values.
+        OutputExistsError: ``path`` exists and ``force`` is False.
+        OSError: too little free disk space, or the folder is not writable.
+
+    Example:
+        >>> from adaptertools import load, save
+        >>> save(load("peft_adapter"), "adapter.safetensors", format="safetensors", dtype="bf16")
     """
     fmt = get_format(format)
     if not fmt.can_write:
@@ -170,14 +211,44 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: str =
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
-            from_format: str | None = None, dtype: str = "keep", force: bool = False,
+            from_format: str | None = None, dtype: AdapterDtype = "keep", force: bool = False,
             scale: float | None = None, base=None, push_to: str | None = None,
             private: bool = False, revision: str | None = None,
-            commit_message: str | None = None, endpoint: str | None = None, token=None) -> dict:
-    """Convert an adapter between formats; returns what was done (formats, tensor counts).
+            commit_message: str | None = None, endpoint: str | None = None,
+            token=None) -> ConvertReport:
+    """Convert an adapter between formats, losslessly or not at all.
 
-    ``src`` and ``base`` may be Hub URIs; ``push_to`` (``owner/name``) uploads the result with
-    a model card to branch ``revision`` of that repo (created, ``private`` if asked).
+    Args:
+        src: the adapter (folder or file), or a Hub URI ``hf://owner/name[@revision][/sub]``.
+        dst: the output file or folder.
+        to, from_format: the target format, and the source's (detected when None).
+        dtype, force, base: as for ``save``; ``base`` may be a Hub URI.
+        scale: for bare factor files, as for ``load``.
+        push_to: upload ``dst`` with a model card to this repo (``owner/name``), on branch
+            ``revision``, created (``private`` if asked) when missing, with ``commit_message``.
+        endpoint, token: the Hub of ``hf://`` inputs and of the push.
+
+    Returns:
+        ConvertReport: the formats, the tensor counts, and the push (``pushed``).
+
+    Raises:
+        InputNotFoundError: ``src`` does not exist.
+        FormatError: ``src`` is no adapter adaptertools recognises, is malformed, or holds
+            NaN or Inf values.
+        UnsupportedError: ``to`` cannot express the adapter (the conversion is refused, not
+            approximated), a format is unknown or unavailable, a bad ``push_to`` id or
+            ``revision``, a ``dst`` that is, holds or lies in an input.
+        OptionError: ``base`` for formats that take none, ``scale`` for an adapter that
+            carries its own, an unknown ``dtype``.
+        OutputExistsError: ``dst`` exists and ``force`` is False.
+        HubError: a Hub input could not be fetched, or the push failed (``dst`` stays).
+        OSError: too little free disk space, or the folder is not writable.
+
+    Example:
+        >>> from adaptertools import convert
+        >>> report = convert("peft_adapter", "adapter.gguf", to="gguf", base="base_model")
+        >>> report["from"], report.to
+        ('peft', 'gguf')
     """
     hub, sources = {"endpoint": endpoint, "token": token}, []
     if push_to is not None:
@@ -222,7 +293,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     if sources:
         report["hub_inputs"] = sources
     push = {"private": private, "revision": revision, "commit_message": commit_message}
-    return _push_after(report, dst, push_to, push, hub)
+    return ConvertReport.from_dict(_push_after(report, dst, push_to, push, hub))
 
 
 def _named_base(adapter: Adapter, target: Format) -> str | None:

@@ -26,15 +26,55 @@ from .inputs import (
     open_inputs,
     parse_weights,
 )
+from .options import (
+    AdapterDtype,
+    CombineMethod,
+    Device,
+    Kernels,
+    MergeDtype,
+    MergeMode,
+    SvdChoice,
+)
 from .paths import atomic_output, refuse_output
 from .registry import get_format
+from .reports import (
+    CombineReport,
+    ComparisonReport,
+    ExtractReport,
+    InspectReport,
+    MergePlanReport,
+    MergeReport,
+    ValidationReport,
+)
 
 
 def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None = None,
             scale: float | None = None, base=None, endpoint: str | None = None,
-            token=None) -> dict:
-    """Summary of an adapter (ranks, scales, targets, sizes, problems); per layer with ``layers``.
-    ``path`` and ``base`` may be Hub URIs."""
+            token=None) -> InspectReport:
+    """Summary of an adapter: ranks, scales, targets, sizes and problems.
+
+    Args:
+        path: the adapter (folder or file), or a Hub URI ``hf://owner/name[@revision][/sub]``.
+        layers: also one row per adapted tensor (``layers``).
+        format: skip detection and read it as this format.
+        scale: the effective scale of bare factor files (no config).
+        base: the base model (HF folder, config.json or GGUF model, or a Hub URI); maps GGUF
+            names back to HF.
+        endpoint, token: the Hub to fetch ``hf://`` inputs from.
+
+    Returns:
+        InspectReport (``to_dict()``: what ``inspect --json`` prints).
+
+    Raises:
+        InputNotFoundError, FormatError, UnsupportedError, OptionError, HubError: as ``load``,
+            which reads the adapter the same way.
+
+    Example:
+        >>> from adaptertools import inspect
+        >>> report = inspect("peft_adapter", layers=True)
+        >>> report.format, [row["rank"] for row in report.layers][:2]
+        ('peft', [8, 8])
+    """
     from .inspection import adapter_report
 
     hub, sources = {"endpoint": endpoint, "token": token}, []
@@ -49,39 +89,82 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
         report["storage"] = describe(path)
     if sources:
         report["hub_inputs"] = sources
-    return report
+    return InspectReport.from_dict(report)
 
 
 def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = None, *,
-          weights=None, mode: str = "weighted", dtype: str = "keep", device: str = "cpu",
-          dry_run: bool = False, force: bool = False, progress=None,
+          weights=None, mode: MergeMode = "weighted", dtype: MergeDtype = "keep",
+          device: Device = "cpu", dry_run: bool = False, force: bool = False, progress=None,
           push_to: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, endpoint: str | None = None, token=None,
           validate: bool = False, requantize: str = "keep", quantize_like=None,
-          kernels: str = "auto", max_shard_size: int | str | None = None,
-          scale: float | None = None, allow_modified_base: bool = False) -> dict:
+          kernels: Kernels = "auto", max_shard_size: int | str | None = None,
+          scale: float | None = None,
+          allow_modified_base: bool = False) -> MergeReport | MergePlanReport:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
-    ``mode="weighted"``: ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once.
-    ``mode="stacked"``: adapters applied one after another, in order (differs for DoRA).
-    Returns a report; with ``dry_run`` only the plan is made and nothing is written.
-    ``base`` and ``adapters`` may be Hub URIs (their commits go into the report); ``push_to``
-    uploads the output with a model card, as in ``convert``.
-    GGUF bases: adapted quantized tensors are dequantized, folded in fp32 and written back in
-    their type (``requantize="keep"``) or the type ``requantize`` names; ``quantize_like`` (a
-    quantized GGUF of the same model) gives every tensor of an F16/BF16/F32 base the type it has
-    there. The report's ``survival`` section scores how much of the adapter each quantized
-    tensor kept.
-    ``kernels``: "auto" runs the fused Triton kernels on a CUDA device when triton is importable,
-    else the torch reference; "torch" or "triton" forces one (the report says which ran).
-    ``scale``: the effective scale of bare factor files (no config), as for ``load``; refused
-    for adapters that carry their own.
-    ``max_shard_size`` (HF bases; bytes, or "5GB", "500MB", "2GiB"): new shards grouped and
-    named as ``save_pretrained(max_shard_size=...)`` does (merging/shards.py); None keeps the
-    base's files.
-    ``allow_modified_base``: merge adapters whose ``init_lora_weights`` (PiSSA, OLoRA, CorDA,
-    LoRA-GA, LoftQ; saved without PEFT's conversion) fit only the base PEFT modified at
-    initialisation, which ``base`` must then be; refused otherwise.
+    Args:
+        base: an HF folder (safetensors, bitsandbytes too) or a GGUF model, or a Hub URI
+            (``hf://owner/name[@revision][/subfolder]``).
+        adapters: one adapter or a sequence of them (paths or Hub URIs).
+        out: the output: a folder for an HF base, a file for a GGUF base; None with ``dry_run``.
+        weights: one per adapter (``"0.5,0.5"``, a number or a sequence); default 1 each.
+        mode: "weighted": ``W + sum_i w_i * s_i * B_i @ A_i`` in fp32, rounded once;
+            "stacked": the adapters applied one after another, in order (differs for DoRA).
+        dtype: storage dtype of the output's floating tensors ("keep": the base's).
+        device: where the fold runs; "cpu" is the reference.
+        dry_run: make the plan only; nothing is written.
+        force: replace an existing ``out``.
+        progress: called with the bytes done (after its ``start(total)``, when it has one).
+        push_to, private, revision, commit_message: upload ``out`` with a model card to this
+            repo, as ``convert`` does.
+        endpoint, token: the Hub of ``hf://`` inputs and of the push.
+        validate: check every tensor of ``out`` afterwards (validation.json beside it); a
+            failure shows in ``validation["passed"]`` and cancels ``push_to``.
+        requantize: GGUF bases: the type of the adapted tensors ("keep": each its own, or
+            f32, f16, bf16, q8_0, q4_0, ..., q2_k..q6_k, any case); bitsandbytes bases: "keep",
+            or bf16/fp16/fp32 for a plain model.
+        quantize_like: a quantized GGUF of the same model: every tensor of an F16/BF16/F32
+            GGUF base gets the type it has there (one quantization instead of two).
+        kernels: "auto": the fused Triton kernels on a CUDA device when triton is importable,
+            else the torch reference; "torch" or "triton" forces one (``kernels`` says which ran).
+        max_shard_size: HF bases: new shards of at most this (bytes, or "5GB", "500MB",
+            "2GiB"), named as ``save_pretrained(max_shard_size=...)`` does; None keeps the
+            base's files.
+        scale: the effective scale of bare factor files (no config), as for ``load``.
+        allow_modified_base: merge adapters whose ``init_lora_weights`` (PiSSA, OLoRA, CorDA,
+            LoRA-GA, LoftQ, saved without PEFT's conversion) fit only the base PEFT modified,
+            which ``base`` must then be.
+
+    Returns:
+        MergeReport, or MergePlanReport with ``dry_run``. Hub inputs' commits are under
+        ``hub_inputs``; for quantized outputs ``survival`` scores how much of the adapter each
+        quantized tensor kept.
+
+    Raises:
+        OptionError: misuse: an unknown ``dtype``, ``mode`` or ``kernels``, no ``out``,
+            ``validate`` or ``push_to`` with ``dry_run``, bad ``weights`` or
+            ``max_shard_size``, options this base does not take (``dtype``, ``max_shard_size``
+            on GGUF; ``quantize_like`` on HF), an HF ``out`` named like a file, a
+            ``requantize`` type that cannot be written, ``kernels="triton"`` off CUDA,
+            ``scale`` for an adapter that carries its own.
+        InputNotFoundError: an input does not exist.
+        FormatError: an input is malformed, an adapter holds NaN or Inf values, or its tensors
+            do not fit the base (names, shapes).
+        UnsupportedError: what cannot be merged into this base (an activated LoRA, a
+            modified-base init without ``allow_modified_base``, DoRA adapters that do not add
+            up, a tensor type that cannot be written back), ``device="cuda"`` without CUDA,
+            ``kernels="triton"`` without triton, a bad ``push_to`` id, an ``out`` that is,
+            holds or lies in an input.
+        OutputExistsError: ``out`` exists and ``force`` is False.
+        HubError: a Hub input could not be fetched, or the push failed (``out`` stays).
+        OSError: too little free disk space for ``out``, or its folder is not writable.
+
+    Example:
+        >>> from adaptertools import merge
+        >>> report = merge("base_model", ["adapter", "other"], "merged", weights=[0.7, 0.3])
+        >>> report.out, report.weights
+        ('merged', [0.7, 0.3])
     """
     from .merging.run import execute
 
@@ -126,7 +209,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         if out_exists:
             report["warnings"].append(f"{out} exists: the real run needs --force"
                                       if not force else f"{out} exists: --force replaces it")
-        return report
+        return MergePlanReport.from_dict(report)
     if callable(getattr(progress, "start", None)):
         progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
     report.update(execute(plan, out, device=device, force=force, progress=progress,
@@ -143,7 +226,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
             report["warnings"].append(f"validation failed: not pushed to {push_to}")
             push_to = None
     push = {"private": private, "revision": revision, "commit_message": commit_message}
-    return _push_after(report, out, push_to, push, hub)
+    return MergeReport.from_dict(_push_after(report, out, push_to, push, hub))
 
 
 FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json")    # names of files, not folders
@@ -228,35 +311,87 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
 
 
 def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, weights=None,
-             mode: str = "weighted", e2e: bool = False, probes: int = 16, seed: int = 0,
+             mode: MergeMode = "weighted", e2e: bool = False, probes: int = 16, seed: int = 0,
              tolerance_db: float = 1.0, progress=None, endpoint: str | None = None,
-             token=None, scale: float | None = None, allow_modified_base: bool = False) -> dict:
+             token=None, scale: float | None = None,
+             allow_modified_base: bool = False) -> ValidationReport:
     """Does ``merged`` compute what ``base`` with ``adapters`` computes?
 
     Per adapted tensor: ``probes`` seeded random vectors, the merged tensor's SQNR against the
     float64 reference ``W x + sum(w * s * B (A x))``, passing within ``tolerance_db`` of the
-    floor its own dtype allows; every other tensor byte-identical to the base. ``e2e``: logits
-    of the merged model against the unmerged one (transformers + PEFT, or llama.cpp). Any input
-    may be a Hub URI (``hf://owner/name[@revision][/subfolder]``); their commits are reported
-    under ``hub_inputs``. ``scale``: for bare factor files, ``allow_modified_base``: adapters
-    fitting a base PEFT modified (PiSSA, ...), both as in ``merge``. Returns a report
-    with ``passed`` and one row per tensor, worst first (see validation/merged.py).
+    floor its own dtype allows; every other tensor byte-identical to the base.
+
+    Args:
+        base, adapters, weights, mode: as given to ``merge`` (any may be a Hub URI).
+        merged: the merge to check (folder or GGUF file, or a Hub URI).
+        e2e: also compare logits of the merged model with the unmerged one (transformers +
+            PEFT for HF bases, llama.cpp for GGUF).
+        probes, seed: how many random probe vectors per tensor, and their seed.
+        tolerance_db: how far below its dtype's noise floor a tensor's SQNR may fall.
+        progress: called with the bytes of each tensor checked.
+        endpoint, token: the Hub of ``hf://`` inputs (their commits go under ``hub_inputs``).
+        scale, allow_modified_base: as for ``merge``.
+
+    Returns:
+        ValidationReport: ``passed``, and one row per tensor in ``tensors``, worst first (see
+        validation/merged.py).
+
+    Raises:
+        OptionError: misuse: ``probes`` < 1, an unknown ``mode``, bad ``weights``, ``scale``
+            for an adapter that carries its own.
+        InputNotFoundError: an input does not exist.
+        FormatError: an input is malformed, an adapter holds NaN or Inf values, or its tensors
+            do not fit the base (names, shapes).
+        UnsupportedError: what ``merge`` would refuse, ``merged`` of another kind than
+            ``base``, ``e2e`` without its packages (transformers and peft; llama-cpp-python)
+            or where it has no reference (stacked DoRA; several adapters on GGUF).
+        LlamaCppError: ``e2e`` on a GGUF base: llama.cpp crashed, failed or timed out.
+        HubError: a Hub input could not be fetched.
+
+    Example:
+        >>> from adaptertools import validate
+        >>> report = validate("base_model", ["adapter"], "merged")
+        >>> report.passed
+        True
     """
     from .validation.run import validate_merge
 
-    return validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
-                          probes=probes, seed=seed, tolerance_db=tolerance_db, progress=progress,
-                          hub={"endpoint": endpoint, "token": token}, scale=scale,
-                          allow_modified_base=allow_modified_base)
+    report = validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
+                            probes=probes, seed=seed, tolerance_db=tolerance_db,
+                            progress=progress, hub={"endpoint": endpoint, "token": token},
+                            scale=scale, allow_modified_base=allow_modified_base)
+    return ValidationReport.from_dict(report)
 
 
 def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, base=None,
                      scale: float | None = None, endpoint: str | None = None,
-                     token=None) -> dict:
+                     token=None) -> ComparisonReport:
     """Do two adapters (e.g. a conversion and its source) give the same delta for every tensor?
 
     Exact when both store the same dtypes, else within the coarser dtype's rounding; computed
-    from the factors. Returns a report with ``passed`` and one row per tensor, worst first.
+    from the factors.
+
+    Args:
+        adapter, other: the two adapters (paths or Hub URIs), formats detected.
+        base: the base model, for GGUF adapters (as for ``load``).
+        scale: for bare factor files, as for ``load``.
+        endpoint, token: the Hub of ``hf://`` inputs (their commits go under ``hub_inputs``).
+
+    Returns:
+        ComparisonReport: ``passed``, and one row per tensor in ``tensors``, worst first.
+
+    Raises:
+        InputNotFoundError: an adapter does not exist.
+        FormatError: an adapter is not recognised or is malformed.
+        UnsupportedError: an adapter uses what adaptertools cannot read.
+        OptionError: ``scale`` for an adapter that carries its own.
+        HubError: a Hub input could not be fetched.
+
+    Example:
+        >>> from adaptertools import convert, validate_against
+        >>> convert("peft_adapter", "adapter.gguf", to="gguf", base="base_model")
+        >>> validate_against("adapter.gguf", "peft_adapter", base="base_model").passed
+        True
     """
     from .validation.adapters import compare_adapters
 
@@ -268,7 +403,7 @@ def validate_against(adapter: str | os.PathLike, other: str | os.PathLike, *, ba
     report.update(adapter=str(adapter), against=str(other))
     if sources:
         report["hub_inputs"] = sources
-    return report
+    return ComparisonReport.from_dict(report)
 
 
 def _factor_dtype(dtype: str):
@@ -277,19 +412,53 @@ def _factor_dtype(dtype: str):
     return parse_dtype(dtype) if dtype in ("fp32", "fp16", "bf16") else None
 
 
-def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=None,
+def combine(adapters, out: str | os.PathLike, *, method: CombineMethod = "cat", weights=None,
             rank: int | None = None, energy: float | None = None, density: float | None = None,
-            seed: int = 0, svd: str = "auto", materialize: bool = False, base=None,
-            to: str = "peft", dtype: str = "keep", force: bool = False,
-            scale: float | None = None) -> dict:
+            seed: int = 0, svd: SvdChoice = "auto", materialize: bool = False, base=None,
+            to: str = "peft", dtype: AdapterDtype = "keep", force: bool = False,
+            scale: float | None = None) -> CombineReport:
     """Combine adapters into one new adapter written to ``out`` (any format, ``to``).
 
-    ``method``: cat (exact: ranks concatenated), svd (the weighted sum truncated to ``rank`` or
-    to the fewest ranks keeping ``energy``), ties, dare_linear, dare_ties, magnitude_prune (on
-    the full deltas, with ``density``, seeded by ``seed``, factored back by SVD). DoRA inputs need
-    ``materialize=True`` and ``base`` (the HF base folder). ``scale``: for bare factor files, as
-    in ``merge``. Returns per tensor and in total the fraction of the target delta's energy
-    kept and the relative error.
+    Args:
+        adapters: the adapters (paths), in order.
+        out: the combined adapter.
+        method: "cat" (exact: ranks concatenated), "svd" (the weighted sum truncated to
+            ``rank``, or to the fewest ranks keeping ``energy``), "ties", "dare_linear",
+            "dare_ties", "magnitude_prune" (on the full deltas, with ``density``, factored
+            back by SVD).
+        weights: one per adapter (``"0.5,0.5"``, a number or a sequence); default 1 each.
+        rank, energy: the output rank, or instead the share (0 < E <= 1) of each delta's
+            squared norm to keep; not for "cat".
+        density: ties/dare/magnitude_prune: the fraction of entries kept.
+        seed: of the random draws (DARE masks, randomized SVD).
+        svd: the SVD of full matrices; "randomized" is seeded by ``seed``.
+        materialize: combine DoRA adapters through their full delta (needs ``base``).
+        base: the HF base folder: base weights for ``materialize``, names for GGUF in and out.
+        to, dtype: the output format and factor dtype ("keep": the inputs' widest).
+        force: replace an existing ``out``.
+        scale: for bare factor files, as for ``load``.
+
+    Returns:
+        CombineReport: per tensor and in ``total``, the share of the target delta's energy
+        kept and the relative error.
+
+    Raises:
+        OptionError: misuse: an unknown ``method`` or ``svd``, ``rank`` with ``energy`` (or
+            with "cat"), a pruning method without ``density``, bad ``weights`` or ``seed``,
+            ``materialize`` without ``base``, ``scale`` for an adapter that carries its own.
+        InputNotFoundError: an input does not exist.
+        FormatError: an input is malformed, or holds NaN or Inf values.
+        UnsupportedError: adapters that cannot be combined (DoRA without ``materialize``,
+            mismatched shapes, an overflowing or empty sum), an unknown or read-only ``to``,
+            an ``out`` that is, holds or lies in an input.
+        OutputExistsError: ``out`` exists and ``force`` is False.
+        OSError: too little free disk space for ``out``, or its folder is not writable.
+
+    Example:
+        >>> from adaptertools import combine
+        >>> report = combine(["math", "code"], "both", method="svd", rank=16)
+        >>> report.total["energy_kept"] > 0.9
+        True
     """
     import time
 
@@ -312,26 +481,58 @@ def combine(adapters, out: str | os.PathLike, *, method: str = "cat", weights=No
                                                    base=base if materialize else None)
     save(combined, out, format=to, dtype="keep" if options.dtype else dtype, force=force,
          base=base, inputs=inputs)
-    return {"command": "combine", "method": method, "inputs": names, "weights": list(options.weights),
-            "rank": rank, "energy": energy, "density": density, "seed": seed, "out": str(out),
-            "format": to, "replaced": sorted(combined.replacements), "warnings": warnings,
-            **summarize(results), "wall_s": time.perf_counter() - start}
+    return CombineReport(method=method, inputs=names, weights=list(options.weights), rank=rank,
+                         energy=energy, density=density, seed=seed, out=str(out), format=to,
+                         replaced=sorted(combined.replacements), warnings=warnings,
+                         **summarize(results), wall_s=time.perf_counter() - start)
 
 
 def extract(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
             rank: int | None = None, energy: float | None = None, targets=None,
-            svd: str = "auto", seed: int = 0, to: str = "peft", dtype: str = "fp32",
-            force: bool = False, progress=None) -> dict:
-    """A LoRA approximating ``finetuned - base``, both HF safetensors checkpoints streamed tensor
-    by tensor; written to ``out`` (``to``: any format). ``targets``: module names or suffixes
-    (``"q_proj,v_proj"`` or a list) to factor; by default every 2-D weight but the embeddings.
-    Other differing tensors are kept whole (modules_to_save). Returns per tensor and in total
-    the fraction of the delta's energy kept and the relative error.
+            svd: SvdChoice = "auto", seed: int = 0, to: str = "peft", dtype: AdapterDtype = "fp32",
+            force: bool = False, progress=None) -> ExtractReport:
+    """A LoRA approximating ``finetuned - base``, both HF safetensors checkpoints, streamed
+    tensor by tensor and written to ``out``.
+
+    Args:
+        base, finetuned: the two HF checkpoint folders.
+        out: the extracted adapter.
+        rank, energy: the rank of each tensor, or instead the share (0 < E <= 1) of each
+            delta's squared norm to keep.
+        targets: module names or suffixes (``"q_proj,v_proj"`` or a list) to factor; by
+            default every 2-D weight but the embeddings. Other differing tensors are kept
+            whole (modules_to_save).
+        svd, seed: the SVD of each delta; "randomized" (or "auto" on a rank well below the
+            matrix's) is seeded by ``seed``.
+        to, dtype: the output format and factor dtype.
+        force: replace an existing ``out``.
+        progress: called with the bytes of each tensor pair read.
+
+    Returns:
+        ExtractReport: per tensor and in ``total``, the share of the delta's energy kept and
+        the relative error.
+
+    Raises:
+        OptionError: misuse: neither or both of ``rank`` and ``energy``, either out of range,
+            an unknown ``svd``, a bad ``seed``, empty ``targets``.
+        InputNotFoundError: a checkpoint does not exist.
+        FormatError: a checkpoint is malformed, or holds NaN or Inf values.
+        UnsupportedError: not two HF safetensors checkpoints of one model, ``targets``
+            matching nothing, no difference at all, an unknown or read-only ``to``, an
+            ``out`` that is, holds or lies in an input.
+        OutputExistsError: ``out`` exists and ``force`` is False.
+        OSError: too little free disk space for ``out``, or its folder is not writable.
+
+    Example:
+        >>> from adaptertools import extract
+        >>> report = extract("base_model", "finetuned_model", "lora", rank=16)
+        >>> report.rank, report.format
+        (16, 'peft')
     """
     import time
 
-    from .algebra.extract import ExtractOptions, extract_checkpoints
     from .algebra.common import check_truncation, summarize
+    from .algebra.extract import ExtractOptions, extract_checkpoints
 
     start = time.perf_counter()
     check_truncation(rank, energy, svd, seed, what="extract")
@@ -346,7 +547,7 @@ def extract(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os
     adapter, results, warnings = extract_checkpoints(base, finetuned, options, progress=progress)
     save(adapter, out, format=to, dtype="keep" if dtype in ("fp32", "fp16", "bf16") else dtype,
          force=force, base=base, inputs=inputs)
-    return {"command": "extract", "base": str(base), "finetuned": str(finetuned), "out": str(out),
-            "format": to, "rank": rank, "energy": energy, "svd": svd, "seed": seed,
-            "replaced": sorted(adapter.replacements), "warnings": warnings, **summarize(results),
-            "wall_s": time.perf_counter() - start}
+    return ExtractReport(base=str(base), finetuned=str(finetuned), out=str(out), format=to,
+                         rank=rank, energy=energy, svd=svd, seed=seed,
+                         replaced=sorted(adapter.replacements), warnings=warnings,
+                         **summarize(results), wall_s=time.perf_counter() - start)

@@ -108,7 +108,7 @@ def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
     ready()
     report = inspect(path, layers=layers, format=from_format, scale=scale, base=base,
                      token=token, endpoint=endpoint)
-    _ui.print_json(report) if as_json else _ui.inspect_report(report)
+    _ui.print_json(report.to_dict()) if as_json else _ui.inspect_report(report)
 
 
 @cli.command("convert",
@@ -140,7 +140,11 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
                      scale=scale, base=base, push_to=push_to, private=private,
                      revision=revision, commit_message=commit_message, token=token,
                      endpoint=endpoint)
-    _ui.print_json(result) if as_json else (_ui.convert_result(result), _echo_pushed(result))
+    if as_json:
+        _ui.print_json(result.to_dict())
+    else:
+        _ui.convert_result(result)
+        _echo_pushed(result)
 
 
 @cli.command("merge", short_help="Fold adapters into a base checkpoint (HF or GGUF).")
@@ -213,7 +217,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
                        kernels=kernels, max_shard_size=max_shard_size, scale=scale,
                        allow_modified_base=allow_modified_base)
     if as_json:
-        _ui.print_json(report)
+        _ui.print_json(report.to_dict())
     else:
         _ui.merge_report(report, dry_run=dry_run, verbose=verbose, quiet=quiet)
         if report.get("shards") and not quiet:      # --max-shard-size: the new files
@@ -276,8 +280,8 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
         ready()
         report = validate_against(paths[0], against, base=base, scale=scale, token=token,
                                   endpoint=endpoint)
-        _ui.print_json(report) if as_json else _ui.validation_table(report)
-        sys.exit(0 if report["passed"] else 1)
+        _ui.print_json(report.to_dict()) if as_json else _ui.validation_table(report)
+        sys.exit(0 if report.passed else 1)
     if len(paths) < 2:
         raise click.UsageError("--merged needs the BASE and at least one ADAPTER")
     if base is not None:
@@ -292,12 +296,13 @@ def validate_cmd(paths: tuple[str, ...], merged: str | None, against: str | None
     report = validate(paths[0], paths[1:], merged, weights=weights, mode=mode, e2e=e2e,
                       probes=probes, seed=seed, tolerance_db=tolerance_db, endpoint=endpoint,
                       token=token, scale=scale, allow_modified_base=allow_modified_base)
+    shown = report.to_dict()     # the report is frozen; --plot adds its path to what is shown
     if plot is not None:
         from .validation.plot import plot_report
 
-        report["plot"] = str(plot_report(report, plot))
-    _ui.print_json(report) if as_json else _ui.merged_validation_table(report)
-    sys.exit(0 if report["passed"] else 1)
+        shown["plot"] = str(plot_report(report, plot))
+    _ui.print_json(shown) if as_json else _ui.merged_validation_table(shown)
+    sys.exit(0 if report.passed else 1)
 
 
 def truncation_options(seed_help: str) -> tuple:
@@ -352,7 +357,7 @@ def combine_cmd(adapters: tuple[str, ...], out: str, method: str, weights: str |
     report = combine(adapters, out, method=method, weights=weights, rank=rank, energy=energy,
                      density=density, seed=seed, svd=svd, materialize=materialize, base=base,
                      to=to_format, dtype=dtype, force=force, scale=scale)
-    _ui.print_json(report) if as_json else _ui.algebra_report(report)
+    _ui.print_json(report.to_dict()) if as_json else _ui.algebra_report(report)
 
 
 @cli.command("extract", short_help="Extract a LoRA from a fine-tune: FINETUNED - BASE.")
@@ -377,7 +382,7 @@ def extract_cmd(base: str, finetuned: str, out: str, targets: str | None, dtype:
     with _ui.progress_bar("extracting") as bar:
         report = extract(base, finetuned, out, rank=rank, energy=energy, targets=targets, svd=svd,
                          seed=seed, to=to_format, dtype=dtype, force=force, progress=bar)
-    _ui.print_json(report) if as_json else _ui.algebra_report(report)
+    _ui.print_json(report.to_dict()) if as_json else _ui.algebra_report(report)
 
 
 @cli.command("pull", short_help="Fetch a model or adapter from the Hugging Face Hub.")
