@@ -230,3 +230,35 @@ def test_cli_merge_of_a_truncated_base_is_one_line_exit_1(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert str(path) in lines[0] and "truncated" in lines[0] and "download it again" in lines[0]
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# ----------------------------------------------------------------------------- the GGUF base
+
+def test_gguf_base_owns_its_base_info(tmp_path, monkeypatch):
+    """GGUFBase.info is load_base_info's answer, from the reader open_base already parsed."""
+    import gguf
+    import numpy as np
+
+    from adaptertools.formats import names
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_tensor("token_embd.weight", np.ones((8, 16), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.ones((16, 16), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    base = open_base(path)
+    want = names.load_base_info(path)
+
+    def parse_again(_):
+        raise AssertionError("GGUFBase.info parsed the file again")
+
+    monkeypatch.setattr(names, "open_gguf", parse_again)
+    assert base.info == want
+    assert (base.info.arch, base.info.n_blocks, base.info.n_head, base.info.n_head_kv,
+            base.info.tied_embeddings) == ("llama", 1, 4, 2, True)

@@ -101,7 +101,7 @@ def load_base_info(path: str | Path) -> BaseInfo:
     """From an HF model folder, its config.json, or a GGUF model file."""
     path = require_exists(path)
     if path.suffix == ".gguf":
-        return _base_info_from_gguf(path)
+        return base_info_from_gguf(open_gguf(path), path)
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
         raise FormatError(f"{path}: no config.json here; --base takes the HF model folder, its "
@@ -165,8 +165,9 @@ def _header_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
-def _base_info_from_gguf(path: Path) -> BaseInfo:
-    reader = open_gguf(path)
+def base_info_from_gguf(reader, path: Path) -> BaseInfo:
+    """The BaseInfo of the GGUF model ``path`` from its already-parsed gguf-py ``reader``
+    (merging/bases.GGUFBase.info hands it the one it opened the base with)."""
     arch = field_value(reader, "general.architecture")
     if field_value(reader, "general.type", "model") == "adapter":
         raise FormatError(f"{path}: is a GGUF adapter, not a model; --base takes the base model")
