@@ -21,14 +21,14 @@ class TruncatedFileError(FormatError):
     every reader (tensor_index.read_entry, the header index); a FormatError, so the CLI exits 1.
     ``file`` and ``tensor`` (None: the header itself) are kept for callers and tests."""
 
-    def __init__(self, file, tensor: str | None, detail: str = "") -> None:
-        self.file, self.tensor, self.detail = str(file), tensor, detail
-        where = "its header" if tensor is None else f"tensor {tensor}"
+    def __init__(self, file, tensor: str | None, detail: str = "", where: str | None = None) -> None:
+        self.file, self.tensor, self.detail, self.where = str(file), tensor, detail, where
+        where = where or ("its header" if tensor is None else f"tensor {tensor}")
         super().__init__(f"{file}: ends inside {where}{detail}; the file is truncated; "
                          "download it again")
 
     def __reduce__(self):        # (pickled with its own arguments, not the message)
-        return type(self), (self.file, self.tensor, self.detail)
+        return type(self), (self.file, self.tensor, self.detail, self.where)
 
 
 class UnsupportedError(AdapterToolsError, ValueError):

@@ -68,7 +68,9 @@ def open_inputs(base, paths: list, hub: dict, sources: list, *, refusal: str,
     local_base = local_input_path(base, "base", hub, sources)
     local_paths = [local_input_path(p, "adapter", hub, sources) for p in paths]
     checkpoint = open_base(local_base)
-    loaded = load_finite(local_paths, paths, base=local_base, refusal=refusal, scale=scale)
+    # a GGUF base's names and shapes come from the header open_base already parsed
+    loaded = load_finite(local_paths, paths, refusal=refusal, scale=scale,
+                         base=checkpoint.info if checkpoint.kind == "gguf" else local_base)
     return local_base, checkpoint, local_paths, loaded
 
 

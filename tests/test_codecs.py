@@ -212,3 +212,28 @@ def test_planner_and_engine_name_no_codec():
     for module in ("plan.py", "run.py", "jobs.py", "encoded.py", "streams.py"):
         text = (root / module).read_text().lower()
         assert "bitsandbytes" not in text and "bnb" not in text, module
+
+
+def test_gguf_types_speak_the_same_contract():
+    """The GGUF codec (codecs/gguf.py, what the GGUF merge path uses) under the registry's
+    contract: encode gives kernels/quant's bytes, decode gives back what encode realized, and a
+    Q8_0 round trip keeps the values to its grid (8-bit codes, one fp16 scale per 32: relative
+    error well under 1%); float types are exact casts."""
+    from adaptertools.kernels.quant.codec import quantize as block_quantize
+
+    gguf = codecs.by_name("gguf")
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))   # Q4_K: blocks of 256
+    for type_name in ("Q8_0", "Q4_K", "F16", "F32"):
+        enc = gguf.encoding("t", type_name, (4, 256))
+        changed, realized = gguf.encode(enc, x, None)
+        values, _ = gguf.decode(enc, changed)
+        assert torch.equal(values, realized), type_name
+        if type_name in ("Q8_0", "Q4_K"):
+            assert torch.equal(changed["t"], block_quantize(x, type_name)), type_name
+        else:
+            assert torch.equal(values, x.to(changed["t"].dtype).float()), type_name
+    q8 = gguf.roundtrip(x, "Q8_0")
+    assert float((q8 - x).norm() / x.norm()) < 0.01
+    entries = {"a": type("E", (), {"dtype": "Q8_0", "shape": (4, 256)})(),
+               "b": type("E", (), {"dtype": "F16", "shape": (4, 256)})()}
+    assert [e.name for e in gguf.describe(entries, None, None, "")] == ["a"]

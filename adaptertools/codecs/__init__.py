@@ -49,7 +49,7 @@ from types import ModuleType
 from typing import Any
 
 ENTRY_POINT_GROUP = "adaptertools.codecs"
-BUILT_IN = {"bitsandbytes": "adaptertools.codecs.bnb"}
+BUILT_IN = {"bitsandbytes": "adaptertools.codecs.bnb", "gguf": "adaptertools.codecs.gguf"}
 REQUIRED = ("NAME", "QUANT_METHODS", "describe", "decode", "encode")
 _REGISTERED: dict[str, ModuleType] = {}
 

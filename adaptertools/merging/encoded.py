@@ -33,6 +33,7 @@ from ..codecs import Encoding
 from ..dtypes import REQUANTIZE_NAMES, STORED_TORCH_DTYPES
 from ..errors import FormatError, OptionError, UnsupportedError
 from ..kernels.survival import Survival
+from ..tensor_index import read_entry
 from .bases import HFBase, TensorEntry
 
 
@@ -81,8 +82,8 @@ class Group:
 
     def read(self) -> dict[str, torch.Tensor]:
         """The companions' data (small), read from the base."""
-        return {name: read_entry(self.folder, entry) for name, entry in self.members.items()
-                if name != self.name}
+        return {name: read_entry(self.folder / entry.file, entry)
+                for name, entry in self.members.items() if name != self.name}
 
     def dequantized(self, raw: torch.Tensor):
         """(fp32 weight in its unencoded shape, the codec's state) from the weight's stored
@@ -132,17 +133,6 @@ class Group:
         scored = score(self.name, self.type, merged - weight, realized - weight) \
             if job.changed else None
         return Folded(out, tuple(patches), scored)
-
-
-def read_entry(folder: Path, entry: TensorEntry) -> torch.Tensor:
-    with open(folder / entry.file, "rb") as fh:
-        data = os.pread(fh.fileno(), entry.nbytes, entry.offset)
-    if len(data) != entry.nbytes:
-        raise OSError(f"{entry.file}: unexpected end of file inside {entry.name}; the file is "
-                      "truncated, download it again")
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return flat.view(STORED_TORCH_DTYPES[entry.dtype]).reshape(entry.shape) if entry.nbytes else \
-        torch.empty(entry.shape, dtype=STORED_TORCH_DTYPES[entry.dtype])
 
 
 # ----------------------------------------------------------------------------- plan
@@ -236,7 +226,7 @@ def layout_for(base: HFBase, requantize: str = "keep") -> Layout | None:
     folder = Path(base.folder)
     out_dtype = None if requantize == "keep" else REQUANTIZE_NAMES[requantize]
     groups: dict[str, Group] = {}
-    for encoding in codec.describe(entries, qc, lambda e: read_entry(folder, e), where):
+    for encoding in codec.describe(entries, qc, lambda e: read_entry(folder / e.file, e), where):
         members = {m: entries[m] for m in encoding.members}
         groups[encoding.name] = Group(encoding, codec, members, folder, out_dtype)
     member_of = {m: g for g in groups.values() for m in g.members}

@@ -410,12 +410,10 @@ def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors
     ``requantize`` names; with ``quantize_like`` every tensor takes the type it has in that
     reference file (the base must then be F32/F16/BF16). When any type changes, the file is
     laid out anew (gguf_layout.py); otherwise it keeps the base's header and offsets."""
-    from ..formats.names import load_base_info
-
     if dtype != "keep":
         raise OptionError(f"{base.path}: --dtype {dtype} does not apply to a GGUF base; use "
                           f"--requantize {DTYPE_NAMES.get(dtype, dtype).lower()}")
-    info = load_base_info(base.path)
+    info = base.info                     # parsed once, from the header open_base read
     entries = base.entries()
     targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries),
                        compare=lambda name, copy: copy_matches_base(copy, base, entries[name]))

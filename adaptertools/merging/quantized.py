@@ -16,9 +16,8 @@ from dataclasses import asdict
 
 import torch
 
-from ..dtypes import FLOAT_DTYPES, TORCH_DTYPES
+from ..codecs.gguf import dequantize, is_block_type, quantize, roundtrip
 from ..kernels.folding import fold_tensor
-from ..kernels.quant.codec import dequantize, quantize
 from ..kernels.survival import Survival, check_finite
 from .jobs import Job
 
@@ -36,7 +35,7 @@ def check_output(job: Job, tensor: torch.Tensor, source: torch.Tensor | None) ->
 
 
 def is_quantized(type_name: str) -> bool:
-    return type_name not in FLOAT_DTYPES
+    return is_block_type(type_name)
 
 
 def needs_codec(job: Job) -> bool:
@@ -44,39 +43,19 @@ def needs_codec(job: Job) -> bool:
     return is_quantized(job.source.dtype) or is_quantized(job.out_dtype)
 
 
-def _as_float(job: Job, source: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The source tensor as fp32 (rows, cols): dequantized, or upcast exactly."""
-    if is_quantized(job.source.dtype):
-        return dequantize(source, job.source.dtype, job.shape, name=job.name, out=out)
-    return source.reshape(job.shape).to(torch.float32)
-
-
 def _scratch(buffers, role: str, job: Job) -> torch.Tensor | None:
     return buffers.named(role, tuple(job.shape)) if buffers is not None and \
         len(job.shape) == 2 else None
 
 
-def roundtrip(x: torch.Tensor, type_name: str) -> torch.Tensor:
-    """What storing ``x`` (rows, cols) in ``type_name`` keeps of it, as fp32."""
-    if not is_quantized(type_name):
-        return x.to(TORCH_DTYPES[type_name]).to(torch.float32)
-    return dequantize(quantize(x.to(torch.float32), type_name), type_name, tuple(x.shape))
-
-
-def _encode(job: Job, merged: torch.Tensor) -> torch.Tensor:
-    """fp32 values -> the output type: block bytes (rows, row_bytes), or a float tensor. On the
-    CPU, ggml's own quantizer when llama-cpp-python provides it (same bytes, 2-10x faster for
-    the K types, and on every core), else the torch codec."""
-    if is_quantized(job.out_dtype):
-        return quantize(merged, job.out_dtype, name=job.name)
-    # a copy even for F32: ``merged`` may be a reused buffer, the writer may still need this
-    return merged.to(TORCH_DTYPES[job.out_dtype], copy=True)
-
-
-def _decode(job: Job, encoded: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    if is_quantized(job.out_dtype):
-        return dequantize(encoded, job.out_dtype, job.shape, name=job.name, out=out)
-    return encoded.to(torch.float32, copy=True)         # the caller may change it in place
+def _decode(job: Job, type_name: str, raw: torch.Tensor, out: torch.Tensor | None = None,
+            *, copy: bool = False) -> torch.Tensor:
+    """``raw`` stored as ``type_name`` -> fp32 (rows, cols), through the GGUF codec; ``copy``: a
+    float result the caller may change in place."""
+    values = dequantize(raw, type_name, job.shape, name=job.name, out=out)
+    if copy and values.data_ptr() == raw.data_ptr():      # an F32 tensor, upcast as itself
+        return values.clone()
+    return values
 
 
 def fold_fp32(job: Job, weight: torch.Tensor, mode: str, buffers=None, pool=None, *,
@@ -97,18 +76,20 @@ def fold_gguf(job: Job, source: torch.Tensor, mode: str, buffers=None, pool=None
     tensors the adapters do not change: a ``--quantize-like`` tensor is only converted).
     ``buffers`` (kernels/fold.Buffers) lets plain LoRA take the fast fold (the same bits)."""
     # full-size fp32 temporaries (rows, cols) live in reused buffers when given
-    weight = _as_float(job, source, _scratch(buffers, "weight", job))
+    weight = _decode(job, job.source.dtype, source, _scratch(buffers, "weight", job))
     merged = fold_fp32(job, weight, mode, buffers, pool, threads=threads)
     if job.changed:
         check_finite(job, merged, base=weight)
-    encoded = _encode(job, merged)
+    # on the CPU, ggml's own quantizer when llama-cpp-python provides it (same bytes, 2-10x
+    # faster for the K types, and on every core), else the torch codec (codecs/gguf.py)
+    encoded = quantize(merged, job.out_dtype, name=job.name)
     if not job.changed:
         return encoded, None
     old = weight if job.out_dtype == job.source.dtype else roundtrip(weight, job.out_dtype)
     intended = torch.sub(merged, weight, out=_scratch(buffers, "intended", job))
     if pool is not None:
         pool.give(merged)
-    decoded = _decode(job, encoded, _scratch(buffers, "decoded", job))
+    decoded = _decode(job, job.out_dtype, encoded, _scratch(buffers, "decoded", job), copy=True)
     if is_quantized(job.out_dtype):     # finite values can still overflow fp16 block scales
         check_finite(job, decoded)
     realized = decoded.sub_(old)

@@ -20,7 +20,6 @@ from ..tensor_index import TensorEntry, as_stored, read_entry, stored_dtype
 from .jobs import Job
 
 COPY_CHUNK = 64 << 20
-TRUNCATED_BASE = "unexpected end of file while copying a base tensor; the base is truncated"
 # Writes go to the kernel a piece at a time. Measured on the 2-core ext4 machine (kernel 6.18),
 # 2.2 GB from a 46 MB buffer, fsync included: 256 KB pieces 1.3-1.5 s, 1 MB 5.2 s, whole 46 MB
 # writes 6.7-7.2 s (dd with bs=256K vs bs=46M agrees). The page cache takes small writes far
@@ -184,6 +183,18 @@ def write_all(fd: int, data, offset: int | None = None, piece_bytes: int = WRITE
     return done
 
 
+def truncated_copy(src: int, at: int):
+    """The error for a base file (descriptor ``src``) that ends at byte ``at`` while untouched
+    tensors are copied from it: it shrank after the plan checked its size."""
+    from ..errors import TruncatedFileError
+
+    try:
+        name = os.readlink(f"/proc/self/fd/{src}")
+    except OSError:
+        name = f"base file (descriptor {src})"
+    return TruncatedFileError(name, None, f" (at byte {at})", where="the tensors copied unchanged")
+
+
 def copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int | None = None) -> None:
     """Kernel-side copy of ``count`` bytes from ``src`` at ``offset`` to ``dst``."""
     while count > 0:
@@ -193,7 +204,7 @@ def copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int | No
             data = os.pread(src, min(count, COPY_CHUNK), offset)
             n = write_all(dst, data, dst_offset)
         if n == 0:
-            raise OSError(TRUNCATED_BASE)
+            raise truncated_copy(src, offset)
         offset, count = offset + n, count - n
         dst_offset = None if dst_offset is None else dst_offset + n
 
@@ -292,7 +303,7 @@ class DirectSink:
             n = min(count - done, STAGING_BYTES - self.filled)
             got = os.preadv(src, [self.view[self.filled:self.filled + n]], offset + done)
             if got == 0:
-                raise OSError(TRUNCATED_BASE)
+                raise truncated_copy(src, offset + done)
             self._filled(got)
             done += got
         return count

@@ -124,7 +124,7 @@ def floor_for(dtype: str):
         torch_dtype = TORCH_DTYPES[dtype]
         return lambda x: x.to(torch_dtype)
     from ..kernels.quant.types import resolve
-    from ..merging.quantized import roundtrip
+    from ..codecs.gguf import roundtrip
 
     if not resolve(dtype).requantizable:
         raise UnsupportedError(f"validating merged tensors stored as {dtype} needs a {dtype} "
