@@ -26,8 +26,9 @@ from adaptertools.errors import (AdapterToolsWarning, FormatError, InputNotFound
                                  OutputExistsError, UnsupportedError)
 from adaptertools.tiny import make_adapter
 
-from cli_helpers import (assert_cli_error, assert_nothing_written, leftovers_beside,
-                         run_inprocess, run_subprocess, stderr_lines)
+from helpers.adapters import with_bad_value, write_peft
+from helpers.cli import (assert_cli_error, assert_nothing_written, leftovers_beside, run_cli,
+                         stderr_lines)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -38,11 +39,6 @@ KEY = "base_model.model.{}.{}.weight"          # PEFT's saved key of a module's 
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def write_peft(folder: Path, adapter=None) -> Path:
-    at.save(adapter or make_adapter(), folder, format="peft")
-    return folder
-
 
 def edit_config(folder: Path, change: Callable[[dict], None]) -> None:
     path = folder / CONFIG
@@ -56,15 +52,6 @@ def edit_weights(folder: Path, change: Callable[[dict], None]) -> None:
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path)
-
-
-def with_bad_value(adapter, name: str, part: str, value: float):
-    """A copy of ``adapter`` whose factor ``part`` ('a' or 'b') of ``name`` holds ``value`` once."""
-    w = adapter.weights[name]
-    tensor = getattr(w, part).clone()
-    tensor.view(-1)[3] = value
-    adapter.weights[name] = replace(w, **{part: tensor})
-    return adapter
 
 
 def write_unchecked_peft(folder: Path, adapter) -> Path:
@@ -308,7 +295,7 @@ def test_cli_convert_refuses(name, via, tmp_path):
     case = CASES[name](tmp_path)
     dst = tmp_path / "out" / ("converted.safetensors" if case.to == "safetensors" else "converted")
     dst.parent.mkdir()
-    run = run_subprocess if via == "subprocess" else run_inprocess
+    run = run_cli if via == "subprocess" else run_cli
     outcome = run("convert", case.src, dst, "--to", case.to, *cli_flags(case.options))
     assert_cli_error(outcome, case.fragments, code=case.code)
     assert_nothing_written(dst)
@@ -319,19 +306,19 @@ def test_cli_convert_refuses(name, via, tmp_path):
 @pytest.mark.parametrize("name", [n for n in CASES if n not in INSPECT_ACCEPTS])
 def test_cli_inspect_refuses_bad_input(name, tmp_path):
     case = CASES[name](tmp_path)
-    assert_cli_error(run_inprocess("inspect", case.src, "--json"), case.fragments)
+    assert_cli_error(run_cli("inspect", case.src, "--json"), case.fragments)
 
 
 def test_cli_inspect_refuses_truncated_file_in_subprocess(tmp_path):
     case = case_truncated_peft(tmp_path)
-    outcome = run_subprocess("inspect", case.src)
+    outcome = run_cli("inspect", case.src, how="subprocess")
     assert_cli_error(outcome, case.fragments)
     assert outcome.stdout == ""
 
 
 def test_cli_inspect_refuses_scale_for_peft(tmp_path):
     case = case_scale_for_peft(tmp_path)
-    assert_cli_error(run_inprocess("inspect", case.src, "--scale", "2"), case.fragments, code=2)
+    assert_cli_error(run_cli("inspect", case.src, "--scale", "2"), case.fragments, code=2)
 
 
 def test_evil_pickle_really_would_create_the_marker(tmp_path):
@@ -376,7 +363,7 @@ def test_library_inspect_reports_nonfinite(kind, tmp_path):
 
 def test_cli_inspect_reports_nonfinite(tmp_path):
     case = case_nan_factor(tmp_path)
-    outcome = run_subprocess("inspect", case.src)
+    outcome = run_cli("inspect", case.src, how="subprocess")
     assert "Traceback" not in outcome.stdout + outcome.stderr
     assert outcome.code == 0, outcome.stderr
     warnings_ = [line for line in stderr_lines(outcome) if line.startswith("warning:")]
@@ -392,7 +379,7 @@ def test_cli_inspect_reports_nonfinite(tmp_path):
 def test_cli_misuse_exits_2(args, option, tmp_path):
     src = write_peft(tmp_path / "adapter")
     dst = tmp_path / "converted.safetensors"
-    outcome = run_subprocess("convert", src, dst, *args)
+    outcome = run_cli("convert", src, dst, *args, how="subprocess")
     assert_cli_error(outcome, [option], code=2)
     assert_nothing_written(dst)
 
@@ -451,11 +438,11 @@ def test_cli_existing_destination_then_force(tmp_path):
     src = write_peft(tmp_path / "adapter")
     dst = tmp_path / "converted.safetensors"
     dst.write_bytes(b"precious")
-    outcome = run_subprocess("convert", src, dst, "--to", "safetensors")
+    outcome = run_cli("convert", src, dst, "--to", "safetensors", how="subprocess")
     assert_cli_error(outcome, [str(dst), "--force"])
     assert dst.read_bytes() == b"precious"
 
-    outcome = run_subprocess("convert", src, dst, "--to", "safetensors", "--force")
+    outcome = run_cli("convert", src, dst, "--to", "safetensors", "--force", how="subprocess")
     assert outcome.code == 0, outcome.stderr
     assert "Traceback" not in outcome.stderr and stderr_lines(outcome) == []
     assert at.load(dst).weights.keys() == at.load(src).weights.keys()
@@ -477,7 +464,7 @@ def test_cli_pissa_warns_but_converts(tmp_path):
     src = write_peft(tmp_path / "adapter")
     edit_config(src, lambda c: c.update(init_lora_weights="pissa"))
     dst = tmp_path / "converted.safetensors"
-    outcome = run_subprocess("convert", src, dst, "--to", "safetensors")
+    outcome = run_cli("convert", src, dst, "--to", "safetensors", how="subprocess")
     assert outcome.code == 0, outcome.stderr
     assert "Traceback" not in outcome.stderr
     lines = stderr_lines(outcome)
@@ -512,7 +499,7 @@ def test_library_bare_file_scale(tmp_path):
 def test_cli_bare_file_warns_about_scale_1(tmp_path):
     path = bare_peft_file(tmp_path)
     dst = tmp_path / "converted"
-    outcome = run_subprocess("convert", path, dst, "--to", "peft")
+    outcome = run_cli("convert", path, dst, "--to", "peft", how="subprocess")
     assert outcome.code == 0, outcome.stderr
     lines = stderr_lines(outcome)
     assert len(lines) == 1 and lines[0].startswith("warning:"), outcome.stderr
@@ -523,7 +510,7 @@ def test_cli_bare_file_warns_about_scale_1(tmp_path):
 def test_cli_bare_file_with_scale_2(tmp_path):
     path = bare_peft_file(tmp_path)
     dst = tmp_path / "converted"
-    outcome = run_subprocess("convert", path, dst, "--to", "peft", "--scale", "2")
+    outcome = run_cli("convert", path, dst, "--to", "peft", "--scale", "2", how="subprocess")
     assert outcome.code == 0, outcome.stderr
     assert stderr_lines(outcome) == []
     assert {w.scale for w in at.load(dst).weights.values()} == {2.0}

@@ -34,8 +34,8 @@ import adaptertools as at
 from adaptertools.errors import FormatError, UnsupportedError
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess, run_subprocess
-from test_bad_input import with_bad_value, write_peft
+from helpers.adapters import with_bad_value, write_peft
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -79,7 +79,7 @@ def tiny(tmp_path_factory):
 def test_merge_huge_weight_is_refused(tiny, tmp_path, base):
     root, bases, adapter = tiny
     out = tmp_path / "merged"
-    line = refused(run_inprocess("merge", bases[base], adapter, "--out", out, "--weights", "1e308"),
+    line = refused(run_cli("merge", bases[base], adapter, "--out", out, "--weights", "1e308"),
                    out, [DOWN0, "Inf/NaN", "--weights", {"f32": "F32", "f16": "F16",
                                                          "bf16": "BF16"}[base]])
     assert "nothing was written" in line
@@ -88,8 +88,8 @@ def test_merge_huge_weight_is_refused(tiny, tmp_path, base):
 def test_merge_huge_weight_in_a_subprocess(tiny, tmp_path):
     root, bases, adapter = tiny
     out = tmp_path / "merged"
-    refused(run_subprocess("merge", bases["bf16"], adapter, "--out", out, "--weights", "1e308"),
-            out, [DOWN0, "Inf/NaN", "lower --weights"])
+    refused(run_cli("merge", bases["bf16"], adapter, "--out", out, "--weights", "1e308",
+                    how="subprocess"), out, [DOWN0, "Inf/NaN", "lower --weights"])
 
 
 def test_merge_that_overflows_only_on_the_cast_to_f16(tiny, tmp_path):
@@ -98,9 +98,9 @@ def test_merge_that_overflows_only_on_the_cast_to_f16(tiny, tmp_path):
     root, bases, _ = tiny
     adapter = write_peft(tmp_path / "big", with_bad_value(make_adapter(), Q0, "b", 1e5))
     out = tmp_path / "merged"
-    refused(run_inprocess("merge", bases["f16"], adapter, "--out", out), out,
+    refused(run_cli("merge", bases["f16"], adapter, "--out", out), out,
             [Q0, "Inf/NaN value(s) of 4096", "F16", "F32 copy of the base"])
-    ok = run_inprocess("merge", bases["f32"], adapter, "--out", out)
+    ok = run_cli("merge", bases["f32"], adapter, "--out", out)
     assert ok.code == 0, ok.stderr
     assert torch.isfinite(load_file(out / "model.safetensors")[Q0]).all()
 
@@ -111,7 +111,7 @@ def test_merge_with_triton_kernels_is_checked_too(tiny, tmp_path):
     root, bases, _ = tiny
     adapter = write_peft(tmp_path / "big", with_bad_value(make_adapter(), Q0, "b", 1e5))
     out = tmp_path / "merged"
-    refused(run_inprocess("merge", bases["f16"], adapter, "--out", out, "--kernels", "triton"),
+    refused(run_cli("merge", bases["f16"], adapter, "--out", out, "--kernels", "triton"),
             out, [Q0, "Inf/NaN value(s) of 4096", "F16"])
 
 
@@ -120,7 +120,7 @@ def test_merge_into_a_base_tensor_holding_nan(tiny, tmp_path):
     base = Path(shutil.copytree(bases["bf16"], tmp_path / "base"))
     edit_tensors(base / "model.safetensors", lambda t: t[Q0].view(-1).__setitem__(5, float("nan")))
     out = tmp_path / "merged"
-    refused(run_inprocess("merge", base, adapter, "--out", out), out,
+    refused(run_cli("merge", base, adapter, "--out", out), out,
             [Q0, "base tensor already holds 1 Inf/NaN", "damaged"])
 
 
@@ -130,7 +130,7 @@ def gguf_q8(tmp_path_factory):
     pytest.importorskip("transformers")
     import gguf
     import numpy as np
-    from gguf_base import make_base_model, rewrite_gguf, write_gguf_base
+    from helpers.gguf_base import make_base_model, rewrite_gguf, write_gguf_base
 
     from adaptertools.kernels.quant import gguf as codec
 
@@ -160,8 +160,8 @@ def test_merge_into_gguf_q8_0_is_refused(gguf_q8, tmp_path, kernels, weight, fra
         pytest.importorskip("triton")
     base, adapter = gguf_q8
     out = tmp_path / "merged.gguf"
-    refused(run_inprocess("merge", base, adapter, "--out", out, "--weights", weight,
-                          "--kernels", kernels), out, ["blk.", "Q8_0", fragment])
+    refused(run_cli("merge", base, adapter, "--out", out, "--weights", weight,
+                    "--kernels", kernels), out, ["blk.", "Q8_0", fragment])
 
 
 def _bnb_base(folder: Path, kind: str) -> Path:
@@ -192,8 +192,8 @@ def test_merge_into_bitsandbytes_is_refused(tiny, tmp_path, kind, requantize):
     _, _, adapter = tiny
     base = _bnb_base(tmp_path / kind, kind)
     out = tmp_path / "merged"
-    refused(run_inprocess("merge", base, adapter, "--out", out, "--weights", "1e308",
-                          "--requantize", requantize), out, ["Inf/NaN", "--weights"])
+    refused(run_cli("merge", base, adapter, "--out", out, "--weights", "1e308",
+                    "--requantize", requantize), out, ["Inf/NaN", "--weights"])
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -205,7 +205,7 @@ def test_merge_into_bitsandbytes_is_refused(tiny, tmp_path, kind, requantize):
 def test_combine_results_must_be_finite(tiny, tmp_path, args, fragments):
     _, _, adapter = tiny
     out = tmp_path / "combined"
-    refused(run_inprocess("combine", adapter, adapter, "--out", out, *args), out, fragments)
+    refused(run_cli("combine", adapter, adapter, "--out", out, *args), out, fragments)
 
 
 @pytest.fixture(scope="module")
@@ -228,18 +228,18 @@ def tuned(tiny):
 def test_extract_of_a_fine_tune_holding_nan(tiny, tuned, tmp_path):
     _, bases, _ = tiny
     out = tmp_path / "extracted"
-    refused(run_inprocess("extract", bases["f32"], tuned["nan"], "--out", out, "--rank", "4"), out,
+    refused(run_cli("extract", bases["f32"], tuned["nan"], "--out", out, "--rank", "4"), out,
             [str(tuned["nan"] / "model.safetensors"), Q0, "1 NaN/Inf", "damaged"])
     # the same NaN in the base: the base is named
-    refused(run_inprocess("extract", tuned["nan"], bases["f32"], "--out", out, "--rank", "4"), out,
+    refused(run_cli("extract", tuned["nan"], bases["f32"], "--out", out, "--rank", "4"), out,
             [str(tuned["nan"] / "model.safetensors"), Q0, "NaN/Inf"])
 
 
 def test_extract_factors_that_overflow_fp16(tiny, tuned, tmp_path):
     _, bases, _ = tiny
     out = tmp_path / "extracted"
-    refused(run_inprocess("extract", bases["f32"], tuned["huge"], "--out", out, "--rank", "4",
-                          "--dtype", "fp16"), out, [Q0, "do not fit float16", "--dtype fp32"])
+    refused(run_cli("extract", bases["f32"], tuned["huge"], "--out", out, "--rank", "4",
+                    "--dtype", "fp16"), out, [Q0, "do not fit float16", "--dtype fp32"])
 
 
 @pytest.mark.parametrize("to, dtype, fragments", [
@@ -251,7 +251,7 @@ def test_convert_cast_that_overflows(tiny, tmp_path, to, dtype, fragments):
     src = write_peft(tmp_path / "big", with_bad_value(make_adapter(), Q0, "b", 1e6))
     out = tmp_path / ("converted.gguf" if to == "gguf" else "converted")
     extra = ["--base", bases["f32"]] if to == "gguf" else []
-    refused(run_inprocess("convert", src, out, "--to", to, "--dtype", dtype, *extra), out,
+    refused(run_cli("convert", src, out, "--to", to, "--dtype", dtype, *extra), out,
             fragments)
 
 
@@ -260,8 +260,8 @@ def test_gguf_q8_0_adapter_scales_that_overflow(tiny, tmp_path):
     _, bases, _ = tiny
     src = write_peft(tmp_path / "big", with_bad_value(make_adapter(), Q0, "a", 1e8))
     out = tmp_path / "converted.gguf"
-    refused(run_inprocess("convert", src, out, "--to", "gguf", "--dtype", "q8_0", "--base",
-                          bases["f32"]), out, ["blk.0.attn_q.weight.lora_a", "Q8_0", "at most 8.319"])
+    refused(run_cli("convert", src, out, "--to", "gguf", "--dtype", "q8_0", "--base",
+                    bases["f32"]), out, ["blk.0.attn_q.weight.lora_a", "Q8_0", "at most 8.319"])
 
 
 # ============================================================================ 2. configs
@@ -309,7 +309,7 @@ def test_config_field_of_the_wrong_type(tiny, tmp_path, case, command):
     args = {"inspect": ["inspect", folder],
             "convert": ["convert", folder, out, "--to", "safetensors"],
             "merge": ["merge", bases["f32"], folder, "--out", out]}[command]
-    line = refused(run_inprocess(*args), out, [str(folder / CONFIG), *fragments, "fix the config"])
+    line = refused(run_cli(*args), out, [str(folder / CONFIG), *fragments, "fix the config"])
     assert "Traceback" not in line
 
 
@@ -331,7 +331,7 @@ def test_deep_json_in_adapter_config(tiny, tmp_path):
     out = tmp_path / "out"
     for args in (["inspect", folder], ["convert", folder, out, "--to", "safetensors"],
                  ["merge", bases["f32"], folder, "--out", out]):
-        refused(run_inprocess(*args), out, [str(folder / CONFIG), "nested too deeply"])
+        refused(run_cli(*args), out, [str(folder / CONFIG), "nested too deeply"])
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
@@ -340,10 +340,10 @@ def test_deep_json_in_a_base(tiny, tmp_path, name):
     base = Path(shutil.copytree(bases["f32"], tmp_path / "base"))
     (base / name).write_text('{"a": ' + DEEP + "}")
     out = tmp_path / "merged"
-    refused(run_inprocess("merge", base, adapter, "--dry-run"), None,
+    refused(run_cli("merge", base, adapter, "--dry-run"), None,
             [str(base / name), "nested too deeply"])
     # a full CLI run first reads the index ahead in _prefetch.py (best effort: silent)
-    refused(run_inprocess("merge", base, adapter, "--out", out), out,
+    refused(run_cli("merge", base, adapter, "--out", out), out,
             [str(base / name), "nested too deeply"])
     with pytest.raises(FormatError, match="nested too deeply"):
         at.merge(base, [adapter], out)
@@ -356,7 +356,7 @@ def test_deep_json_in_a_safetensors_header(tiny, tmp_path):
     base.mkdir()
     raw = ('{"a": ' + DEEP + "}").encode()
     (base / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
-    refused(run_inprocess("merge", base, adapter, "--dry-run"), None,
+    refused(run_cli("merge", base, adapter, "--dry-run"), None,
             [str(base / "model.safetensors"), "corrupt safetensors header"])
 
 
@@ -407,7 +407,7 @@ def test_own_safetensors_metadata_damaged(tmp_path, case):
     change, fragments = OWN_FILE_CASES[case]
     path = _own_file(tmp_path, change)
     out = tmp_path / "converted"
-    refused(run_inprocess("convert", path, out, "--to", "peft"), out, [str(path), *fragments])
+    refused(run_cli("convert", path, out, "--to", "peft"), out, [str(path), *fragments])
 
 
 @pytest.fixture(scope="module")
@@ -471,14 +471,14 @@ def test_own_gguf_metadata_damaged(own_gguf, tmp_path, case):
     path = _rewrite_replacing(src, tmp_path / "changed.gguf", "adaptertools.lora",
                               change(_gguf_info(src)))
     out = tmp_path / "converted"
-    refused(run_inprocess("convert", path, out, "--to", "peft"), out, [str(path), *fragments])
+    refused(run_cli("convert", path, out, "--to", "peft"), out, [str(path), *fragments])
 
 
 def test_gguf_alpha_of_the_wrong_type(own_gguf, tmp_path):
     src = own_gguf
     path = _rewrite_replacing(src, tmp_path / "changed.gguf", "adapter.lora.alpha", "sixteen")
     out = tmp_path / "converted"
-    refused(run_inprocess("convert", path, out, "--to", "peft"), out,
+    refused(run_cli("convert", path, out, "--to", "peft"), out,
             [str(path), "adapter.lora.alpha", "not a number"])
 
 
@@ -507,7 +507,7 @@ def test_adapter_declaring_a_100_gb_tensor(tiny, tmp_path):
     fragments = [str(path), "100.00 GB", "q_proj.lora_A.weight", "loaded whole", "available"]
     for args in (["inspect", folder], ["convert", folder, out, "--to", "safetensors"],
                  ["merge", bases["f32"], folder, "--out", out]):
-        refused(run_inprocess(*args), out, fragments)
+        refused(run_cli(*args), out, fragments)
 
 
 def test_adapter_larger_than_available_memory(tmp_path, monkeypatch):
@@ -536,7 +536,7 @@ def test_merge_into_a_non_float_weight(tiny, tmp_path, dtype, fragments):
     edit_tensors(base / "model.safetensors", lambda t: t.update({Q0: (t[Q0] * 100).to(dtype)}))
     out = tmp_path / "merged"
     for extra in ([], ["--dry-run"]):
-        refused(run_inprocess("merge", base, adapter, "--out", out, *extra), out,
+        refused(run_cli("merge", base, adapter, "--out", out, *extra), out,
                 [str(base / "model.safetensors"), Q0, *fragments, "F32, F16 and BF16"])
 
 
@@ -559,7 +559,7 @@ def test_pickle_that_would_run_code(tmp_path):
     torch.save({"base_model.model.x.lora_A.weight": RunsSystem(marker)},
                folder / "adapter_model.bin")
     out = tmp_path / "out"
-    for run in (run_inprocess, run_subprocess):
+    for run in (run_cli, run_cli):
         line = refused(run("convert", folder, out, "--to", "safetensors"), out,
                        [str(folder / "adapter_model.bin"), "posix.system", "would run code",
                         "safetensors", "trusted"])

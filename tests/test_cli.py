@@ -12,27 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import adaptertools as at
 from adaptertools.adapter import Adapter
-from adaptertools.cli import cli
 from adaptertools.tiny import make_adapter
 
+from helpers.cli import run_cli
+
 HEAVY = ("torch", "triton", "huggingface_hub")
-
-
-def run_subprocess(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptertools.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
-
-
-def run_inprocess(*args: str):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert result.exit_code == 0, result.stderr
-    return result
 
 
 def mixed_adapter() -> Adapter:
@@ -85,8 +73,8 @@ def test_import_and_help_do_not_import_heavy_modules():
 
 
 def test_version():
-    proc = run_subprocess("--version")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("--version", how="subprocess")
+    assert proc.code == 0, proc.stderr
     assert proc.stdout.strip() == f"adaptertools, version {at.__version__}"
     assert at.__version__ == version("adaptertools")
 
@@ -94,7 +82,7 @@ def test_version():
 # ----------------------------------------------------------------------------- formats
 
 def test_formats_json():
-    rows = json.loads(run_inprocess("formats", "--json").stdout)
+    rows = json.loads(run_cli("formats", "--json", expect=0).stdout)
     by_name = {row["name"]: row for row in rows}
     for name in ("peft", "safetensors"):
         assert by_name[name]["read"] is True and by_name[name]["write"] is True
@@ -103,7 +91,7 @@ def test_formats_json():
 
 
 def test_formats_table():
-    text = run_inprocess("formats").stdout
+    text = run_cli("formats", expect=0).stdout
     for name in ("peft", "safetensors", "adaptertools"):
         assert name in text
 
@@ -124,7 +112,7 @@ def test_inspect_json_summary(tmp_path):
     adapter = mixed_adapter()
     folder = tmp_path / "adapter"
     at.save(adapter, folder, format="peft")
-    report = json.loads(run_inprocess("inspect", folder, "--json").stdout)
+    report = json.loads(run_cli("inspect", folder, "--json", expect=0).stdout)
     assert "layers" not in report
     assert report["format"] == "peft"
     assert report["adapted_tensors"] == 6
@@ -145,8 +133,8 @@ def test_inspect_layers_json_matches_explicit_delta(tmp_path):
     adapter = mixed_adapter()
     folder = tmp_path / "adapter"
     at.save(adapter, folder, format="peft")
-    proc = run_subprocess("inspect", folder, "--layers", "--json")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("inspect", folder, "--layers", "--json", how="subprocess")
+    assert proc.code == 0, proc.stderr
     report = json.loads(proc.stdout)
     rows = {row["name"]: row for row in report["layers"]}
     assert rows.keys() == adapter.weights.keys()
@@ -174,8 +162,8 @@ def test_convert_round_trip_is_bit_identical(tmp_path):
     at.save(mixed_adapter(), src, format="peft")
     raw, back = tmp_path / "adapter.safetensors", tmp_path / "back"
     for args in ((src, raw, "--to", "safetensors"), (raw, back, "--to", "peft")):
-        proc = run_subprocess("convert", *args)
-        assert proc.returncode == 0, proc.stderr
+        proc = run_cli("convert", *args, how="subprocess")
+        assert proc.code == 0, proc.stderr
         assert proc.stderr == ""
         assert f"wrote {args[1]}" in proc.stdout
     assert_same_tensors(load_file(src / "adapter_model.safetensors"),
@@ -190,8 +178,8 @@ def test_convert_round_trip_is_bit_identical(tmp_path):
 
 def test_convert_json_reports_what_was_done(peft_dir, tmp_path):
     dst = tmp_path / "out.safetensors"
-    result = json.loads(run_inprocess("convert", peft_dir, dst, "--to", "safetensors",
-                                      "--json").stdout)
+    result = json.loads(run_cli("convert", peft_dir, dst, "--to", "safetensors",
+                                "--json", expect=0).stdout)
     assert result == {"src": str(peft_dir), "dst": str(dst), "from": "peft", "to": "safetensors",
                       "dtype": "keep", "adapted_tensors": 14, "replaced_tensors": 0}
     assert dst.is_file()
@@ -204,7 +192,7 @@ def test_convert_json_reports_what_was_done(peft_dir, tmp_path):
 def test_convert_dtype_bf16_casts_every_factor(to, factor_suffixes, peft_dir, tmp_path):
     original = make_adapter()
     dst = tmp_path / ("out.safetensors" if to == "safetensors" else "out")
-    run_inprocess("convert", peft_dir, dst, "--to", to, "--dtype", "bf16")
+    run_cli("convert", peft_dir, dst, "--to", to, "--dtype", "bf16", expect=0)
     tensors = load_file(dst if to == "safetensors" else dst / "adapter_model.safetensors")
     factors = {k: t for k, t in tensors.items() if k.endswith(factor_suffixes)}
     assert len(factors) == 2 * len(original.weights)
@@ -219,8 +207,8 @@ def test_convert_dtype_bf16_casts_every_factor(to, factor_suffixes, peft_dir, tm
 # ----------------------------------------------------------------------------- demo
 
 def test_demo_round_trip_is_bit_exact(tmp_path):
-    proc = run_subprocess("demo", "--workdir", tmp_path / "demo")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("demo", "--workdir", tmp_path / "demo", how="subprocess")
+    assert proc.code == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "bit-exact" in proc.stdout + proc.stderr
     assert "MISMATCH" not in proc.stdout + proc.stderr

@@ -12,22 +12,17 @@ subprocess (``main``, the console script's entry).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import adaptertools as at
 import adaptertools.api
-from adaptertools.cli import _main, cli
 from adaptertools.errors import AdapterToolsError, OptionError, UnsupportedError
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
-from cli_helpers import (Outcome, assert_cli_error, assert_nothing_written, run_inprocess,
-                         stderr_lines)
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli, stderr_lines
 
 REPORT = "please report it (rerun with --debug for the traceback)"
 
@@ -59,7 +54,7 @@ def raising(exc: BaseException):
 ])
 def test_an_internal_error_is_one_line(models, monkeypatch, exc, what):
     monkeypatch.setattr(adaptertools.api, "inspect", raising(exc))
-    outcome = run_inprocess("inspect", models["adapter"])
+    outcome = run_cli("inspect", models["adapter"])
     line = assert_cli_error(outcome, [])
     assert line == f"error: internal error in 'adaptertools inspect': {what}; {REPORT}"
 
@@ -67,7 +62,7 @@ def test_an_internal_error_is_one_line(models, monkeypatch, exc, what):
 def test_an_internal_error_names_its_command(models, monkeypatch, tmp_path):
     monkeypatch.setattr(adaptertools.api, "merge", raising(ZeroDivisionError("division by zero")))
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", models["base"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["base"], models["adapter"], "--out", out)
     line = assert_cli_error(outcome, [])
     assert line.startswith("error: internal error in 'adaptertools merge': ZeroDivisionError: ")
     assert_nothing_written(out)
@@ -82,8 +77,8 @@ def test_debug_adds_the_traceback(models, monkeypatch, how):
         args = ["--debug", *args]
     else:
         env["ADAPTERTOOLS_DEBUG"] = "1"
-    result = CliRunner().invoke(cli, args, env=env)
-    assert result.exit_code == 1
+    result = run_cli(*args, env=env)
+    assert result.code == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert "in broken" in result.stderr and "RuntimeError: boom" in result.stderr
     last = stderr_lines(result)[-1]
@@ -92,17 +87,16 @@ def test_debug_adds_the_traceback(models, monkeypatch, how):
 
 def test_debug_off_by_env_zero(models, monkeypatch):
     monkeypatch.setattr(adaptertools.api, "inspect", raising(RuntimeError("boom")))
-    result = CliRunner().invoke(cli, ["inspect", str(models["adapter"])],
-                                env={"ADAPTERTOOLS_DEBUG": "0"})
-    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    result = run_cli("inspect", models["adapter"], env={"ADAPTERTOOLS_DEBUG": "0"})
+    assert result.code == 1 and "Traceback" not in result.stderr
 
 
 def test_debug_also_shows_where_a_library_error_came_from(models, tmp_path):
     missing = tmp_path / "missing"
-    plain = run_inprocess("inspect", missing)
+    plain = run_cli("inspect", missing)
     assert_cli_error(plain, [str(missing)])
-    result = CliRunner().invoke(cli, ["--debug", "inspect", str(missing)])
-    assert result.exit_code == 1 and "Traceback" in result.stderr
+    result = run_cli("--debug", "inspect", missing)
+    assert result.code == 1 and "Traceback" in result.stderr
     assert stderr_lines(result)[-1] == stderr_lines(plain)[0]
 
 
@@ -124,10 +118,9 @@ main()
 def test_an_internal_error_in_a_subprocess(models, tmp_path, debug):
     script = tmp_path / "broken_cli.py"
     script.write_text(BROKEN_CLI)
-    args = [sys.executable, str(script), *(["--debug"] if debug else []), "inspect",
-            str(models["adapter"])]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    proc = run_cli(*(["--debug"] if debug else []), "inspect", models["adapter"],
+                   how="subprocess", launcher=script)
+    assert proc.code == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: internal error in 'adaptertools inspect': RecursionError: "
                                 "maximum recursion depth exceeded while calling a Python object; "
@@ -176,41 +169,30 @@ def misuse_cases(models, tmp_path) -> list[tuple[list, int, list[str]]]:
     ]
 
 
-def run_main(capsys, *args: str) -> Outcome:
-    """The whole boundary in process: ``cli._main`` as ``main`` runs it (click's usage errors
-    become one line only there), without ``main``'s exit that skips the interpreter's teardown."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        _main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return Outcome(info.value.code, captured.out, captured.err)
-
-
-def test_misuse_exits_2_with_a_usage_hint_and_failures_exit_1(models, tmp_path, capsys):
+def test_misuse_exits_2_with_a_usage_hint_and_failures_exit_1(models, tmp_path):
     out = tmp_path / "out"
     for args, code, fragments in misuse_cases(models, tmp_path):
         takes_out = args[0] in ("merge", "combine", "extract") and "--out" not in args
         extra = [] if not takes_out or args == ["merge", str(models["base"]),
                                                 str(models["adapter"])] else ["--out", str(out)]
-        line = assert_cli_error(run_main(capsys, *args, *extra), fragments, code=code)
+        line = assert_cli_error(run_cli(*args, *extra, how="main"), fragments, code=code)
         hint = line.endswith(f" {args[0]} --help`)")       # (see `PROG merge --help`)
         assert hint == (code == 2), (args, line)
         assert_nothing_written(out)
 
 
 def test_option_error_through_click_runner(models, tmp_path):
-    outcome = run_inprocess("combine", models["adapter"], "--method", "svd", "--rank", "0",
-                            "--out", tmp_path / "out")
+    outcome = run_cli("combine", models["adapter"], "--method", "svd", "--rank", "0",
+                      "--out", tmp_path / "out")
     line = assert_cli_error(outcome, ["--rank 0"], code=2)
     assert line.endswith("(see `cli combine --help`)"), line
 
 
 def test_misuse_exits_2_in_a_subprocess(models, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "adaptertools.cli", "combine",
-                           str(models["adapter"]), "--method", "svd", "--rank", "0", "--out",
-                           str(out)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    proc = run_cli("combine", models["adapter"], "--method", "svd", "--rank", "0", "--out", out,
+                   how="subprocess")
+    assert proc.code == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --rank 0: give a whole number >= 1")
     assert lines[0].endswith("combine --help`)"), lines

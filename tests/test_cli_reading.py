@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import click
 import pytest
 import torch
-from click.testing import CliRunner
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess
 from safetensors.torch import load_file
 
 import adaptertools as at
@@ -26,6 +22,8 @@ from adaptertools.adapter import Adapter, LoraWeight
 from adaptertools.cli import cli
 from adaptertools.errors import OptionError
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
+
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
 
 SPEC = TinyLlama(layers=4)
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -57,8 +55,8 @@ def table_rows(text: str) -> list[list[str]]:
 # ----------------------------------------------------------------------------- merge report
 
 def test_merge_prints_one_row_per_kind_with_adapter_names(tiny, tmp_path):
-    outcome = run_inprocess("merge", tiny["base"], tiny["math"], tiny["code"], "--out",
-                            tmp_path / "out")
+    outcome = run_cli("merge", tiny["base"], tiny["math"], tiny["code"], "--out",
+                      tmp_path / "out")
     assert outcome.code == 0, outcome.stderr
     rows = table_rows(outcome.stdout)
     assert len(rows) == 7, outcome.stdout            # 28 changed tensors, 7 kinds
@@ -73,8 +71,8 @@ def test_merge_prints_one_row_per_kind_with_adapter_names(tiny, tmp_path):
 
 
 def test_merge_verbose_lists_every_tensor(tiny, tmp_path):
-    outcome = run_inprocess("merge", tiny["base"], tiny["math"], tiny["code"], "--out",
-                            tmp_path / "out", "--verbose")
+    outcome = run_cli("merge", tiny["base"], tiny["math"], tiny["code"], "--out",
+                      tmp_path / "out", "--verbose")
     assert outcome.code == 0, outcome.stderr
     rows = table_rows(outcome.stdout)
     assert len(rows) == 28
@@ -83,15 +81,15 @@ def test_merge_verbose_lists_every_tensor(tiny, tmp_path):
 
 
 def test_ambiguous_last_components_show_whole_paths(tiny, tmp_path):
-    outcome = run_inprocess("merge", tiny["base"], tiny["a"], tiny["b"], "--dry-run")
+    outcome = run_cli("merge", tiny["base"], tiny["a"], tiny["b"], "--dry-run")
     assert outcome.code == 0, outcome.stderr
     rows = table_rows(outcome.stdout)
     assert rows[0][3] == f"{tiny['a']}, {tiny['b']}"
 
 
 def test_merge_json_keeps_every_row(tiny, tmp_path):
-    outcome = run_inprocess("merge", tiny["base"], tiny["math"], "--out", tmp_path / "out",
-                            "--json")
+    outcome = run_cli("merge", tiny["base"], tiny["math"], "--out", tmp_path / "out",
+                      "--json")
     report = json.loads(outcome.stdout)
     assert len(report["changed"]) == 28 and report["changed"][0]["adapters"] == [0]
 
@@ -101,15 +99,15 @@ def test_merge_quiet_prints_only_warnings(tiny, tmp_path):
     make_base(base, SPEC)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps(config | {"_name_or_path": "someone/else"}))
-    outcome = run_inprocess("merge", base, tiny["math"], "--out", tmp_path / "out", "--quiet",
-                            "--validate")
+    outcome = run_cli("merge", base, tiny["math"], "--out", tmp_path / "out", "--quiet",
+                      "--validate")
     assert outcome.code == 0, outcome.stderr
     assert outcome.stdout == ""
     lines = [line for line in outcome.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("warning:") for line in lines), lines
-    clean = run_inprocess("merge", tiny["base"], tiny["code"], "--out", tmp_path / "o2", "-q")
+    clean = run_cli("merge", tiny["base"], tiny["code"], "--out", tmp_path / "o2", "-q")
     assert clean.code == 0 and clean.stdout == "" and clean.stderr == ""
-    both = run_inprocess("merge", tiny["base"], tiny["code"], "--dry-run", "-q", "-v")
+    both = run_cli("merge", tiny["base"], tiny["code"], "--dry-run", "-q", "-v")
     assert both.code == 2 and "--verbose and --quiet" in both.stderr
 
 
@@ -125,8 +123,8 @@ def test_merge_validate_failure_shows_the_failures(tiny, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(validation_run, "summary", failing)
-    outcome = run_inprocess("merge", tiny["base"], tiny["code"], "--out", tmp_path / "out",
-                            "--validate")
+    outcome = run_cli("merge", tiny["base"], tiny["code"], "--out", tmp_path / "out",
+                      "--validate")
     assert outcome.code == 1
     assert ["model.layers.0.mlp.up_proj.weight", "SQNR 3 dB below its floor"] in \
         table_rows(outcome.stdout)
@@ -164,31 +162,31 @@ def test_library_lowercases_requantize(tiny, tmp_path):
 @pytest.mark.parametrize("name", ["x.gguf", "x.safetensors", "x.bin", "x.JSON"])
 def test_hf_merge_refuses_a_file_looking_out(tiny, tmp_path, name):
     out = tmp_path / name
-    outcome = run_inprocess("merge", tiny["base"], tiny["math"], "--out", out)
+    outcome = run_cli("merge", tiny["base"], tiny["math"], "--out", out)
     line = assert_cli_error(outcome, [str(out), "folder"], code=2)
     assert "HF checkpoint" in line
     assert_nothing_written(out)
     with pytest.raises(OptionError):
         at.merge(tiny["base"], [tiny["math"]], out)
-    assert_cli_error(run_inprocess("merge", tiny["base"], tiny["math"], "--out", out,
-                                   "--dry-run"), [str(out)], code=2)
+    assert_cli_error(run_cli("merge", tiny["base"], tiny["math"], "--out", out,
+                             "--dry-run"), [str(out)], code=2)
 
 
 # ----------------------------------------------------------------------------- convert
 
 def test_convert_to_gguf_takes_the_base_the_adapter_names(tiny, tmp_path):
     dst = tmp_path / "out.gguf"
-    outcome = run_inprocess("convert", tiny["math"], dst, "--to", "gguf")
+    outcome = run_cli("convert", tiny["math"], dst, "--to", "gguf")
     assert outcome.code == 0, outcome.stderr
     assert dst.is_file()
     assert str(tiny["base"]) in outcome.stderr and "base_model_name_or_path" in outcome.stderr
-    report = json.loads(run_inprocess("convert", tiny["math"], tmp_path / "o2.gguf", "--to",
-                                      "gguf", "--json").stdout)
+    report = json.loads(run_cli("convert", tiny["math"], tmp_path / "o2.gguf", "--to",
+                                "gguf", "--json").stdout)
     assert report["base"] == str(tiny["base"])
     # a Hub id (or a path that does not exist) is not fetched: --base is still asked for
     at.save(make_adapter(SPEC, base_model="someone/model"), tmp_path / "hub", format="peft")
-    assert_cli_error(run_inprocess("convert", tmp_path / "hub", tmp_path / "o3.gguf", "--to",
-                                   "gguf"), ["--base"])
+    assert_cli_error(run_cli("convert", tmp_path / "hub", tmp_path / "o3.gguf", "--to",
+                             "gguf"), ["--base"])
 
 
 def test_convert_to_gguf_says_unchanged_copies_were_dropped(tiny, tmp_path):
@@ -196,8 +194,8 @@ def test_convert_to_gguf_says_unchanged_copies_were_dropped(tiny, tmp_path):
     adapter = make_adapter(SPEC, base_model=str(tiny["base"]))
     adapter.replacements["model.embed_tokens.weight"] = embed.clone()
     at.save(adapter, tmp_path / "ad", format="peft")
-    outcome = run_inprocess("convert", tmp_path / "ad", tmp_path / "out.gguf", "--to", "gguf",
-                            "--base", tiny["base"])
+    outcome = run_cli("convert", tmp_path / "ad", tmp_path / "out.gguf", "--to", "gguf",
+                      "--base", tiny["base"])
     assert outcome.code == 0, outcome.stderr
     assert "1 full tensor(s) dropped: unchanged copies of the base" in outcome.stdout
     assert "1 full tensors" not in outcome.stdout
@@ -224,7 +222,7 @@ def test_extract_records_an_absolute_base(tiny, tmp_path, monkeypatch):
     shutil.copytree(tiny["base"], tmp_path / "base")
     _fine_tune(tmp_path / "base", tmp_path / "tuned")
     monkeypatch.chdir(tmp_path)
-    outcome = run_inprocess("extract", "base", "tuned", "--out", "lora", "--rank", "2")
+    outcome = run_cli("extract", "base", "tuned", "--out", "lora", "--rank", "2")
     assert outcome.code == 0, outcome.stderr
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
@@ -268,7 +266,7 @@ def test_inspect_shows_whole_target_module_names(tmp_path):
     at.save(_diffusers_adapter(targets), tmp_path / "peft", format="peft")
     report = at.inspect(tmp_path / "peft")
     assert report["target_modules"] == ["ff.net.0.proj", "ff.net.2", "to_k", "to_out.0", "to_q"]
-    outcome = run_inprocess("inspect", tmp_path / "peft")
+    outcome = run_cli("inspect", tmp_path / "peft")
     assert "ff.net.0.proj, ff.net.2, to_k, to_out.0, to_q" in outcome.stdout
 
 
@@ -278,7 +276,7 @@ def test_inspect_llama_targets_stay_short(tiny):
 
 
 def test_inspect_a_folder_as_a_one_file_format(tiny):
-    outcome = run_inprocess("inspect", tiny["math"], "--from", "safetensors")
+    outcome = run_cli("inspect", tiny["math"], "--from", "safetensors")
     line = assert_cli_error(outcome, [str(tiny["math"]), "folder",
                                       "adapter_model.safetensors"])
     assert "corrupt" not in line and "os error" not in line
@@ -290,10 +288,9 @@ def test_validate_e2e_is_not_buried_in_oracle_noise(tiny, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "merged"
     at.merge(tiny["base"], [tiny["math"]], out)
-    proc = subprocess.run([sys.executable, "-m", "adaptertools.cli", "validate", tiny["base"],
-                           tiny["math"], "--merged", out, "--e2e"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("validate", tiny["base"], tiny["math"], "--merged", out, "--e2e",
+                   how="subprocess", timeout=300)
+    assert proc.code == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("validation passed"), proc.stderr
     assert "end-to-end: passed" in lines[0]
@@ -396,7 +393,7 @@ def test_readme_synopsis_agrees_with_the_cli(name):
 
 
 def test_top_level_help_shows_whole_summaries():
-    result = CliRunner().invoke(cli, ["--help"], terminal_width=80)
+    result = run_cli("--help", terminal_width=80)
     commands = result.output.split("Commands:", 1)[1].splitlines()
     summaries = [line.split(None, 1)[1] for line in commands if line.strip()]
     assert len(summaries) == len(cli.commands)

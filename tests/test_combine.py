@@ -21,18 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess
-from conftest import (
-    LLAMA_ALL,
-    PEFT_CASES,
-    build_peft_case,
-    load_with_peft,
-    make_model,
-    model_output,
-)
 
 import adaptertools as at
 from adaptertools.tiny import TinyLlama, make_adapter
+
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
+from helpers.models import LLAMA_ALL, make_model, model_output
+from helpers.peft_adapters import PEFT_CASES, build_peft_case, load_with_peft
 
 CASES = {
     "plain": PEFT_CASES["plain"],
@@ -323,18 +318,18 @@ def test_bad_input_gives_one_line_errors(cases, tmp_path):
          ["lm_head.weight", "modules_to_save"]),
     ]
     for args, code, fragments in cases_:      # 2: misuse of the options, 1: bad input
-        outcome = run_inprocess("combine", *args, "--out", out)
+        outcome = run_cli("combine", *args, "--out", out)
         assert_cli_error(outcome, fragments, code=code)
         assert_nothing_written(out)
 
 
 def test_cli_json_report(cases, tmp_path):
     _, built, _ = cases
-    outcome = run_inprocess("combine", built["plain"].folder, built["rslora"].folder, "--out",
-                            tmp_path / "o", "--method", "svd", "--rank", "2", "--json")
+    outcome = run_cli("combine", built["plain"].folder, built["rslora"].folder, "--out",
+                      tmp_path / "o", "--method", "svd", "--rank", "2", "--json")
     assert outcome.code == 0, outcome.stderr
     report = json.loads(outcome.stdout)
     assert report["method"] == "svd" and len(report["tensors"]) == 2 * len(LLAMA_ALL)
     assert 0 < report["total"]["energy_kept"] < 1
-    text = run_inprocess("combine", built["plain"].folder, "--out", tmp_path / "t")
+    text = run_cli("combine", built["plain"].folder, "--out", tmp_path / "t")
     assert text.code == 0 and "total: 1.000000 of the delta energy kept" in text.stdout

@@ -12,11 +12,13 @@ import json
 
 import pytest
 import torch
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess
-from conftest import load_with_peft, make_model, model_output
 from safetensors.torch import load_file
 
 import adaptertools as at
+
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
+from helpers.models import make_model, model_output
+from helpers.peft_adapters import load_with_peft
 
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -158,7 +160,7 @@ def test_bad_input_gives_one_line_errors(llama, tmp_path):
         ([base, tuned, "--rank", "2", "--targets", "nope"], 1, ["--targets nope", "q_proj"]),
         ([base, str(tmp_path / "missing"), "--rank", "2"], 1, ["missing"]),
     ]:
-        assert_cli_error(run_inprocess("extract", *args, "--out", out), fragments, code=code)
+        assert_cli_error(run_cli("extract", *args, "--out", out), fragments, code=code)
         assert_nothing_written(out)
     # same tensor names are not required; a shape clash is named
     (tmp_path / "wide").mkdir()
@@ -167,19 +169,19 @@ def test_bad_input_gives_one_line_errors(llama, tmp_path):
     state["lm_head.weight"] = torch.zeros(97, 32)
     from safetensors.torch import save_file
     save_file(state, str(tmp_path / "wide" / "model.safetensors"))
-    assert_cli_error(run_inprocess("extract", base, tmp_path / "wide", "--rank", "2", "--out", out),
+    assert_cli_error(run_cli("extract", base, tmp_path / "wide", "--rank", "2", "--out", out),
                      ["lm_head.weight", "(97, 32)", "(96, 32)"])
     assert_nothing_written(out)
 
 
 def test_cli_table_and_json(llama, tmp_path):
     root, _, _ = llama
-    text = run_inprocess("extract", root / "base", root / "tuned", "--out", tmp_path / "t",
-                         "--rank", "2")
+    text = run_cli("extract", root / "base", root / "tuned", "--out", tmp_path / "t",
+                   "--rank", "2")
     assert text.code == 0, text.stderr
     assert "model.layers.1.mlp.down_proj.weight" in text.stdout and "total:" in text.stdout
-    as_json = run_inprocess("extract", root / "base", root / "tuned", "--out", tmp_path / "j.st",
-                            "--rank", "2", "--json", "--to", "safetensors")
+    as_json = run_cli("extract", root / "base", root / "tuned", "--out", tmp_path / "j.st",
+                      "--rank", "2", "--json", "--to", "safetensors")
     report = json.loads(as_json.stdout)
     assert report["format"] == "safetensors" and 0 < report["total"]["energy_kept"] < 1
     assert at.load(tmp_path / "j.st", format="safetensors").weights["model.layers.0.self_attn.q_proj.weight"].rank == 2

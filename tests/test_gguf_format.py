@@ -18,8 +18,9 @@ from adaptertools.adapter import first_difference
 from adaptertools.errors import FormatError, UnsupportedError
 from adaptertools.formats.names import load_base_info
 
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess, run_subprocess
-from conftest import GGUF_ARCHS, GGUF_TARGETS, make_causal_lm, perturb_trainables
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
+from helpers.models import GGUF_ARCHS, GGUF_TARGETS, make_causal_lm
+from helpers.peft_adapters import perturb_trainables
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -352,7 +353,7 @@ def test_bad_gguf_input(case, arch_dirs, tmp_path):
     for fragment in fragments:
         assert fragment in str(info.value)
     assert_nothing_written(Path(dst))
-    run = run_subprocess if case in ("garbage", "missing_pair") else run_inprocess
+    run = run_cli if case in ("garbage", "missing_pair") else run_cli
     assert_cli_error(run("convert", *args), fragments)
     assert_nothing_written(Path(dst))
 
@@ -365,5 +366,5 @@ def test_inspect_reports_q8_0_fallback(arch_dirs, tmp_path):
     # lora_a rows are 64 (= hidden) or 96 long: Q8_0; lora_b rows are r = 4 long: F16
     assert storage["tensor_types"] == {"Q8_0": 14, "F16": 14}
     assert any("not a multiple of 32" in note for note in storage["notes"])
-    outcome = run_inprocess("inspect", tmp_path / "q.gguf")
+    outcome = run_cli("inspect", tmp_path / "q.gguf")
     assert "not a multiple of 32" in outcome.stderr and outcome.code == 0

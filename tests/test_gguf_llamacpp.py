@@ -2,9 +2,9 @@
 
 For tiny Llama / Mistral / Qwen2 / Qwen3 models (seeded random weights, float32) and adapters made
 by the real PEFT, the adapter converted by ``adaptertools.convert(..., to="gguf")`` and loaded by
-llama.cpp (llama-cpp-python) on a GGUF copy of the base (tests/gguf_base.py) must reproduce the
-unmerged PeftModel's logits within 1e-4 (measured: a few 1e-6, FORMATS.md "Noise floors"). Every
-case also checks that the adapter matters (logits without it are far off), so a converter that
+llama.cpp (llama-cpp-python) on a GGUF copy of the base (tests/helpers/gguf_base.py) must
+reproduce the unmerged PeftModel's logits within 1e-4 (measured: a few 1e-6, FORMATS.md "Noise
+floors"). Every case also checks that the adapter matters (logits without it are far off), so a converter that
 dropped or mangled the LoRA could not pass.
 """
 
@@ -24,7 +24,8 @@ import torch
 
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
-from gguf_base import ARCHS, IDS, llama_logits, make_base_model, max_diff, write_gguf_base
+
+from helpers.gguf_base import ARCHS, IDS, llama_logits, make_base_model, max_diff, write_gguf_base
 
 # Without llama-cpp-python the file is skipped, except under CI, where it must run: there the
 # fixtures import llama_cpp and fail loudly.
@@ -67,7 +68,7 @@ EXTRA_CASES = {
 class Base:
     model: torch.nn.Module    # the float32 transformers model
     hf_dir: Path              # save_pretrained of it (config.json + model.safetensors)
-    gguf: Path                # the same weights as a GGUF model (tests/gguf_base.py)
+    gguf: Path                # the same weights as a GGUF model (tests/helpers/gguf_base.py)
 
 
 @dataclass

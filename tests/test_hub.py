@@ -1,5 +1,5 @@
-"""Hub pull and push through the real huggingface_hub client, against tests/hub_server.py on
-127.0.0.1 (Xet and telemetry off): round trips byte for byte, revisions, subfolders, only the
+"""Hub pull and push through the real huggingface_hub client, against tests/helpers/hub_server.py
+on 127.0.0.1 (Xet and telemetry off): round trips byte for byte, revisions, subfolders, only the
 files an input needs, model cards, and the pure parts (URI parsing, file choice)."""
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_helpers import run_inprocess
-from hub_server import WRITE_TOKEN, serve_hub
 
 import adaptertools as at
 from adaptertools import hub as hubmod
@@ -18,6 +16,9 @@ from adaptertools.api import validate_against
 from adaptertools.card import model_card
 from adaptertools.errors import InputNotFoundError, UnsupportedError
 from adaptertools.tiny import make_adapter, make_base
+
+from helpers.cli import run_cli
+from helpers.hub_server import WRITE_TOKEN, serve_hub
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def server_files(hub, repo_id: str, revision: str = "main") -> dict[str, bytes]:
 
 
 def ok(*args) -> str:
-    outcome = run_inprocess(*args)
+    outcome = run_cli(*args)
     assert outcome.crash is None, outcome.crash
     assert outcome.code == 0, outcome.stderr
     return outcome.stdout
@@ -201,8 +202,8 @@ def test_validate_takes_hub_inputs(hub, local, tmp_path):
     other = tmp_path / "other"
     at.save(make_adapter(seed=9), other, format="peft")
     hub.state.add_repo("me/other", tree_bytes(other))
-    outcome = run_inprocess("validate", "hf://me/base", "hf://me/other", "--merged",
-                            "hf://me/merged", "--endpoint", hub.endpoint)
+    outcome = run_cli("validate", "hf://me/base", "hf://me/other", "--merged",
+                      "hf://me/merged", "--endpoint", hub.endpoint)
     assert outcome.code == 1
 
 

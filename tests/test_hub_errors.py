@@ -1,5 +1,5 @@
-"""Hub failures against tests/hub_server.py: one line and exit 1 for a missing repo, revision
-or file, 401/403 and a server that is down; offline mode; a hostile listing cannot write
+"""Hub failures against tests/helpers/hub_server.py: one line and exit 1 for a missing repo,
+revision or file, 401/403 and a server that is down; offline mode; a hostile listing cannot write
 outside the target folder; tokens never appear in output, errors or logs."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import logging
 import socket
 
 import pytest
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess
-from hub_server import READ_TOKEN, WRITE_TOKEN, serve_hub
 
 import adaptertools as at
 from adaptertools import hub as hubmod
 from adaptertools.errors import HubError, InputNotFoundError
 from adaptertools.tiny import make_adapter, make_base
+
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
+from helpers.hub_server import READ_TOKEN, WRITE_TOKEN, serve_hub
 
 SECRET = "hf_secret_do_not_print_5e8d1"
 
@@ -64,14 +65,14 @@ def test_missing_repo_revision_or_file(hub, published, uri, fragments, command, 
     out = tmp_path / "out"
     args = ["pull", uri, "--out", out] if command == "pull" else \
         ["merge", make_base(tmp_path / "base"), uri, "--out", out]
-    outcome = run_inprocess(*args, "--endpoint", hub.endpoint, "--token", READ_TOKEN)
+    outcome = run_cli(*args, "--endpoint", hub.endpoint, "--token", READ_TOKEN)
     assert_cli_error(outcome, fragments)
     no_token_anywhere(outcome, caplog, READ_TOKEN)
     assert_nothing_written(out)
 
 
 def test_unknown_token_is_refused_with_the_hint(hub, published, caplog):
-    outcome = run_inprocess("pull", "hf://me/ad", "--endpoint", hub.endpoint, "--token", SECRET)
+    outcome = run_cli("pull", "hf://me/ad", "--endpoint", hub.endpoint, "--token", SECRET)
     assert_cli_error(outcome, ["hf://me/ad", "access denied", "HTTP 401", "check your token"])
     no_token_anywhere(outcome, caplog)
 
@@ -80,11 +81,11 @@ def test_private_repo_needs_a_token_from_the_option_or_hf_token(hub, adapter, mo
                                                               caplog):
     files = {p.name: p.read_bytes() for p in adapter.iterdir()}
     hub.state.add_repo("me/secret", files, private=True)
-    outcome = run_inprocess("inspect", "hf://me/secret", "--endpoint", hub.endpoint)
+    outcome = run_cli("inspect", "hf://me/secret", "--endpoint", hub.endpoint)
     assert_cli_error(outcome, ["hf://me/secret", "no such repository", "private",
                                "check your token"])
-    outcome = run_inprocess("inspect", "hf://me/secret", "--endpoint", hub.endpoint,
-                            "--token", READ_TOKEN, "--json")
+    outcome = run_cli("inspect", "hf://me/secret", "--endpoint", hub.endpoint,
+                      "--token", READ_TOKEN, "--json")
     assert outcome.code == 0, outcome.stderr
     no_token_anywhere(outcome, caplog, READ_TOKEN)
     monkeypatch.setenv("HF_TOKEN", READ_TOKEN)          # huggingface_hub's own lookup
@@ -95,16 +96,16 @@ def test_private_repo_needs_a_token_from_the_option_or_hf_token(hub, adapter, mo
 
 
 def test_push_without_write_access(hub, adapter, tmp_path, caplog):
-    outcome = run_inprocess("push", adapter, "me/new", "--endpoint", hub.endpoint)
+    outcome = run_cli("push", adapter, "me/new", "--endpoint", hub.endpoint)
     assert_cli_error(outcome, ["me/new", "access denied", "HTTP 401", "check your token"])
-    outcome = run_inprocess("push", adapter, "me/new", "--endpoint", hub.endpoint,
-                            "--token", READ_TOKEN)
+    outcome = run_cli("push", adapter, "me/new", "--endpoint", hub.endpoint,
+                      "--token", READ_TOKEN)
     assert_cli_error(outcome, ["me/new", "access denied", "HTTP 403", "check your token"])
     no_token_anywhere(outcome, caplog, READ_TOKEN)
     # convert --push-to with a bad token: the conversion is written, the push fails loudly
     dst = tmp_path / "converted.safetensors"
-    outcome = run_inprocess("convert", adapter, dst, "--to", "safetensors", "--push-to",
-                            "me/new", "--token", SECRET, "--endpoint", hub.endpoint)
+    outcome = run_cli("convert", adapter, dst, "--to", "safetensors", "--push-to",
+                      "me/new", "--token", SECRET, "--endpoint", hub.endpoint)
     assert_cli_error(outcome, ["me/new", "HTTP 401", "check your token", f"{dst} was written",
                                f"adaptertools push {dst} me/new"])
     no_token_anywhere(outcome, caplog)
@@ -120,7 +121,7 @@ def test_server_down_is_one_line_and_fast(adapter, tmp_path, monkeypatch, caplog
     endpoint = f"http://127.0.0.1:{closed_port()}"
     for args in (["pull", "hf://me/ad"], ["merge", "hf://me/base", adapter, "--out",
                                           tmp_path / "m"], ["push", adapter, "me/ad"]):
-        outcome = run_inprocess(*args, "--endpoint", endpoint, "--token", SECRET)
+        outcome = run_cli(*args, "--endpoint", endpoint, "--token", SECRET)
         assert_cli_error(outcome, ["cannot reach", endpoint, "check the endpoint"])
         no_token_anywhere(outcome, caplog)
     assert_nothing_written(tmp_path / "m")
@@ -140,9 +141,9 @@ def test_offline_uses_the_cache_only(hub, published, tmp_path, monkeypatch):
         (tmp_path / "online" / "model.safetensors").read_bytes()
     assert at.inspect(f"hf://me/ad@{published}")["hub_inputs"][0]["commit"] == published
     for uri in ("hf://me/other", "hf://me/ad@v2"):
-        outcome = run_inprocess("inspect", uri)
+        outcome = run_cli("inspect", uri)
         assert_cli_error(outcome, [uri, "not in the local cache", "HF_HUB_OFFLINE=1"])
-    outcome = run_inprocess("push", tmp_path / "online", "me/x")
+    outcome = run_cli("push", tmp_path / "online", "me/x")
     assert_cli_error(outcome, ["me/x", "HF_HUB_OFFLINE=1"])
 
 
@@ -175,11 +176,11 @@ def test_hostile_index_cannot_name_outside_shards(hub, tmp_path):
 
 def test_tokens_stay_out_of_debug_logs(hub, published, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
-    outcome = run_inprocess("push", tmp_path / "adapter", "me/logged", "--token", WRITE_TOKEN,
-                            "--endpoint", hub.endpoint, "--json")
+    outcome = run_cli("push", tmp_path / "adapter", "me/logged", "--token", WRITE_TOKEN,
+                      "--endpoint", hub.endpoint, "--json")
     assert outcome.code == 0, outcome.stderr
-    outcome2 = run_inprocess("pull", "hf://me/logged", "--token", WRITE_TOKEN,
-                             "--endpoint", hub.endpoint, "--json")
+    outcome2 = run_cli("pull", "hf://me/logged", "--token", WRITE_TOKEN,
+                       "--endpoint", hub.endpoint, "--json")
     assert outcome2.code == 0, outcome2.stderr
     for result in (outcome, outcome2):
         no_token_anywhere(result, caplog, WRITE_TOKEN)

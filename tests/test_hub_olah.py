@@ -1,7 +1,7 @@
 """An independent check of pulls: olah (a Hub mirror written by others, from PyPI) serves local git
 repositories offline, and ``adaptertools pull`` and ``merge hf://...`` work against it, in
 subprocesses that find the endpoint through ``HF_ENDPOINT`` alone. (olah has no upload endpoints;
-pushes are checked against tests/hub_server.py.)"""
+pushes are checked against tests/helpers/hub_server.py.)"""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import pytest
 
 import adaptertools as at
 from adaptertools.tiny import make_adapter, make_base
+
+from helpers.cli import Outcome, run_cli
 
 OLAH = shutil.which("olah-cli") or str(Path(sys.executable).with_name("olah-cli"))
 pytestmark = [
@@ -74,12 +76,13 @@ def olah(tmp_path_factory):
     proc.wait(timeout=10)
 
 
-def adaptertools(*args, endpoint: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+def adaptertools(*args, endpoint: str, cache: Path) -> Outcome:
+    """The CLI in a fresh interpreter that sees none of this machine's HF_* settings, only the
+    mirror at ``endpoint`` and a cache of its own."""
+    env = {k: None for k in os.environ if k.startswith(("HF_", "HUGGING"))}
     env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(cache.parent / "hf-home"))
-    return subprocess.run([sys.executable, "-m", "adaptertools.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    return run_cli(*args, how="subprocess", env=env)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -90,7 +93,7 @@ def test_pull_from_olah_is_byte_identical(olah, tmp_path):
     out = tmp_path / "pulled"
     proc = adaptertools("pull", "hf://me/ad", "--out", out, endpoint=olah["endpoint"],
                         cache=tmp_path / "cache")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.code == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
     assert files(out) == files(olah["mirrors"] / "ad")
     assert olah["commits"]["ad"] in proc.stderr        # the git commit olah serves
@@ -102,7 +105,7 @@ def test_merge_hub_inputs_from_olah_matches_the_local_merge(olah, tmp_path):
     out = tmp_path / "from_hub"
     proc = adaptertools("merge", "hf://me/base", "hf://me/ad@main", "--out", out, "--json",
                         endpoint=olah["endpoint"], cache=tmp_path / "cache")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.code == 0, proc.stderr
     assert files(out) == files(local)
     report = json.loads(proc.stdout)
     assert [(s["role"], s["commit"], s["endpoint"]) for s in report["hub_inputs"]] == [

@@ -12,8 +12,6 @@ import socket
 
 import pytest
 import yaml
-from cli_helpers import assert_cli_error, run_inprocess
-from hub_server import WRITE_TOKEN, HubHandler, serve_hub
 from markdown_it import MarkdownIt
 from safetensors.torch import load_file, save_file
 
@@ -24,6 +22,9 @@ from adaptertools._io import json_text, write_json
 from adaptertools.card import _yaml, human_seconds, model_card
 from adaptertools.errors import HubError, UnsupportedError
 from adaptertools.tiny import make_adapter, make_base
+
+from helpers.cli import assert_cli_error, run_cli
+from helpers.hub_server import WRITE_TOKEN, HubHandler, serve_hub
 
 SECRET = "hf_in_the_url_3f9a7c"
 
@@ -71,17 +72,17 @@ def test_endpoint_credentials_never_shown(hub, published, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     endpoint = with_credentials(hub.endpoint)
     shown = hub.endpoint.replace("http://", "http://***@")
-    outcome = run_inprocess("pull", "hf://me/nothing", "--endpoint", endpoint)
+    outcome = run_cli("pull", "hf://me/nothing", "--endpoint", endpoint)
     assert_cli_error(outcome, ["hf://me/nothing", "no such repository", f"at {shown} "])
     # the report of a pull and the hub_inputs of a merge record the endpoint, redacted
-    outcome = run_inprocess("pull", "hf://me/ad", "--endpoint", endpoint, "--json")
+    outcome = run_cli("pull", "hf://me/ad", "--endpoint", endpoint, "--json")
     assert outcome.code == 0, outcome.stderr
     assert json.loads(outcome.stdout)["endpoint"] == shown
     report = at.merge("hf://tiny/base", ["hf://me/ad"], tmp_path / "m", endpoint=endpoint)
     assert {s["endpoint"] for s in report["hub_inputs"]} == {shown}
     # a push (the URL's credentials replace the bearer token: refused) and a server that is down
-    outcome = run_inprocess("push", published["adapter"], "me/x", "--endpoint", endpoint,
-                            "--token", WRITE_TOKEN)
+    outcome = run_cli("push", published["adapter"], "me/x", "--endpoint", endpoint,
+                      "--token", WRITE_TOKEN)
     assert_cli_error(outcome, ["me/x", f"access denied by {shown} "])
     down = with_credentials(f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(HubError, match=re.escape("cannot reach http://***@127.0.0.1:")) as info:
@@ -139,7 +140,7 @@ def test_cli_output_redacts_any_url_credentials(capsys):
     ("hf://mée/ad", ["'mée' cannot be a Hub name", "ASCII letters"]),
 ])
 def test_malformed_uris_are_refused_before_any_request(hub, published, uri, fragments):
-    outcome = run_inprocess("pull", uri, "--endpoint", hub.endpoint)
+    outcome = run_cli("pull", uri, "--endpoint", hub.endpoint)
     assert_cli_error(outcome, fragments)
     assert hub.state.log == []
 
@@ -148,7 +149,7 @@ def test_a_plain_string_that_breaks_the_rules_is_a_local_path(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert hubmod.hub_ref("out/my..model") is None
     assert hubmod.hub_ref("owner/name@v1..2") is None
-    outcome = run_inprocess("inspect", "out/my..model")
+    outcome = run_cli("inspect", "out/my..model")
     assert_cli_error(outcome, ["out/my..model", "no such file"])
 
 
@@ -160,11 +161,11 @@ def test_valid_revisions_still_parse_and_print_back():
 
 
 def test_push_refuses_a_malformed_repo_id_or_branch_before_any_request(hub, published):
-    outcome = run_inprocess("push", published["adapter"], "me/a..b", "--endpoint", hub.endpoint,
-                            "--token", WRITE_TOKEN)
+    outcome = run_cli("push", published["adapter"], "me/a..b", "--endpoint", hub.endpoint,
+                      "--token", WRITE_TOKEN)
     assert_cli_error(outcome, ["me/a..b", "cannot be a Hub name"])
-    outcome = run_inprocess("push", published["adapter"], "me/x", "--revision", "dev..1",
-                            "--endpoint", hub.endpoint, "--token", WRITE_TOKEN)
+    outcome = run_cli("push", published["adapter"], "me/x", "--revision", "dev..1",
+                      "--endpoint", hub.endpoint, "--token", WRITE_TOKEN)
     assert_cli_error(outcome, ["me/x", "'dev..1'", "--revision", "not a git revision"])
     with pytest.raises(UnsupportedError, match="U\\+0009"):
         hubmod.check_push("me/x", revision="a\tb")
@@ -195,7 +196,7 @@ def test_validate_json_is_strict_when_a_tensor_is_nan(local, tmp_path):
     first = min(tensors)
     tensors[first][0, 0] = math.nan
     save_file(tensors, broken / "adapter_model.safetensors")
-    outcome = run_inprocess("validate", broken, "--against", local["adapter"], "--json")
+    outcome = run_cli("validate", broken, "--against", local["adapter"], "--json")
     assert outcome.code == 1 and outcome.crash is None
     report = strict_loads(outcome.stdout)
     pointers = [p for p, v in report["nonfinite"].items() if v == "nan"]
@@ -208,8 +209,8 @@ def test_validate_json_is_strict_when_a_tensor_is_nan(local, tmp_path):
     weights = load_file(merged / "model.safetensors")
     weights["model.layers.0.self_attn.q_proj.weight"][0, 0] = math.nan
     save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
-    outcome = run_inprocess("validate", local["base"], local["adapter"], "--merged", merged,
-                            "--json")
+    outcome = run_cli("validate", local["base"], local["adapter"], "--merged", merged,
+                      "--json")
     assert outcome.code == 1 and outcome.crash is None
     assert "/worst_margin_db" in strict_loads(outcome.stdout)["nonfinite"]
 

@@ -14,13 +14,14 @@ import textwrap
 
 import numpy as np
 import pytest
-from cli_helpers import assert_cli_error, run_inprocess, run_subprocess
-from conftest import LLAMA_ALL
-from gguf_base import IDS, llama_quantize, make_base_model, write_gguf_base
 
 import adaptertools as at
 from adaptertools import llamacpp
 from adaptertools.errors import AdapterToolsError
+
+from helpers.cli import assert_cli_error, run_cli
+from helpers.gguf_base import IDS, llama_quantize, make_base_model, write_gguf_base
+from helpers.models import LLAMA_ALL
 
 if importlib.util.find_spec("llama_cpp") is None:
     if os.environ.get("CI"):
@@ -41,7 +42,7 @@ PLAIN_BUFFERS = {"CPU", "CPU_Mapped"}
 def models(tmp_path_factory):
     """A tiny Llama as F32 GGUF, quantized by llama.cpp to Q8_0 and Q4_0 (the type llama.cpp's
     CPU backend repacks when it may), a GGUF LoRA, and a merge of it into the F32 file."""
-    from conftest import perturb_trainables
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("llamacpp")
@@ -198,8 +199,8 @@ def test_child_that_hangs_is_stopped(models, monkeypatch):
 
 def test_cli_validate_e2e_with_a_crashing_llama_cpp_exits_1(models, monkeypatch):
     monkeypatch.setattr(llamacpp, "child_command", lambda: [sys.executable, "-c", CRASH_IN_EVAL])
-    outcome = run_inprocess("validate", models["F32"], models["peft"], "--merged",
-                            models["merged"], "--e2e")
+    outcome = run_cli("validate", models["F32"], models["peft"], "--merged",
+                      models["merged"], "--e2e")
     assert_cli_error(outcome, ["llama.cpp crashed (SIGSEGV)", str(models["F32"]),
                                "without --e2e"])
 
@@ -212,6 +213,6 @@ def test_cli_process_survives_llama_cpp_dying_on_import(models, tmp_path, monkey
     (fake / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(fake.parent), os.environ.get("PYTHONPATH")) if p))
-    outcome = run_subprocess("validate", models["F32"], models["peft"], "--merged",
-                             models["merged"], "--e2e")
+    outcome = run_cli("validate", models["F32"], models["peft"], "--merged",
+                      models["merged"], "--e2e", how="subprocess")
     assert_cli_error(outcome, ["llama.cpp crashed (SIGSEGV)", str(models["F32"])])

@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb_trainables
 from safetensors.torch import load_file, save_file
 
 import adaptertools as at
+
+from helpers.peft_adapters import perturb_trainables
 
 
 class PointwiseNet(torch.nn.Module):

@@ -19,14 +19,11 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import adaptertools as at
 import adaptertools._io
@@ -36,38 +33,17 @@ from adaptertools.adapter import Adapter, LoraWeight
 from adaptertools.errors import FormatError, OutputExistsError, UnsupportedError
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
-from cli_helpers import (assert_cli_error, assert_nothing_written, leftovers_beside,
-                         run_inprocess, run_subprocess, stderr_lines)
-from test_signals import foreground
+from helpers.checkpoints import INDEX, SHARDS, SPEC, make_sharded_base
+from helpers.cli import (assert_cli_error, assert_nothing_written, leftovers_beside, run_cli,
+                         start_cli, stderr_lines)
 
-SPEC = TinyLlama()                                              # hidden 64, 2 layers
 SMALL = TinyLlama(hidden=32, intermediate=64)                   # same names, other shapes
 DEEP = TinyLlama(layers=4)                                      # layers 2, 3 not in SPEC
-INDEX = "model.safetensors.index.json"
-SHARDS = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 
 
 # ----------------------------------------------------------------------------- builders
-
-def make_sharded_base(folder: Path, spec: TinyLlama = SPEC) -> Path:
-    """``make_base`` re-saved as three shards with an index, as ``save_pretrained`` writes them."""
-    make_base(folder, spec, dtype=torch.bfloat16)
-    tensors = load_file(folder / "model.safetensors")
-    (folder / "model.safetensors").unlink()
-    names = list(spec.shapes())                         # checkpoint order
-    per = -(-len(names) // len(SHARDS))
-    weight_map = {}
-    for i, shard in enumerate(SHARDS):
-        part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
-        save_file(part, folder / shard, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                            "weight_map": weight_map}, indent=2))
-    return folder
-
 
 def shard_of(folder: Path, tensor: str) -> Path:
     return folder / json.loads((folder / INDEX).read_text())["weight_map"][tensor]
@@ -138,7 +114,7 @@ def test_adapter_for_another_size_lists_first_mismatches_with_both_shapes(models
     assert_library_error(info.value, [DOWN0, "(32, 64)", "(64, 128)"])
     assert_nothing_written(out)
 
-    outcome = run_subprocess("merge", models["single"], models["small"], "--out", out)
+    outcome = run_cli("merge", models["single"], models["small"], "--out", out, how="subprocess")
     line = assert_cli_error(outcome, [DOWN0, "(32, 64)", "(64, 128)", str(models["small"])])
     # 14 adapted tensors, all mismatching: the first few are listed with both shapes, then a count
     assert "14" in line
@@ -151,7 +127,7 @@ def test_adapter_for_another_size_lists_first_mismatches_with_both_shapes(models
 def test_dry_run_also_refuses_a_mismatching_adapter(models, tmp_path):
     with pytest.raises(FormatError, match="down_proj"):
         at.merge(models["single"], [models["small"]], None, dry_run=True)
-    outcome = run_inprocess("merge", models["single"], models["small"], "--dry-run")
+    outcome = run_cli("merge", models["single"], models["small"], "--dry-run")
     assert_cli_error(outcome, [DOWN0, "(64, 128)"])
     assert outcome.stdout == ""
 
@@ -165,7 +141,7 @@ def test_adapter_tensor_names_not_in_base(models, tmp_path, adapter, missing):
     with pytest.raises(FormatError) as info:
         at.merge(models["sharded"], [models[adapter]], out)
     assert_library_error(info.value, [missing])
-    outcome = run_inprocess("merge", models["sharded"], models[adapter], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models[adapter], "--out", out)
     assert_cli_error(outcome, [missing, str(models[adapter])])
     assert_nothing_written(out)
 
@@ -178,7 +154,7 @@ def test_missing_shard(models, sharded, tmp_path):
     with pytest.raises(FormatError) as info:
         at.merge(sharded, [models["adapter"]], out)
     assert_library_error(info.value, [SHARDS[1]])
-    outcome = run_subprocess("merge", sharded, models["adapter"], "--out", out)
+    outcome = run_cli("merge", sharded, models["adapter"], "--out", out, how="subprocess")
     assert_cli_error(outcome, [SHARDS[1], INDEX])
     assert_nothing_written(out)
 
@@ -186,7 +162,7 @@ def test_missing_shard(models, sharded, tmp_path):
 def test_shards_without_their_index(models, sharded, tmp_path):
     (sharded / INDEX).unlink()
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", sharded, models["adapter"], "--out", out)
+    outcome = run_cli("merge", sharded, models["adapter"], "--out", out)
     assert_cli_error(outcome, [str(sharded), INDEX])
     assert_nothing_written(out)
 
@@ -197,7 +173,7 @@ def assert_merge_refused(base, adapter, out, fragments) -> None:
     with pytest.raises(FormatError) as info:
         at.merge(base, [adapter], out)
     assert_library_error(info.value, fragments)
-    assert_cli_error(run_inprocess("merge", base, adapter, "--out", out), fragments)
+    assert_cli_error(run_cli("merge", base, adapter, "--out", out), fragments)
     assert_nothing_written(out)
 
 
@@ -219,7 +195,7 @@ def test_truncated_shard_subprocess(models, sharded, tmp_path):
     shard = sharded / SHARDS[2]
     shard.write_bytes(shard.read_bytes()[:-8])
     out = tmp_path / "out"
-    outcome = run_subprocess("merge", sharded, models["adapter"], "--out", out)
+    outcome = run_cli("merge", sharded, models["adapter"], "--out", out, how="subprocess")
     line = assert_cli_error(outcome, [str(shard)])
     assert "truncated" in line
     assert_nothing_written(out)
@@ -301,7 +277,7 @@ def test_inconsistent_shard_header(models, sharded, tmp_path, damage):
     assert tensor is None or shard_of(sharded, tensor) == shard
     write(shard)
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", sharded, models["adapter"], "--out", out)
+    outcome = run_cli("merge", sharded, models["adapter"], "--out", out)
     assert_nothing_written(out)
     assert_cli_error(outcome, [str(shard)] + ([tensor] if tensor else []))
     with pytest.raises(FormatError):
@@ -323,7 +299,7 @@ def test_full_disk_precheck_refuses_before_writing(models, tmp_path, monkeypatch
     with pytest.raises(OSError) as info:
         at.merge(models["sharded"], [models["adapter"]], out)
     assert_library_error(info.value, [str(tmp_path)])
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     line = assert_cli_error(outcome, [str(tmp_path)])
     assert "free" in line
     assert calls == [], "bytes were written before the free-space check"
@@ -354,7 +330,7 @@ def test_record_writers_sees_an_ordinary_merge(models, tmp_path, monkeypatch):
 def test_full_disk_precheck_creates_no_parent_folders(models, tmp_path, monkeypatch):
     monkeypatch.setattr(adaptertools._io.shutil, "disk_usage", lambda path: _Usage(4096))
     out = tmp_path / "new" / "deeper" / "out"
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     assert_cli_error(outcome, ["free"])
     assert not (tmp_path / "new").exists()
 
@@ -384,13 +360,13 @@ def test_disk_fills_up_mid_run(models, tmp_path, monkeypatch, allowed):
     assert len(calls) == allowed + 1
     assert_nothing_written(out)
 
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     line = assert_cli_error(outcome, [])
     assert "space" in line.lower()
     assert_nothing_written(out)
 
     monkeypatch.undo()           # space freed: the same command now succeeds
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     assert outcome.code == 0, outcome.stderr
     assert folder_bytes(out) == folder_bytes(models["reference"])
 
@@ -398,7 +374,7 @@ def test_disk_fills_up_mid_run(models, tmp_path, monkeypatch, allowed):
 def test_disk_full_error_names_the_output(models, tmp_path, monkeypatch):
     _enospc_after(monkeypatch, 3)
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     assert_cli_error(outcome, [str(out)])
 
 
@@ -407,7 +383,7 @@ def test_disk_full_with_force_keeps_the_existing_output(models, tmp_path, monkey
     out.mkdir()
     (out / "keep.txt").write_text("previous merge")
     _enospc_after(monkeypatch, 4)
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out, "--force")
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out, "--force")
     assert_cli_error(outcome, [])
     assert listing(out) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "previous merge"
@@ -447,14 +423,14 @@ def test_ctrl_c_mid_merge_leaves_nothing_and_a_rerun_matches(models, tmp_path, m
 def test_ctrl_c_through_the_cli(models, tmp_path, monkeypatch):
     _interrupt_on_second_fold(monkeypatch)
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     assert outcome.code != 0
     assert outcome.crash is None
     assert "Traceback" not in outcome.stdout + outcome.stderr
     assert_nothing_written(out)
 
     monkeypatch.undo()
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     assert outcome.code == 0, outcome.stderr
     assert folder_bytes(out) == folder_bytes(models["reference"])
 
@@ -484,17 +460,14 @@ main()
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_real_sigint_to_a_running_merge(models, tmp_path, signum, code):
     """What a user's Ctrl-C (or a ``kill``) does: the signal while the second tensor is being
-    folded. The child gets SIGINT as from a terminal (test_signals.foreground): this test once
+    folded. The child gets SIGINT as from a terminal (helpers.cli.foreground): this test once
     hung, stderr empty, when the run that held it had been started in the background of a
     non-interactive shell, whose jobs get SIGINT ignored; the child inherited that, Python
     leaves an ignored SIGINT ignored, and the signal did nothing."""
     script, marker, out = tmp_path / "slow_merge.py", tmp_path / "folding", tmp_path / "out"
     script.write_text(SLOW_FOLD)
-    with foreground():
-        proc = subprocess.Popen([sys.executable, str(script), str(marker), "merge",
-                                 str(models["sharded"]), str(models["adapter"]), "--out",
-                                 str(out)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    proc = start_cli(marker, "merge", models["sharded"], models["adapter"], "--out", out,
+                     launcher=script)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -530,12 +503,12 @@ def test_existing_output_refused_then_replaced_with_force(models, tmp_path, kind
     with pytest.raises(OutputExistsError) as info:
         at.merge(models["sharded"], [models["adapter"]], out)
     assert_library_error(info.value, [str(out)])
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out)
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out)
     assert_cli_error(outcome, [str(out), "--force"])
     assert (folder_bytes(out) if kind == "folder" else out.read_bytes()) == snapshot
     assert leftovers_beside(out) == []
 
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out, "--force")
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out, "--force")
     assert outcome.code == 0, outcome.stderr
     assert out.is_dir()
     assert folder_bytes(out) == folder_bytes(models["reference"])
@@ -558,7 +531,7 @@ def test_bad_weights_one_clear_line(models, tmp_path, weights, adapters, fragmen
     with pytest.raises(UnsupportedError) as info:
         at.merge(models["single"], paths, out, weights=weights)
     assert_library_error(info.value, ["weight", fragment])
-    outcome = run_inprocess("merge", models["single"], *paths, "--out", out, "--weights", weights)
+    outcome = run_cli("merge", models["single"], *paths, "--out", out, "--weights", weights)
     assert outcome.code in (1, 2), outcome
     assert_cli_error(outcome, ["--weights", fragment], code=outcome.code)
     assert_nothing_written(out)
@@ -566,8 +539,8 @@ def test_bad_weights_one_clear_line(models, tmp_path, weights, adapters, fragmen
 
 def test_bad_weights_subprocess(models, tmp_path):
     out = tmp_path / "out"
-    outcome = run_subprocess("merge", models["single"], models["adapter"], "--out", out,
-                             "--weights", "0.5,x")
+    outcome = run_cli("merge", models["single"], models["adapter"], "--out", out,
+                      "--weights", "0.5,x", how="subprocess")
     assert outcome.code in (1, 2), outcome
     assert_cli_error(outcome, ["--weights", "0.5,x"], code=outcome.code)
     assert_nothing_written(out)
@@ -576,8 +549,8 @@ def test_bad_weights_subprocess(models, tmp_path):
 @pytest.mark.parametrize("weights", ["nan", "inf", "-inf"])
 def test_non_finite_weights_refused(models, tmp_path, weights):
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", models["single"], models["adapter"], "--out", out,
-                            "--weights", weights)
+    outcome = run_cli("merge", models["single"], models["adapter"], "--out", out,
+                      "--weights", weights)
     written_ok = outcome.code == 0
     assert not written_ok, f"merged with --weights {weights}"
     assert_cli_error(outcome, ["--weights"], code=outcome.code)
@@ -586,7 +559,7 @@ def test_non_finite_weights_refused(models, tmp_path, weights):
 
 def test_out_missing_is_misuse(models, tmp_path):
     before = listing(tmp_path)
-    outcome = run_subprocess("merge", models["single"], models["adapter"])
+    outcome = run_cli("merge", models["single"], models["adapter"], how="subprocess")
     assert_cli_error(outcome, ["--out"], code=2)
     assert listing(tmp_path) == before
     with pytest.raises(UnsupportedError, match="out"):
@@ -603,8 +576,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
     assert sorted(row["name"] for row in report["changed"]) == changed
     assert_nothing_written(out)
 
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out,
-                            "--dry-run", "--json")
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out,
+                      "--dry-run", "--json")
     assert outcome.code == 0, outcome.stderr
     plan = json.loads(outcome.stdout)
     assert sorted(row["name"] for row in plan["changed"]) == changed
@@ -612,8 +585,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
     assert plan["output_bytes"] == sum((models["reference"] / s).stat().st_size for s in SHARDS)
     assert_nothing_written(out)
 
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out,
-                            "--dry-run", "--verbose")
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out,
+                      "--dry-run", "--verbose")
     assert outcome.code == 0, outcome.stderr
     assert f"14 of {len(SPEC.shapes())} tensors" in outcome.stdout
     assert "model.layers.0.mlp.down_proj" in outcome.stdout
@@ -622,13 +595,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
 
 
 def test_dry_run_plan_names_every_changed_tensor_in_full(models):
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    proc = subprocess.run([sys.executable, "-m", "adaptertools.cli", "merge",
-                           str(models["sharded"]), str(models["adapter"]), "--dry-run",
-                           "--verbose"],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-                          check=False, env=env | {"COLUMNS": "80"})
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("merge", models["sharded"], models["adapter"], "--dry-run", "--verbose",
+                   how="subprocess", env={"COLUMNS": "80", "LINES": None})
+    assert proc.code == 0, proc.stderr
     missing = [n for n, s in SPEC.shapes().items()
                if len(s) == 2 and "layers" in n and n not in proc.stdout]
     assert missing == []

@@ -9,10 +9,11 @@ import os
 import gguf
 import numpy as np
 import pytest
-from gguf_base import llama_logits, make_base_model, max_diff, write_gguf_base
 
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
+
+from helpers.gguf_base import llama_logits, make_base_model, max_diff, write_gguf_base
 
 if importlib.util.find_spec("llama_cpp") is None:
     if os.environ.get("CI"):
@@ -26,7 +27,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def setup(request, tmp_path_factory):
     """A tiny base as HF folder + F32 and F16 GGUF models, and a PEFT adapter (rsLoRA plus
     patterns, so the per-tensor scales matter) with its GGUF conversion."""
-    from conftest import perturb_trainables
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     kind = request.param

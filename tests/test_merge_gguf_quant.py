@@ -16,17 +16,12 @@ import os
 import gguf
 import numpy as np
 import pytest
-from gguf_base import (
-    llama_logits,
-    llama_quantize,
-    make_base_model,
-    max_diff,
-    rewrite_gguf,
-    write_gguf_base,
-)
 
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
+
+from helpers.gguf_base import (llama_logits, llama_quantize, make_base_model, max_diff,
+                               rewrite_gguf, write_gguf_base)
 
 if importlib.util.find_spec("llama_cpp") is None:
     if os.environ.get("CI"):
@@ -41,7 +36,7 @@ ADAPTED = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 def quant(tmp_path_factory):
     """A Llama with rows of 256 (K-quant blocks), as F16 GGUF and quantized by llama.cpp to Q8_0
     and Q4_K_M; a PEFT LoRA (large enough to survive 4-bit) and its GGUF conversion."""
-    from conftest import perturb_trainables
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("merge_gguf_quant")

@@ -41,7 +41,8 @@ from safetensors.torch import load_file, save_file
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
 
-from conftest import LLAMA_ALL, make_causal_lm, make_model, perturb_trainables
+from helpers.models import LLAMA_ALL, build_base, make_causal_lm
+from helpers.peft_adapters import make_adapter
 
 INDEX = "model.safetensors.index.json"
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -49,33 +50,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def build_base(arch: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A tiny seeded model in ``dtype``; Qwen2 gets random q/k/v biases (its init zeroes them)."""
-    if arch == "qwen2":
-        model = make_causal_lm("qwen2")
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(5)
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    else:
-        model = make_model(arch)
-    return model.to(dtype).eval()
-
-
-def make_adapter(base: torch.nn.Module, folder: Path, seed: int | None = None, **config):
-    """Wrap a COPY of ``base`` with PEFT, perturb it, save it; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
-    if seed is None:
-        perturb_trainables(peft_model)
-    else:   # a seed of its own so adapters differ
-        perturb_trainables(peft_model, seed=seed, spread=0.3, modules_to_save=False)
-    peft_model.eval().save_pretrained(folder)
-    return peft_model
-
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}

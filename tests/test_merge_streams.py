@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import run_subprocess
 from safetensors.torch import load_file
 
 import adaptertools as at
@@ -34,6 +33,8 @@ from adaptertools.merging.jobs import Job
 from adaptertools.merging.streams import tensor_bytes
 from adaptertools.tensor_index import TensorEntry
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
+
+from helpers.cli import run_cli
 
 # ----------------------------------------------------------------------------- writes
 
@@ -155,9 +156,9 @@ def test_reads_fall_back_to_pread(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["sharded", "gguf"])
 def test_mapped_and_pread_merges_are_byte_identical(tmp_path, monkeypatch, kind):
     adapter = tmp_path / "adapter"
-    if kind == "gguf":     # an F16 GGUF model (tests/gguf_base.py) and a PEFT LoRA of it
-        from conftest import perturb_trainables
-        from gguf_base import make_base_model, write_gguf_base
+    if kind == "gguf":     # an F16 GGUF model (tests/helpers/gguf_base.py) and a PEFT LoRA of it
+        from helpers.gguf_base import make_base_model, write_gguf_base
+        from helpers.peft_adapters import perturb_trainables
         from peft import LoraConfig, get_peft_model
 
         model = make_base_model("llama")
@@ -184,8 +185,8 @@ def test_mapped_and_pread_merges_are_byte_identical(tmp_path, monkeypatch, kind)
 
 def _direct_cases(tmp_path: Path) -> dict:
     """A sharded-free HF base and an F16 GGUF base with an adapter each (as above)."""
-    from conftest import perturb_trainables
-    from gguf_base import make_base_model, write_gguf_base
+    from helpers.gguf_base import make_base_model, write_gguf_base
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     model = make_base_model("llama")
@@ -377,12 +378,12 @@ def test_cli_merge_output_and_exit_code_survive_the_fast_exit(tmp_path):
     base = make_base(tmp_path / "base", spec, dtype=torch.bfloat16)
     adapter = tmp_path / "adapter"
     at.save(make_adapter(spec, seed=3), adapter, format="peft")
-    proc = run_subprocess("merge", base, adapter, "--out", tmp_path / "out", "--json")
+    proc = run_cli("merge", base, adapter, "--out", tmp_path / "out", "--json", how="subprocess")
     assert proc.code == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert len(report["changed"]) == 14          # q,k,v,o,gate,up,down of 2 layers
     assert set(load_file(tmp_path / "out" / "model.safetensors")) == \
         set(load_file(base / "model.safetensors"))
-    failed = run_subprocess("merge", base, adapter, "--out", tmp_path / "out")  # exists
+    failed = run_cli("merge", base, adapter, "--out", tmp_path / "out", how="subprocess")  # exists
     assert failed.code == 1
     assert failed.stderr.strip().startswith("error:")

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 import adaptertools as at
 from adaptertools.errors import AdapterToolsWarning, UnsupportedError
 
-from cli_helpers import assert_nothing_written, run_inprocess
-from conftest import make_model, model_input, model_output
+from helpers.cli import assert_nothing_written, run_cli
+from helpers.models import make_model, model_input, model_output
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*init_lora_weights.*:UserWarning"),
               pytest.mark.filterwarnings("ignore:PiSSA changes the base weights:UserWarning")]
@@ -109,7 +109,7 @@ def test_merge_refuses_an_unconverted_pissa_adapter(pissa):
 def test_cli_merge_refuses_it_and_allow_modified_base_merges_into_the_modified_base(pissa):
     root, _, merged = pissa
     out = root / "cli_refused"
-    outcome = run_inprocess("merge", root / "base", root / "unconverted", "--out", out)
+    outcome = run_cli("merge", root / "base", root / "unconverted", "--out", out)
     # the reader's warning (as inspect and convert print it), then the refusal
     lines = [line for line in outcome.stderr.splitlines() if line.strip()]
     assert outcome.code == 1 and outcome.crash is None and "Traceback" not in outcome.stderr
@@ -118,8 +118,8 @@ def test_cli_merge_refuses_it_and_allow_modified_base_merges_into_the_modified_b
         assert fragment in lines[-1], fragment
     assert_nothing_written(out)
     out = root / "cli_allowed"
-    outcome = run_inprocess("merge", root / "modified_base", root / "unconverted", "--out", out,
-                            "--allow-modified-base", "--json")
+    outcome = run_cli("merge", root / "modified_base", root / "unconverted", "--out", out,
+                      "--allow-modified-base", "--json")
     assert outcome.code == 0, outcome.stderr
     ours = read_folder(out)
     for name, tensor in ours.items():       # PEFT's merge of the trained PiSSA model, exactly
@@ -180,8 +180,8 @@ def test_validate_allow_modified_base_checks_the_merge_into_the_modified_base(pi
     report = at.validate(root / "modified_base", [root / "unconverted"], tmp_path / "right",
                          allow_modified_base=True)
     assert report["passed"] and report["adapted"] > 0
-    outcome = run_inprocess("validate", root / "modified_base", root / "unconverted", "--merged",
-                            tmp_path / "right", "--allow-modified-base", "--json")
+    outcome = run_cli("validate", root / "modified_base", root / "unconverted", "--merged",
+                      tmp_path / "right", "--allow-modified-base", "--json")
     assert outcome.code == 0, outcome.stderr
     at.merge(root / "base", [root / "unconverted"], tmp_path / "wrong", allow_modified_base=True)
     report = at.validate(root / "modified_base", [root / "unconverted"], tmp_path / "wrong",

@@ -19,7 +19,7 @@ import adaptertools.paths as paths
 from adaptertools.errors import FormatError, OutputExistsError
 from adaptertools.tiny import make_adapter, make_base
 
-from cli_helpers import assert_cli_error, leftovers_beside, run_inprocess
+from helpers.cli import assert_cli_error, leftovers_beside, run_cli
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -51,7 +51,7 @@ def test_force_never_replaces_an_input(inputs, tmp_path, spell, monkeypatch):
     out = {"base": "b", "base-dotdot": "b/../b/", "adapter": "adapter", "parent": str(tmp_path),
            "inside": "b/merged"}[spell]
     before = {name: tree(p) for name, p in inputs.items()}
-    outcome = run_inprocess("merge", "b", "adapter", "--out", out, "--force")
+    outcome = run_cli("merge", "b", "adapter", "--out", out, "--force")
     line = assert_cli_error(outcome, [out])
     assert "input" in line or "current folder" in line
     assert {name: tree(p) for name, p in inputs.items()} == before
@@ -68,7 +68,7 @@ def test_convert_combine_extract_refuse_their_inputs(inputs, tmp_path):
              ("extract", inputs["base"], inputs["base"], "--out", inputs["base"] / "lora",
               "--rank", "2")]
     for args in cases:
-        outcome = run_inprocess(*args)
+        outcome = run_cli(*args)
         assert outcome.code == 1, (args, outcome.stderr)
         assert "input" in outcome.stderr or "current folder" in outcome.stderr, outcome.stderr
     assert tree(adapter) == before
@@ -78,8 +78,8 @@ def test_convert_combine_extract_refuse_their_inputs(inputs, tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/null"),
                     reason="replacing /dev/null needs root to be a real danger")
 def test_force_never_replaces_a_device(tmp_path):
-    from conftest import perturb_trainables
-    from gguf_base import make_base_model, write_gguf_base
+    from helpers.gguf_base import make_base_model, write_gguf_base
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     model = make_base_model("llama")      # a GGUF base: its output is one file, as /dev/null
@@ -88,7 +88,7 @@ def test_force_never_replaces_a_device(tmp_path):
                                                   init_lora_weights=False))
     perturb_trainables(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
-    outcome = run_inprocess("merge", base, tmp_path / "adapter", "--out", "/dev/null", "--force")
+    outcome = run_cli("merge", base, tmp_path / "adapter", "--out", "/dev/null", "--force")
     assert_cli_error(outcome, ["/dev/null", "device"])
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
@@ -98,7 +98,7 @@ def test_force_never_replaces_root_or_the_current_folder(inputs, tmp_path, out, 
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    outcome = run_inprocess("merge", inputs["base"], inputs["adapter"], "--out", out, "--force")
+    outcome = run_cli("merge", inputs["base"], inputs["adapter"], "--out", out, "--force")
     assert_cli_error(outcome, ["current folder"])
     assert os.path.isdir("/") and work.is_dir()
 
@@ -109,16 +109,16 @@ def test_force_replaces_only_model_folders(inputs, tmp_path):
     (out / "thesis.pdf").write_bytes(b"%PDF years of work")
     (out / "config.json").write_text("{}")
     before = tree(out)
-    outcome = run_inprocess("merge", inputs["base"], inputs["adapter"], "--out", out, "--force")
+    outcome = run_cli("merge", inputs["base"], inputs["adapter"], "--out", out, "--force")
     assert_cli_error(outcome, [str(out), "thesis.pdf"])
     assert tree(out) == before
     (out / "thesis.pdf").unlink()            # now a model folder: replaced
-    outcome = run_inprocess("merge", inputs["base"], inputs["adapter"], "--out", out, "--force")
+    outcome = run_cli("merge", inputs["base"], inputs["adapter"], "--out", out, "--force")
     assert outcome.code == 0, outcome.stderr
     assert "model.safetensors" in tree(out)
     empty = tmp_path / "empty"
     empty.mkdir()
-    outcome = run_inprocess("merge", inputs["base"], inputs["adapter"], "--out", empty, "--force")
+    outcome = run_cli("merge", inputs["base"], inputs["adapter"], "--out", empty, "--force")
     assert outcome.code == 0, outcome.stderr
     assert hidden_beside(out) == []
 
@@ -128,7 +128,7 @@ def test_a_file_output_never_replaces_a_folder(inputs, tmp_path):
     out.mkdir()
     (out / "other.gguf").write_bytes(b"GGUF someone else's model")
     before = tree(out)
-    outcome = run_inprocess("convert", inputs["adapter"], out, "--to", "safetensors", "--force")
+    outcome = run_cli("convert", inputs["adapter"], out, "--to", "safetensors", "--force")
     assert_cli_error(outcome, [str(out), "folder"])
     assert tree(out) == before
 
@@ -164,7 +164,7 @@ def test_a_second_run_into_the_same_out_fails_at_once(inputs, tmp_path):
             """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        outcome = run_inprocess("merge", inputs["base"], inputs["adapter"], "--out", out)
+        outcome = run_cli("merge", inputs["base"], inputs["adapter"], "--out", out)
         assert_cli_error(outcome, [str(out), "another adaptertools run", str(holder.pid)])
         assert not out.exists()
     finally:
@@ -208,7 +208,7 @@ def test_a_killed_run_is_cleaned_up_by_the_next(inputs, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     stale = [n for n in hidden_beside(out) if not n.endswith(".at-lock")]
     assert len(stale) == 1 and stale[0].startswith(".out.at"), hidden_beside(out)
-    outcome = run_inprocess("merge", inputs["base"], inputs["adapter"], "--out", out)
+    outcome = run_cli("merge", inputs["base"], inputs["adapter"], "--out", out)
     assert outcome.code == 0, outcome.stderr
     assert "interrupted" in outcome.stderr and stale[0] in outcome.stderr
     assert hidden_beside(out) == []
@@ -223,10 +223,10 @@ def test_a_killed_run_is_cleaned_up_by_the_next(inputs, tmp_path):
 
 def test_long_names_fit_and_too_long_ones_are_one_line(inputs, tmp_path):
     name = "m" * 250 + ".safetensors"          # 262 bytes: too long for any file system
-    outcome = run_inprocess("convert", inputs["adapter"], tmp_path / name, "--to", "safetensors")
+    outcome = run_cli("convert", inputs["adapter"], tmp_path / name, "--to", "safetensors")
     assert_cli_error(outcome, ["too long", "255"])
     name = "m" * 243 + ".safetensors"          # 255 bytes: legal, and written
-    outcome = run_inprocess("convert", inputs["adapter"], tmp_path / name, "--to", "safetensors")
+    outcome = run_cli("convert", inputs["adapter"], tmp_path / name, "--to", "safetensors")
     assert outcome.code == 0, outcome.stderr
     assert (tmp_path / name).is_file() and hidden_beside(tmp_path / name) == []
 
@@ -234,23 +234,23 @@ def test_long_names_fit_and_too_long_ones_are_one_line(inputs, tmp_path):
 def test_unwritable_destinations_are_one_line(inputs, tmp_path, monkeypatch):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file")
-    outcome = run_inprocess("convert", inputs["adapter"], blocker / "sub" / "x.safetensors",
-                            "--to", "safetensors")
+    outcome = run_cli("convert", inputs["adapter"], blocker / "sub" / "x.safetensors",
+                      "--to", "safetensors")
     assert_cli_error(outcome, [str(blocker), "not a folder"])
 
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(paths.os, "open", read_only)     # the lock file is the first write
-    outcome = run_inprocess("convert", inputs["adapter"], tmp_path / "ro.safetensors",
-                            "--to", "safetensors")
+    outcome = run_cli("convert", inputs["adapter"], tmp_path / "ro.safetensors",
+                      "--to", "safetensors")
     line = assert_cli_error(outcome, ["ro.safetensors", "read-only"])
     assert "Errno" not in line and ".at" not in line
 
 
 def test_hub_uri_as_out_is_refused(inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    outcome = run_inprocess("merge", inputs["base"], inputs["adapter"], "--out", "hf://me/x")
+    outcome = run_cli("merge", inputs["base"], inputs["adapter"], "--out", "hf://me/x")
     assert_cli_error(outcome, ["hf://me/x", "--push-to"])
     assert not (tmp_path / "hf:").exists()
 
@@ -278,7 +278,7 @@ def test_side_file_linking_outside_is_refused(inputs, tmp_path):
     base = inputs["base"]
     (base / "special_tokens_map.json").symlink_to(secret_file(tmp_path))
     out = tmp_path / "merged"
-    outcome = run_inprocess("merge", base, inputs["adapter"], "--out", out)
+    outcome = run_cli("merge", base, inputs["adapter"], "--out", out)
     assert_cli_error(outcome, ["special_tokens_map.json", str(tmp_path / "outside" / "shadow")])
     assert not out.exists() and hidden_beside(out) == []
 
@@ -307,7 +307,7 @@ def test_shards_outside_the_folder_are_refused(inputs, tmp_path):
         at.merge(base, [inputs["adapter"]], tmp_path / "m1")
     (base / "model.safetensors.index.json").unlink()
     (base / "model.safetensors").symlink_to(outside)
-    outcome = run_inprocess("merge", base, inputs["adapter"], "--out", tmp_path / "m2")
+    outcome = run_cli("merge", base, inputs["adapter"], "--out", tmp_path / "m2")
     assert_cli_error(outcome, ["model.safetensors", "symlink", str(outside)])
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
 
@@ -326,14 +326,14 @@ def test_push_refuses_links_leading_out(inputs, tmp_path):
 
 
 def test_push_with_a_leaking_link_sends_nothing(inputs, tmp_path, monkeypatch):
-    from hub_server import WRITE_TOKEN, serve_hub
+    from helpers.hub_server import WRITE_TOKEN, serve_hub
 
     gen = serve_hub(monkeypatch, tmp_path / "hub")
     hub = next(gen)
     try:
         (inputs["adapter"] / "special_tokens_map.json").symlink_to(secret_file(tmp_path))
-        outcome = run_inprocess("push", inputs["adapter"], "me/leak", "--token", WRITE_TOKEN,
-                                "--endpoint", hub.endpoint)
+        outcome = run_cli("push", inputs["adapter"], "me/leak", "--token", WRITE_TOKEN,
+                          "--endpoint", hub.endpoint)
         assert_cli_error(outcome, ["special_tokens_map.json", "symlink"])
         assert "me/leak" not in hub.state.repos
         assert not any(SECRET in f.data for repo in hub.state.repos.values()

@@ -16,7 +16,8 @@ from adaptertools.formats.peft import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_
 from adaptertools.kernels.reference import apply_lora, apply_lora_bias
 from adaptertools.tiny import TinyLlama, make_adapter
 
-from conftest import PEFT_CASES, load_with_peft, make_model, model_output
+from helpers.models import make_model, model_output
+from helpers.peft_adapters import PEFT_CASES, load_with_peft
 
 CASES = sorted(PEFT_CASES)
 

@@ -17,20 +17,19 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import adaptertools as at
 from adaptertools import registry
-from adaptertools.cli import cli
 from adaptertools.errors import AdapterToolsWarning, UnsupportedError
 from adaptertools.tiny import make_adapter, make_base
+
+from helpers.cli import Outcome, run_cli
 
 # A working format whose functions take only ``**opts``: it records what it was given beside
 # the file it read or wrote (``X.read.json``; the written file itself holds ``opts``).
@@ -133,12 +132,11 @@ def base_dir(tmp_path) -> Path:
     return make_base(tmp_path / "base")
 
 
-def run_cli(roots: list[Path], *args) -> subprocess.CompletedProcess:
+def run_with_plugins(roots: list[Path], *args) -> Outcome:
     """``adaptertools ARGS`` in a fresh interpreter that sees the plugins in ``roots``."""
     path = [str(r) for r in roots] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "adaptertools.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=180, env=env)
+    return run_cli(*args, how="subprocess", timeout=180,
+                   env={"PYTHONPATH": os.pathsep.join(path), "NO_COLOR": "1"})
 
 
 def warning_lines(stderr: str) -> list[str]:
@@ -206,19 +204,20 @@ def test_opts_plugin_through_the_cli(install, tmp_path, peft_dir, base_dir):
     install("atplug-echo", "atplug_echo", ECHO)
     src = tmp_path / "in.echo"
     src.write_text("{}")
-    proc = run_cli(install.roots, "inspect", src, "--scale", "0.25", "--base", base_dir, "--json")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_plugins(install.roots, "inspect", src, "--scale", "0.25", "--base", base_dir,
+                            "--json")
+    assert proc.code == 0, proc.stderr
     assert json.loads(proc.stdout)["format"] == "atplug-echo"
     assert json.loads(Path(f"{src}.read.json").read_text()) == {"scale": 0.25, "base": "llama"}
     assert warning_lines(proc.stderr) == []
 
     out = tmp_path / "out.echo"
-    proc = run_cli(install.roots, "convert", peft_dir, out, "--to", "atplug-echo", "--dtype",
-                   "bf16", "--base", base_dir, "--json")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_plugins(install.roots, "convert", peft_dir, out, "--to", "atplug-echo",
+                            "--dtype", "bf16", "--base", base_dir, "--json")
+    assert proc.code == 0, proc.stderr
     assert json.loads(out.read_text())["opts"] == {"dtype": "bf16", "base": "llama"}
 
-    proc = run_cli(install.roots, "formats", "--json")
+    proc = run_with_plugins(install.roots, "formats", "--json")
     row = {r["name"]: r for r in json.loads(proc.stdout)}["atplug-echo"]
     assert row["read"] is True and row["write"] is True and row["package"] == "atplug-echo"
 
@@ -229,8 +228,8 @@ def test_plugin_raising_on_import_leaves_the_cli_working(install, tmp_path, peft
     install("atplug-raises", "atplug_raises", RAISES)
     reason = ("atplug-raises", "RuntimeError", "boom: this plugin is broken on purpose")
 
-    proc = run_cli(install.roots, "formats", "--json")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_plugins(install.roots, "formats", "--json")
+    assert proc.code == 0, proc.stderr
     assert_one_warning(proc.stderr, *reason)
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert {"peft", "safetensors", "gguf"} <= set(rows)
@@ -241,18 +240,18 @@ def test_plugin_raising_on_import_leaves_the_cli_working(install, tmp_path, peft
     assert broken["available"] is False and "boom" in broken["error"]
     assert rows["peft"]["available"] is True and rows["peft"]["error"] is None
 
-    proc = run_cli(install.roots, "formats")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_plugins(install.roots, "formats")
+    assert proc.code == 0, proc.stderr
     assert "atplug-raises" in proc.stdout and "unavailable" in proc.stdout
 
-    proc = run_cli(install.roots, "inspect", peft_dir, "--json")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_plugins(install.roots, "inspect", peft_dir, "--json")
+    assert proc.code == 0, proc.stderr
     assert json.loads(proc.stdout)["format"] == "peft"
     assert_one_warning(proc.stderr, *reason)
 
     out = tmp_path / "out.safetensors"
-    proc = run_cli(install.roots, "convert", peft_dir, out, "--to", "safetensors")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_plugins(install.roots, "convert", peft_dir, out, "--to", "safetensors")
+    assert proc.code == 0, proc.stderr
     assert_one_warning(proc.stderr, *reason)
     with pytest.warns(AdapterToolsWarning, match="atplug-raises"):   # in this process too
         assert set(at.load(out).weights) == set(at.load(peft_dir).weights)
@@ -279,15 +278,15 @@ def test_plugin_raising_on_import_in_the_library(install, peft_dir):
 ], ids=["no-functions", "no-sniff", "missing-module", "missing-attribute"])
 def test_unusable_plugin_is_reported(install, peft_dir, source, entry, reason):
     install("atplug-bad", "atplug_bad", source, entry)
-    result = CliRunner().invoke(cli, ["formats", "--json"])
-    assert result.exit_code == 0, result.stderr
+    result = run_cli("formats", "--json")
+    assert result.code == 0, result.stderr
     assert_one_warning(result.stderr, "'atplug-bad'", "distribution 'atplug-bad'", reason)
     row = {r["name"]: r for r in json.loads(result.stdout)}["atplug-bad"]
     assert row["read"] is False and row["write"] is False
     assert row["description"].startswith("unavailable:") and reason in row["description"]
 
-    result = CliRunner().invoke(cli, ["inspect", str(peft_dir), "--json"])
-    assert result.exit_code == 0, result.stderr
+    result = run_cli("inspect", peft_dir, "--json")
+    assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["format"] == "peft"
 
 
@@ -304,8 +303,8 @@ def test_plugin_whose_sniff_raises_does_not_hide_the_builtins(install, peft_dir,
 def test_formats_table_shows_the_reason_literally(install):
     """An unavailable plugin's reason is printed as text: rich markup in it is not read."""
     install("atplug-markup", "atplug_markup", 'raise ValueError("[bold]x[/bold] [/oops]")\n')
-    result = CliRunner().invoke(cli, ["formats"])
-    assert result.exit_code == 0, result.stderr
+    result = run_cli("formats")
+    assert result.code == 0, result.stderr
     assert_one_warning(result.stderr, "atplug-markup", "[bold]x[/bold] [/oops]")
     for text in ("peft", "safetensors", "gguf", "atplug-markup", "unavailable", "[/oops]",
                  "[bold]x[/bold]"):

@@ -36,9 +36,9 @@ from adaptertools.adapter import first_difference
 from adaptertools.errors import AdapterToolsWarning, FormatError, UnsupportedError
 from adaptertools.tiny import make_adapter, make_base
 
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess, stderr_lines
-from conftest import LLAMA_ALL, build_peft_case, load_with_peft, make_model, model_input, \
-    perturb_trainables
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli, stderr_lines
+from helpers.models import LLAMA_ALL, make_model, model_input
+from helpers.peft_adapters import build_peft_case, load_with_peft, perturb_trainables
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -70,7 +70,7 @@ def peft_adapter(folder: Path, model: torch.nn.Module, **config) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_base(tmp_path_factory) -> Path:
-    """conftest's tiny Llama as an HF folder (the model PEFT adapters below are made on)."""
+    """helpers.models' tiny Llama as an HF folder (the model PEFT adapters below are made on)."""
     folder = tmp_path_factory.mktemp("readings") / "llama"
     make_model("llama").save_pretrained(folder)
     return folder
@@ -83,7 +83,7 @@ MLX_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 
 
 def mlx_adapter(folder: Path, rank: int = 8) -> Path:
-    """What ``mlx_lm.lora`` writes (FORMATS.md, mlx-lm 0.32) for conftest's tiny Llama:
+    """What ``mlx_lm.lora`` writes (FORMATS.md, mlx-lm 0.32) for helpers.models' tiny Llama:
     ``adapters.safetensors`` with ``<module>.lora_a`` (in, r) / ``.lora_b`` (r, out), and its
     training arguments as ``adapter_config.json``."""
     folder.mkdir(parents=True)
@@ -109,8 +109,8 @@ def mlx_adapter(folder: Path, rank: int = 8) -> Path:
 def test_mlx_folder_is_named_not_asked_for_r(tmp_path):
     folder = mlx_adapter(tmp_path / "mlx")
     out = tmp_path / "out"
-    refused(run_inprocess("inspect", folder), ["MLX (mlx-lm)", "not supported yet"])
-    refused(run_inprocess("convert", folder, out, "--to", "peft"), ["MLX (mlx-lm)"], out)
+    refused(run_cli("inspect", folder), ["MLX (mlx-lm)", "not supported yet"])
+    refused(run_cli("convert", folder, out, "--to", "peft"), ["MLX (mlx-lm)"], out)
     with pytest.raises(UnsupportedError, match="MLX"):
         at.load(folder)
 
@@ -122,18 +122,18 @@ def test_mlx_folder_after_the_edits_the_old_message_asked_for(tmp_path):
     (folder / "adapters.safetensors").rename(folder / WEIGHTS)
     edit_config(folder, lambda c: c.update(r=8, lora_alpha=160))
     out = tmp_path / "out"
-    refused(run_inprocess("inspect", folder), ["MLX (mlx-lm)"])
-    refused(run_inprocess("convert", folder, out, "--to", "safetensors"), ["MLX (mlx-lm)"], out)
+    refused(run_cli("inspect", folder), ["MLX (mlx-lm)"])
+    refused(run_cli("convert", folder, out, "--to", "safetensors"), ["MLX (mlx-lm)"], out)
     # and with the mlx-lm fields gone too: the keys say what the file is
     edit_config(folder, lambda c: [c.pop(k) for k in list(c) if k not in ("r", "lora_alpha")])
-    refused(run_inprocess("inspect", folder), ["MLX (mlx-lm)", "28 tensor(s)", "model.layers.",
+    refused(run_cli("inspect", folder), ["MLX (mlx-lm)", "28 tensor(s)", "model.layers.",
                                               ".lora_a"])
 
 
 def test_mlx_weights_file_alone(tmp_path):
     folder = mlx_adapter(tmp_path / "mlx")
     out = tmp_path / "out"
-    refused(run_inprocess("convert", folder / "adapters.safetensors", out, "--to", "peft"),
+    refused(run_cli("convert", folder / "adapters.safetensors", out, "--to", "peft"),
             ["adapters.safetensors", "MLX (mlx-lm)"], out)
 
 
@@ -193,9 +193,9 @@ def test_other_tools_files_are_refused_by_name(tmp_path, kind):
     make, fragments = FILES[kind]
     path = make(tmp_path / "pytorch_lora_weights.safetensors")
     out = tmp_path / "out"
-    refused(run_inprocess("convert", path, out, "--to", "peft"),
+    refused(run_cli("convert", path, out, "--to", "peft"),
             [str(path), *fragments, "not supported yet"], out)
-    refused(run_inprocess("inspect", path), fragments)
+    refused(run_cli("inspect", path), fragments)
 
 
 def test_diffusers_file_never_reads_as_bare_peft(tmp_path):
@@ -260,15 +260,15 @@ def variants(tmp_path_factory) -> dict[str, Path]:
 def test_lora_variants_are_refused_by_name(variants, tmp_path, name):
     fragments = VARIANTS[name][2]
     out = tmp_path / "out"
-    refused(run_inprocess("inspect", variants[name]), fragments)
-    refused(run_inprocess("convert", variants[name], out, "--to", "peft"), fragments, out)
+    refused(run_cli("inspect", variants[name]), fragments)
+    refused(run_cli("convert", variants[name], out, "--to", "peft"), fragments, out)
 
 
 def test_kasa_merge_names_kasa_not_another_model(variants, llama_base, tmp_path):
     """Before: merge said "Is the adapter for another model?" (lora_diag read as a full tensor),
     and convert --to peft renamed lora_diag to base_layer.lora_diag (PEFT's outputs 0.76 off)."""
     out = tmp_path / "merged"
-    line = refused(run_inprocess("merge", llama_base, variants["kasa"], "--out", out),
+    line = refused(run_cli("merge", llama_base, variants["kasa"], "--out", out),
                    ["a KaSA adapter"], out)
     assert "another model" not in line
 
@@ -283,7 +283,7 @@ def test_variant_tensors_are_named_without_their_config_field(variants, tmp_path
     keys = [k for k in load_file(folder / WEIGHTS) if "lora_A" not in k and "lora_B" not in k]
     if not keys:
         pytest.skip(f"{name} saves no tensors of its own")
-    refused(run_inprocess("inspect", folder), [VARIANTS[name][2][0]])
+    refused(run_cli("inspect", folder), [VARIANTS[name][2][0]])
 
 
 # ============================================================================ 4. aLoRA
@@ -300,18 +300,18 @@ def alora(tmp_path_factory) -> Path:
 def test_alora_merge_is_refused_with_the_reason(alora, llama_base, tmp_path):
     """Before: exit 0, the merged model 0.44 off what PEFT computes (PEFT refuses the merge)."""
     out = tmp_path / "merged"
-    refused(run_inprocess("merge", llama_base, alora, "--out", out),
+    refused(run_cli("merge", llama_base, alora, "--out", out),
             ["aLoRA", "[5, 6]", "invocation", "refusing to merge it"], out)
-    refused(run_inprocess("validate", llama_base, alora, "--merged", llama_base), ["aLoRA"])
+    refused(run_cli("validate", llama_base, alora, "--merged", llama_base), ["aLoRA"])
     combined = tmp_path / "combined"
-    refused(run_inprocess("combine", alora, alora, "--out", combined), ["aLoRA"], combined)
+    refused(run_cli("combine", alora, alora, "--out", combined), ["aLoRA"], combined)
     with pytest.raises(UnsupportedError, match="aLoRA"):
         at.merge(llama_base, [alora], tmp_path / "merged2")
 
 
 def test_alora_convert_keeps_the_invocation_tokens(alora, llama_base, tmp_path):
     out = tmp_path / "alora.gguf"
-    outcome = run_inprocess("convert", alora, out, "--to", "gguf", "--base", llama_base)
+    outcome = run_cli("convert", alora, out, "--to", "gguf", "--base", llama_base)
     assert outcome.code == 0, outcome.stderr
     assert at.load(out).metadata["alora_invocation_tokens"] == [5, 6]
 
@@ -325,7 +325,7 @@ def test_gpt2_embedding_beside_conv1d_round_trips(tmp_path):
                                                         target_modules=["wte", "c_attn"]))
     single, back = tmp_path / "wte.safetensors", tmp_path / "back"
     for src, dst, to in ((case.folder, single, "safetensors"), (single, back, "peft")):
-        outcome = run_inprocess("convert", src, dst, "--to", to)
+        outcome = run_cli("convert", src, dst, "--to", to)
         assert outcome.code == 0, outcome.stderr
     assert first_difference(at.load(case.folder), at.load(back)) is None
     assert json.loads((back / CONFIG).read_text())["fan_in_fan_out"] is True
@@ -341,8 +341,8 @@ def test_own_safetensors_file_is_recognised_by_content(tmp_path, name):
     src = tmp_path / "peft"
     at.save(make_adapter(), src, format="peft")
     dst = tmp_path / name
-    assert run_inprocess("convert", src, dst, "--to", "safetensors").code == 0
-    outcome = run_inprocess("inspect", dst, "--json")
+    assert run_cli("convert", src, dst, "--to", "safetensors").code == 0
+    outcome = run_cli("inspect", dst, "--json")
     assert outcome.code == 0, outcome.stderr
     assert json.loads(outcome.stdout)["format"] == "safetensors"
 
@@ -367,7 +367,7 @@ def test_magnitudes_without_use_dora_warn(dora_cases, tmp_path):
         adapter = at.load(torchtune)
     assert all(w.magnitude is not None for w in adapter.weights.values())
     dst = tmp_path / "converted"
-    outcome = run_inprocess("convert", torchtune, dst, "--to", "peft")
+    outcome = run_cli("convert", torchtune, dst, "--to", "peft")
     assert outcome.code == 0, outcome.stderr
     assert any("use_dora" in line and line.startswith("warning:") for line in stderr_lines(outcome))
 
@@ -426,13 +426,13 @@ def test_what_cannot_be_right_is_refused(tmp_path, case):
     change_config, change_weights, fragments = IMPOSSIBLE[case]
     folder = _folder(tmp_path, change_config, change_weights)
     out = tmp_path / "out"
-    refused(run_inprocess("inspect", folder), fragments)
-    refused(run_inprocess("convert", folder, out, "--to", "safetensors"), fragments, out)
+    refused(run_cli("inspect", folder), fragments)
+    refused(run_cli("convert", folder, out, "--to", "safetensors"), fragments, out)
 
 
 def test_target_modules_not_covering_the_tensors_warns(tmp_path):
     folder = _folder(tmp_path, lambda c: c.update(target_modules=["q_proj"]))
-    outcome = run_inprocess("inspect", folder)
+    outcome = run_cli("inspect", folder)
     assert outcome.code == 0, outcome.stderr
     lines = [line for line in stderr_lines(outcome) if line.startswith("warning:")]
     assert len(lines) == 1 and "12 module(s)" in lines[0] and "PEFT ignores" in lines[0]
@@ -472,7 +472,7 @@ def bare(tmp_path_factory):
 def test_merge_with_scale_of_a_bare_file(bare, tmp_path):
     base, _, path, merged = bare
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", base, path, "--out", out, "--scale", "2")
+    outcome = run_cli("merge", base, path, "--out", out, "--scale", "2")
     assert outcome.code == 0, outcome.stderr
     assert not [line for line in stderr_lines(outcome) if "scale 1.0" in line]
     got, want = load_file(out / "model.safetensors"), load_file(merged / "model.safetensors")
@@ -481,15 +481,15 @@ def test_merge_with_scale_of_a_bare_file(bare, tmp_path):
 
 def test_validate_with_scale_of_a_bare_file(bare):
     base, _, path, merged = bare
-    outcome = run_inprocess("validate", base, path, "--merged", merged, "--scale", "2")
+    outcome = run_cli("validate", base, path, "--merged", merged, "--scale", "2")
     assert outcome.code == 0, outcome.stderr
-    assert run_inprocess("validate", base, path, "--merged", merged, "--scale", "1").code == 1
+    assert run_cli("validate", base, path, "--merged", merged, "--scale", "1").code == 1
 
 
 def test_combine_with_scale_of_a_bare_file(bare, tmp_path):
     _, peft, path, _ = bare
     out, want = tmp_path / "combined", tmp_path / "want"
-    outcome = run_inprocess("combine", path, path, "--out", out, "--scale", "2")
+    outcome = run_cli("combine", path, path, "--out", out, "--scale", "2")
     assert outcome.code == 0, outcome.stderr
     at.combine([peft, peft], want)
     assert at.validate_against(out, want)["passed"]       # the same delta, tensor by tensor
@@ -505,6 +505,6 @@ def test_scale_is_refused_for_adapters_with_their_own(bare, tmp_path, command):
         args = {"merge": ["merge", base, adapter, "--out", out],
                 "validate": ["validate", base, adapter, "--merged", merged],
                 "combine": ["combine", adapter, "--out", out]}[command]
-        refused(run_inprocess(*args, "--scale", "2"), ["--scale only applies to files without a "
+        refused(run_cli(*args, "--scale", "2"), ["--scale only applies to files without a "
                                                       "config", str(adapter)], out,
                 code=2)                     # an option that does not apply: misuse

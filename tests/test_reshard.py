@@ -22,15 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_cli_error, assert_nothing_written, run_inprocess, stderr_lines
 from safetensors.torch import load_file, save_file
-from test_merge_errors import SHARDS, SPEC, make_sharded_base
 
 import adaptertools as at
 from adaptertools.errors import OptionError, UnsupportedError
 from adaptertools.merging.shards import parse_size
 from adaptertools.tensor_index import read_safetensors_header
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
+
+from helpers.checkpoints import SHARDS, SPEC, make_sharded_base
+from helpers.cli import assert_cli_error, assert_nothing_written, run_cli, stderr_lines
 
 INDEX = "model.safetensors.index.json"
 TOTAL = 213_632          # bytes of SPEC's tensors in bf16; the largest (embeddings) 32_768
@@ -235,8 +236,8 @@ BAD_SIZES = ["5XB", "0", "-5", "-1GB", "0GB", "1.5", "GB", "", "5 G B", "nanGB",
 @pytest.mark.parametrize("size", BAD_SIZES)
 def test_bad_size_is_misuse_one_line(models, tmp_path, size):
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out,
-                            f"--max-shard-size={size}")
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out,
+                      f"--max-shard-size={size}")
     assert_cli_error(outcome, ["--max-shard-size", "5GB"], code=2)
     assert_nothing_written(out)
 
@@ -251,23 +252,23 @@ def test_bad_size_library(models, tmp_path, size):
 def test_gguf_base_refuses_the_option(models, tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from gguf_base import make_base_model, write_gguf_base
+    from helpers.gguf_base import make_base_model, write_gguf_base
 
     base = write_gguf_base(make_base_model("llama", hidden=64, intermediate=96),
                            tmp_path / "base.gguf", "llama")
     out = tmp_path / "merged.gguf"
     with pytest.raises(UnsupportedError, match="llama-gguf-split"):
         at.merge(base, [models["adapter"]], out, max_shard_size="5GB")
-    outcome = run_inprocess("merge", base, models["adapter"], "--out", out,
-                            "--max-shard-size", "5GB")
+    outcome = run_cli("merge", base, models["adapter"], "--out", out,
+                      "--max-shard-size", "5GB")
     assert_cli_error(outcome, ["--max-shard-size", "llama-gguf-split", str(base)], code=2)
     assert_nothing_written(out)
 
 
 def test_dry_run_shows_the_shards(models, tmp_path):
     out = tmp_path / "out"
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out,
-                            "--dry-run", "--json", "--max-shard-size", "150KB")
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out,
+                      "--dry-run", "--json", "--max-shard-size", "150KB")
     assert outcome.code == 0, outcome.stderr
     plan = json.loads(outcome.stdout)
     names = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
@@ -277,8 +278,8 @@ def test_dry_run_shows_the_shards(models, tmp_path):
     assert plan["max_shard_size"] == 150_000
     assert_nothing_written(out)
 
-    outcome = run_inprocess("merge", models["sharded"], models["adapter"], "--out", out,
-                            "--dry-run", "--max-shard-size", "150KB")
+    outcome = run_cli("merge", models["sharded"], models["adapter"], "--out", out,
+                      "--dry-run", "--max-shard-size", "150KB")
     assert outcome.code == 0, outcome.stderr
     assert all(name in outcome.stdout for name in names)
     assert stderr_lines(outcome) == []

@@ -36,7 +36,7 @@ import adaptertools as at
 from adaptertools.formats.peft import WEIGHTS_NAME
 from adaptertools.kernels.reference import Contribution, merge_step
 
-from conftest import perturb_trainables
+from helpers.peft_adapters import perturb_trainables
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -412,14 +412,14 @@ def gguf_bases(tmp_path_factory):
     installed), its HF folder, and adapters trained on its fp32 and bf16 copies."""
     import importlib.util
 
-    from gguf_base import make_base_model, write_gguf_base
+    from helpers.gguf_base import make_base_model, write_gguf_base
 
     root = tmp_path_factory.mktemp("saved_copies_gguf")
     model = make_base_model("llama")
     bases = {"F32": write_gguf_base(model, root / "f32.gguf", "llama"),
              "F16": write_gguf_base(model, root / "f16.gguf", "llama", f16=True)}
     if importlib.util.find_spec("llama_cpp") is not None:
-        from gguf_base import llama_quantize
+        from helpers.gguf_base import llama_quantize
 
         bases["Q8_0"] = llama_quantize(bases["F32"], root / "q8_0.gguf", "Q8_0")
     adapters = {}

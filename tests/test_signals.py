@@ -13,19 +13,17 @@ own merge subprocess and one signal; every outcome must be one of:
   it, as any Python program does, with nothing written and no frame of the CLI's own functions.
 
 Never exit 0 for a signal that came before OUT existed, never SIGABRT. Children get SIGINT as a
-terminal's Ctrl-C finds it even when this test runs as a background job (``foreground``).
+terminal's Ctrl-C finds it even when this test runs as a background job
+(``helpers.cli.foreground``).
 """
 
 from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,33 +34,10 @@ from adaptertools import _boundary
 from adaptertools.merging import streams
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
-from cli_helpers import assert_nothing_written
+from helpers.cli import assert_nothing_written, start_cli
 
 DELAYS = [round(0.05 + i * 1.15 / 13, 3) for i in range(14)]      # 0.05 .. 1.2 s
 OWN_FRAME = re.compile(r'adaptertools[/\\](cli|_boundary)\.py", line \d+, in (?!<module>)')
-
-
-@contextmanager
-def foreground(ignored: bool = False):
-    """Children started inside get SIGINT at its default, as from a terminal (``ignored``: as
-    ignored, as a non-interactive shell starts a background job). A process started with SIGINT
-    ignored keeps it so, and Python leaves it ignored too: Ctrl-C then does nothing. A test run
-    started with ``pytest ... &`` from a script hands that on to every child unless the test
-    says otherwise, which is what made ``test_real_sigint_to_a_running_merge`` hang once.
-    (A handler, unlike SIG_IGN, is reset to the default in an exec'd child.)"""
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def spawn(*args, ignored: bool = False) -> subprocess.Popen:
-    with foreground(ignored):
-        return subprocess.Popen([sys.executable, "-m", "adaptertools.cli", *map(str, args)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -86,7 +61,7 @@ def inputs(tmp_path_factory) -> dict:
 def signal_a_merge(inputs, out: Path, delay: float, signum: int = signal.SIGINT) -> int:
     """One merge into ``out``, ``signum`` sent ``delay`` s after it started; checks the outcome
     (module docstring) and returns the exit status."""
-    proc = spawn("merge", inputs["base"], inputs["adapter"], "--out", out)
+    proc = start_cli("merge", inputs["base"], inputs["adapter"], "--out", out)
     try:
         time.sleep(delay)
         proc.send_signal(signum)
@@ -134,7 +109,7 @@ def test_sigterm_in_the_first_second_of_a_merge(inputs, tmp_path):
 
 def test_a_second_ctrl_c_during_startup_exits_at_once(inputs, tmp_path):
     out = tmp_path / "out"
-    proc = spawn("merge", inputs["base"], inputs["adapter"], "--out", out)
+    proc = start_cli("merge", inputs["base"], inputs["adapter"], "--out", out)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -151,7 +126,7 @@ def test_a_merge_started_with_sigint_ignored_keeps_ignoring_it(inputs, tmp_path)
     """As Python leaves it (a background job of a non-interactive shell): the CLI does not
     take Ctrl-C back; the merge runs to the end."""
     out = tmp_path / "out"
-    proc = spawn("merge", inputs["base"], inputs["adapter"], "--out", out, ignored=True)
+    proc = start_cli("merge", inputs["base"], inputs["adapter"], "--out", out, ignored=True)
     time.sleep(0.4)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

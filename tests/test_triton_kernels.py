@@ -186,7 +186,7 @@ def tiny(tmp_path_factory):
     """A 2-layer Llama (hidden 64, intermediate 96) as HF bf16 and as GGUF Q8_0 / Q4_0 (2-D weights
     quantized by the torch codec), and a PEFT LoRA with dyadic factors, also as GGUF."""
     pytest.importorskip("peft")
-    from gguf_base import make_base_model, rewrite_gguf, write_gguf_base
+    from helpers.gguf_base import make_base_model, rewrite_gguf, write_gguf_base
     from peft import LoraConfig, get_peft_model
 
     import adaptertools as at

@@ -16,7 +16,7 @@ from adaptertools.api import validate_against
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 from adaptertools.validation.adapters import delta_difference, delta_norm
 
-from cli_helpers import run_inprocess
+from helpers.cli import run_cli
 
 
 @settings(max_examples=50, deadline=None)
@@ -79,15 +79,15 @@ def test_a_changed_tensor_fails_and_is_named(converted, tmp_path):
     assert failed[name]["problem"] == "delta differs" and failed[name]["relative_error"] > 1e-6
     assert "only in" in failed["model.layers.0.self_attn.q_proj.weight"]["problem"]
     assert report["tensors"][0]["passed"] is False           # failures first
-    outcome = run_inprocess("validate", converted / "peft", "--against",
-                            tmp_path / "changed.safetensors", "--json")
+    outcome = run_cli("validate", converted / "peft", "--against",
+                      tmp_path / "changed.safetensors", "--json")
     assert outcome.code == 1
     assert json.loads(outcome.stdout)["failed"] == 2
-    text = run_inprocess("validate", converted / "peft", "--against",
-                         tmp_path / "changed.safetensors")
+    text = run_cli("validate", converted / "peft", "--against",
+                   tmp_path / "changed.safetensors")
     assert text.code == 1 and name in text.stdout and "2 of 14 tensors differ" in text.stderr
 
 
 def test_cli_passes_with_exit_0(converted):
-    outcome = run_inprocess("validate", converted / "a.gguf", "--against", converted / "peft")
+    outcome = run_cli("validate", converted / "a.gguf", "--against", converted / "peft")
     assert outcome.code == 0 and "same delta" in outcome.stderr

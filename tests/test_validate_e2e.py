@@ -9,13 +9,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import LLAMA_ALL
-from test_merge_peft import build_base, make_adapter
-from test_validate_merged import delta, read, rewrite
 
 import adaptertools as at
 from adaptertools.errors import UnsupportedError
 from adaptertools.validation.e2e import compare_logits, thresholds
+
+from helpers.checkpoints import read, rewrite
+from helpers.models import LLAMA_ALL, build_base
+from helpers.peft_adapters import make_adapter
+from helpers.validation import delta
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 if not HAS_LLAMA and os.environ.get("CI"):
@@ -66,8 +68,8 @@ def test_hf_e2e_fails_a_corrupted_merge(hf_merge, tmp_path):
 def test_gguf_e2e_through_llama_cpp(tmp_path):
     """A tiny Llama as an F32 GGUF: the runtime LoRA and the merged file agree; the merge without
     the RoPE permutation of q does not."""
-    from conftest import perturb_trainables
-    from gguf_base import make_base_model, write_gguf_base
+    from helpers.gguf_base import make_base_model, write_gguf_base
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     from adaptertools.formats.names import permute_rows

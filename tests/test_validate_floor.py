@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_validate_merged import CASES, DTYPES, build_case, failed, read, rewrite
 
 import adaptertools as at
+
+from helpers.checkpoints import read, rewrite
+from helpers.validation import CASES, DTYPES, build_case, failed
 
 AMPLIFY = 40.0          # lora_B x 40: deltas as large as the weights or larger
 LARGE_CASES = ("plain", "rslora_patterns", "weighted_three", "gpt2_conv1d_dora", "dora",

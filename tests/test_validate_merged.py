@@ -19,50 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_cli_error, run_inprocess, run_subprocess
-from conftest import LLAMA_ALL
-from test_merge_peft import build_base, make_adapter
 
 import adaptertools as at
-from adaptertools.dtypes import TORCH_DTYPES
 from adaptertools.errors import UnsupportedError
-from adaptertools.merging.bases import open_base
 from adaptertools.validation.merged import floor_for, survival
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from helpers.checkpoints import read, rewrite
+from helpers.cli import assert_cli_error, run_cli
+from helpers.models import LLAMA_ALL
+from helpers.validation import CASES, DTYPES, build_case, delta, failed
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def read(checkpoint: Path, name: str) -> torch.Tensor:
-    entry = open_base(checkpoint).entries()[name]
-    path = checkpoint if checkpoint.is_file() else checkpoint / entry.file
-    with open(path, "rb") as fh:
-        fh.seek(entry.offset)
-        data = bytearray(fh.read(entry.nbytes))
-    return torch.frombuffer(data, dtype=TORCH_DTYPES[entry.dtype]).reshape(entry.shape).clone()
-
-
-def rewrite(checkpoint: Path, name: str, tensor: torch.Tensor) -> None:
-    """Overwrite one stored tensor in place (same dtype and shape): a corrupted merge."""
-    entry = open_base(checkpoint).entries()[name]
-    data = tensor.to(TORCH_DTYPES[entry.dtype]).contiguous().reshape(-1).view(torch.uint8)
-    assert data.numel() == entry.nbytes
-    path = checkpoint if checkpoint.is_file() else checkpoint / entry.file
-    with open(path, "r+b") as fh:
-        fh.seek(entry.offset)
-        fh.write(data.numpy().tobytes())
-
-
-def delta(adapter: Path, name: str, base=None) -> torch.Tensor:
-    """scale * B @ A of one tensor, float64, in the HF stored layout."""
-    w = at.load(adapter, base=base).weights[name]
-    return w.scale * (w.b.double() @ w.a.double())
-
-
-def failed(report: dict) -> set[str]:
-    return {r["name"] for r in report["tensors"] if not r["passed"]}
-
 
 def adapted(report: dict) -> set[str]:
     return {r["name"] for r in report["tensors"] if r["kind"] != "untouched"}
@@ -84,46 +52,8 @@ def assert_clean_pass(report: dict) -> None:
 
 # ----------------------------------------------------------------------------- 1. correct merges
 
-# case -> (architecture, [LoraConfig kwargs per adapter], weights, mode)
-CASES = {
-    "plain": ("llama", [{"r": 4, "lora_alpha": 8, "target_modules": LLAMA_ALL}], None, "weighted"),
-    "rslora_patterns": ("llama", [{"r": 8, "lora_alpha": 6, "use_rslora": True,
-                                       "target_modules": LLAMA_ALL, "rank_pattern": {"v_proj": 2},
-                                       "alpha_pattern": {"k_proj": 5.5}}], None, "weighted"),
-    "dora": ("llama", [{"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": LLAMA_ALL}], None,
-             "weighted"),
-    "embedding_modules_to_save": ("llama", [{"r": 4, "lora_alpha": 16,
-                                                 "target_modules": ["embed_tokens", "q_proj"],
-                                                 "modules_to_save": ["lm_head"]}], None, "weighted"),
-    "gpt2_conv1d_lora_bias": ("gpt2", [{"r": 4, "lora_alpha": 8, "fan_in_fan_out": True,
-                                            "lora_bias": True, "target_modules": ["c_attn", "c_proj"]}],
-                              None, "weighted"),
-    "gpt2_conv1d_dora": ("gpt2", [{"r": 4, "lora_alpha": 8, "fan_in_fan_out": True, "use_dora": True,
-                                       "target_modules": ["c_attn", "c_fc"]}], None, "weighted"),
-    "weighted_three": ("llama", [{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj",
-                                                                          "embed_tokens"]},
-                                 {"r": 2, "lora_alpha": 4, "use_rslora": True,
-                                      "target_modules": ["q_proj", "o_proj"]},
-                                 {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "up_proj"]}],
-                       [0.7, -0.3, 1.5], "weighted"),
-    "stacked_dora": ("llama", [{"r": 4, "lora_alpha": 8, "use_dora": True,
-                                    "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
-                               {"r": 2, "lora_alpha": 4, "use_dora": True,
-                                    "target_modules": ["q_proj", "o_proj", "embed_tokens"]}],
-                     None, "stacked"),
-}
 # fp16 costs the most noise per element: the cases that round differently
 FP16_CASES = ("plain", "dora", "embedding_modules_to_save", "weighted_three")
-
-
-def build_case(root: Path, arch: str, configs: list[dict], dtype: torch.dtype) -> list[Path]:
-    base = build_base(arch, dtype)
-    base.save_pretrained(root / "base")
-    folders = []
-    for i, config in enumerate(configs):
-        make_adapter(base, root / f"a{i}", 70 + i, **config)
-        folders.append(root / f"a{i}")
-    return folders
 
 
 @pytest.mark.parametrize("case,dtype", [(c, d) for c in CASES for d in ("fp32", "bf16")]
@@ -161,8 +91,8 @@ def test_dtype_cast_is_judged_in_the_output_dtype(tmp_path):
 def gguf_merges(tmp_path_factory):
     """A tiny Llama (RoPE-permuted q/k) as F32 and F16 GGUF models, a PEFT adapter, and their
     merges (through the PEFT adapter and through its GGUF conversion)."""
-    from conftest import perturb_trainables
-    from gguf_base import make_base_model, write_gguf_base
+    from helpers.gguf_base import make_base_model, write_gguf_base
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("validate_gguf")
@@ -318,8 +248,8 @@ def test_no_flakiness_across_probe_seeds(seeded, seed):
 def test_merge_validate_writes_validation_json(bf16_merge, tmp_path):
     root, folders = bf16_merge
     out = tmp_path / "merged"
-    outcome = run_inprocess("merge", root / "base", folders[0], "--out", out, "--validate",
-                            "--json")
+    outcome = run_cli("merge", root / "base", folders[0], "--out", out, "--validate",
+                      "--json")
     assert outcome.code == 0, outcome.stderr
     summary = json.loads(outcome.stdout)["validation"]
     assert summary["passed"] and summary["failures"] == [] and summary["adapted"] == 14
@@ -338,38 +268,42 @@ def test_merge_validate_gguf_report_beside_the_file(gguf_merges, tmp_path):
 
 def test_cli_validate_merged_exit_codes_table_and_json(bf16_merge, tmp_path):
     root, folders = bf16_merge
-    ok = run_inprocess("validate", root / "base", folders[0], "--merged", root / "out")
+    ok = run_cli("validate", root / "base", folders[0], "--merged", root / "out")
     assert ok.code == 0 and "validation passed" in ok.stderr and Q0 in ok.stdout
     bad = corrupted(root, tmp_path)
     rewrite(bad, UP1, read(root / "base", UP1))
-    outcome = run_inprocess("validate", root / "base", folders[0], "--merged", bad, "--json",
-                            "--probes", "8", "--seed", "3", "--tolerance-db", "0.5")
+    outcome = run_cli("validate", root / "base", folders[0], "--merged", bad, "--json",
+                      "--probes", "8", "--seed", "3", "--tolerance-db", "0.5")
     assert outcome.code == 1
     report = json.loads(outcome.stdout)
     assert report["tensors"][0]["name"] == UP1 and report["failed"] == 1
     assert (report["probes"], report["seed"], report["tolerance_db"]) == (8, 3, 0.5)
-    text = run_inprocess("validate", root / "base", folders[0], "--merged", bad)
+    text = run_cli("validate", root / "base", folders[0], "--merged", bad)
     assert text.code == 1 and "FAIL" in text.stdout and "validation FAILED" in text.stderr
 
 
 def test_cli_forms_are_exclusive(bf16_merge):
     root, folders = bf16_merge
-    assert_cli_error(run_subprocess("validate", folders[0]), ["--merged", "--against"], code=2)
-    assert_cli_error(run_subprocess("validate", root / "base", folders[0], "--merged", root / "out",
-                                   "--against", folders[0]), ["--merged", "--against"], code=2)
-    assert_cli_error(run_subprocess("validate", root / "base", "--merged", root / "out"),
+    assert_cli_error(run_cli("validate", folders[0], how="subprocess"), ["--merged", "--against"],
+                     code=2)
+    assert_cli_error(run_cli("validate", root / "base", folders[0], "--merged", root / "out",
+                             "--against", folders[0], how="subprocess"),
+                     ["--merged", "--against"], code=2)
+    assert_cli_error(run_cli("validate", root / "base", "--merged", root / "out", how="subprocess"),
                      ["BASE", "ADAPTER"], code=2)
-    assert_cli_error(run_subprocess("validate", folders[0], "--against", folders[0], "--e2e"),
+    assert_cli_error(run_cli("validate", folders[0], "--against", folders[0], "--e2e",
+                             how="subprocess"),
                      ["--e2e", "--merged"], code=2)
-    assert_cli_error(run_subprocess("merge", root / "base", folders[0], "--dry-run", "--validate"),
+    assert_cli_error(run_cli("merge", root / "base", folders[0], "--dry-run", "--validate",
+                             how="subprocess"),
                      ["--validate", "--dry-run"], code=2)
 
 
 def test_plot_is_a_png(bf16_merge, tmp_path):
     pytest.importorskip("matplotlib")
     root, folders = bf16_merge
-    outcome = run_inprocess("validate", root / "base", folders[0], "--merged", root / "out",
-                            "--plot", tmp_path / "sqnr.png")
+    outcome = run_cli("validate", root / "base", folders[0], "--merged", root / "out",
+                      "--plot", tmp_path / "sqnr.png")
     assert outcome.code == 0
     assert (tmp_path / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -381,8 +315,8 @@ def test_plot_without_matplotlib_names_the_extra(bf16_merge, tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     root, folders = bf16_merge
-    outcome = run_inprocess("validate", root / "base", folders[0], "--merged", root / "out",
-                            "--plot", tmp_path / "sqnr.png")
+    outcome = run_cli("validate", root / "base", folders[0], "--merged", root / "out",
+                      "--plot", tmp_path / "sqnr.png")
     assert_cli_error(outcome, ["matplotlib", "adaptertools[plot]"])
     assert not (tmp_path / "sqnr.png").exists()
 

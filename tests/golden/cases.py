@@ -7,13 +7,12 @@ alone (``pytest -k``).
 
 The inputs mirror what the suite builds (tests/test_merge_peft.py, test_validate_merged.py,
 test_merge_gguf.py, test_merge_bnb.py, test_combine.py, test_extract.py, test_gguf_format.py,
-test_reshard.py) with the builder code of tests/conftest.py and tests/gguf_base.py; models are
-the smallest the suite uses. Nothing here runs at import time.
+test_reshard.py) with the suite's own builders, tests/helpers/ (models.py, peft_adapters.py,
+gguf_base.py); models are the smallest the suite uses. Nothing here runs at import time.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS) not in sys.path:     # conftest / gguf_base, also when run by regenerate.py
+if str(TESTS) not in sys.path:     # the helpers package, also when run by regenerate.py
     sys.path.insert(0, str(TESTS))
 
 ROOT_MARK = b"<ROOT>"
@@ -91,47 +90,44 @@ def _torch():
 
 
 def llama_base(dtype_name: str = "fp32", arch: str = "llama"):
-    """tests/test_merge_peft.py's build_base."""
-    torch = _torch()
-    from conftest import make_causal_lm, make_model
+    """tests/test_merge_peft.py's base: helpers.models.build_base."""
+    from helpers.models import build_base
 
-    if arch == "qwen2":
-        model = make_causal_lm("qwen2")
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(5)
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    else:
-        model = make_model(arch)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    return model.to(dtype).eval()
+    dtype = {"fp32": _torch().float32, "bf16": _torch().bfloat16}[dtype_name]
+    return build_base(arch, dtype)
 
 
 def peft_adapter(base, folder: Path, seed: int | None = None, **config) -> None:
-    """tests/test_merge_peft.py's make_adapter: PEFT wraps a copy, perturbed, saved."""
-    from conftest import perturb_trainables
-    from peft import LoraConfig, get_peft_model
+    """tests/test_merge_peft.py's adapter (helpers.peft_adapters.make_adapter: PEFT wraps a copy,
+    perturbed, saved), its config written in a canonical order."""
+    from helpers.peft_adapters import make_adapter
 
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
-    if seed is None:
-        perturb_trainables(model)
-    else:
-        perturb_trainables(model, seed=seed, spread=0.3, modules_to_save=False)
-    model.eval().save_pretrained(folder)
+    make_adapter(base, folder, seed, **config)
     canonical_peft_config(folder)
+
+
+# the module the suite's own model classes (the conv net) lived in when hashes.json was recorded
+RECORDED_MODEL_MODULE = "conftest"
 
 
 def canonical_peft_config(folder: Path) -> None:
     """PEFT writes ``target_modules`` (a set) in string-hash order, which changes with every
-    process (PYTHONHASHSEED): sorted here, so that the same case gives the same input bytes."""
+    process (PYTHONHASHSEED): sorted here, so that the same case gives the same input bytes.
+    For a model class of the suite's own (not a transformers one) PEFT also records the module
+    that defines it (``auto_mapping.parent_library``): where a test helper lives is no input of
+    the code under test, so it is written as it was recorded, RECORDED_MODEL_MODULE."""
     import json
+
+    from helpers.models import TinyConvNet
 
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text())
     for key in ("target_modules", "modules_to_save"):
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])
+    mapping = config.get("auto_mapping")
+    if isinstance(mapping, dict) and mapping.get("parent_library") == TinyConvNet.__module__:
+        mapping["parent_library"] = RECORDED_MODEL_MODULE
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -241,8 +237,8 @@ GGUF_LORA = dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL, init_lora_weights
 
 def _gguf_inputs(inputs: Path, kind: str, *, f16: bool) -> None:
     """tests/test_merge_gguf.py's setup: HF folder, GGUF base, PEFT adapter."""
-    from conftest import perturb_trainables
-    from gguf_base import make_base_model, write_gguf_base
+    from helpers.gguf_base import make_base_model, write_gguf_base
+    from helpers.peft_adapters import perturb_trainables
     from peft import LoraConfig, get_peft_model
 
     model = make_base_model(kind)
@@ -279,7 +275,7 @@ BNB_KINDS = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
 
 
 def _bnb_merge_case(kind: str, requantize: str = "keep") -> Case:
-    """tests/test_merge_bnb.py's bnb_case, on conftest's tiny Llama."""
+    """tests/test_merge_bnb.py's bnb_case, on helpers.models' tiny Llama."""
     def build(inputs: Path) -> None:
         import transformers
 
@@ -394,7 +390,7 @@ def _extract_case(label: str, options: dict) -> Case:
     """tests/test_extract.py's llama fixture: a base and a few Adam steps of fine-tuning."""
     def build(inputs: Path) -> None:
         torch = _torch()
-        from conftest import make_model
+        from helpers.models import make_model
 
         make_model("llama").save_pretrained(inputs / "base")
         torch.manual_seed(11)

@@ -1,0 +1,197 @@
+"""Write a tiny transformers model as an F32 GGUF *model* that llama.cpp loads (test helper).
+
+What llama.cpp's own converter (``convert_hf_to_gguf.py``, conversion/llama.py and qwen.py of the
+tree vendored by llama-cpp-python 0.3.36) writes for these architectures, reduced to what a tiny
+model needs: the hparams of ``TextModel.set_gguf_parameters`` (conversion/base.py), the Llama
+RoPE row permutation of q/k (``LlamaModel.permute``, arch "llama" only), and a dummy SentencePiece
+("llama") vocabulary, without which llama.cpp refuses the file. Tensor names come from the
+project's own map (``hf_to_gguf_name``), so a wrong name there shows up as a failing load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptertools.formats.names import (
+    BaseInfo,
+    hf_to_gguf_name,
+    permute_rows,
+    rope_heads,
+)
+
+# HF architecture class -> llama.cpp architecture this helper can write
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+def write_gguf_base(model: torch.nn.Module, path: str | Path, arch: str, *,
+                    f16: bool = False) -> Path:
+    """Write ``model`` (a float32 ``*ForCausalLM`` of SUPPORTED) to ``path``, GGUF arch ``arch``.
+
+    ``f16``: 2-D weights in F16, 1-D tensors (norms, biases) kept F32, as llama.cpp's converter
+    does for ``--outtype f16``."""
+    import gguf
+
+    cfg = model.config
+    if SUPPORTED.get(type(model).__name__) != arch:
+        raise ValueError(f"{type(model).__name__} is not written as {arch!r} by this helper")
+    n_head, n_head_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    tied = bool(cfg.tie_word_embeddings)
+    base = BaseInfo(arch=arch, n_blocks=cfg.num_hidden_layers, n_head=n_head, n_head_kv=n_head_kv,
+                    tied_embeddings=tied)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if rope.get("rope_type", "default") != "default" or rope_theta is None:
+        raise ValueError(f"only plain RoPE with an explicit rope_theta is written; got {rope}")
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny-test-model")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    # hparams, as TextModel.set_gguf_parameters writes them (keys are "<arch>.<key>")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_rope_dimension_count(head_dim)      # LlamaModel writes it; harmless for Qwen
+    if arch == "llama":
+        writer.add_vocab_size(cfg.vocab_size)
+    writer.add_key_length(head_dim)                # base.py writes these when config has head_dim
+    writer.add_value_length(head_dim)
+
+    # vocabulary: <unk> <s> </s>, the newline byte SPM looks up, then plain pieces
+    n_vocab = cfg.vocab_size
+    tokens = ["<unk>", "<s>", "</s>", "<0x0A>"] + [f"t{i}" for i in range(4, n_vocab)]
+    types = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+              gguf.TokenType.BYTE] + [gguf.TokenType.NORMAL] * (n_vocab - 4))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * n_vocab)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue                                # llama.cpp reuses token_embd.weight
+        data = tensor.detach().to(torch.float32)
+        # shapes (numpy order, HF layout): embed_tokens / lm_head (vocab, hidden);
+        # q_proj (heads*hd, hidden), k/v_proj (kv_heads*hd, hidden) and their Qwen2 biases
+        # (rows,); o_proj (hidden, heads*hd); gate/up (ff, hidden), down (hidden, ff);
+        # norms (hidden,), Qwen3 q_norm/k_norm (hd,)
+        heads = rope_heads(name.removesuffix(".bias").removesuffix(".weight") + ".weight", base)
+        if heads is not None:                       # arch "llama": rows of q/k (and biases)
+            data = permute_rows(data, heads)
+        array = np.ascontiguousarray(data.numpy())
+        if f16 and array.ndim == 2:
+            array = array.astype(np.float16)
+        writer.add_tensor(hf_to_gguf_name(name, base), array)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+IDS = [5, 17, 99, 3, 42, 7, 64, 120, 1, 88, 23, 56]   # fixed token ids, no BOS
+# kind -> (transformers model class, config class, llama.cpp arch, extra config kwargs)
+ARCHS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", "llama", dict(tie_word_embeddings=False)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", "llama", dict(tie_word_embeddings=False)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", "qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", "qwen3", dict(tie_word_embeddings=True,
+                                                               head_dim=16)),
+}
+
+
+def make_base_model(kind: str, *, hidden: int = 64, intermediate: int = 96) -> torch.nn.Module:
+    """A tiny seeded model; K-quant tests need ``hidden`` and ``intermediate`` multiples of 256."""
+    import transformers
+
+    model_cls, config_cls, _, extra = ARCHS[kind]
+    config = getattr(transformers, config_cls)(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=10000.0, attn_implementation="eager", **extra)
+    torch.manual_seed(2024)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():   # larger than HF's 0.02 init, so logits are O(1) and far from uniform
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def llama_logits(model_path: Path, lora_path: Path | None = None) -> np.ndarray:
+    """llama.cpp's logits for every position of IDS (F32 KV cache), (len(IDS), vocab) float64;
+    in a child process with the extra buffer types off (``adaptertools.llamacpp``)."""
+    from adaptertools.llamacpp import logits
+
+    (rows,) = logits(model_path, [IDS], lora=lora_path, n_ctx=64, n_threads=2)
+    return rows.astype(np.float64)
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())
+
+
+# llama.cpp's file types (llama.h enum llama_ftype) the tests quantize to
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, *, allow_requantize: bool = False) -> Path:
+    """llama.cpp's own quantizer (``llama_model_quantize`` in the libllama of llama-cpp-python),
+    what ``llama-quantize SRC DST TYPE`` does."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = 2
+    params.allow_requantize = allow_requantize
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src}, {ftype}) returned {rc}")
+    return dst
+
+
+def rewrite_gguf(src: Path, dst: Path, tensor=None, extra=None) -> Path:
+    """A copy of the GGUF model ``src`` with its metadata, where ``tensor(t)`` may return
+    ``(array, raw_dtype)`` to store another tensor under ``t.name`` (None: skip the tensor,
+    default: as it is) and ``extra(writer)`` may add keys."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), reader.get_field("general.architecture").contents())
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture")):
+            continue
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    if extra is not None:
+        extra(writer)
+    for t in reader.tensors:
+        stored = (np.array(t.data), t.tensor_type) if tensor is None else tensor(t)
+        if stored is not None:
+            writer.add_tensor(t.name, stored[0], raw_dtype=stored[1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

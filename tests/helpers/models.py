@@ -1,0 +1,111 @@
+"""Tiny models built in code, with seeded random weights: the same kind, the same weights,
+every call (transformers Llama / GPT-2 and a small conv net, and one of each GGUF architecture)."""
+
+from __future__ import annotations
+
+import torch
+
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TinyConvNet(torch.nn.Module):
+    """Conv2d -> Conv1d -> Linear: the conv layers PEFT can put LoRA on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2 = torch.nn.Conv2d(3, 8, kernel_size=3)
+        self.conv1 = torch.nn.Conv1d(8, 6, kernel_size=5)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x (batch, 3, 12, 12)
+        h = self.conv2(x).mean(dim=-1)                     # (batch, 8, 10)
+        return self.head(self.conv1(h).mean(dim=-1))       # (batch, 4)
+
+
+def make_model(kind: str) -> torch.nn.Module:
+    """A deterministic tiny model: same kind, same weights, every call."""
+    import transformers
+
+    torch.manual_seed(1234)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+            tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=96,
+                                         n_positions=64, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    elif kind == "conv":
+        model = TinyConvNet()
+    else:
+        raise ValueError(kind)
+    # random, non-trivial biases so lora_bias and merges are exercised on real values
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def model_input(kind: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    if kind == "conv":
+        return torch.randn(2, 3, 12, 12, generator=gen)
+    return torch.randint(0, 96, (2, 9), generator=gen)
+
+
+def model_output(model: torch.nn.Module, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(model_input(kind))
+    return out if kind == "conv" else out.logits
+
+
+def make_causal_lm(arch: str, *, tied: bool | None = None) -> torch.nn.Module:
+    """A tiny seeded transformers model of each architecture the GGUF format supports."""
+    import transformers as tf
+
+    torch.manual_seed(4321)
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-6)
+    configs = {
+        "llama": lambda: (tf.LlamaForCausalLM, tf.LlamaConfig(**small, tie_word_embeddings=False)),
+        "mistral": lambda: (tf.MistralForCausalLM, tf.MistralConfig(**small, tie_word_embeddings=False)),
+        "qwen2": lambda: (tf.Qwen2ForCausalLM, tf.Qwen2Config(**small, tie_word_embeddings=False)),
+        "qwen3": lambda: (tf.Qwen3ForCausalLM, tf.Qwen3Config(**small, head_dim=16,
+                                                              tie_word_embeddings=False)),
+        "gemma2": lambda: (tf.Gemma2ForCausalLM, tf.Gemma2Config(**small, head_dim=16)),
+        "gemma3": lambda: (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(**small, head_dim=16)),
+        "phi3": lambda: (tf.Phi3ForCausalLM, tf.Phi3Config(**small, tie_word_embeddings=False)),
+        "gpt2": lambda: (tf.GPT2LMHeadModel, tf.GPT2Config(n_embd=64, n_layer=2, n_head=4,
+                                                           vocab_size=128, n_positions=64,
+                                                           bos_token_id=1, eos_token_id=2)),
+    }
+    cls, config = configs[arch]()
+    if tied is not None:
+        config.tie_word_embeddings = tied
+    return cls(config).eval()
+
+
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
+# every linear layer of the blocks, by each architecture's own module names
+GGUF_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+def build_base(arch: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny seeded model in ``dtype``; Qwen2 gets random q/k/v biases (its init zeroes them)."""
+    if arch == "qwen2":
+        model = make_causal_lm("qwen2")
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(5)
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    else:
+        model = make_model(arch)
+    return model.to(dtype).eval()
