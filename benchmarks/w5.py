@@ -3,7 +3,7 @@
     python benchmarks/w5.py [--work DIR] [--types F16,Q8_0,Q4_K_M] [--runs N] [--cache warm|cold]
 
 The W1 base (benchmarks/merge.py generates it) written as a GGUF F16 model by the tests' GGUF
-writer (tests/gguf_base.py: llama.cpp's names, the q/k RoPE permutation, a dummy vocabulary),
+writer (tests/helpers/gguf_base.py: llama.cpp's names, the q/k RoPE permutation, a dummy vocabulary),
 then quantized by llama.cpp itself (``llama_model_quantize`` of llama-cpp-python) to Q8_0 and
 Q4_K_M; the W1 adapter converted to a GGUF adapter. Measured in the same run, each in its own
 process: `cp BASE OUT && sync`, and `adaptertools merge BASE lora.gguf --out OUT` (keep-type:
@@ -31,7 +31,7 @@ from workloads import W1_CONFIG, w1_adapter  # noqa: E402
 
 
 class LlamaForCausalLM:
-    """Just enough of a transformers model for tests/gguf_base.write_gguf_base: the config and
+    """Just enough of a transformers model for tests/helpers/gguf_base.write_gguf_base: the config and
     a state dict whose tensors are read from the W1 shards as they are asked for."""
 
     def __init__(self, folder: Path) -> None:
@@ -61,7 +61,7 @@ class LazyStateDict:
 
 
 def gguf_bases(work: Path, types: list[str]) -> dict[str, Path]:
-    from gguf_base import llama_quantize, write_gguf_base
+    from helpers.gguf_base import llama_quantize, write_gguf_base
 
     bases = {}
     f16 = work / "w5_F16.gguf"
@@ -121,7 +121,7 @@ def main() -> None:
         quantize_wall = None
         if ftype != "F16":      # llama.cpp's route ends with this: llama-quantize of the model
             script = (f"import sys; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); "
-                      "from gguf_base import llama_quantize; "
+                      "from helpers.gguf_base import llama_quantize; "
                       "from pathlib import Path; llama_quantize(*map(Path, sys.argv[1:3]), sys.argv[3])")
             target = work / "w5_requant.gguf"
             remove(target)
