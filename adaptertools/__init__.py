@@ -33,6 +33,7 @@ _EXPORTS = {
     "Report": "reports", "InspectReport": "reports", "ConvertReport": "reports",
     "MergeReport": "reports", "MergePlanReport": "reports", "ValidationReport": "reports",
     "ComparisonReport": "reports", "CombineReport": "reports", "ExtractReport": "reports",
+    "PushReport": "reports", "PullReport": "reports",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -45,7 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
                          UnsupportedError)
     from .hub import pull, push
     from .reports import (CombineReport, ComparisonReport, ConvertReport, ExtractReport,
-                          InspectReport, MergePlanReport, MergeReport, Report, ValidationReport)
+                          InspectReport, MergePlanReport, MergeReport, PullReport, PushReport,
+                          Report, ValidationReport)
 
 
 def __getattr__(name: str):

@@ -104,7 +104,8 @@ def _push_after(report: dict, output, push_to: str | None, push: dict, hub: dict
         from .hub import push as push_output
 
         try:
-            report["pushed"] = push_output(output, push_to, report=report, **push, **hub)
+            report["pushed"] = push_output(output, push_to, report=report, **push,
+                                           **hub).to_dict()
         except AdapterToolsError as exc:     # the output stays: say how to push it later
             raise type(exc)(f"{exc} ({output} was written; push it with `adaptertools push "
                             f"{output} {push_to}`)") from None

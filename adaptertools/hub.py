@@ -295,7 +295,7 @@ def pull(uri: str, *, out: str | os.PathLike | None = None, include=(), force: b
          endpoint: str | None = None, token=None) -> dict:
     """Fetch a Hub input (model, adapter or a file of one) into the cache, and copy it to ``out``
     when given. Weights, configs, tokenizer and cards are fetched; pickles and optimizer state
-    only when ``include`` patterns ask for them. Returns a report (path, commit, files)."""
+    only when ``include`` patterns ask for them. Returns a ``PullReport`` (path, commit, files)."""
     ref = hub_ref(uri) if isinstance(uri, str) else None
     if ref is None:
         raise UnsupportedError(f"{uri}: not a Hub id (or a local path exists with that name); "
@@ -309,10 +309,12 @@ def pull(uri: str, *, out: str | os.PathLike | None = None, include=(), force: b
     if out is not None:
         _copy_out(snapshot, rels, Path(out), force)
         local = Path(out)
+    from .reports import PullReport
+
     report = snapshot.provenance("pull")
     report.update(path=str(local), files=sorted(rels.values()),
                   bytes=sum((snapshot.root / f).stat().st_size for f in snapshot.files))
-    return report
+    return PullReport.from_dict(report)
 
 
 def _copy_out(snapshot: Snapshot, rels: dict[str, str], out: Path, force: bool) -> None:
@@ -376,7 +378,7 @@ def push(src: str | os.PathLike, repo_id: str, *, private: bool = False,
     """Upload a file or folder to ``repo_id`` (created when missing, ``private`` then) in one
     commit on ``revision`` (a branch, created from main when missing), with a README model card:
     from ``report`` (a convert or merge report: provenance), else a short one unless the folder
-    has its own README.md. Returns the commit, its URL and the files."""
+    has its own README.md. Returns a ``PushReport``: the commit, its URL and the files."""
     from huggingface_hub import CommitOperationAdd
 
     from .card import default_commit_message, model_card
@@ -404,6 +406,8 @@ def push(src: str | os.PathLike, repo_id: str, *, private: bool = False,
     message = commit_message or default_commit_message(report, src)
     info = _call(api.create_commit, repo_id, endpoint, repo_id, operations=operations,
                  commit_message=message, revision=revision)
-    return {"repo_id": repo_id, "revision": revision or "main", "commit": info.oid,
-            "url": redact(info.commit_url), "private": private, "endpoint": redact(endpoint),
-            "files": sorted([f for f, _ in files] + (["README.md"] if readme else []))}
+    from .reports import PushReport
+
+    return PushReport(repo_id=repo_id, revision=revision or "main", commit=info.oid,
+                      url=redact(info.commit_url), private=private, endpoint=redact(endpoint),
+                      files=sorted([f for f, _ in files] + (["README.md"] if readme else [])))

@@ -247,3 +247,32 @@ class ExtractReport(Report):
     tensors: list[Row]
     total: dict[str, float]
     wall_s: float
+
+
+@dataclass(**REPORT)
+class PushReport(Report):
+    """``push`` (and a report's ``pushed`` section): the commit made on the Hub."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    url: str                           # redacted: never a token
+    private: bool
+    endpoint: str
+    files: list[str]
+
+
+@dataclass(**REPORT)
+class PullReport(Report):
+    """``pull``: the Hub input fetched (its provenance) and where it now lies."""
+
+    role: str = "pull"
+    uri: str
+    repo_id: str
+    revision: str
+    commit: str
+    repo_path: str
+    endpoint: str
+    files: list[str]                   # below the URI's folder
+    path: str
+    bytes: int

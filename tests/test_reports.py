@@ -280,3 +280,36 @@ def test_reports_import_light_and_ship_typed():
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
     assert (Path(at.__file__).parent / "py.typed").is_file()
+
+
+# ----------------------------------------------------------------------------- push and pull
+
+def test_push_and_pull_return_reports(monkeypatch, tmp_path):
+    """hub.push and hub.pull return PushReport / PullReport; ``push --json`` prints its to_dict,
+    and a merge's ``pushed`` section is that dict, plain."""
+    from helpers.cli import run_cli
+    from helpers.hub_server import WRITE_TOKEN, serve_hub
+
+    hub_server = serve_hub(monkeypatch, tmp_path)
+    hub = next(hub_server)
+    try:
+        base = make_base(tmp_path / "base")
+        adapter = tmp_path / "adapter"
+        at.save(make_adapter(), adapter, format="peft")
+        pushed = at.push(adapter, "me/ad", endpoint=hub.endpoint, token=WRITE_TOKEN)
+        assert type(pushed) is reports.PushReport and pushed.commit == pushed["commit"]
+        assert list(pushed.to_dict()) == ["repo_id", "revision", "commit", "url", "private",
+                                          "endpoint", "files"]
+        pulled = at.pull("hf://me/ad", endpoint=hub.endpoint)
+        assert type(pulled) is reports.PullReport and pulled.commit == pushed.commit
+        assert sorted(pulled.files) == sorted(f for f in pushed.files if f != ".gitattributes")
+        assert list(pulled.to_dict())[-2:] == ["path", "bytes"]
+        outcome = run_cli("push", adapter, "me/ad2", "--token", WRITE_TOKEN, "--endpoint",
+                          hub.endpoint, "--json", expect=0)
+        printed = json.loads(outcome.stdout)
+        assert set(printed) == set(pushed.to_dict()) and printed["repo_id"] == "me/ad2"
+        report = at.merge(base, [adapter], tmp_path / "out", push_to="me/merged",
+                          endpoint=hub.endpoint, token=WRITE_TOKEN)
+        assert type(report["pushed"]) is dict and report["pushed"]["repo_id"] == "me/merged"
+    finally:
+        hub_server.close()
