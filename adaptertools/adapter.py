@@ -112,7 +112,10 @@ def nonfinite_tensors(adapter: Adapter) -> list[str]:
     """Names ('<tensor>.lora_A' etc.) of every factor or tensor holding NaN or Inf."""
     bad = []
     for name, w in adapter.weights.items():
-        parts = {"lora_A": w.a, "lora_B": w.b, "magnitude": w.magnitude, "bias": w.bias}
+        parts = {"lora_A": w.a, "lora_B": w.b, "magnitude": w.magnitude, "bias": w.bias} \
+            if isinstance(w, LoraWeight) else \
+            {f: t for f in w.__dataclass_fields__                   # LoHa, LoKr tensors
+             if isinstance(t := getattr(w, f), torch.Tensor)}
         bad += [f"{name} ({part})" for part, t in parts.items()
                 if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
     bad += [name for name, t in adapter.replacements.items()

@@ -162,6 +162,20 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
     return fmt.module.read(path, **options)
 
 
+def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
+    """The writers store LoRA factors (B, A); a LoHa/LoKr delta is none (kernels/deltas.py)."""
+    from .kernels.deltas import exactly_low_rank, kind
+
+    name, w = next(((n, w) for n, w in adapter.weights.items() if not exactly_low_rank(w)),
+                   (None, None))
+    if name is not None:
+        raise UnsupportedError(
+            f"{name}: a {kind(w).name} delta ({kind(w).formula}) is not B @ A, and {format_name} "
+            "stores LoRA factors; merge it into its base (adaptertools merge BASE ADAPTER --out "
+            "MERGED), then take a LoRA of the rank you choose with adaptertools extract BASE "
+            "MERGED --rank R --out LORA (the report says how much of the delta it keeps)")
+
+
 def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: AdapterDtype = "keep",
          force: bool = False, base=None, inputs=()) -> None:
     """Write ``adapter`` atomically: nothing appears at ``path`` unless the whole write succeeds.
@@ -192,6 +206,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: Adapt
     fmt = get_format(format)
     if not fmt.can_write:
         raise UnsupportedError(f"format {fmt.name!r} can be read but not written")
+    _refuse_dense_kinds(adapter, fmt.name)
     bad = nonfinite_tensors(adapter)
     if bad:
         raise FormatError(f"{bad[0]} holds NaN or Inf values ({len(bad)} tensor(s) in all); "

@@ -33,8 +33,31 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _tensors(w) -> list[torch.Tensor]:
+    """Every tensor of a delta of any kind (kernels/deltas.py)."""
+    if isinstance(w, LoraWeight):
+        return [t for t in (w.a, w.b, w.magnitude, w.bias) if t is not None]
+    return [t for f in w.__dataclass_fields__ if isinstance(t := getattr(w, f), torch.Tensor)]
+
+
+def _dense_kind_report(name: str, w) -> dict:
+    """A LoHa/LoKr row: its kind, the bound on its delta's rank, its norm (deltas.norm)."""
+    from .kernels.deltas import kind, norm, rank_bound
+
+    tensors = _tensors(w)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return {"name": name, "kind": kind(w).name, "layer": w.layer, "shape": list(w.stored_shape),
+            "rank": None, "rank_bound": rank_bound(w), "scale": w.scale,
+            "dtype": str(tensors[0].dtype).removeprefix("torch."),
+            "delta_norm": norm(w) if finite else None, "effective_rank": None,
+            "dora": False, "lora_bias": False, "flags": [] if finite else ["nan/inf"]}
+
+
 def layer_report(name: str, w: LoraWeight) -> dict:
-    """One tensor's row; norms are None (JSON null) when the factors hold NaN or Inf."""
+    """One tensor's row; norms are None (JSON null) when the factors hold NaN or Inf. A LoHa or
+    LoKr row also says its kind and, instead of a rank, the bound on its delta's rank."""
+    if not isinstance(w, LoraWeight):
+        return _dense_kind_report(name, w)
     finite = all(bool(torch.isfinite(t).all()) for t in (w.a, w.b))
     sv = delta_singular_values(w) if finite else None
     flags = [] if finite else ["nan/inf"]
@@ -74,8 +97,8 @@ def _init_warning(adapter: Adapter) -> str | None:
 
 def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bool) -> dict:
     """The dictionary behind ``adaptertools inspect`` (also its ``--json`` output)."""
-    tensors = [t for w in adapter.weights.values() for t in (w.a, w.b, w.magnitude, w.bias)
-               if t is not None] + list(adapter.replacements.values())
+    tensors = [t for w in adapter.weights.values() for t in _tensors(w)] + \
+        list(adapter.replacements.values())
     per_layer = [layer_report(n, w) for n, w in adapter.weights.items()]
     problems = [f"NaN/Inf values in {n}" for n in nonfinite_tensors(adapter)]
     zero_b = [r["name"] for r in per_layer if "zero B (untrained)" in r["flags"]]
@@ -98,7 +121,8 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
         "saved_base_copies": sorted(saved_copies(adapter)),
         "parameters": sum(t.numel() for t in tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
-        "ranks": _counts(w.rank for w in adapter.weights.values()),
+        "ranks": _counts(r["rank"] if r["rank"] is not None else f"<={r['rank_bound']}"
+                         for r in per_layer),
         "scales": _counts(w.scale for w in adapter.weights.values()),
         "rslora": bool(peft_config.get("use_rslora", False)),
         "target_modules": sorted(set(target_names([module_name(n) for n in adapter.weights],
@@ -110,6 +134,9 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
                              if all(r["delta_norm"] is not None for r in per_layer) else None),
         "problems": problems,
     }
+    kinds = [r["kind"] for r in per_layer if "kind" in r]
+    if kinds:                   # LoHa / LoKr (LoRA-only reports keep their keys as they were)
+        report["delta_kinds"] = _counts(kinds)
     if layers:
         report["layers"] = per_layer
     return report

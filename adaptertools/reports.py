@@ -106,6 +106,8 @@ class InspectReport(Report):
     lora_bias: bool
     total_delta_norm: float | None     # None when a factor holds NaN or Inf
     problems: list[str]
+    # LoHa / LoKr adapters: {kind: tensors} (absent for LoRA-only adapters)
+    delta_kinds: dict[str, int] | None = field(default=None, metadata=SOMETIMES)
     # with layers=True: one row per tensor
     layers: list[Row] | None = field(default=None, metadata=SOMETIMES)
     # facts only the format knows (GGUF types)

@@ -214,7 +214,15 @@ def case_writer_fails_midway(tmp: Path) -> Case:
     return Case(path, UnsupportedError, ["DoRA"], to="peft")
 
 
-UNSUPPORTED_TYPES = ("LOHA", "LOKR", "IA3", "VERA", "OFT", "ADALORA")
+UNSUPPORTED_TYPES = ("IA3", "VERA", "OFT", "ADALORA")
+
+
+def case_lora_tensors_under_loha_config(tmp: Path) -> Case:
+    """LoHa and LoKr are read (formats/peft_lycoris.py): LoRA tensors under a LOHA config are
+    named as not belonging to it, never merged as something else."""
+    folder = write_peft(tmp / "adapter")
+    edit_config(folder, lambda c: c.update(peft_type="LOHA", alpha=8))
+    return Case(folder, FormatError, [str(folder), "not LOHA tensors", "lora_A"])
 
 
 def make_unsupported(peft_type: str) -> Callable[[Path], Case]:
@@ -246,12 +254,13 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "scale-for-peft": case_scale_for_peft,
     "writer-fails-midway": case_writer_fails_midway,
     **{f"unsupported-{t}": make_unsupported(t) for t in UNSUPPORTED_TYPES},
+    "lora-under-loha-config": case_lora_tensors_under_loha_config,
 }
 
 # The cases that also run as a real subprocess: one per error class and per code path.
 SUBPROCESS = ("no-config", "bad-json", "a-without-b", "garbage-file", "legacy-pickle-with-code",
               "nan-factor", "missing-path", "scale-for-peft", "writer-fails-midway",
-              "unsupported-LOHA")
+              "unsupported-IA3", "lora-under-loha-config")
 # Inputs that only convert refuses: inspect reports NaN/Inf as problems, a mixed-DoRA file is
 # valid (only PEFT cannot hold it), and --scale is tested with inspect separately.
 INSPECT_ACCEPTS = {"nan-factor", "inf-factor", "scale-for-peft", "writer-fails-midway"}

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from helpers.models import TinyLinearConv
 from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors.torch import load_file, save_file
@@ -27,18 +28,10 @@ from adaptertools.merging.run import execute
 TARGETS = ["lin", "c2", "out"]
 
 
-class Tiny(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(64, 48)
-        self.c2 = torch.nn.Conv2d(16, 32, 3)
-        self.out = torch.nn.Linear(48, 40)
-
-
 def _peft(kind: str, dtype: torch.dtype, seed: int = 0):
     """(PEFT model with seeded random adapter tensors, its config, the base state)."""
     torch.manual_seed(0)
-    model = Tiny().to(dtype)
+    model = TinyLinearConv().to(dtype)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     config = {"loha": LoHaConfig(r=3, alpha=5, target_modules=TARGETS, use_effective_conv2d=True),
               "lokr": LoKrConfig(r=2, alpha=3, target_modules=TARGETS, decompose_both=True),

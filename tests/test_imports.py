@@ -233,29 +233,14 @@ def _graph():
     return GRAPH
 
 
-def _cycles_now() -> list:
-    try:
-        return find_cycles(import_graph())
-    except Exception:   # pragma: no cover - a syntax error shows up in the test itself
-        return []
 
 
-_CYCLES_AT_COLLECTION = _cycles_now()
-_KERNEL_VIOLATIONS_AT_COLLECTION = kernel_violations(import_graph())
-
-
-@pytest.mark.xfail(bool(_CYCLES_AT_COLLECTION), strict=False,
-                   reason="import circles remain (the layout refactor removes them):\n"
-                          + describe_cycles(_CYCLES_AT_COLLECTION))
 def test_no_import_circles():
     cycles = find_cycles(_graph())
     assert not cycles, "import circles (module-level and lazy imports alike):\n" + \
         describe_cycles(cycles, _graph())
 
 
-@pytest.mark.xfail(bool(_KERNEL_VIOLATIONS_AT_COLLECTION), strict=False,
-                   reason="kernels still import upward (the layout refactor removes it):\n"
-                          + "\n".join(_KERNEL_VIOLATIONS_AT_COLLECTION))
 def test_kernels_import_nothing_above_them():
     bad = kernel_violations(_graph())
     assert not bad, "kernels must not import merging, api, validation or formats:\n" + "\n".join(bad)

@@ -26,7 +26,7 @@ import torch
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
-from . import accounting, foreign
+from . import accounting, foreign, peft_lycoris
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
@@ -236,8 +236,8 @@ def check_config(config: dict, where: Path) -> None:
                                "PEFT adapter: not supported yet")
     peft_type = config.get("peft_type", "LORA").upper()
     if peft_type != "LORA":
-        raise UnsupportedError(f"{where}: not supported yet: {peft_type} (only LoRA and DoRA "
-                               "adapters are read)")
+        raise UnsupportedError(f"{where}: not supported yet: {peft_type} (LoRA, DoRA, LoHa "
+                               "and LoKr adapters are read)")
     for key in ("r", "lora_alpha"):
         if config.get(key) is None:
             raise FormatError(f"{where}: `{key}` is missing; set it to the value used in training")
@@ -422,6 +422,12 @@ def read(path: Path) -> Adapter:
         raise FormatError(f"{path}: no {CONFIG_NAME} here; pass the PEFT adapter folder")
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
+    check_types({k: v for k, v in config.items() if k == "peft_type"}, config_path)
+    if str(config.get("peft_type", "LORA")).upper() in peft_lycoris.KINDS:   # LoHa, LoKr
+        adapter = peft_lycoris.read(folder, config, read_state_dict(folder), pattern_value)
+        adapter.base_model = config.get("base_model_name_or_path")
+        adapter.metadata = {"source_format": "peft", "peft_config": config}
+        return adapter
     check_config(config, config_path)
     use_rslora = bool(config.get("use_rslora", False))
 

@@ -7,6 +7,7 @@ exact header and size, the updated config.json and index. ``--dry-run`` prints i
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field, replace
 
@@ -104,6 +105,7 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                 continue
             base_name, w = found
             entry = entries[base_name]
+            w = _dense_on_base(w, entry.shape)
             # a LoRA on a resized tensor has the replacement's shape
             replaced = targets.replacements.get(base_name)
             expected = tuple(replaced[1].shape) if replaced is not None else entry.shape
@@ -126,6 +128,16 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                           f"{shown}{f'; and {more} more' if more > 0 else ''}. Is the adapter "
                           "for another model?")
     return targets
+
+
+def _dense_on_base(w, shape: tuple[int, ...]):
+    """A LoHa/LoKr delta read without its base's kernel shape (a flattened conv factor, or a
+    Conv1d's (out, in, k, 1) CP core) laid onto the base tensor's own shape: the same row-major
+    values, as PEFT reshapes its delta to the base weight's shape."""
+    if isinstance(w, LoraWeight) or w is None or tuple(w.stored_shape) == tuple(shape) or \
+            len(shape) < 2 or w.shape != (shape[0], math.prod(shape[1:])):
+        return w
+    return replace(w, weight_shape=tuple(shape))
 
 
 def _check_modes(targets: _Targets, mode: str, names: list[str]) -> None:

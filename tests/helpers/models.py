@@ -109,3 +109,14 @@ def build_base(arch: str, dtype: torch.dtype) -> torch.nn.Module:
     else:
         model = make_model(arch)
     return model.to(dtype).eval()
+
+
+class TinyLinearConv(torch.nn.Module):
+    """Linear -> Conv2d k=3 -> Linear, each a layer LoHa/LoKr adapt (the forward never runs):
+    tests/test_delta_engine.py and tests/test_peft_lycoris.py."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 48)
+        self.c2 = torch.nn.Conv2d(16, 32, 3)
+        self.out = torch.nn.Linear(48, 40)
