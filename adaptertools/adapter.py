@@ -115,7 +115,7 @@ def nonfinite_tensors(adapter: Adapter) -> list[str]:
         parts = {"lora_A": w.a, "lora_B": w.b, "magnitude": w.magnitude, "bias": w.bias} \
             if isinstance(w, LoraWeight) else \
             {f: t for f in w.__dataclass_fields__                   # LoHa, LoKr tensors
-             if isinstance(t := getattr(w, f), torch.Tensor)}
+             if isinstance(t := getattr(w, f), torch.Tensor)}       # (kernels/deltas.tensors)
         bad += [f"{name} ({part})" for part, t in parts.items()
                 if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
     bad += [name for name, t in adapter.replacements.items()

@@ -171,9 +171,9 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
     if name is not None:
         raise UnsupportedError(
             f"{name}: a {kind(w).name} delta ({kind(w).formula}) is not B @ A, and {format_name} "
-            "stores LoRA factors; merge it into its base (adaptertools merge BASE ADAPTER --out "
-            "MERGED), then take a LoRA of the rank you choose with adaptertools extract BASE "
-            "MERGED --rank R --out LORA (the report says how much of the delta it keeps)")
+            "stores LoRA factors; take a LoRA of it by SVD with adaptertools combine ADAPTER "
+            "--method svd --rank R --out LORA (the report says how much of the delta it keeps) "
+            "and convert that, or merge it into its base directly")
 
 
 def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: AdapterDtype = "keep",

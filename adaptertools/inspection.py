@@ -34,10 +34,9 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
 
 def _tensors(w) -> list[torch.Tensor]:
-    """Every tensor of a delta of any kind (kernels/deltas.py)."""
-    if isinstance(w, LoraWeight):
-        return [t for t in (w.a, w.b, w.magnitude, w.bias) if t is not None]
-    return [t for f in w.__dataclass_fields__ if isinstance(t := getattr(w, f), torch.Tensor)]
+    from .kernels.deltas import tensors
+
+    return tensors(w)
 
 
 def _dense_kind_report(name: str, w) -> dict:

@@ -137,10 +137,24 @@ def test_protocol_norms_and_rows():
             assert deltas.exactly_low_rank(w) == (kind == "lora")
 
 
-def test_algebra_refuses_other_kinds():
-    from adaptertools.algebra.combine import gather_terms
+def test_algebra_takes_other_kinds_by_svd_only():
+    """combine: cat refuses a LoHa (not B @ A); svd at full rank gives a LoRA whose delta is the
+    LoHa's to fp32 accuracy, and a lower rank keeps less, as reported."""
+    from adaptertools.algebra.combine import Options, combine_adapters
 
     model, config, _ = _peft("loha", torch.float32)
     adapter = _adapter("loha", model, config)
-    with pytest.raises(UnsupportedError, match=r"lin\.weight: one is a loha delta .*not B @ A"):
-        gather_terms([adapter], ["one"], (1.0,))
+    with pytest.raises(UnsupportedError, match=r"one is a loha delta .*--method svd"):
+        combine_adapters([adapter], ["one"], Options(method="cat", weights=(1.0,)))
+    full, results, _ = combine_adapters([adapter], ["one"],
+                                        Options(method="svd", weights=(1.0,), rank=9))
+    for name, w in adapter.weights.items():
+        lora = full.weights[name]
+        assert isinstance(lora, LoraWeight) and lora.stored_shape == w.stored_shape
+        expected = deltas.delta(w, torch.float64)
+        got = deltas.delta(lora, torch.float64)
+        assert float((got - expected).norm() / expected.norm()) < 1e-5, name
+    low, low_results, _ = combine_adapters([adapter], ["one"],
+                                           Options(method="svd", weights=(1.0,), rank=2))
+    for r_full, r_low in zip(results, low_results):
+        assert r_low.rank == 2 and r_low.error > r_full.error

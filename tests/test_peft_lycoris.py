@@ -92,7 +92,7 @@ def test_unknown_tensor_is_named(tmp_path):
 def test_convert_to_a_lora_format_is_refused_with_the_route(to, tmp_path):
     _, adapter, _ = _case(tmp_path, "loha-cp", torch.float32)
     dst = tmp_path / ("out.gguf" if to == "gguf" else "out")
-    with pytest.raises(UnsupportedError, match=r"loha delta.*merge it into its base.*extract"):
+    with pytest.raises(UnsupportedError, match=r"loha delta.*combine ADAPTER --method svd --rank R"):
         at.convert(adapter, dst, to=to)
     assert not dst.exists()
 
@@ -109,3 +109,18 @@ def test_inspect_names_the_kind(tmp_path):
         dense = delta(loaded.weights[row["name"]], torch.float64)
         assert row["delta_norm"] == pytest.approx(float(dense.norm()), rel=1e-6)
         assert int(torch.linalg.matrix_rank(dense)) <= row["rank_bound"]
+
+
+def test_combine_svd_takes_a_lora_of_it(tmp_path):
+    """The route to a LoRA format: combine --method svd. At full rank the LoRA's merge is PEFT's
+    LoHa merge to fp32 accuracy (one rounding of W + delta, the delta through an SVD)."""
+    base, adapter, reference = _case(tmp_path, "loha-cp", torch.float32)
+    report = at.combine([adapter], tmp_path / "lora", method="svd", rank=16)
+    assert all(r["rank"] <= 16 for r in report["tensors"])
+    at.merge(base, [tmp_path / "lora"], tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    for name in (f"{t}.weight" for t in TARGETS):
+        change = (reference[name] - original[name]).double()
+        error = (merged[name].double() - reference[name].double()).norm() / change.norm()
+        assert error < 1e-5, name

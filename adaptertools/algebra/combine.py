@@ -98,17 +98,9 @@ def check_options(options: Options, count: int) -> None:
 def gather_terms(adapters: list[Adapter], names: list[str],
                  weights: tuple[float, ...]) -> dict[str, list[Term]]:
     """Tensor name -> the adapters' terms, checked to have one layout per tensor."""
-    from ..kernels.deltas import exactly_low_rank, kind
-
     terms: dict[str, list[Term]] = {}
     for i, adapter in enumerate(adapters):
         for name, lora in adapter.weights.items():
-            if not exactly_low_rank(lora):      # the delta protocol (kernels/deltas.py)
-                raise UnsupportedError(
-                    f"{name}: {names[i]} is a {kind(lora).name} delta ({kind(lora).formula}), "
-                    "not B @ A: combine works on LoRA factors; merge the adapters into the base "
-                    "instead (adaptertools merge BASE A B --weights ...) or extract a LoRA from "
-                    "that merge")
             terms.setdefault(name, []).append(Term(i, weights[i], lora))
     for name, group in terms.items():
         first = group[0]
@@ -124,6 +116,21 @@ def gather_terms(adapters: list[Adapter], names: list[str],
 
 def _layout(lora: LoraWeight) -> tuple[str, tuple[int, ...]]:
     return lora.layer, lora.stored_shape
+
+
+def _check_kinds(terms: dict[str, list[Term]], names: list[str], options: Options) -> None:
+    """LoHa/LoKr deltas (kernels/deltas.py) are not B @ A: ``cat`` cannot hold them; ``svd`` and
+    the pruning methods go through their dense deltas, truncated to the rank asked for."""
+    from ..kernels.deltas import exactly_low_rank, kind
+
+    for name, group in terms.items():
+        for t in group:
+            if not exactly_low_rank(t.lora) and options.method == "cat":
+                raise UnsupportedError(
+                    f"{name}: {names[t.adapter]} is a {kind(t.lora).name} delta "
+                    f"({kind(t.lora).formula}), not B @ A, so --method cat cannot hold it; "
+                    "take a LoRA of it by SVD: --method svd --rank R (or --energy E), which "
+                    "reports how much of the delta it keeps")
 
 
 def check_dora(terms: dict[str, list[Term]], names: list[str], options: Options,
@@ -189,8 +196,10 @@ def check_sum(name: str, group: list[Term], *tensors: torch.Tensor) -> None:
 def out_dtype(group: list[Term], options: Options) -> torch.dtype:
     if options.dtype is not None:
         return options.dtype
-    return reduce(torch.promote_types, [t for term in group for t in (term.lora.a.dtype,
-                                                                      term.lora.b.dtype)])
+    from ..kernels.deltas import tensors
+
+    return reduce(torch.promote_types, [t.dtype for term in group for t in tensors(term.lora)
+                                        if t.is_floating_point()])
 
 
 def factored_terms(group: list[Term]):
@@ -215,7 +224,11 @@ def combine_factored(name: str, group: list[Term], options: Options):
 
 def full_delta(term: Term, base_weight: torch.Tensor | None) -> torch.Tensor:
     """The term's delta in float64, (rows, cols): ``s B @ A``, or ``W' - W`` for DoRA."""
+    from ..kernels.deltas import delta
+
     lora = term.lora
+    if not isinstance(lora, LoraWeight):             # LoHa, LoKr: their dense delta
+        return delta(lora, torch.float64)
     if lora.magnitude is None:
         return lora_delta(lora, torch.float64)
     weight = base_weight.double().reshape(lora.shape)
@@ -281,7 +294,8 @@ def combine_tensor(name: str, group: list[Term], options: Options,
     """One tensor's output LoraWeight (None when its combined delta is zero) and its result."""
     first, dtype = group[0].lora, out_dtype(group, options)
     shape = first.stored_shape
-    use_full = options.method in PRUNING or base_weight is not None
+    use_full = options.method in PRUNING or base_weight is not None or \
+        any(not isinstance(t.lora, LoraWeight) for t in group)
     if not use_full and not factored_terms(group):
         return None, TensorResult(name, shape, 0, 0.0, 0.0, "all weights are 0; left out")
     if use_full:
@@ -301,7 +315,7 @@ def combine_tensor(name: str, group: list[Term], options: Options,
     if result.target_norm == 0:
         return None, replace(result, rank=0, note="the combined delta is zero; left out")
     out = LoraWeight(a=a, b=b, scale=1.0, layer=first.layer, bias=combine_bias(group, dtype),
-                     weight_shape=first.weight_shape)
+                     weight_shape=first.weight_shape if first.layer == "conv" else None)
     return out, result
 
 
@@ -341,6 +355,7 @@ def combine_adapters(adapters: list[Adapter], names: list[str], options: Options
     """The combined adapter, one result per tensor, and warnings."""
     check_options(options, len(adapters))
     terms = gather_terms(adapters, names, options.weights)
+    _check_kinds(terms, names, options)
     dora = check_dora(terms, names, options, base is not None)
     bases = read_base_weights(base, {n: terms[n][0].lora.stored_shape for n in dora}) if dora \
         else {}
