@@ -9,7 +9,7 @@ weight viewed 2-D.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
@@ -108,25 +108,30 @@ def check_weight(name: str, w: LoraWeight, *, where: str = "") -> None:
                               f"do not fit weight shape {w.weight_shape}")
 
 
+def tensor_fields(w) -> dict[str, torch.Tensor]:
+    """Every tensor a delta holds, by field name: a LoraWeight's ``a``, ``b``, ``magnitude`` and
+    ``bias`` where set; a LoHa/LoKr's factors and cores (kernels/deltas.py)."""
+    return {f.name: t for f in fields(w) if isinstance(t := getattr(w, f.name), torch.Tensor)}
+
+
+# how errors name a LoraWeight's fields (PEFT's names); other kinds keep their field names
+PART_NAMES = {"a": "lora_A", "b": "lora_B"}
+
+
 def nonfinite_tensors(adapter: Adapter) -> list[str]:
     """Names ('<tensor>.lora_A' etc.) of every factor or tensor holding NaN or Inf."""
     bad = []
     for name, w in adapter.weights.items():
-        parts = {"lora_A": w.a, "lora_B": w.b, "magnitude": w.magnitude, "bias": w.bias} \
-            if isinstance(w, LoraWeight) else \
-            {f: t for f in w.__dataclass_fields__                   # LoHa, LoKr tensors
-             if isinstance(t := getattr(w, f), torch.Tensor)}       # (kernels/deltas.tensors)
-        bad += [f"{name} ({part})" for part, t in parts.items()
-                if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
+        bad += [f"{name} ({PART_NAMES.get(part, part)})" for part, t in tensor_fields(w).items()
+                if t.is_floating_point() and not torch.isfinite(t).all()]
     bad += [name for name, t in adapter.replacements.items()
             if t.is_floating_point() and not torch.isfinite(t).all()]
     return bad
 
 
 def map_tensors(w: LoraWeight, fn) -> LoraWeight:
-    """A copy of ``w`` with ``fn`` applied to each of its tensors (factors, magnitude, bias)."""
-    return replace(w, **{part: fn(getattr(w, part)) for part in ("a", "b", "magnitude", "bias")
-                         if getattr(w, part) is not None})
+    """A copy of ``w`` (any delta kind) with ``fn`` applied to each of its tensors."""
+    return replace(w, **{part: fn(t) for part, t in tensor_fields(w).items()})
 
 
 def check_cast(name: str, original: torch.Tensor, cast: torch.Tensor, type_name: str, *,

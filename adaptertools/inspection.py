@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, LoraWeight, module_name, nonfinite_tensors
+from .adapter import Adapter, LoraWeight, module_name, nonfinite_tensors, tensor_fields
 from .copies import saved_copies
 
 
@@ -33,17 +33,11 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _tensors(w) -> list[torch.Tensor]:
-    from .kernels.deltas import tensors
-
-    return tensors(w)
-
-
 def _dense_kind_report(name: str, w) -> dict:
     """A LoHa/LoKr row: its kind, the bound on its delta's rank, its norm (deltas.norm)."""
     from .kernels.deltas import kind, norm, rank_bound
 
-    tensors = _tensors(w)
+    tensors = list(tensor_fields(w).values())
     finite = all(bool(torch.isfinite(t).all()) for t in tensors)
     return {"name": name, "kind": kind(w).name, "layer": w.layer, "shape": list(w.stored_shape),
             "rank": None, "rank_bound": rank_bound(w), "scale": w.scale,
@@ -96,7 +90,7 @@ def _init_warning(adapter: Adapter) -> str | None:
 
 def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bool) -> dict:
     """The dictionary behind ``adaptertools inspect`` (also its ``--json`` output)."""
-    tensors = [t for w in adapter.weights.values() for t in _tensors(w)] + \
+    tensors = [t for w in adapter.weights.values() for t in tensor_fields(w).values()] + \
         list(adapter.replacements.values())
     per_layer = [layer_report(n, w) for n, w in adapter.weights.items()]
     problems = [f"NaN/Inf values in {n}" for n in nonfinite_tensors(adapter)]

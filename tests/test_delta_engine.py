@@ -17,7 +17,7 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors.torch import load_file, save_file
 
-from adaptertools.adapter import Adapter, LoraWeight
+from adaptertools.adapter import Adapter, LoraWeight, map_tensors, tensor_fields
 from adaptertools.errors import UnsupportedError
 from adaptertools.kernels import deltas
 from adaptertools.kernels.deltas import loha_weight, lokr_weight, peft_scale
@@ -135,6 +135,10 @@ def test_protocol_norms_and_rows():
             assert torch.allclose(rows, dense[3:17], rtol=1e-12, atol=1e-12), name
             assert deltas.kind(w).name == kind
             assert deltas.exactly_low_rank(w) == (kind == "lora")
+            # what a device move does (kernels/folding.py): every tensor of every kind mapped
+            moved = map_tensors(w, lambda t: t.double())
+            assert all(t.dtype == torch.float64 for t in tensor_fields(moved).values())
+            assert torch.equal(deltas.delta(moved, torch.float64, 0.5), dense), name
 
 
 def test_algebra_takes_other_kinds_by_svd_only():

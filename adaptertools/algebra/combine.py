@@ -196,9 +196,10 @@ def check_sum(name: str, group: list[Term], *tensors: torch.Tensor) -> None:
 def out_dtype(group: list[Term], options: Options) -> torch.dtype:
     if options.dtype is not None:
         return options.dtype
-    from ..kernels.deltas import tensors
+    from ..adapter import tensor_fields
 
-    return reduce(torch.promote_types, [t.dtype for term in group for t in tensors(term.lora)
+    return reduce(torch.promote_types, [t.dtype for term in group
+                                        for t in tensor_fields(term.lora).values()
                                         if t.is_floating_point()])
 
 

@@ -112,10 +112,10 @@ def _lokr(module: str, parts: dict, scale: float, folder: Path):
 
 def _check_shapes(module: str, w, folder: Path) -> None:
     """The factors must make the delta they describe: computed once on the meta device."""
+    from ..adapter import map_tensors
     from ..kernels.deltas import delta
 
-    meta = type(w)(**{f: (getattr(w, f).to("meta") if isinstance(getattr(w, f), torch.Tensor)
-                          else getattr(w, f)) for f in w.__dataclass_fields__})
+    meta = map_tensors(w, lambda t: t.to("meta"))
     try:
         delta(meta)
     except RuntimeError as e:

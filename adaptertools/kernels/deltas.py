@@ -367,13 +367,6 @@ def kind(w: Delta) -> DeltaKind:
     return kind_of(w)
 
 
-def tensors(w: Delta) -> list[torch.Tensor]:
-    """Every tensor a delta holds (factors, cores, DoRA magnitude, lora_bias)."""
-    if isinstance(w, LoraWeight):
-        return [t for t in (w.a, w.b, w.magnitude, w.bias) if t is not None]
-    return [t for f in w.__dataclass_fields__ if isinstance(t := getattr(w, f), torch.Tensor)]
-
-
 def exactly_low_rank(w: Delta) -> bool:
     """Whether the delta is ``B @ A`` with the adapter's own factors: what ``combine --method
     cat``, rank truncation by factors and GGUF's LoRA tensors need."""
