@@ -23,6 +23,7 @@ from .inputs import (
     adapter_inputs,
     adapter_list,
     load_finite,
+    make_plan,
     open_inputs,
     parse_weights,
 )
@@ -30,6 +31,7 @@ from .options import (
     AdapterDtype,
     CombineMethod,
     Device,
+    Executor,
     Kernels,
     MergeDtype,
     MergeMode,
@@ -100,7 +102,8 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
           validate: bool = False, requantize: str = "keep", quantize_like=None,
           kernels: Kernels = "auto", max_shard_size: int | str | None = None,
           scale: float | None = None,
-          allow_modified_base: bool = False) -> MergeReport | MergePlanReport:
+          allow_modified_base: bool = False, executor: Executor = "local",
+          address: str | None = None) -> MergeReport | MergePlanReport:
     """Fold adapters into a base checkpoint, streaming it tensor by tensor.
 
     Args:
@@ -135,6 +138,13 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         allow_modified_base: merge adapters whose ``init_lora_weights`` (PiSSA, OLoRA, CorDA,
             LoRA-GA, LoftQ, saved without PEFT's conversion) fit only the base PEFT modified,
             which ``base`` must then be.
+        executor: "local": this process; "ray": one Ray task per output file (HF shards) or
+            byte range (a GGUF kept in its layout), the bytes identical to "local"'s. Every
+            input and ``out`` must lie on storage every node sees. A run that was stopped
+            resumes: the finished pieces (``.OUT.at-pieces.json`` beside ``out``) are kept
+            unless ``force``. Needs ``adaptertools[ray]``.
+        address: the Ray cluster to join ("auto", "ray://host:10001", ...); default: the one
+            RAY_ADDRESS names, else a new local one.
 
     Returns:
         MergeReport, or MergePlanReport with ``dry_run``. Hub inputs' commits are under
@@ -177,6 +187,10 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         raise OptionError(f"unknown dtype {dtype!r} for a merge; choose one of {', '.join(DTYPES)}")
     if out is None and not dry_run:
         raise OptionError("no output given; pass --out")
+    if executor not in ("local", "ray"):
+        raise OptionError(f"unknown executor {executor!r}; choose local or ray")
+    if address is not None and executor != "ray":
+        raise OptionError("--address names a Ray cluster; add --executor ray")
     if validate and dry_run:
         raise OptionError("--validate needs a real run; drop --dry-run")
     requantize = str(requantize).lower()      # as the CLI: Q4_K and q4_k name one type
@@ -197,7 +211,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     if out is not None and not (dry_run and out_exists):
         refuse_output(out, force=force, is_dir=checkpoint.kind == "safetensors", inputs=inputs)
     names = [str(p) for p in paths]
-    plan = _make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
+    plan = make_plan(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
                       requantize=requantize, quantize_like=quantize_like,
                       max_shard_size=max_shard_size, allow_modified_base=allow_modified_base)
     warnings = list(plan.warnings) + _base_model_warnings(checkpoint, loaded, names)
@@ -212,8 +226,18 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         return MergePlanReport.from_dict(report)
     if callable(getattr(progress, "start", None)):
         progress.start(plan.size)     # e.g. the CLI's progress bar, now that the total is known
-    report.update(execute(plan, out, device=device, force=force, progress=progress,
-                          kernels=kernels, inputs=inputs))
+    if executor == "ray":
+        from .parallel import MergeSpec, execute_parallel
+
+        spec = MergeSpec(os.path.abspath(local_base), tuple(map(os.path.abspath, local_paths)),
+                         tuple(names), tuple(factors), mode, dtype, requantize,
+                         quantize_like and os.path.abspath(quantize_like), max_shard_size,
+                         scale, allow_modified_base, device, kernels)
+        report.update(execute_parallel(plan, spec, out, force=force, progress=progress,
+                                       address=address, inputs=inputs))
+    else:
+        report.update(execute(plan, out, device=device, force=force, progress=progress,
+                              kernels=kernels, inputs=inputs))
     if report.get("survival"):
         _survival_report(report, out)
     if validate:      # per-tensor check of the output; validation.json is written beside it
@@ -241,22 +265,6 @@ def _refuse_file_name(out, base) -> None:
                           f"(e.g. {Path(out).with_suffix('')})"
                           + ("; for a merged GGUF, merge into a GGUF base" if suffix == ".gguf"
                              else ""))
-
-
-def _make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like,
-               max_shard_size=None, allow_modified_base=False):
-    """``plan_for`` with ``quantize_like`` (a path) opened as a GGUF model."""
-    from .merging.bases import open_base
-    from .merging.plan import plan_for
-
-    like = None
-    if quantize_like is not None:
-        like = open_base(require_exists(quantize_like))
-        if like.kind != "gguf":
-            raise OptionError(f"--quantize-like {quantize_like}: expected a GGUF model file")
-    return plan_for(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
-                    requantize=requantize, quantize_like=like, max_shard_size=max_shard_size,
-                    allow_modified_base=allow_modified_base)
 
 
 def _survival_report(report: dict, out) -> None:

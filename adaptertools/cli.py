@@ -181,13 +181,22 @@ def convert_cmd(src: str, dst: str, to_format: str, from_format: str | None, dty
 @click.option("--allow-modified-base", is_flag=True,
               help="Merge PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapters saved without PEFT's "
                    "conversion; BASE must then be the base as PEFT modified it.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="ray: one Ray task per output shard (GGUF: byte range), same bytes as local; "
+                   "inputs and OUT on storage every node sees; a stopped run resumes. Needs "
+                   "adaptertools[ray].")
+@click.option("--address", metavar="ADDR",
+              help="With --executor ray: the cluster to join (auto, ray://host:10001); default "
+                   "RAY_ADDRESS, else a new local one.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_options(*VERBOSITY_OPTIONS, *PUSH_OPTIONS, *HUB_OPTIONS)
 @handle_errors
 def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
               mode: str, dtype: str, device: str, kernels: str, dry_run: bool, force: bool,
               check: bool, requantize: str, quantize_like: str | None, max_shard_size: str | None,
-              scale: float | None, allow_modified_base: bool, as_json: bool, verbose: bool,
+              scale: float | None, allow_modified_base: bool, executor: str,
+              address: str | None, as_json: bool, verbose: bool,
               quiet: bool, push_to: str | None, private: bool,
               revision: str | None, commit_message: str | None, token: str | None,
               endpoint: str | None) -> None:
@@ -199,6 +208,8 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
         raise click.UsageError("--validate needs a real run; drop --dry-run")
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet contradict each other; pass one")
+    if address is not None and executor != "ray":
+        raise click.UsageError("--address names a Ray cluster; add --executor ray")
     if not dry_run:       # the disk reads the base while torch is imported (_prefetch.py)
         from . import _prefetch as prefetch
 
@@ -215,7 +226,8 @@ def merge_cmd(base: str, adapters: tuple[str, ...], out: str | None, weights: st
                        commit_message=commit_message, token=token, endpoint=endpoint,
                        validate=check, requantize=requantize.lower(), quantize_like=quantize_like,
                        kernels=kernels, max_shard_size=max_shard_size, scale=scale,
-                       allow_modified_base=allow_modified_base)
+                       allow_modified_base=allow_modified_base, executor=executor,
+                       address=address)
     if as_json:
         _ui.print_json(report.to_dict())
     else:

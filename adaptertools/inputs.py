@@ -93,3 +93,20 @@ def load_finite(paths, names, *, base, refusal: str, scale: float | None = None)
                                    f"not support merging\"); {refusal} (convert keeps it: GGUF "
                                    "stores adapter.alora.invocation_tokens)")
     return loaded
+
+
+def make_plan(checkpoint, loaded, names, factors, *, mode, dtype, requantize, quantize_like,
+              max_shard_size=None, allow_modified_base=False):
+    """``plan_for`` with ``quantize_like`` (a path) opened as a GGUF model."""
+    from ._io import require_exists
+    from .merging.bases import open_base
+    from .merging.plan import plan_for
+
+    like = None
+    if quantize_like is not None:
+        like = open_base(require_exists(quantize_like))
+        if like.kind != "gguf":
+            raise OptionError(f"--quantize-like {quantize_like}: expected a GGUF model file")
+    return plan_for(checkpoint, loaded, names, factors, mode=mode, dtype=dtype,
+                    requantize=requantize, quantize_like=like, max_shard_size=max_shard_size,
+                    allow_modified_base=allow_modified_base)

@@ -21,6 +21,7 @@ AdapterDtype = Literal["keep", "fp32", "fp16", "bf16", "q8_0"]
 
 # merging/run.py resolve_device: where a merge folds (the CLI's --device choices)
 Device = Literal["auto", "cpu", "cuda"]
+Executor = Literal["local", "ray"]
 
 # kernels/triton/engine.py KERNELS: fused Triton kernels or the torch reference
 Kernels = Literal["auto", "torch", "triton"]

@@ -249,15 +249,7 @@ def atomic_output(dst: str | os.PathLike, *, force: bool = False, is_dir: bool,
     try:
         _setup(lambda: out.parent.mkdir(parents=True, exist_ok=True), dst, out.parent)
         with output_lock(out):
-            stale = clean_stale(out)
-            if stale:
-                warnings.warn(f"{dst}: an earlier run was interrupted: {'; '.join(stale)}",
-                              AdapterToolsWarning, stacklevel=3)
-            if os.path.lexists(out):
-                if not force:
-                    raise OutputExistsError(f"{dst}: already exists; pass --force (force=True) "
-                                            "to overwrite it")
-                _check_replaceable(out, os.lstat(out), dst, is_dir)
+            _claim(out, dst, force=force, is_dir=is_dir)
             if is_dir:
                 _setup(tmp.mkdir, dst, out.parent)
             try:
@@ -272,6 +264,58 @@ def atomic_output(dst: str | os.PathLike, *, force: bool = False, is_dir: bool,
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
             raise _out_of_space(exc, Path(dst)) from exc
         raise
+
+
+def _claim(out: Path, dst, *, force: bool, is_dir: bool) -> None:
+    """With OUT's lock held: a killed run's temporaries cleaned up (with a warning), and an
+    existing OUT refused unless ``force`` may replace it."""
+    stale = clean_stale(out)
+    if stale:
+        warnings.warn(f"{dst}: an earlier run was interrupted: {'; '.join(stale)}",
+                      AdapterToolsWarning, stacklevel=4)
+    if os.path.lexists(out):
+        if not force:
+            raise OutputExistsError(f"{dst}: already exists; pass --force (force=True) "
+                                    "to overwrite it")
+        _check_replaceable(out, os.lstat(out), dst, is_dir)
+
+
+PARTIAL_TAG = ".at-partial"          # a shard-parallel merge's output while it is written
+PIECES_TAG = ".at-pieces.json"       # its manifest of finished pieces (manifest.py)
+
+
+@contextmanager
+def resumable_output(dst: str | os.PathLike, *, force: bool = False, is_dir: bool,
+                     expected_bytes: int = 0, inputs: Iterable = ()) -> Iterator[tuple[Path, Path]]:
+    """``atomic_output`` for work that resumes (parallel.py): yields (``.NAME.at-partial``
+    beside ``dst``, ``.NAME.at-pieces.json``: the manifest of finished pieces). The partial
+    path is fixed and kept when the block fails or the run is killed, so a rerun with the same
+    inputs finds the finished pieces; on success it is fsynced and renamed onto ``dst`` and the
+    manifest removed. ``force``: an existing ``dst`` is replaced, and a partial output of an
+    earlier run is discarded first (everything is redone). OUT's lock is held throughout."""
+    out = refuse_output(dst, force=force, is_dir=is_dir, inputs=inputs)
+    partial, manifest = _sibling(out, PARTIAL_TAG), _sibling(out, PIECES_TAG)
+    ancestor = _existing_ancestor(out.parent)
+    done = sum(p.stat().st_size for p in ([partial] if partial.is_file() else
+                                          partial.rglob("*") if partial.is_dir() else [])
+               if p.is_file())
+    ensure_free_space(ancestor, max(0, expected_bytes - done), dst=Path(dst))
+    _setup(lambda: out.parent.mkdir(parents=True, exist_ok=True), dst, out.parent)
+    with output_lock(out):
+        _claim(out, dst, force=force, is_dir=is_dir)
+        if force or (partial.exists() and partial.is_dir() != is_dir):
+            _remove(partial)
+            _remove(manifest)
+        try:
+            yield partial, manifest
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _out_of_space(exc, Path(dst)) from exc
+            raise
+        _fsync_tree(partial)
+        _replace(partial, out, force=force, dst=dst)
+        _remove(manifest)
+        _remove(manifest.with_name(manifest.name + ".lock"))
 
 
 def _setup(step, dst, folder: Path) -> None:

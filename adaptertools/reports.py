@@ -171,6 +171,8 @@ class MergeReport(MergePlanReport):
     # validate=True: the verdict, failures
     validation: dict[str, Any] | None = field(default=None, metadata=SOMETIMES)
     pushed: dict[str, Any] | None = field(default=None, metadata=SOMETIMES)
+    # executor="ray": {"total", "ran", "already_done", "executor"}: the pieces (parallel.py)
+    pieces: dict[str, Any] | None = field(default=None, metadata=SOMETIMES)
 
 
 @dataclass(**REPORT)

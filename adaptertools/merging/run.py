@@ -206,14 +206,21 @@ class Sources:
 
 @contextmanager
 def _file_pair(path_of, dst: Path, ctx: RunContext, progress: Progress,
-               out_bytes: int | None = None, sequential: bool = False):
+               out_bytes: int | None = None, sequential: bool = False, at: int | None = None):
     """(the sources: base files by name, opened through ``path_of(name)`` on first use; the
     output's sink; its ordered writer). The sink writes front to back: O_DIRECT for outputs of
     ``out_bytes`` >= DIRECT_MIN_BYTES where the filesystem allows it, else the page cache
-    (streams.open_sink). On success every queued write is done and the output fsynced; on an
-    error the queue is abandoned; every file is closed."""
-    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    sink = open_sink(out, dst, out_bytes)
+    (streams.open_sink). ``at``: write into the existing (preallocated) ``dst`` from this
+    offset on, through the page cache, leaving its other bytes as they are (a byte range of a
+    shard-parallel merge, pieces.py). On success every queued write is done and the output
+    fsynced; on an error the queue is abandoned; every file is closed."""
+    if at is None:
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sink = open_sink(out, dst, out_bytes)
+    else:
+        out = os.open(dst, os.O_WRONLY)
+        os.lseek(out, at, os.SEEK_SET)
+        sink = open_sink(out, dst, None)
     writer = OrderedWriter(ctx.writer, progress)
     sources = Sources(path_of, ctx.pool, sequential)
     try:
@@ -243,17 +250,22 @@ def _prefetch(reader: ThreadPoolExecutor, sources: Sources, runs: list[list[Job]
     return reader.submit(sources.get(runs[i][0].source.file)[1].read, runs[i][0])
 
 
-def write_gguf(ctx: RunContext, dst: Path, progress: Progress) -> list[Survival]:
+def write_gguf(ctx: RunContext, dst: Path, progress: Progress, start: int = 0,
+               end: int | None = None) -> list[Survival]:
     """Same header, same layout: untouched regions copied, adapted tensors rewritten in place.
     Copies and writes go to the writer thread (each at its own offset), so they overlap the
-    folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s). Returns the survival
-    scores of the quantized tensors."""
+    folds (a synchronous pwrite took 4.2 s of an F16 W1 merge's 10 s). ``start``/``end``: only
+    the bytes [start, end) of the output, into a preallocated ``dst`` (pieces.py; ``start`` at
+    an adapted tensor's first byte or 0). Returns the survival scores of the quantized
+    tensors."""
     base, scores = ctx.plan.base, []
-    with _file_pair(lambda name: base.path, dst, ctx, progress, base.data_end) as \
-            (sources, out, writer):
+    end = base.data_end if end is None else end
+    whole = start == 0 and end == base.data_end
+    with _file_pair(lambda name: base.path, dst, ctx, progress, base.data_end,
+                    at=None if whole else start) as (sources, out, writer):
         src, reads = sources.get(base.path.name)
-        position = 0
-        jobs = [j for j in ctx.plan.files[0].jobs if j.changed]
+        position = start
+        jobs = [j for j in ctx.plan.files[0].jobs if j.changed and start <= j.source.offset < end]
         reader = ctx.reader
         pending = reader.submit(reads.read, jobs[0]) if jobs else None
         for i, job in enumerate(jobs):
@@ -269,7 +281,7 @@ def write_gguf(ctx: RunContext, dst: Path, progress: Progress) -> list[Survival]
             writer.submit(tensor.numel() * tensor.element_size(), write_released, out, tensor,
                           ctx.pool, reads, source)
             position = job.source.offset + job.source.nbytes
-        tail = base.data_end - position
+        tail = end - position
         writer.submit(tail, out.copy, src, position, tail)
     return scores
 
@@ -307,6 +319,30 @@ def one_compute_thread():
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def run_context(plan: Plan, device: torch.device, kernels: str):
+    """The RunContext of one run (or one piece of a shard-parallel run, pieces.py): its reading
+    and writing threads, torch on one compute thread, no autograd."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-write") as writer, \
+            torch.inference_mode(), one_compute_thread() as threads:
+        yield RunContext(plan, fold_mode(plan), device, kernels, threads, reader, writer,
+                         Buffers(), BufferPool())
+
+
+def write_side_files(plan: Plan, tmp: Path) -> list[str]:
+    """An HF output's files besides the shards, after them: the base's side files, config.json
+    and the index (each as the plan says)."""
+    copied = copy_side_files(plan.base.folder, tmp, plan)
+    if plan.config is not None:
+        write_json(tmp / "config.json", plan.config)
+    if plan.index is not None:
+        write_json(tmp / INDEX_NAME, plan.index)
+    elif plan.base.index is not None and plan.max_shard_size is None:
+        shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
+    return copied
+
+
 def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: bool = False,
             progress: Progress | None = None, kernels: str = "auto", inputs=()) -> dict:
     """Run ``plan`` into ``out``; returns timings and counts for the report. ``inputs``: the
@@ -318,32 +354,21 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "cpu", force: b
     is_hf = isinstance(plan.base, HFBase)
     inputs = (getattr(plan.base, "folder", None) or getattr(plan.base, "path", None), *inputs)
     with atomic_output(out, force=force, is_dir=is_hf, expected_bytes=plan.size,
-                       inputs=inputs) as tmp, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-read") as reader, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptertools-write") as writer:
-        with torch.inference_mode(), one_compute_thread() as threads:
-            ctx = RunContext(plan, fold_mode(plan), torch_device, kernels, threads, reader,
-                             writer, Buffers(), BufferPool())
-            scores, patches = [], []
-            if is_hf:
-                for out_file in plan.files:
-                    done, patches = write_sequential(ctx, out_file, tmp / out_file.name,
-                                                     progress, tuple(patches))
-                    scores += done
-                apply_left(patches, tmp)     # companions in shards already written
-                copied = copy_side_files(plan.base.folder, tmp, plan)
-                if plan.config is not None:
-                    write_json(tmp / "config.json", plan.config)
-                if plan.index is not None:
-                    write_json(tmp / INDEX_NAME, plan.index)
-                elif plan.base.index is not None and plan.max_shard_size is None:
-                    shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
-            elif plan.files[0].header:          # types changed: a new layout
-                scores, _ = write_sequential(ctx, plan.files[0], tmp, progress,
-                                             alignment=plan.base.header.alignment)
-                copied = []
-            else:
-                scores = write_gguf(ctx, tmp, progress)
-                copied = []
+                       inputs=inputs) as tmp, run_context(plan, torch_device, kernels) as ctx:
+        scores, patches = [], []
+        if is_hf:
+            for out_file in plan.files:
+                done, patches = write_sequential(ctx, out_file, tmp / out_file.name,
+                                                 progress, tuple(patches))
+                scores += done
+            apply_left(patches, tmp)     # companions in shards already written
+            copied = write_side_files(plan, tmp)
+        elif plan.files[0].header:          # types changed: a new layout
+            scores, _ = write_sequential(ctx, plan.files[0], tmp, progress,
+                                         alignment=plan.base.header.alignment)
+            copied = []
+        else:
+            scores = write_gguf(ctx, tmp, progress)
+            copied = []
     return {"wall_s": time.perf_counter() - start, "device": str(torch_device), "kernels": kernels,
             "copied_files": copied, "survival": summarize(scores, gguf=not is_hf)}
