@@ -185,7 +185,8 @@ def _submit_all(ray, spec: MergeSpec, pieces, partial: Path, digest: str, addres
 def execute_parallel(plan, spec: MergeSpec, out, *, force: bool = False, progress=None,
                      address: str | None = None, inputs=()) -> dict:
     """Run ``plan`` as Ray tasks into ``out``; the report's fields as ``run.execute`` gives
-    them, plus ``pieces``: how many ran, how many were already done."""
+    them, plus ``pieces``: how many ran, how many were already done, each run piece's wall
+    (seconds in its task: planning again, then writing; in finishing order)."""
     from .kernels.survival import Survival
     from .merging.bases import HFBase
     from .merging.encoded import apply_left
@@ -206,7 +207,7 @@ def execute_parallel(plan, spec: MergeSpec, out, *, force: bool = False, progres
                           inputs=(base_path, *inputs)) as (partial, manifest_path):
         manifest = Manifest(manifest_path)
         _prepare(plan, partial)
-        scores, patches, todo, skipped = [], [], [], 0
+        scores, patches, todo, skipped, walls = [], [], [], 0, []
         for piece in pieces:
             options_p = {**options, "piece": asdict(piece)}
             done = _finished(manifest, piece, partial, input_paths, options_p)
@@ -227,6 +228,7 @@ def execute_parallel(plan, spec: MergeSpec, out, *, force: bool = False, progres
                     raise _ray_error(ray, exc) from None
                 scores += result["scores"]
                 patches += result["patches"]
+                walls.append(round(result["wall_s"], 3))
                 _record(manifest, piece, partial, input_paths,
                         {**options, "piece": asdict(piece)}, result)
                 progress(piece.nbytes)
@@ -242,5 +244,5 @@ def execute_parallel(plan, spec: MergeSpec, out, *, force: bool = False, progres
             "kernels": spec.kernels, "copied_files": copied,
             "survival": summarize(scores, gguf=not is_hf),
             "pieces": {"total": len(pieces), "ran": len(todo), "already_done": skipped,
-                       "executor": "ray"}}
+                       "executor": "ray", "wall_s": walls}}
 
