@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.quantized_bases import logits, raw_tensors, rel_l2
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -160,31 +160,10 @@ def dequantized(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in out.items()}
 
 
-def raw_tensors(folder: Path) -> dict[str, bytes]:
-    """Each stored tensor's bytes, from the safetensors file itself."""
-    path = folder / "model.safetensors"
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    return {k: data[8 + n + v["data_offsets"][0]: 8 + n + v["data_offsets"][1]]
-            for k, v in header.items()}
-
-
 def float_llama(weights: dict[str, torch.Tensor]):
     model = _llama()
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     return model
-
-
-def logits(model) -> torch.Tensor:
-    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        return model(ids).logits.double()
-
-
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / ref.norm())
 
 
 def in_group(name: str, adapted: set[str]) -> bool:

@@ -49,7 +49,8 @@ from types import ModuleType
 from typing import Any
 
 ENTRY_POINT_GROUP = "adaptertools.codecs"
-BUILT_IN = {"bitsandbytes": "adaptertools.codecs.bnb", "gguf": "adaptertools.codecs.gguf"}
+BUILT_IN = {"bitsandbytes": "adaptertools.codecs.bnb", "gguf": "adaptertools.codecs.gguf",
+            "fp8": "adaptertools.codecs.fp8"}
 REQUIRED = ("NAME", "QUANT_METHODS", "describe", "decode", "encode")
 _REGISTERED: dict[str, ModuleType] = {}
 

@@ -337,8 +337,9 @@ def _check_foldable(job: Job, base: HFBase) -> None:
                  "checkpoints whose config.json quantization_config has quant_method "
                  f"{' or '.join(quant_methods())}")
     if dtype.startswith("F8"):
-        hint = ("FP8 checkpoints are not supported yet: merge into the BF16/F16 model and "
-                "quantize the result")
+        hint = ("if this is an FP8 checkpoint, restore the quantization_config of its "
+                "config.json (block FP8: quant_method fp8 with weight_block_size and "
+                "weight_scale_inv tensors); otherwise merge into the BF16/F16 model")
     elif dtype in ("I8", "U8"):
         hint = ("if this is a quantized checkpoint, restore the quantization_config of its "
                 "config.json; otherwise merge into the unquantized model")

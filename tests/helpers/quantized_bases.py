@@ -1,0 +1,127 @@
+"""Tiny quantized HF checkpoints built in code by the quantization libraries themselves, and the
+float64 references a merge into them is checked against.
+
+``fp8_block_base``: a seeded Llama whose ``*_proj`` weights are stored as DeepSeek-V3-style block
+FP8 (F8_E4M3 ``weight`` + F32 ``weight_scale_inv`` per block), quantized by transformers' own
+``Fp8Quantize`` where the block size divides the weight and by ``codecs.fp8.quantize`` (the same
+arithmetic, extended to ragged edge blocks) where it does not, which transformers leaves
+unquantized.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import types
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PROJ = "proj.weight"
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [128, 128]}
+
+
+def tiny_llama(*, hidden: int = 256, intermediate: int = 384, seed: int = 2025):
+    """A 2-layer Llama, float32, eval mode (head dim 64, 2 KV heads)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=2, num_attention_heads=hidden // 64,
+                                      num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def transformers_fp8_quantize(weight: torch.Tensor, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """transformers' ``Fp8Quantize`` of one weight: {"weight": F8_E4M3, "weight_scale_inv": F32},
+    or {"weight": unchanged} where ``block`` does not divide it."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    hq = types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block))
+    return Fp8Quantize(hq)._quantize_one("weight", weight)
+
+
+def transformers_fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """transformers' CPU dequantization (``Fp8Dequantize``, what ``dequantize=True`` loads), fp32."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    hq = types.SimpleNamespace(quantization_config=FineGrainedFP8Config())
+    return Fp8Dequantize(hq)._dequantize_one(q, scale_inv, output_dtype=torch.float32)
+
+
+def fp8_block_base(model, folder: Path, *, block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+    """``model`` saved as a block-FP8 checkpoint in ``folder``; returns its weights as the
+    checkpoint stands for them (quantized ones dequantized), float32, by name."""
+    from adaptertools.codecs import fp8
+
+    model.config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {**FP8_CONFIG, "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    stored, decoded = {}, {}
+    for name, t in model.state_dict().items():
+        t = t.detach().float().contiguous()
+        if not name.endswith(PROJ):
+            stored[name] = decoded[name] = t
+            continue
+        parts = transformers_fp8_quantize(t, block)
+        if "weight_scale_inv" not in parts:            # ragged: transformers leaves it as is
+            q, s = fp8.quantize(t, block)
+            parts = {"weight": q, "weight_scale_inv": s}
+        stored[name], stored[name + "_scale_inv"] = parts["weight"], parts["weight_scale_inv"]
+        decoded[name] = fp8.dequantize(parts["weight"], parts["weight_scale_inv"], block)
+    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
+    return decoded
+
+
+def raw_tensors(folder: Path) -> dict[str, bytes]:
+    """Each stored tensor's bytes, read from ``folder``'s model.safetensors itself (header
+    order)."""
+    data = (folder / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    return {k: data[8 + n + v["data_offsets"][0]: 8 + n + v["data_offsets"][1]]
+            for k, v in header.items()}
+
+
+def logits(model) -> torch.Tensor:
+    """float64 logits of a tiny (vocabulary 128) model on two seeded sequences of 11 ids."""
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).norm() / ref.norm())
+
+
+def scaled_lora(model, base: dict[str, torch.Tensor], folder: Path, *, targets, rel: float,
+                rank: int = 8, seed: int = 7, zero: bool = False) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA on ``model`` whose every delta has ||delta|| / ||W|| = ``rel`` against
+    ``base`` (``zero``: lora_B = 0), saved in ``folder``; the float64 deltas by base tensor name."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                  target_modules=list(targets),
+                                                  init_lora_weights=False))
+    gen, deltas = torch.Generator().manual_seed(seed), {}
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not (hasattr(module, "lora_A") and "default" in module.lora_A):
+                continue
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a.copy_(torch.randn(a.shape, generator=gen))
+            b.copy_(torch.randn(b.shape, generator=gen))
+            key = name.removeprefix("base_model.model.") + ".weight"
+            delta = module.scaling["default"] * (b.double() @ a.double())
+            ratio = 0.0 if zero else float(rel * base[key].double().norm() / delta.norm())
+            b.mul_(ratio)
+            deltas[key] = module.scaling["default"] * (b.double() @ a.double())
+    peft_model.save_pretrained(folder)
+    return deltas
