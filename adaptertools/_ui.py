@@ -412,3 +412,50 @@ def shards_table(report: dict) -> None:
     for shard in shards:
         table.add_row(plain(shard["file"]), str(shard["tensors"]), human_size(shard["bytes"]))
     print_table(table)
+
+
+def batch_table(report: dict) -> None:
+    """``batch``: one row per job (status, wall, peak memory, error), then the counts."""
+    table = Table(title=plain(f"{report['jobs_file']} ({report['executor']}"
+                              f"{', dry run' if report['dry_run'] else ''})"))
+    for column in ("#", "job", "kind", "target", "status", "wall", "peak mem", "error"):
+        table.add_column(column, overflow="fold")
+    for row in report["jobs"]:
+        status = row["status"] + (" (up to date)" if row.get("up_to_date") else "")
+        table.add_row(str(row["index"]), plain(row["name"] or row["source"]), row["kind"],
+                      plain(row["key"].split(" ", 1)[1]), status,
+                      human_seconds(row["wall_s"]) if row["wall_s"] is not None else "-",
+                      human_size(row["peak_rss_bytes"]) if row["peak_rss_bytes"] else "-",
+                      plain(row["error"] or ""),
+                      style="red" if row["status"] in ("failed", "skipped") else None)
+    print_table(table)
+    counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items())
+    (error if report["failed"] else info)(f"{len(report['jobs'])} jobs: {counts}; "
+                                          f"{human_seconds(report['wall_s'])}")
+
+
+class batch_progress:
+    """One line per running job on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), "{task.description}", TimeElapsedColumn(),
+                                 console=err, transient=True, disable=not err.is_terminal)
+        self.tasks: dict[int, object] = {}
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def started(self, row: dict) -> None:
+        self.tasks[row["index"]] = self.progress.add_task(
+            plain(f"{row['kind']} {row['key'].split(' ', 1)[1]}").plain, total=None)
+
+    def finished(self, row: dict) -> None:
+        task = self.tasks.pop(row["index"], None)
+        if task is not None:
+            self.progress.remove_task(task)

@@ -450,6 +450,40 @@ def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
     _ui.print_json(report) if as_json else _echo_pushed({"pushed": report})
 
 
+@cli.command("batch", short_help="Run a file of merge/convert/validate/... jobs, resumably.")
+@click.argument("jobs_file", metavar="JOBS", type=click.Path())
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: parallel processes on this machine; ray: one Ray "
+              "task per job (inputs and outputs on storage every node sees; adaptertools[ray]).")
+@click.option("--address", metavar="ADDR", help="With --executor ray: the cluster to join.")
+@click.option("--dry-run", is_flag=True, help="Print the expanded plan; run nothing.")
+@click.option("--force", is_flag=True, help="Redo every job and overwrite existing outputs.")
+@click.option("--manifest", type=click.Path(), help="Resume records (default: JOBS.manifest.json).")
+@click.option("--workers", type=click.IntRange(min=1), help="local: at most this many jobs at "
+              "once (default: the cores).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def batch_cmd(jobs_file: str, executor: str, address: str | None, dry_run: bool, force: bool,
+              manifest: str | None, workers: int | None, as_json: bool) -> None:
+    """Run the jobs in JOBS (YAML or JSON; see `adaptertools.batch.schema`). Exit 1 if a job
+    failed, 2 for a bad jobs file (every problem listed, one line each)."""
+    from . import _ui
+    from .batch import JobsFileError, run_batch
+
+    ready()
+    try:
+        with _ui.batch_progress() as progress:
+            report = run_batch(jobs_file, executor=executor, address=address, dry_run=dry_run,
+                               force=force, manifest=manifest, workers=workers,
+                               progress=progress)
+    except JobsFileError as exc:
+        for problem in exc.problems:
+            _ui.error(f"{exc.path}: {problem}")
+        sys.exit(2)
+    _ui.print_json(report.to_dict()) if as_json else _ui.batch_table(report)
+    sys.exit(1 if report.failed else 0)
+
+
 @cli.command("demo", short_help="Run every command on a tiny model built in code.")
 @click.option("--workdir", type=click.Path(), help="Keep the demo files here (default: a temp dir).")
 @handle_errors
