@@ -71,11 +71,11 @@ def test_schema_errors_are_listed_at_once(work):
 
 
 def test_matrix_and_named_outputs_in_dependency_order(work):
-    jobs = [{"validate": {"base": "./base", "adapters": ["${lora}"], "merged": "${m_${lora.name}}"}},
+    """A validate written before the merges it takes runs after them; a matrix job's name
+    takes the matrix's ${var.name} (m_lora_0, m_lora_1)."""
+    jobs = [{"validate": {"base": "./base", "adapters": ["./lora_0"], "merged": "${m_lora_0}"}},
             {"name": "m_${lora.name}", "matrix": {"lora": ["./lora_0", "./lora_1"]},
              "merge": {"base": "./base", "adapters": ["${lora}"], "out": "./out/${lora.name}"}}]
-    # a validate per adapter would need its own matrix; here: one validate of m_lora_0
-    jobs[0] = {"validate": {"base": "./base", "adapters": ["./lora_0"], "merged": "${m_lora_0}"}}
     path = write_jobs(work / "jobs.json", jobs)
     plan = run_batch(path, dry_run=True)
     assert [(j["kind"], j["status"]) for j in plan.jobs] == [("validate", "planned"),

@@ -189,7 +189,7 @@ def parse(path: str | os.PathLike) -> list[Job]:
     problem at once) when anything is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise JobsFileError(path, [f"no such file; give the jobs file (YAML or JSON)"])
+        raise JobsFileError(path, ["no such file; give the jobs file (YAML or JSON)"])
     try:
         data = load_file(path)
     except (ValueError, OSError) as exc:   # json and yaml errors are ValueErrors or YAMLError
