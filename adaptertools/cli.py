@@ -458,7 +458,8 @@ def push_cmd(src: str, repo_id: str, private: bool, revision: str | None,
 @click.option("--address", metavar="ADDR", help="With --executor ray: the cluster to join.")
 @click.option("--dry-run", is_flag=True, help="Print the expanded plan; run nothing.")
 @click.option("--force", is_flag=True, help="Redo every job and overwrite existing outputs.")
-@click.option("--manifest", type=click.Path(), help="Resume records (default: JOBS.manifest.json).")
+@click.option("--manifest", type=click.Path(),
+              help="Resume records (default: JOBS.yaml.manifest.json, beside the file).")
 @click.option("--workers", type=click.IntRange(min=1), help="local: at most this many jobs at "
               "once (default: the cores).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
