@@ -106,13 +106,13 @@ def mlx_adapter(folder: Path, rank: int = 8) -> Path:
     return folder
 
 
-def test_mlx_folder_is_named_not_asked_for_r(tmp_path):
+def test_mlx_folder_is_read_as_mlx_not_asked_for_r(tmp_path):
+    """Read by formats/mlx.py now (tests/test_mlx.py checks it against mlx-lm); as PEFT it is
+    refused by name."""
     folder = mlx_adapter(tmp_path / "mlx")
-    out = tmp_path / "out"
-    refused(run_cli("inspect", folder), ["MLX (mlx-lm)", "not supported yet"])
-    refused(run_cli("convert", folder, out, "--to", "peft"), ["MLX (mlx-lm)"], out)
-    with pytest.raises(UnsupportedError, match="MLX"):
-        at.load(folder)
+    assert json.loads(run_cli("inspect", folder, "--json", expect=0).stdout)["format"] == "mlx"
+    assert at.load(folder).weights["model.layers.0.self_attn.q_proj.weight"].scale == 20.0
+    refused(run_cli("inspect", folder, "--from", "peft"), ["MLX (mlx-lm)", "--from mlx"])
 
 
 def test_mlx_folder_after_the_edits_the_old_message_asked_for(tmp_path):
@@ -132,9 +132,10 @@ def test_mlx_folder_after_the_edits_the_old_message_asked_for(tmp_path):
 
 def test_mlx_weights_file_alone(tmp_path):
     folder = mlx_adapter(tmp_path / "mlx")
+    alone = shutil.copy(folder / "adapters.safetensors", tmp_path / "adapters.safetensors")
     out = tmp_path / "out"
-    refused(run_cli("convert", folder / "adapters.safetensors", out, "--to", "peft"),
-            ["adapters.safetensors", "MLX (mlx-lm)"], out)
+    refused(run_cli("convert", alone, out, "--to", "peft"),
+            ["adapters.safetensors", "MLX (mlx-lm)", "adapter_config.json"], out)
 
 
 # ============================================================================ 2. diffusers, kohya, LyCORIS

@@ -34,7 +34,8 @@ KEY_SIGNS: tuple[tuple[str, str], ...] = (
     (r"^(blk\.\d+\.|token_embd\.|output\.).*weight\.lora_[ab]$",
      "GGUF (llama.cpp) LoRA tensor names in a non-GGUF file"),
     # mlx-lm 0.32: module path + lora_a (in, r) / lora_b (r, out), no .weight
-    (r"\.lora_[ab]$", "an MLX (mlx-lm) adapter (lora_a / lora_b keys)"),
+    (r"\.lora_[ab]$", "an MLX (mlx-lm) adapter (lora_a / lora_b keys), read only as its "
+                      "folder with mlx-lm's adapter_config.json (formats/mlx.py)"),
     # the kohya convention without our metadata (our own files carry format = adaptertools.lora)
     (r"\.lora_(down|up)\.weight$", "a kohya-style LoRA (lora_down / lora_up keys) that is not an "
                                    "adaptertools file"),

@@ -233,7 +233,7 @@ def check_config(config: dict, where: Path) -> None:
     check_types({k: v for k, v in config.items() if k == "peft_type"}, where)
     if foreign.mlx_config(config):
         raise UnsupportedError(f"{where}: {foreign.MLX} (fine_tune_type, lora_parameters), not a "
-                               "PEFT adapter: not supported yet")
+                               "PEFT adapter: read it with --from mlx, or without --from")
     peft_type = config.get("peft_type", "LORA").upper()
     if peft_type != "LORA":
         raise UnsupportedError(f"{where}: not supported yet: {peft_type} (LoRA, DoRA, LoHa "
