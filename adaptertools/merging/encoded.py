@@ -204,7 +204,8 @@ def layout_for(base: HFBase, requantize: str = "keep") -> Layout | None:
     (validated from headers and small states), or None for a plain checkpoint."""
     from ..codecs import for_quant_method, quant_methods
 
-    qc = (base.config or {}).get("quantization_config")
+    # mlx-lm writes its own ``quantization`` (older versions only that one) as well
+    qc = (base.config or {}).get("quantization_config") or (base.config or {}).get("quantization")
     if requantize != "keep" and requantize not in REQUANTIZE_NAMES:
         raise OptionError(f"--requantize {requantize}: a quantized checkpoint is kept in "
                           "its quantization (keep) or written as bf16, fp16 or fp32")
@@ -218,6 +219,13 @@ def layout_for(base: HFBase, requantize: str = "keep") -> Layout | None:
         raise FormatError(f"{where} is not an object; fix config.json")
     method = qc.get("quant_method")
     codec = for_quant_method(method) if isinstance(method, str) else None
+    if codec is None and method is None and {"bits", "group_size"} <= qc.keys():
+        # mlx-lm 0.32 (mlx_lm.convert -q): uint32 weights with .scales / .biases per group
+        mode = "" if qc.get("mode", "affine") == "affine" else f", mode={qc['mode']}"
+        raise UnsupportedError(f"{where}: an MLX-quantized base (bits={qc['bits']}, group_size="
+                               f"{qc['group_size']}{mode}): merge into the unquantized model "
+                               "(the original checkpoint, or mlx_lm.convert --dequantize) and "
+                               "quantize the result with mlx_lm.convert -q")
     if codec is None:
         raise UnsupportedError(f"{where}: quant_method {method!r} is not supported for merging "
                                f"({', '.join(quant_methods())} are); merge into the unquantized "
