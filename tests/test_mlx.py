@@ -8,6 +8,7 @@ fuse`` does (helpers/mlx_adapters.py).
 - MLX -> PEFT: PEFT's logits match mlx-lm's with the adapter; PEFT -> MLX: ``mlx_lm.load(base,
   adapter_path=...)`` gives PEFT's logits; MLX -> ours -> MLX is bit-exact;
 - MLX -> GGUF and a merge into a GGUF base: llama.cpp's logits match mlx-lm's;
+- an embedding LoRA, and fine_tune_type full (full tensors);
 - bad input (num_layers against the tensors, a missing lora_b, what mlx-lm cannot hold, an
   MLX-quantized base) exits 1 with one line naming the tensor or field.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
@@ -291,3 +293,48 @@ def test_mlx_quantized_base_is_refused_by_name(case, base, tmp_path):
     assert_cli_error(outcome, ["an MLX-quantized base (bits=4, group_size=32)",
                                "merge into the unquantized model"])
     assert_nothing_written(tmp_path / "out")
+
+
+def test_embedding_lora(base, tmp_path):
+    """A LoRA on model.embed_tokens (mlx-lm's LoRAEmbedding: W + scale * lora_a @ lora_b, lora_a
+    (vocab, r)): merged as mlx_lm fuse does, and PEFT's lora_embedding_A/B give mlx-lm's logits."""
+    model, params = with_lora(base, num_layers=1, keys=["self_attn.q_proj", "model.embed_tokens"])
+    folder = save_adapter(model, params, tmp_path / "mlx", num_layers=1)
+    logits = mlx_logits(model)
+    fused = fused_weights(model)
+    w = at.load(folder).weights["model.embed_tokens.weight"]
+    assert (w.layer, w.shape) == ("embedding", (96, 32))
+    run_cli("merge", base, folder, "--out", tmp_path / "merged", expect=0)
+    ours = load_file(tmp_path / "merged" / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.allclose(ours, fused["model.embed_tokens.weight"], rtol=0, atol=1e-7)
+    run_cli("convert", folder, tmp_path / "peft", "--to", "peft", expect=0)
+    peft_logits = model_output(load_with_peft(tmp_path / "peft", "llama"), "llama")
+    assert rel_l2(peft_logits, logits) < LOGITS_REL
+    run_cli("convert", tmp_path / "peft", tmp_path / "back", "--to", "mlx", expect=0)
+    assert rel_l2(mlx_logits(load_with_mlx(base, tmp_path / "back")), logits) < LOGITS_REL
+
+
+def test_full_fine_tune_replaces_the_trained_tensors(base, tmp_path):
+    """fine_tune_type full (mlx_lm.lora unfreezes the last num_layers blocks and saves their
+    tensors): read as full tensors; the merge writes them in place of the base's."""
+    mx = pytest.importorskip("mlx.core")
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(base)
+    model.freeze()
+    model.layers[-1].unfreeze()
+    trained = {n: v + 0.01 for n, v in tree_flatten(model.trainable_parameters())}
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), trained)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "full", "num_layers": 1, "lora_parameters": None}))
+    adapter = at.load(folder)
+    assert not adapter.weights and sorted(adapter.replacements) == sorted(trained)
+    run_cli("merge", base, folder, "--out", tmp_path / "merged", expect=0)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    for name, value in trained.items():
+        assert torch.equal(merged[name], torch.from_numpy(np.array(value))), name
+    untouched = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[untouched], load_file(base / "model.safetensors")[untouched])
