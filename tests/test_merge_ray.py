@@ -27,25 +27,17 @@ from adaptertools.parallel import DELAY_ENV
 from adaptertools.tiny import make_adapter
 from helpers.checkpoints import SHARDS, make_sharded_base
 from helpers.cli import cli_argv, run_cli
+from helpers.ray_cluster import local_cluster
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install "
                                         "'adaptertools[ray]'")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.pop("RAY_ADDRESS", None)
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [c.add_node(num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
-    yield c, workers
-    ray.shutdown()
-    c.shutdown()
+    yield from local_cluster(2)
 
 
 @pytest.fixture(scope="module")

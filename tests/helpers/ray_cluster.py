@@ -9,9 +9,13 @@ from collections.abc import Iterator
 
 def local_cluster(workers: int = 2) -> Iterator[tuple]:
     """Yields (cluster, worker nodes); shuts both the driver and the cluster down after."""
+    import signal
+
     import ray
     from ray.cluster_utils import Cluster
 
+    # Ray's nodes install their own SIGINT/SIGTERM handlers in this process: put ours back after
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     os.environ.pop("RAY_ADDRESS", None)
     c = Cluster(initialize_head=True, connect=False,
                 head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -23,3 +27,5 @@ def local_cluster(workers: int = 2) -> Iterator[tuple]:
     finally:
         ray.shutdown()
         c.shutdown()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
