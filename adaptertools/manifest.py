@@ -43,22 +43,21 @@ def fingerprint(path: str | os.PathLike) -> dict:
     text = str(path)
     if text.startswith("hf://"):
         return {"uri": text}
-    p = Path(path)
-    if not p.exists():
-        return {"missing": True}
-    root = p if p.is_dir() else p.parent
-    files = {}
-    for f in _files(p):
-        st = f.stat()
-        files[str(f.relative_to(root)) if p.is_dir() else f.name] = [st.st_size, st.st_mtime_ns]
-    return {"files": files}
+    return output_record(path, hashed=False)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def sha256(path: str | os.PathLike, start: int = 0, end: int | None = None) -> str:
+    """The sha256 of a file, or of its bytes [start, end) (a byte range of a GGUF output)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
+        fh.seek(start)
+        left = None if end is None else end - start
+        while left is None or left > 0:
+            chunk = fh.read(HASH_CHUNK if left is None else min(HASH_CHUNK, left))
+            if not chunk:
+                break
             digest.update(chunk)
+            left = None if left is None else left - len(chunk)
     return digest.hexdigest()
 
 
@@ -72,7 +71,7 @@ def output_record(path: str | os.PathLike, *, hashed: bool = True) -> dict:
     for f in _files(p):
         st = f.stat()
         name = str(f.relative_to(root)) if p.is_dir() else f.name
-        record[name] = [st.st_size, st.st_mtime_ns] + ([file_sha256(f)] if hashed else [])
+        record[name] = [st.st_size, st.st_mtime_ns] + ([sha256(f)] if hashed else [])
     return {"files": record}
 
 

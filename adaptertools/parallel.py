@@ -17,14 +17,13 @@ redoes everything.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UnsupportedError
-from .manifest import Manifest, entry_for
+from .manifest import Manifest, entry_for, sha256
 
 RAY_INSTALL = "pip install 'adaptertools[ray]'"
 MAX_RETRIES = 3
@@ -95,20 +94,6 @@ def run_piece(spec: MergeSpec, piece, partial: str, digest: str) -> dict:
             "pid": os.getpid()}
 
 
-def _range_sha256(path: Path, start: int, end: int) -> str:
-    digest, chunk = hashlib.sha256(), 8 << 20
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        left = end - start
-        while left > 0:
-            data = fh.read(min(chunk, left))
-            if not data:
-                break
-            digest.update(data)
-            left -= len(data)
-    return digest.hexdigest()
-
-
 def _piece_output(piece, partial: Path) -> Path:
     return partial / piece.file if partial.is_dir() else partial
 
@@ -121,7 +106,7 @@ def _finished(manifest: Manifest, piece, partial: Path, inputs, options) -> dict
     extra = entry.extra
     if piece.is_range:
         if not partial.is_file() or \
-                _range_sha256(partial, piece.start, piece.end) != extra.get("sha256"):
+                sha256(partial, piece.start, piece.end) != extra.get("sha256"):
             return None
     elif extra.get("patches"):          # it wrote into other shards: redo it with them
         return None
@@ -134,7 +119,7 @@ def _record(manifest: Manifest, piece, partial: Path, inputs, options, result: d
     extra = {"scores": [asdict(s) if isinstance(s, Survival) else s for s in result["scores"]],
              "patches": len(result["patches"]), "wall_s": result["wall_s"]}
     if piece.is_range:
-        extra["sha256"] = _range_sha256(partial, piece.start, piece.end)
+        extra["sha256"] = sha256(partial, piece.start, piece.end)
         outputs = ()
     else:
         outputs = (_piece_output(piece, partial),)
@@ -170,13 +155,25 @@ def _ray_error(ray, exc):
     return exc
 
 
-def _submit_all(ray, spec: MergeSpec, pieces, partial: Path, digest: str, address):
+def connect_ray(address: str | None):
+    """Ray, this process connected to the cluster at ``address`` (None: RAY_ADDRESS, else a
+    new local one) unless it already is."""
+    ray = import_ray()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    task = ray.remote(run_piece)
-    delay = os.environ.get(DELAY_ENV)
-    env = {"runtime_env": {"env_vars": {DELAY_ENV: delay}}} if delay else {}
+    return ray
+
+
+def passed_env(*names: str) -> dict:
+    """Task options handing these environment variables, where set, to Ray's workers (which do
+    not inherit the driver's environment): the tests' fault injection."""
+    env = {name: os.environ[name] for name in names if os.environ.get(name)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _submit_all(ray, spec: MergeSpec, pieces, partial: Path, digest: str):
+    task, env = ray.remote(run_piece), passed_env(DELAY_ENV)
     return {task.options(num_cpus=1, max_retries=MAX_RETRIES,
                          memory=max(MIN_TASK_MEMORY, p.peak_bytes), **env).remote(
         spec, p, str(partial), digest): p for p in pieces}
@@ -195,7 +192,7 @@ def execute_parallel(plan, spec: MergeSpec, out, *, force: bool = False, progres
     from .merging.run import write_side_files
     from .paths import resumable_output
 
-    ray = import_ray()
+    ray = connect_ray(address)
     progress = progress or (lambda n: None)
     start = time.perf_counter()
     is_hf = isinstance(plan.base, HFBase)
@@ -208,16 +205,16 @@ def execute_parallel(plan, spec: MergeSpec, out, *, force: bool = False, progres
         manifest = Manifest(manifest_path)
         _prepare(plan, partial)
         scores, patches, todo, skipped, walls = [], [], [], 0, []
+        piece_options = {p.key: {**options, "piece": asdict(p)} for p in pieces}
         for piece in pieces:
-            options_p = {**options, "piece": asdict(piece)}
-            done = _finished(manifest, piece, partial, input_paths, options_p)
+            done = _finished(manifest, piece, partial, input_paths, piece_options[piece.key])
             if done is None:
                 todo.append(piece)
                 continue
             skipped += 1
             scores += [Survival(**s) for s in done.get("scores", [])]
             progress(piece.nbytes)
-        refs = _submit_all(ray, spec, todo, partial, digest, address) if todo else {}
+        refs = _submit_all(ray, spec, todo, partial, digest) if todo else {}
         try:
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
@@ -229,8 +226,8 @@ def execute_parallel(plan, spec: MergeSpec, out, *, force: bool = False, progres
                 scores += result["scores"]
                 patches += result["patches"]
                 walls.append(round(result["wall_s"], 3))
-                _record(manifest, piece, partial, input_paths,
-                        {**options, "piece": asdict(piece)}, result)
+                _record(manifest, piece, partial, input_paths, piece_options[piece.key],
+                        result)
                 progress(piece.nbytes)
         except BaseException:
             for ref in refs:

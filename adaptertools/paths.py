@@ -296,9 +296,7 @@ def resumable_output(dst: str | os.PathLike, *, force: bool = False, is_dir: boo
     out = refuse_output(dst, force=force, is_dir=is_dir, inputs=inputs)
     partial, manifest = _sibling(out, PARTIAL_TAG), _sibling(out, PIECES_TAG)
     ancestor = _existing_ancestor(out.parent)
-    done = sum(p.stat().st_size for p in ([partial] if partial.is_file() else
-                                          partial.rglob("*") if partial.is_dir() else [])
-               if p.is_file())
+    done = sum(p.stat().st_size for p in _files_in(partial))     # what a stopped run wrote
     ensure_free_space(ancestor, max(0, expected_bytes - done), dst=Path(dst))
     _setup(lambda: out.parent.mkdir(parents=True, exist_ok=True), dst, out.parent)
     with output_lock(out):
@@ -338,9 +336,15 @@ def _unwritable(exc: OSError, dst, folder: Path) -> OSError:
     return new
 
 
+def _files_in(path: Path) -> list[Path]:
+    """``path`` when it is a file, the files under it when it is a folder, else none."""
+    if path.is_file():
+        return [path]
+    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+
+
 def _fsync_tree(path: Path) -> None:
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
+    for p in _files_in(path):
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
 

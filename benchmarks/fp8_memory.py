@@ -41,7 +41,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def w1_fp8_base(folder: Path) -> Path:
     """W1 (merge.py's tensors and seeds) with every *_proj weight in block FP8."""
     from helpers.quantized_bases import FP8_CONFIG
-    from merge import BASE_SEED, SHARD_BYTES, w1_tensors
+    from merge import BASE_SEED, shard_groups, w1_tensors
     from workloads import W1_CONFIG
 
     from adaptertools.codecs import fp8
@@ -52,14 +52,7 @@ def w1_fp8_base(folder: Path) -> Path:
     folder.mkdir(parents=True)
     tensors = w1_tensors()
     seeds = {name: BASE_SEED + k for k, (name, _) in enumerate(tensors)}
-    shards, size = [[]], 0
-    for name, shape in tensors:             # the bf16 base's shards, as merge.py cuts them
-        nbytes = 2 * torch.Size(shape).numel()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
+    shards = shard_groups(tensors)          # the bf16 base's shards, as merge.py cuts them
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"

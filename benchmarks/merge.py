@@ -119,6 +119,21 @@ def _numel(shape) -> int:
     return n
 
 
+def shard_groups(tensors) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """(name, shape) pairs cut into the bf16 base's shards, as save_pretrained cuts them: a new
+    shard when the next tensor would pass SHARD_BYTES."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = 2 * _numel(shape)
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
 def w1_base(folder: Path) -> Path:
     """The W1 base, generated once: shards as save_pretrained cuts them (state_dict order, a new
     shard when the next tensor would pass 1 GB), tensors inside a shard sorted by name as the
@@ -132,15 +147,7 @@ def w1_base(folder: Path) -> Path:
     folder.mkdir(parents=True)
     tensors = w1_tensors()
     seeds = {name: BASE_SEED + k for k, (name, _) in enumerate(tensors)}
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in tensors:
-        nbytes = 2 * _numel(shape)
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
+    shards = shard_groups(tensors)
     weight_map = {}
     start = time.perf_counter()
     for k, shard in enumerate(shards, 1):

@@ -103,12 +103,9 @@ def _result(future) -> dict:
 
 class RayPool:
     def __init__(self, address: str | None) -> None:
-        from ..parallel import import_ray
+        from ..parallel import connect_ray
 
-        self.ray = ray = import_ray()
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+        self.ray = ray = connect_ray(address)
         self.task = ray.remote(max_calls=1)(run_job)
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
@@ -116,12 +113,11 @@ class RayPool:
         return len(running) < 2 * self.cpus      # Ray queues the rest by its resources
 
     def submit(self, job, args, memory: int):
+        from ..parallel import passed_env
         from .run import DELAY_ENV
 
-        delay = os.environ.get(DELAY_ENV)
-        env = {"runtime_env": {"env_vars": {DELAY_ENV: delay}}} if delay else {}
         return self.task.options(num_cpus=1, memory=memory, max_retries=MAX_RETRIES,
-                                 **env).remote(*args)
+                                 **passed_env(DELAY_ENV)).remote(*args)
 
     def wait(self, handles):
         ready, _ = self.ray.wait(list(handles), num_returns=1)

@@ -19,6 +19,7 @@ are the same.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,8 @@ class Piece:
 
 def _peak(jobs) -> int:
     """fp32 source, fp32 result and the encoded copy of the largest adapted tensor, about."""
-    sizes = [4 * _numel(j.shape) for j in jobs if j.changed]
+    sizes = [4 * math.prod(j.shape) for j in jobs if j.changed]
     return 3 * max(sizes, default=0)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def split(plan: Plan, ranges: int | None = None) -> list[Piece]:
