@@ -55,6 +55,15 @@ def _base_info(base):
     return load_base_info(base)
 
 
+def _base_for(module, base):
+    """``base`` as ``module`` takes it: a format that names the base's own tensors itself
+    (``BASE_AS_PATH = True``, e.g. kohya: any diffusers or single-file checkpoint) gets the
+    path, the others a BaseInfo (``_base_info``)."""
+    if getattr(module, "BASE_AS_PATH", False) and isinstance(base, (str, os.PathLike)):
+        return Path(base)
+    return _base_info(base)
+
+
 def _readable(path: Path, format: str | None) -> Format:
     fmt = get_format(format) if format else detect_format(path)
     if not fmt.can_read:
@@ -158,7 +167,7 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
                               f"{fmt.name} adapters carry their own scale, drop --scale")
         options["scale"] = scale
     if base is not None and _accepts(fmt.module.read, "base"):
-        options["base"] = _base_info(base)
+        options["base"] = _base_for(fmt.module, base)
     return fmt.module.read(path, **options)
 
 
@@ -217,7 +226,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: Adapt
     else:
         adapter = cast_adapter(adapter, parse_dtype(dtype))
     if base is not None and _accepts(fmt.module.write, "base"):
-        options["base"] = _base_info(base)
+        options["base"] = _base_for(fmt.module, base)
     nbytes = sum(t.numel() * t.element_size() for w in adapter.weights.values()
                  for t in (w.a, w.b, w.magnitude, w.bias) if t is not None)
     nbytes += sum(t.numel() * t.element_size() for t in adapter.replacements.values())
@@ -281,7 +290,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     if base is not None and not (_accepts(fmt.module.read, "base") or
                                  _accepts(target.module.write, "base")):
         raise OptionError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
-    base = _base_info(base)     # parsed once, for the reader and the writer
+    if not any(getattr(f.module, "BASE_AS_PATH", False) for f in (fmt, target)):
+        base = _base_info(base)     # parsed once, for the reader and the writer
     adapter = _read(fmt, src_path, scale, base)
     named, notes = None, []
     if base is None:
