@@ -200,10 +200,24 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
         if dry_run:
             raise OptionError("--push-to needs a real run; drop --dry-run")
         check_push(push_to)
+    from .merging import pipeline
+
+    if pipeline.is_pipeline(base):     # a diffusers pipeline folder: each component merged
+        pipeline.check_options(executor=executor, quantize_like=quantize_like, push_to=push_to,
+                               validate=validate)
+        report = pipeline.merge_pipeline(
+            base, paths, out, factors=factors, mode=mode, dtype=dtype, scale=scale,
+            device=device, kernels=kernels, force=force, dry_run=dry_run, progress=progress,
+            requantize=requantize, max_shard_size=max_shard_size,
+            allow_modified_base=allow_modified_base)
+        return (MergePlanReport if dry_run else MergeReport).from_dict(report)
     hub, sources = {"endpoint": endpoint, "token": token}, []
     local_base, checkpoint, local_paths, loaded = open_inputs(base, paths, hub, sources,
                                                               refusal="refusing to merge it",
                                                               scale=scale)
+    if checkpoint.kind == "safetensors":   # one diffusers component's folder: "unet." dropped
+        entries = checkpoint.entries()
+        loaded = [pipeline.for_component(a, entries, base, str(p)) for a, p in zip(loaded, paths)]
     inputs = (local_base, *local_paths, quantize_like)
     out_exists = out is not None and os.path.lexists(out)
     if out is not None and checkpoint.kind == "safetensors":

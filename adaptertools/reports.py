@@ -156,6 +156,8 @@ class MergePlanReport(Report):
     max_shard_size: int | None = field(default=None, metadata=SOMETIMES)
     shards: list[Row] | None = field(default=None, metadata=SOMETIMES)
     base_model: str | None             # the base's Hub id, for a model card
+    # a diffusers pipeline folder: {component: {merged, tensors} or {copied: files}}
+    components: dict[str, Any] | None = field(default=None, metadata=SOMETIMES)
     hub_inputs: list[Row] | None = field(default=None, metadata=SOMETIMES)
 
 

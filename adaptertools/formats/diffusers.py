@@ -10,6 +10,9 @@
   flattened under the same prefix (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ...);
   diffusers rebuilds ``LoraConfig(**those)`` when it loads, so PEFT's scale rule applies per
   component (``lora_alpha / r``, rsLoRA, patterns: formats/peft.py).
+- A model's own file (``ModelMixin.save_lora_adapter``, e.g. ``unet.save_lora_adapter(dir)``):
+  the same without prefixes, its LoraConfig unprefixed in the metadata; read with its own names
+  (merge it into that model's folder) and written back the same way.
 - No metadata (older trainers): diffusers' ``get_peft_kwargs`` takes alpha = r, scale 1; read
   with ``scale=`` (``--scale``) when given, else 1.0 with a warning that says so.
 
@@ -182,6 +185,13 @@ def _outside(file: Path, keys: list[str]) -> FormatError | UnsupportedError:
                        "not load them either: rename them under their component or drop them")
 
 
+def _model_level(config: dict | None, tensors: dict) -> bool:
+    """A file of one model (``save_lora_adapter``): unprefixed keys, its LoraConfig unprefixed
+    in the metadata (``r``, ``lora_alpha``)."""
+    return config is not None and "r" in config and "lora_alpha" in config and \
+        not any(component_of(k) for k in tensors)
+
+
 def _read_component(file: Path, component: str, state: dict, config: dict | None,
                     scale: float | None) -> Adapter:
     """One component's PEFT state dict -> an Adapter with its own (unprefixed) names."""
@@ -222,6 +232,14 @@ def read(path: Path, *, scale: float | None = None) -> Adapter:
     if not tensors:
         raise FormatError(f"{file}: holds no tensors; save the LoRA again")
     config = _metadata(file, metadata)
+    if _model_level(config, tensors):
+        if scale is not None:
+            raise OptionError(f"{file}: --scale only applies to files without {METADATA_KEY}; "
+                              "this one carries lora_alpha and r, drop --scale")
+        adapter = _read_component(file, "model", tensors, config, None)
+        adapter.metadata = {"source_format": "diffusers", "diffusers_metadata": config,
+                            "diffusers_layout": "model"}
+        return adapter
     states: dict[str, dict] = {}
     outside = []
     for key, tensor in tensors.items():
@@ -254,8 +272,8 @@ def _component_state(part: Adapter, component: str, config: dict | None) -> tupl
     """(tensors under ``<component>.``, the component's LoraConfig fields) for one component."""
     part.metadata = {"peft_config": config} if config else {}
     lora_config = peft.config_for(part)
-    state = {f"{component}.{k.removeprefix(KEY_PREFIX)}": t
-             for k, t in peft.state_dict_for(part).items()}
+    prefix = f"{component}." if component else ""      # "": a model's own file
+    state = {prefix + k.removeprefix(KEY_PREFIX): t for k, t in peft.state_dict_for(part).items()}
     return state, lora_config
 
 
@@ -265,9 +283,17 @@ def write(adapter: Adapter, path: Path) -> None:
     alpha and r)."""
     from safetensors.torch import save_file
 
-    parts = split_by_component(adapter, where="diffusers output", guess=True)
     source = adapter.metadata.get("diffusers_metadata")
     source = source if isinstance(source, dict) else None
+    if adapter.metadata.get("diffusers_layout") == "model":     # save_lora_adapter's file
+        part = Adapter(adapter.weights, adapter.replacements, adapter.base_model)
+        state, lora_config = _component_state(part, "", source)
+        save_file({k: t.contiguous() for k, t in state.items()},
+                  str(Path(path) / WEIGHTS_NAME), metadata={
+                      "format": "pt", METADATA_KEY: json.dumps(lora_config, indent=2,
+                                                               sort_keys=True)})
+        return
+    parts = split_by_component(adapter, where="diffusers output", guess=True)
     tensors, flat = {}, {}
     for component, part in parts.items():
         own = component_config(source, component)

@@ -184,3 +184,33 @@ def save_pipeline(folder: Path, components: dict, *, extra_files: dict | None = 
 
 SCHEDULER = {"scheduler/scheduler_config.json": json.dumps(
     {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000})}
+
+
+def fused_by_diffusers(model, lora: Path, prefix: str | None) -> dict[str, torch.Tensor]:
+    """diffusers' own merge: ``load_lora_adapter`` of the file's folder (with ``weight_name``:
+    given a file path, 0.42 drops the metadata's alpha), ``fuse_lora``, ``unload_lora``; the
+    fused model's state dict."""
+    model.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix=prefix,
+                            adapter_name="x")
+    model.fuse_lora(adapter_names=["x"])
+    model.unload_lora()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fused_text_encoder(peft_model) -> dict[str, torch.Tensor]:
+    """diffusers' ``fuse_text_encoder_lora`` (BaseTunerLayer.merge on every LoRA layer) on the
+    PEFT-wrapped text encoder, then the LoRA layers removed: the fused weights."""
+    import copy
+
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+
+    model = copy.deepcopy(peft_model)
+    fuse_text_encoder_lora(model)
+    return {k: v.detach().clone() for k, v in model.unload().state_dict().items()}
+
+
+def loaded_by_diffusers(model, lora: Path, prefix: str | None):
+    """``model`` with the LoRA file loaded by diffusers (load_lora_adapter, not fused)."""
+    model.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix=prefix,
+                            adapter_name="x")
+    return model

@@ -1,0 +1,230 @@
+"""Merging into diffusers folders: a pipeline folder, or one component's folder.
+
+A pipeline folder (``DiffusionPipeline.save_pretrained``) holds ``model_index.json`` naming each
+component as ``[library, class]`` and one subfolder per component: ``unet/`` or
+``transformer/`` (config.json + diffusion_pytorch_model.safetensors), ``text_encoder/``
+(config.json + model.safetensors), ``vae/``, ``scheduler/``, ``tokenizer/``... Each model
+folder is an HF folder the streaming engine already merges into (``bases.open_base``).
+
+An adapter read from a multi-component file keys its tensors ``<component>.<name inside that
+component>`` (formats/diffusers.py, formats/kohya.py). ``merge_pipeline`` splits it by
+component (``split_by_component``), merges each targeted component with the HF engine into its
+subfolder of a temporary folder beside OUT, copies every other file and folder byte for byte,
+and renames the whole onto OUT (paths.atomic_output): OUT appears complete or not at all.
+``for_component`` strips the prefix when the base is one component's own folder (``unet/``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .._io import read_json
+from ..adapter import Adapter
+from ..errors import OptionError, UnsupportedError
+from ..formats.diffusers import COMPONENTS, component_of, split_by_component
+from ..paths import atomic_output, contained_file
+
+INDEX_NAME = "model_index.json"
+__all__ = ["COMPONENTS", "components", "for_component", "is_pipeline", "merge_pipeline",
+           "split_by_component"]
+
+
+def is_pipeline(path) -> bool:
+    """Is ``path`` a local diffusers pipeline folder (it holds model_index.json)?"""
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path).startswith("hf://"):
+        return False
+    return (Path(path) / INDEX_NAME).is_file()
+
+
+def components(folder: str | os.PathLike) -> dict[str, Path]:
+    """The components model_index.json names (``"unet": ["diffusers", "UNet2DConditionModel"]``)
+    whose subfolder exists, by name; entries starting with ``_`` and ``[null, null]`` (a
+    component left out) are not components."""
+    folder = Path(folder)
+    index = read_json(contained_file(folder, INDEX_NAME))
+    found = {}
+    for name, value in index.items():
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2):
+            continue
+        if value[1] is None:
+            continue
+        sub = contained_file(folder, name)
+        if sub.is_dir():
+            found[name] = sub
+    return found
+
+
+# ----------------------------------------------------------------------------- one component
+
+def for_component(adapter: Adapter, entries: dict, base, where: str) -> Adapter:
+    """``adapter`` as it applies to the single model folder ``base`` (tensor names
+    ``entries``): a one-component adapter (``unet.<name>``) loses its prefix when the base's
+    tensors are named without it; a multi-component one is refused (merge into the pipeline
+    folder). Any other adapter comes back as it is."""
+    names = list(adapter.weights) + list(adapter.replacements)
+    found = {component_of(n) for n in names}
+    if not names or None in found or any(n in entries for n in names):
+        return adapter
+    parts = split_by_component(adapter, where=where)
+    matching = [c for c, part in parts.items()
+                if any(n in entries for n in list(part.weights) + list(part.replacements))]
+    if len(parts) > 1:
+        here = f" ({matching[0]})" if len(matching) == 1 else ""
+        raise UnsupportedError(f"{where}: holds LoRA tensors for {', '.join(sorted(parts))}, "
+                               f"but {base} is one model{here}; merge into the pipeline folder "
+                               "(the one with model_index.json) so that each component gets its "
+                               "own")
+    if not matching:
+        return adapter           # nothing fits either way: the planner names the mismatches
+    (part,) = parts.values()
+    part.metadata.pop("component", None)
+    return part
+
+
+# ----------------------------------------------------------------------------- pipeline merge
+
+def _copy_into(folder: Path, rel: str, dst: Path) -> int:
+    """Copy ``folder / rel`` (a file or a whole subfolder) to ``dst / rel``, byte for byte,
+    links followed only where they stay inside ``folder`` (paths.contained_file); the count of
+    files copied."""
+    src = contained_file(folder, rel)
+    if src.is_file():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst / rel)
+        shutil.copystat(src, dst / rel)
+        return 1
+    count = 0
+    for path in sorted(src.rglob("*")):
+        inner = path.relative_to(folder).as_posix()
+        if path.is_file() or (path.is_symlink() and contained_file(folder, inner).is_file()):
+            count += _copy_into(folder, inner, dst)
+    return count
+
+
+def _missing(names: list[str], splits: list[dict], parts: dict, base) -> None:
+    for name, split in zip(names, splits):
+        absent = sorted(set(split) - set(parts))
+        if absent:
+            first = split[absent[0]]
+            example = next(iter(first.weights), None) or next(iter(first.replacements))
+            folders = ", ".join(a + "/" for a in absent)
+            raise UnsupportedError(f"{name}: has LoRA tensors for {', '.join(absent)} (e.g. "
+                                   f"{absent[0]}.{example}), but {base} has no {folders} "
+                                   f"component{'s' if len(absent) > 1 else ''} "
+                                   "(model_index.json lists "
+                                   f"{', '.join(sorted(parts)) or 'none'}); merge into the "
+                                   "pipeline the LoRA was trained for")
+
+
+def plan_pipeline(base: Path, loaded: list[Adapter], names: list[str], factors: list[float], *,
+                  mode: str, dtype: str, requantize: str, max_shard_size, allow_modified_base
+                  ) -> dict:
+    """{component: plan} for every component some adapter targets."""
+    from ..inputs import make_plan
+    from .bases import open_base
+
+    parts = components(base)
+    splits = [split_by_component(a, where=n) for a, n in zip(loaded, names)]
+    _missing(names, splits, parts, base)
+    plans = {}
+    for component, folder in parts.items():
+        chosen = [i for i, split in enumerate(splits) if component in split]
+        if not chosen:
+            continue
+        checkpoint = open_base(folder)
+        if checkpoint.kind != "safetensors":
+            raise UnsupportedError(f"{folder}: not a safetensors model folder; convert the "
+                                   "pipeline to safetensors first")
+        plans[component] = make_plan(
+            checkpoint, [splits[i][component] for i in chosen],
+            [f"{names[i]} ({component})" for i in chosen], [factors[i] for i in chosen],
+            mode=mode, dtype=dtype, requantize=requantize, quantize_like=None,
+            max_shard_size=max_shard_size, allow_modified_base=allow_modified_base)
+    return plans
+
+
+def _report(plans: dict, base, out, names, factors, mode, dtype, copied: dict) -> dict:
+    """One merge report over the components: their changed tensors named
+    ``<component>.<tensor>``, warnings prefixed with the component, per-component counts."""
+    from ..api import _plan_report
+
+    report = {"base": str(base), "out": None if out is None else str(out),
+              "format": "diffusers-pipeline", "adapters": list(names),
+              "weights": list(factors), "mode": mode, "dtype": dtype, "tensors": 0,
+              "output_bytes": 0, "changed": [], "warnings": []}
+    counts = {}
+    for component, plan in plans.items():
+        part = _plan_report(plan, plan.base.folder, out, dtype, list(plan.warnings))
+        report["tensors"] += part["tensors"]
+        report["output_bytes"] += part["output_bytes"]
+        for row in part["changed"]:
+            row["name"] = f"{component}.{row['name']}"
+            report["changed"].append(row)
+        report["warnings"] += [f"{component}: {w}" for w in part["warnings"]]
+        counts[component] = {"merged": len(part["changed"]), "tensors": part["tensors"]}
+    for rel, files in copied.items():
+        counts[rel] = {"copied": files}
+    report["base_model"] = None
+    report["components"] = counts
+    return report
+
+
+def merge_pipeline(base, paths: list, out, *, factors: list[float], mode: str, dtype: str,
+                   scale=None, device: str = "cpu", kernels: str = "auto", force: bool = False,
+                   dry_run: bool = False, progress=None, requantize: str = "keep",
+                   max_shard_size=None, allow_modified_base: bool = False) -> dict:
+    """``api.merge`` into a pipeline folder ``base``; the report as a dict (MergeReport's, or
+    MergePlanReport's with ``dry_run``, plus ``components``)."""
+    from ..inputs import load_finite
+    from .run import execute
+
+    base = Path(base)
+    names = [str(p) for p in paths]
+    if requantize != "keep":
+        raise OptionError("--requantize applies to GGUF and bitsandbytes bases, not to a "
+                          "diffusers pipeline folder")
+    loaded = load_finite(paths, names, base=base, refusal="refusing to merge it", scale=scale)
+    plans = plan_pipeline(base, loaded, names, factors, mode=mode, dtype=dtype,
+                          requantize=requantize, max_shard_size=max_shard_size,
+                          allow_modified_base=allow_modified_base)
+    others = sorted(p.name for p in base.iterdir() if p.name not in plans and not
+                    p.name.startswith("."))
+    report = _report(plans, base, out, names, factors, mode, dtype, {})
+    if dry_run:
+        return report
+    if callable(getattr(progress, "start", None)):
+        progress.start(report["output_bytes"])
+    start, inputs, runs, copied = time.perf_counter(), (base, *paths), {}, {}
+    size = report["output_bytes"] + sum(f.stat().st_size for o in others
+                                        for f in ([base / o] if (base / o).is_file()
+                                                  else (base / o).rglob("*")) if f.is_file())
+    with atomic_output(out, force=force, is_dir=True, expected_bytes=size,
+                       inputs=inputs) as tmp:
+        for rel in others:
+            copied[rel] = _copy_into(base, rel, tmp)
+        for component, plan in plans.items():
+            runs[component] = execute(plan, tmp / component, device=device, progress=progress,
+                                      kernels=kernels, inputs=inputs)
+    report = _report(plans, base, out, names, factors, mode, dtype, copied)
+    first = next(iter(runs.values()), {})
+    report.update(wall_s=time.perf_counter() - start, device=first.get("device", device),
+                  kernels=first.get("kernels", kernels),
+                  copied_files=sorted(f"{c}/{f}" for c, r in runs.items()
+                                      for f in r["copied_files"]) + others,
+                  survival=None)
+    return report
+
+
+def check_options(*, executor: str, quantize_like, push_to, validate) -> None:
+    """What a pipeline merge does not take (yet): one OptionError naming it."""
+    for given, what in ((executor != "local", "--executor ray"),
+                        (quantize_like is not None, "--quantize-like"),
+                        (push_to is not None, ("--push-to (push OUT afterwards with "
+                                               "`adaptertools push`)")),
+                        (validate, "--validate (validate each component folder of OUT)")):
+        if given:
+            raise OptionError(f"{what} does not apply to a diffusers pipeline folder; merge "
+                              "without it")
