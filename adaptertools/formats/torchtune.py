@@ -205,7 +205,7 @@ def _scale(config: dict | None, config_path: Path, rank: int, scale: float | Non
         if scale is None:
             where = f"{config_path} has no lora_alpha" if config is not None else \
                 f"no {CONFIG_NAME} beside it"
-            raise OptionError(f"{file}: lora_alpha is unknown ({where}): pass --scale "
+            raise FormatError(f"{file}: lora_alpha is unknown ({where}): pass --scale "
                               f"(lora_alpha / lora_rank of the recipe config, rank {rank} here)")
         return float(scale)
     if scale is not None:
@@ -232,7 +232,7 @@ def _base_from_config(config: dict | None, config_path: Path) -> BaseInfo | None
 def _permutes(base: BaseInfo | None, file: Path) -> bool:
     """Are this base's q/k rows permuted in torchtune's checkpoints (``TUNE_PERMUTES_QK``)?"""
     if base is None:
-        raise OptionError(f"{file}: q_proj/k_proj LoRA rows are in torchtune's RoPE order for "
+        raise FormatError(f"{file}: q_proj/k_proj LoRA rows are in torchtune's RoPE order for "
                           "Llama-family models and not for Qwen2, so the base's model type is "
                           "needed: pass --base (the HF model folder or its config.json)")
     if base.arch in SPLIT_FUSED:

@@ -2,8 +2,8 @@
 by the tests: makes one LoRA / DoRA checkpoint the way torchtune 0.6.1's
 recipes/lora_finetune_single_device.py does, on a tiny HF base folder.
 
-    python torchtune_oracle.py '{"base": DIR, "out": DIR, "model": "llama"|"qwen2",
-                                 "dora": false, "rank": 4, "alpha": 8.0, "seed": 0}'
+    python torchtune_oracle.py '[{"base": DIR, "out": DIR, "model": "llama"|"qwen2",
+                                  "dora": false, "rank": 4, "alpha": 8.0, "seed": 0}, ...]'
 
 - base weights: FullModelHFCheckpointer(model_type LLAMA3 | QWEN2).load_checkpoint() (HF ->
   torchtune names, q/k rows permuted for LLAMA3 only), loaded into torchtune's own LoRA model
@@ -79,4 +79,5 @@ def main(spec: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    for one in json.loads(sys.argv[1]):         # one interpreter: torchtune imports once
+        main(one)
