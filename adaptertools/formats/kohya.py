@@ -1,18 +1,313 @@
-"""Placeholder while the kohya format is built (issue 17): sniffs nothing, reads nothing."""
+"""kohya (sd-scripts) LoRA files: one .safetensors, module names in underscore form.
+
+Tensors (sd-scripts networks/lora.py LoRAModule, lycoris-lora 4.1 LoConModule), per module
+``<stem> = <prefix><module path, dots as underscores>`` (kohya_names.py resolves it):
+
+    <stem>.lora_down.weight   A: (r, in) Linear, (r, in, k, k) Conv2d
+    <stem>.lora_up.weight     B: (out, r) Linear, (out, r, 1, 1) Conv2d
+    <stem>.alpha              0-d; missing or 0 means alpha = r; scale = alpha / r
+    <stem>.dora_scale         DoRA magnitude (lycoris weight_decompose, wd_on_out=True):
+                              (out, 1) Linear, (out, 1, 1, 1) Conv2d: the norm of each output
+                              row, PEFT's lora_magnitude_vector (diffusers' kohya export renames
+                              one to the other)
+
+A conv LoRA is a k x k down conv then a 1 x 1 up conv, so the delta in the stored conv layout
+is ``up (out, r) @ down (r, in*k*k)`` viewed (out, in, k, k): LoraWeight's conv layout as is.
+Modules holding LyCORIS tensors (hada_*, lokr_*) go to formats/lycoris.py when it is there.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import math
+import re
 from pathlib import Path
 
-from ..errors import UnsupportedError
+from .._io import load_safetensors
+from ..adapter import Adapter, LoraWeight, check_weight
+from ..errors import FormatError, OptionError, UnsupportedError
+from . import accounting, kohya_names
 
-DESCRIPTION = "kohya adapters (in progress)"
-SNIFF_ORDER = 40
+DESCRIPTION = "kohya (sd-scripts) LoRA .safetensors (lora_unet_ / lora_te_ keys; needs --base)"
+SNIFF_ORDER = 40          # before our own safetensors format (50), which takes any .safetensors
+BASE_AS_PATH = True       # adapter_io hands --base over as the path (kohya_names.open_names)
+
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+STEM = re.compile(r"^(?:" + "|".join(kohya_names.PREFIXES) + r")[^.]+$")
+REMADE = "the file is incomplete; save it again with the tool that trained it"
 
 
 def sniff(path: Path) -> bool:
-    return False
+    """A safetensors file with kohya module names (``lora_unet_x.lora_down.weight``...) that is
+    not one of our own tagged files."""
+    from ..errors import AdapterToolsError
+    from ..tensor_index import read_safetensors_header
+    from .safetensors import FORMAT_TAG
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        header = read_safetensors_header(path)
+    except (AdapterToolsError, OSError):
+        return False
+    if header.metadata.get("format") == FORMAT_TAG:
+        return False
+    return any(STEM.match(t.name.split(".", 1)[0]) and "." in t.name for t in header.tensors)
 
 
-def read(path: Path, **opts):
-    raise UnsupportedError(f"{path}: the kohya reader is not built yet")
+# ----------------------------------------------------------------------------- read
+
+def _lycoris():
+    """formats/lycoris.py (LoHa / LoKr module maths) when it is installed, else None."""
+    try:
+        return importlib.import_module("adaptertools.formats.lycoris")
+    except ModuleNotFoundError:
+        return None
+
+
+def _group(tensors: dict, file: Path, claimed: tuple[str, ...]) -> dict[str, dict]:
+    """{stem: {part: tensor}}; a tensor with no kohya module name or an unknown part is refused,
+    all such keys named at once."""
+    modules: dict[str, dict] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        stem, _, part = key.partition(".")
+        if STEM.match(stem) and (part in LORA_PARTS or part in claimed or
+                                 part.startswith(("hada_", "lokr_"))):
+            modules.setdefault(stem, {})[part] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        from .foreign import looks_like
+
+        what = looks_like(unknown)
+        shown = ", ".join(unknown[:3]) + (f" (and {len(unknown) - 3} more)"
+                                          if len(unknown) > 3 else "")
+        raise FormatError(f"{file}: {len(unknown)} tensor(s) are not kohya LoRA tensors "
+                          f"(<prefix>_<module>.{{{', '.join(LORA_PARTS)}}}): {shown}"
+                          + (f"; they look like {what}" if what else "") +
+                          "; refusing to read the file without them")
+    return modules
+
+
+def _alpha(stem: str, parts: dict, rank: int, file: Path) -> float:
+    """sd-scripts: ``alpha`` 0-d; absent, or 0, means alpha = rank (LoRAModule.__init__)."""
+    alpha = parts.get("alpha")
+    if alpha is None:
+        return float(rank)
+    if alpha.numel() != 1:
+        raise FormatError(f"{file}: {stem}.alpha has shape {tuple(alpha.shape)}, expected one "
+                          f"value (0-d); {REMADE}")
+    value = float(alpha.reshape(()).double())
+    if not math.isfinite(value):
+        raise FormatError(f"{file}: {stem}.alpha is {value}; {REMADE}")
+    return value or float(rank)
+
+
+def _weight(stem: str, parts: dict, target, file: Path) -> LoraWeight:
+    """One module's factors in the stored weight's layout (``target.shape``)."""
+    for leaf, partner in (("lora_down.weight", "lora_up.weight"),
+                          ("lora_up.weight", "lora_down.weight")):
+        if leaf not in parts:
+            raise FormatError(f"{file}: {stem}.{leaf} is missing (its partner {stem}.{partner} "
+                              f"is there); {REMADE}")
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    shape, rank = target.shape, int(down.shape[0])
+    where = f"{file}: {stem} ({target.key}, {tuple(shape)})"
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or \
+            (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise FormatError(f"{where}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} "
+                          "are not a kohya Linear or Conv2d LoRA (2-D, or k x k down and 1 x 1 "
+                          "up); lora_mid (LoCon Tucker) is not supported")
+    a = down.reshape(rank, -1)                 # (r, in) or (r, in*k*k)
+    b = up.reshape(up.shape[0], -1)            # (out, r)
+    cols = math.prod(shape[1:])
+    kernel_ok = down.dim() == 2 and all(k == 1 for k in shape[2:]) or \
+        down.dim() == 4 and tuple(down.shape[2:]) == tuple(shape[2:] or (1, 1))
+    if len(shape) < 2 or b.shape[0] != shape[0] or a.shape[1] != cols or not kernel_ok:
+        raise FormatError(f"{where}: lora_down {tuple(down.shape)} and lora_up "
+                          f"{tuple(up.shape)} do not fit this weight: the file was made for "
+                          f"another model ({kohya_names.made_for(stem)}); pass the base it was "
+                          "trained on")
+    magnitude = parts.get("dora_scale")
+    if magnitude is not None:
+        if magnitude.shape[0] != shape[0] or magnitude.numel() != shape[0]:
+            raise UnsupportedError(f"{where}: dora_scale {tuple(magnitude.shape)} is not one "
+                                   "norm per output row (lycoris wd_on_out=False normalises "
+                                   "input columns): not supported")
+        magnitude = magnitude.reshape(shape[0])
+    weight = LoraWeight(a=a.contiguous(), b=b.contiguous(),
+                        scale=_alpha(stem, parts, rank, file) / rank,
+                        layer="linear" if len(shape) == 2 else "conv", magnitude=magnitude,
+                        weight_shape=None if len(shape) == 2 else tuple(shape))
+    check_weight(stem, weight, where=str(file))
+    accounting.check_factors(stem, weight, file)
+    return weight
+
+
+def _lycoris_delta(stem: str, parts: dict, target, file: Path, lycoris):
+    if lycoris is None:
+        found = sorted(p for p in parts if p.startswith(("hada_", "lokr_")))
+        raise UnsupportedError(f"{file}: {stem} holds LyCORIS tensors ({', '.join(found)}): "
+                               "LoHa / LoKr modules in kohya files are not supported yet")
+    return lycoris.module_delta(stem, parts, target.shape)
+
+
+def read(path: Path, *, base=None) -> Adapter:
+    """The file's modules keyed by the base's own tensor names (``base``: the path of a
+    diffusers pipeline/component folder or a .safetensors checkpoint; required)."""
+    path = Path(path)
+    if base is None:          # misuse (exit 2): the names need the base to mean anything
+        raise OptionError(f"{path}: a kohya LoRA names modules in underscore form, which "
+                               "only its base model resolves; pass --base <the model it was "
+                               "trained on> (a diffusers folder or .safetensors checkpoint)")
+    tensors, metadata = load_safetensors(path)
+    if not tensors:
+        raise FormatError(f"{path}: holds no tensors; {REMADE}")
+    lycoris = _lycoris()
+    claimed = tuple(getattr(lycoris, "LYCORIS_PARTS", ()))
+    modules = _group(tensors, path, claimed)
+    names = kohya_names.open_names(base)
+    weights, stems, alphas = {}, {}, {}
+    for stem, parts in modules.items():
+        target = names.resolve(stem, path)
+        if target.key in weights:
+            raise FormatError(f"{path}: {stems[target.key]} and {stem} both name "
+                              f"{target.key}; refusing to add one and drop the other")
+        if any(p not in LORA_PARTS for p in parts):
+            weights[target.key] = _lycoris_delta(stem, parts, target, path, lycoris)
+        else:
+            weights[target.key] = _weight(stem, parts, target, path)
+            alpha = parts.get("alpha")
+            alphas[target.key] = None if alpha is None else {     # as stored: 0, int64...
+                "value": alpha.reshape(()).item(), "dtype": str(alpha.dtype).split(".")[-1]}
+        stems[target.key] = stem
+    # kohya_stems / kohya_alpha: the writer gives the same names and alpha dtypes back
+    return Adapter(weights=weights, metadata={
+        "source_format": "kohya", "kohya_stems": stems, "kohya_alpha": alphas,
+        "kohya_metadata": {k: v for k, v in metadata.items() if isinstance(v, str)}})
+
+
+# ----------------------------------------------------------------------------- write
+
+# component prefix of our pipeline keys -> kohya prefix, for adapters without a base at hand
+COMPONENT_PREFIXES = {"unet": "lora_unet_", "transformer": "lora_transformer_",
+                      "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def _stems(adapter: Adapter, base) -> dict[str, str]:
+    """Adapter key -> kohya stem: the source file's own names where they still resolve, else the
+    base's names; pipeline keys (``unet.``...) without a base by their component."""
+    names = kohya_names.open_names(base) if base is not None else None
+    kept = adapter.metadata.get("kohya_stems") or {}
+    out = {}
+    for key in adapter.weights:
+        stem = kept.get(key)
+        if names is not None and not (stem and names.targets.get(stem) and
+                                      names.targets[stem].key == key):
+            stem = names.stems.get(key)
+            if stem is None:
+                clash = [s for s, keys in names.collisions.items()
+                         if key.removesuffix(".weight") in keys]
+                why = (f"its underscore form {clash[0]} also names "
+                       f"{' and '.join(names.collisions[clash[0]])}") if clash else \
+                    f"it is no weight of {names.source}"
+                raise UnsupportedError(f"{key}: no kohya name ({why}); pass the base the "
+                                       "adapter was trained on")
+        if stem is None:
+            component, _, inner = key.partition(".")
+            if component not in COMPONENT_PREFIXES or not inner.endswith(".weight"):
+                raise UnsupportedError(f"{key}: kohya names modules in underscore form, "
+                                       "resolved by the base; pass --base <the model it was "
+                                       "trained on>")
+            stem = COMPONENT_PREFIXES[component] + inner.removesuffix(".weight").replace(".", "_")
+        out[key] = stem
+    if len(set(out.values())) < len(out):
+        raise UnsupportedError("two adapted weights get the same kohya name; pass --base")
+    return out
+
+
+def _check_writable(adapter: Adapter) -> None:
+    if adapter.replacements:
+        raise UnsupportedError(f"{next(iter(adapter.replacements))}: a full tensor; kohya files "
+                               "hold LoRA modules only: merge the adapter instead")
+    for key, w in adapter.weights.items():
+        if w.layer not in ("linear", "conv"):
+            raise UnsupportedError(f"{key}: a LoRA on a {w.layer} layer; kohya's LoRA modules "
+                                   "are Linear and Conv2d only")
+        if w.bias is not None:
+            raise UnsupportedError(f"{key}: a lora_bias; kohya's LoRA modules have none")
+
+
+def _alpha_for(w: LoraWeight, stored):
+    """``.alpha`` (0-d) for ``w``: the source file's own (its value and dtype, 0 and integers
+    included; None where it had none) while it still gives ``w.scale``, else scale * rank as
+    float32, what sd-scripts' LoRAModule registers (``torch.tensor(alpha)``)."""
+    import torch
+
+    if stored is None:
+        return None if w.scale == 1.0 else torch.tensor(w.scale * w.rank, dtype=torch.float32)
+    value, dtype = stored.get("value"), getattr(torch, str(stored.get("dtype")), None)
+    if isinstance(value, (int, float)) and isinstance(dtype, torch.dtype):
+        kept = torch.tensor(value, dtype=dtype)
+        if (float(kept.double()) or w.rank) / w.rank == w.scale:
+            return kept
+    return torch.tensor(w.scale * w.rank, dtype=torch.float32)
+
+
+def tensors_for(adapter: Adapter, stems: dict[str, str]) -> dict:
+    kept = adapter.metadata.get("kohya_alpha") or {}
+    out = {}
+    for key, w in adapter.weights.items():
+        stem, shape = stems[key], w.stored_shape
+        if w.layer == "conv":          # (r, in, k, k) down, (out, r, 1, 1) up
+            out[f"{stem}.lora_down.weight"] = w.a.reshape(w.rank, *shape[1:])
+            out[f"{stem}.lora_up.weight"] = w.b.reshape(*w.b.shape, *[1] * (len(shape) - 2))
+        else:
+            out[f"{stem}.lora_down.weight"], out[f"{stem}.lora_up.weight"] = w.a, w.b
+        alpha = _alpha_for(w, kept.get(key, {}))
+        if alpha is not None:
+            out[f"{stem}.alpha"] = alpha
+        if w.magnitude is not None:    # (out, 1) / (out, 1, 1, 1), lycoris' dora_scale
+            out[f"{stem}.dora_scale"] = w.magnitude.reshape(-1, *[1] * (len(shape) - 1))
+    return {k: t.contiguous() for k, t in out.items()}
+
+
+def metadata_for(adapter: Adapter) -> dict[str, str]:
+    """The source's own metadata, with sd-scripts' network fields for what is written."""
+    meta = dict(adapter.metadata.get("kohya_metadata") or {})
+    ranks = {w.rank for w in adapter.weights.values()}
+    alphas = {w.scale * w.rank for w in adapter.weights.values()}
+    meta["ss_network_module"] = meta.get("ss_network_module", "networks.lora")
+    meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    meta["ss_network_alpha"] = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
+    if any(w.magnitude is not None for w in adapter.weights.values()):
+        meta.setdefault("ss_network_args", json.dumps({"dora_wd": "True"}))
+    return meta
+
+
+def write(adapter: Adapter, path: Path, *, base=None) -> None:
+    """One kohya .safetensors at ``path``; ``base`` (a path) names the modules."""
+    from safetensors.torch import save_file
+
+    _check_writable(adapter)
+    stems = _stems(adapter, base)
+    save_file(tensors_for(adapter, stems), str(path), metadata=metadata_for(adapter))
+
+
+# ----------------------------------------------------------------------------- inspect
+
+def describe(path: Path) -> dict:
+    """Storage facts for ``inspect``: prefixes, module count, ranks (from the header)."""
+    from ..tensor_index import read_safetensors_header
+
+    header = read_safetensors_header(Path(path))
+    downs = [t for t in header.tensors if t.name.endswith(".lora_down.weight")]
+    prefixes = sorted({p for t in header.tensors for p in kohya_names.PREFIXES
+                       if t.name.startswith(p)})
+    return {"prefixes": prefixes, "modules": len({t.name.split(".", 1)[0]
+                                                  for t in header.tensors}),
+            "ranks": sorted({int(t.shape[0]) for t in downs}),
+            "network_module": header.metadata.get("ss_network_module")}
