@@ -44,7 +44,7 @@ LOCK_TAG = ".at-lock"
 LONGEST_TAG = len(".at4194304-abcd.old")     # pid_max is at most 2^22
 # what a folder replaced by --force may hold at its top level besides adapter sub-folders
 MODEL_MARKERS = ("config.json", "adapter_config.json", "model.safetensors.index.json",
-                 "adapters.safetensors", "pytorch_lora_weights.safetensors")
+                 "adapters.safetensors", "pytorch_lora_weights.safetensors", "model_index.json")
 MODEL_SUFFIXES = {".safetensors", ".json", ".gguf", ".md", ".txt", ".model", ".jinja",
                   ".tiktoken", ".py", ".bin", ".pt", ".pth", ".png", ".vocab", ".spm", ".npz"}
 MODEL_NAMES = {".gitattributes", "LICENSE", "NOTICE", "USE_POLICY", "README"}
@@ -146,11 +146,20 @@ def _foreign_entry(folder: Path) -> str | None:
         if entry.is_dir():
             if (entry / "adapter_config.json").is_file() and _foreign_entry(entry) is None:
                 continue        # a PEFT adapter saved under its own name
+            if (folder / "model_index.json").is_file() and _component_folder(entry):
+                continue        # a diffusers pipeline's component (unet/, scheduler/, ...)
             return f"it holds the folder {entry.name!r}"
         if entry.suffix not in MODEL_SUFFIXES and entry.name not in MODEL_NAMES \
                 and entry.name.split(".")[0] not in MODEL_NAMES:
             return f"it holds {entry.name!r}"
     return None
+
+
+def _component_folder(folder: Path) -> bool:
+    """A diffusers pipeline's component folder: model files only, no links or subfolders."""
+    return all(e.is_file() and not e.is_symlink() and (e.suffix in MODEL_SUFFIXES or
+                                                       e.name.split(".")[0] in MODEL_NAMES)
+               for e in folder.iterdir())
 
 
 # ----------------------------------------------------------------------------- siblings

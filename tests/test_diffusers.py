@@ -128,6 +128,11 @@ def test_merge_pipeline_bit_identical_to_fuse_lora(sd, tmp_path):
     for rel in ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
                 "text_encoder/config.json"):
         assert (out / rel).read_bytes() == (sd.pipe / rel).read_bytes(), rel
+    # --force replaces a pipeline folder (component subfolders and all)
+    (out / "unet" / UNET_FILE).write_bytes(b"stale")
+    run_cli("merge", sd.pipe, sd.lora, "--out", out, "--force", expect=0)
+    assert load_file(out / "unet" / UNET_FILE).keys() == load_file(
+        sd.pipe / "unet" / UNET_FILE).keys()
 
 
 @pytest.mark.parametrize("extra", [
