@@ -114,6 +114,9 @@ def inspect_report(report: dict) -> None:
         ("size on disk", human_size(report["size_bytes"])),
         ("adapted tensors", str(report["adapted_tensors"])),
         ("replaced tensors", ", ".join(report["replaced_tensors"]) or "-"),
+        *([("trained token rows", "; ".join(f"{n}: {len(ids)} token(s)" for n, ids in
+                                            report["trained_token_rows"].items()))]
+          if report.get("trained_token_rows") else []),
         ("parameters", f"{report['parameters']:,}"),
         ("dtypes", ", ".join(report["dtypes"])),
         ("ranks", _fmt_counts(report["ranks"])),

@@ -69,6 +69,20 @@ class LoraWeight:
         return 0 if self.layer in ("embedding", "conv1d") else 1
 
 
+@dataclass(frozen=True, eq=False)
+class TokenRows:
+    """Rows of an embedding-like weight replaced outright (PEFT trainable tokens:
+    ``trainable_token_indices`` / ``TrainableTokensConfig``): ``merged = W.index_copy(0,
+    indices, values)``. Not a delta: the new rows do not depend on the base's.
+
+    indices: the token ids, in the order of ``values``' rows
+    values:  (len(indices), dim), the trained rows (PEFT's ``trainable_tokens_delta``)
+    """
+
+    indices: tuple[int, ...]
+    values: torch.Tensor
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter keyed by base tensor names, e.g. ``model.layers.0.self_attn.q_proj.weight``."""
@@ -79,6 +93,8 @@ class Adapter:
     base_model: str | None = None
     # Provenance and format extras that must survive a round trip; JSON-serialisable.
     metadata: dict = field(default_factory=dict)
+    # trained rows of embedding-like weights, by base tensor name (PEFT trainable tokens)
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)
 
 
 def check_weight(name: str, w: LoraWeight, *, where: str = "") -> None:
@@ -126,6 +142,8 @@ def nonfinite_tensors(adapter: Adapter) -> list[str]:
                 if t.is_floating_point() and not torch.isfinite(t).all()]
     bad += [name for name, t in adapter.replacements.items()
             if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad += [f"{name} (trainable tokens)" for name, rows in adapter.token_rows.items()
+            if not torch.isfinite(rows.values).all()]
     return bad
 
 
@@ -171,7 +189,9 @@ def cast_adapter(adapter: Adapter, dtype: torch.dtype | None) -> Adapter:
                                 for part, label in parts.items()})
                for n, w in adapter.weights.items()}
     replacements = {n: cast(n, t) for n, t in adapter.replacements.items()}
-    return Adapter(weights, replacements, adapter.base_model, dict(adapter.metadata))
+    token_rows = {n: replace(rows, values=cast(f"{n} (trainable tokens)", rows.values))
+                  for n, rows in adapter.token_rows.items()}
+    return Adapter(weights, replacements, adapter.base_model, dict(adapter.metadata), token_rows)
 
 
 def module_name(tensor_name: str) -> str:
@@ -202,4 +222,10 @@ def first_difference(x: Adapter, y: Adapter) -> str | None:
     for name, t in x.replacements.items():
         if not same(t, y.replacements[name]):
             return f"{name}: full tensor differs"
+    if x.token_rows.keys() != y.token_rows.keys():
+        return f"trainable tokens differ: {sorted(x.token_rows.keys() ^ y.token_rows.keys())[:3]}"
+    for name, rows in x.token_rows.items():
+        other = y.token_rows[name]
+        if rows.indices != other.indices or not same(rows.values, other.values):
+            return f"{name}: trainable tokens differ"
     return None

@@ -185,6 +185,17 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
             "and convert that, or merge it into its base directly")
 
 
+def _refuse_token_rows(adapter: Adapter, fmt: Format) -> None:
+    """Trained token rows (PEFT trainable tokens) only go where the format says it keeps them
+    (``WRITES_TOKEN_ROWS``); dropping them would change what the adapter computes."""
+    if adapter.token_rows and not getattr(fmt.module, "WRITES_TOKEN_ROWS", False):
+        name, rows = next(iter(adapter.token_rows.items()))
+        raise UnsupportedError(
+            f"{name}: {len(rows.indices)} trained token row(s) (PEFT trainable tokens), which "
+            f"{fmt.name} cannot hold; merge the adapter into its base (adaptertools merge), "
+            "or keep it as a PEFT folder")
+
+
 def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: AdapterDtype = "keep",
          force: bool = False, base=None, inputs=()) -> None:
     """Write ``adapter`` atomically: nothing appears at ``path`` unless the whole write succeeds.
@@ -216,6 +227,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: Adapt
     if not fmt.can_write:
         raise UnsupportedError(f"format {fmt.name!r} can be read but not written")
     _refuse_dense_kinds(adapter, fmt.name)
+    _refuse_token_rows(adapter, fmt)
     bad = nonfinite_tensors(adapter)
     if bad:
         raise FormatError(f"{bad[0]} holds NaN or Inf values ({len(bad)} tensor(s) in all); "

@@ -18,7 +18,7 @@ from .adapter_io import (  # noqa: F401  (load, save, convert: public, re-export
     parse_dtype,
     save,
 )
-from .errors import OptionError
+from .errors import OptionError, UnsupportedError
 from .inputs import (
     adapter_inputs,
     adapter_list,
@@ -209,7 +209,7 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
             base, paths, out, factors=factors, mode=mode, dtype=dtype, scale=scale,
             device=device, kernels=kernels, force=force, dry_run=dry_run, progress=progress,
             requantize=requantize, max_shard_size=max_shard_size,
-            allow_modified_base=allow_modified_base)
+            allow_modified_base=allow_modified_base, plan_report=_plan_report)
         return (MergePlanReport if dry_run else MergeReport).from_dict(report)
     hub, sources = {"endpoint": endpoint, "token": token}, []
     local_base, checkpoint, local_paths, loaded = open_inputs(base, paths, hub, sources,
@@ -323,7 +323,8 @@ def _plan_report(plan, base, out, dtype: str, warnings: list[str]) -> dict:
         "adapters": list(plan.adapter_names), "weights": list(plan.factors), "mode": plan.mode,
         "dtype": dtype, "tensors": len(plan.jobs), "output_bytes": plan.size,
         "changed": [{"name": j.name, "shape": list(j.output_shape), "dtype": j.out_dtype,
-                     "adapters": sorted({c.adapter for c in j.contributions + j.bias_contributions}),
+                     "adapters": sorted({c.adapter for c in j.contributions + j.bias_contributions}
+                                        | {i for _, _, i in j.token_rows}),
                      "replaced": j.replacement is not None, "added": j.name not in stored}
                     for j in changed],
         "warnings": warnings,
@@ -499,6 +500,11 @@ def combine(adapters, out: str | os.PathLike, *, method: CombineMethod = "cat", 
     refuse_output(out, force=force, is_dir=get_format(to).output_is_dir, inputs=inputs)
     names = [str(p) for p in paths]
     loaded = load_finite(paths, names, base=base, refusal="refusing to combine it", scale=scale)
+    for name, adapter in zip(names, loaded):
+        if adapter.token_rows:
+            raise UnsupportedError(f"{name}: holds trained token rows (PEFT trainable tokens, "
+                                   f"{next(iter(adapter.token_rows))}), which combine's "
+                                   "methods do not take; merge it into its base instead")
     combined, results, warnings = combine_adapters(loaded, names, options,
                                                    base=base if materialize else None)
     save(combined, out, format=to, dtype="keep" if options.dtype else dtype, force=force,

@@ -91,7 +91,7 @@ def _init_warning(adapter: Adapter) -> str | None:
 def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bool) -> dict:
     """The dictionary behind ``adaptertools inspect`` (also its ``--json`` output)."""
     tensors = [t for w in adapter.weights.values() for t in tensor_fields(w).values()] + \
-        list(adapter.replacements.values())
+        list(adapter.replacements.values()) + [r.values for r in adapter.token_rows.values()]
     per_layer = [layer_report(n, w) for n, w in adapter.weights.items()]
     problems = [f"NaN/Inf values in {n}" for n in nonfinite_tensors(adapter)]
     zero_b = [r["name"] for r in per_layer if "zero B (untrained)" in r["flags"]]
@@ -112,6 +112,8 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
         # a merge folds into the base's own tensor where the copy is the same weight
         "replaced_tensors": sorted(adapter.replacements.keys() - saved_copies(adapter)),
         "saved_base_copies": sorted(saved_copies(adapter)),
+        # PEFT trainable tokens: trained rows that replace the base's, by base tensor
+        "trained_token_rows": {n: list(r.indices) for n, r in sorted(adapter.token_rows.items())},
         "parameters": sum(t.numel() for t in tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
         "ranks": _counts(r["rank"] if r["rank"] is not None else f"<={r['rank_bound']}"

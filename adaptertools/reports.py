@@ -95,6 +95,7 @@ class InspectReport(Report):
     adapted_tensors: int
     replaced_tensors: list[str]        # full tensors it replaces (modules_to_save)
     saved_base_copies: list[str]       # PEFT's saved copies of the training base's tensors
+    trained_token_rows: dict[str, list[int]]   # PEFT trainable tokens: base tensor -> token ids
     parameters: int
     dtypes: list[str]
     ranks: dict[str, int]              # rank (as a string) -> how many tensors, most first

@@ -26,12 +26,13 @@ import torch
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
-from . import accounting, foreign, peft_lycoris
+from . import accounting, foreign, peft_lycoris, peft_tokens
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
 SNIFF_ORDER = 10
 OUTPUT_IS_DIR = True
+WRITES_TOKEN_ROWS = True       # trainable tokens (peft_tokens.py)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,8 +40,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 # init_lora_weights values whose adapter only fits a base that PEFT modified at init time.
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # Config switches that change what the factors mean; reading them as plain LoRA would be wrong.
-UNSUPPORTED_SWITCHES = ("use_qalora", "use_bdlora", "layer_replication", "target_parameters",
-                        "trainable_token_indices")
+UNSUPPORTED_SWITCHES = ("use_qalora", "use_bdlora", "layer_replication", "target_parameters")
 # LoRA variants whose tensors or forward differ from LoRA's, by the config field that turns each
 # on (peft/tuners/lora/config.py 0.21.2): refused by name until they are read.
 UNSUPPORTED_VARIANTS = {"kasa_config": "KaSA", "velora_config": "VeLoRA",
@@ -423,11 +423,9 @@ def read(path: Path) -> Adapter:
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
     check_types({k: v for k, v in config.items() if k == "peft_type"}, config_path)
-    if str(config.get("peft_type", "LORA")).upper() in peft_lycoris.KINDS:   # LoHa, LoKr
-        adapter = peft_lycoris.read(folder, config, read_state_dict(folder), pattern_value)
-        adapter.base_model = config.get("base_model_name_or_path")
-        adapter.metadata = {"source_format": "peft", "peft_config": config}
-        return adapter
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type in peft_lycoris.KINDS or peft_type == peft_tokens.TRAINABLE_TOKENS:
+        return _read_other_kind(folder, config, peft_type)
     check_config(config, config_path)
     use_rslora = bool(config.get("use_rslora", False))
 
@@ -438,12 +436,13 @@ def read(path: Path) -> Adapter:
                               f"{expected_rank} (r / rank_pattern); fix the config")
         return scale_of(alpha, expected_rank, use_rslora)
 
-    state_dict = read_state_dict(folder)
+    state_dict, token_rows = peft_tokens.split(read_state_dict(folder), config, folder)
     accounting.check_accounted(state_dict, config, folder)
     adapter = adapter_from_state_dict(state_dict, scale_for,
                                       fan_in_fan_out=bool(config.get("fan_in_fan_out")),
                                       where=folder)
-    if not adapter.weights and not adapter.replacements:
+    adapter.token_rows = token_rows
+    if not adapter.weights and not adapter.replacements and not token_rows:
         raise FormatError(f"{folder}: the weights file holds no LoRA tensors")
     accounting.warn_disagreements(adapter, config, config_path)
     adapter.base_model = config.get("base_model_name_or_path")
@@ -453,6 +452,22 @@ def read(path: Path) -> Adapter:
         from ..copies import SAVED_COPIES
 
         adapter.metadata[SAVED_COPIES] = copies
+    return adapter
+
+
+def _read_other_kind(folder: Path, config: dict, peft_type: str) -> Adapter:
+    """A LoHa / LoKr (peft_lycoris.py) or TRAINABLE_TOKENS (peft_tokens.py) folder."""
+    state_dict = read_state_dict(folder)
+    if peft_type == peft_tokens.TRAINABLE_TOKENS:
+        rest, rows = peft_tokens.split(state_dict, config, folder)
+        if rest or not rows:
+            raise foreign.unknown_keys(folder, sorted(rest) or ["(none)"],
+                                       why="not trainable token rows (trainable_tokens_delta)")
+        adapter = Adapter(token_rows=rows)
+    else:
+        adapter = peft_lycoris.read(folder, config, state_dict, pattern_value)
+    adapter.base_model = config.get("base_model_name_or_path")
+    adapter.metadata = {"source_format": "peft", "peft_config": config}
     return adapter
 
 
@@ -507,10 +522,29 @@ def _derive_rank_alpha(config: dict, adapter: Adapter) -> None:
     config["alpha_pattern"] = {m: a for m, a in sorted(alphas.items()) if a != common_alpha}
 
 
+def _token_fields(config: dict, adapter: Adapter) -> None:
+    """The config's token ids for ``adapter.token_rows``: the original's when they still say
+    the same, else PEFT's per-module form."""
+    saved = peft_tokens.state_dict_entries(adapter.token_rows,
+                                           standalone=_standalone_tokens(adapter))
+    try:
+        read_back = peft_tokens.split(saved, config, "adapter_config.json")[1]
+    except FormatError:
+        read_back = {}
+    if {n: r.indices for n, r in read_back.items()} != \
+            {n: r.indices for n, r in adapter.token_rows.items()}:
+        config.update(peft_tokens.config_fields(adapter.token_rows))
+
+
 def config_for(adapter: Adapter) -> dict:
     """The adapter_config.json that makes PEFT rebuild exactly ``adapter``."""
     original = adapter.metadata.get("peft_config")
     config = dict(original) if isinstance(original, dict) else dict(DEFAULT_CONFIG)
+    if _standalone_tokens(adapter):
+        config.setdefault("target_modules", sorted(n.removesuffix(".weight")
+                                                   for n in adapter.token_rows))
+        _token_fields(config, adapter)
+        return config
     config["peft_type"] = "LORA"
     config["base_model_name_or_path"] = adapter.base_model
     config["use_dora"] = _uniform_flag(adapter, "DoRA magnitudes", lambda w: w.magnitude is not None)
@@ -543,7 +577,19 @@ def config_for(adapter: Adapter) -> dict:
     if biases and config.get("bias", "none") == "none":
         config["bias"] = "lora_only" if all(module_name(n) in lora_modules for n in biases) \
             else "all"
+    if adapter.token_rows:
+        _token_fields(config, adapter)
+    elif config.get("trainable_token_indices"):      # the rows were dropped: so are their ids
+        config["trainable_token_indices"] = None
     return config
+
+
+def _standalone_tokens(adapter: Adapter) -> bool:
+    """An adapter of trainable tokens only, read from a TRAINABLE_TOKENS folder."""
+    original = adapter.metadata.get("peft_config")
+    return bool(adapter.token_rows) and not adapter.weights and not adapter.replacements and \
+        isinstance(original, dict) and \
+        str(original.get("peft_type", "")).upper() == peft_tokens.TRAINABLE_TOKENS
 
 
 def state_dict_for(adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -577,6 +623,8 @@ def state_dict_for(adapter: Adapter) -> dict[str, torch.Tensor]:
         module, param = module_name(name), name.rsplit(".", 1)[-1]
         key = f"{module}.base_layer.{param}" if module in lora_modules else name
         out[KEY_PREFIX + key] = tensor.contiguous()
+    out.update(peft_tokens.state_dict_entries(adapter.token_rows,
+                                              standalone=_standalone_tokens(adapter)))
     return out
 
 

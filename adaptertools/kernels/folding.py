@@ -33,14 +33,21 @@ from .reference import Contribution, merge_bias, merge_stacked, merge_weighted
 def fold_tensor(weight: torch.Tensor, contributions, bias_contributions=(), replacement=None, *,
                 stacked: bool, out_dtype: torch.dtype, device: torch.device | None = None,
                 buffers: Buffers | None = None, pool=None, kernels: str = "torch",
-                threads: int | None = None) -> torch.Tensor:
+                threads: int | None = None, token_rows=()) -> torch.Tensor:
     """The output tensor (on the CPU, contiguous, ``out_dtype``) of folding ``contributions``
     (and ``bias_contributions``: a bias tensor's lora_bias terms) into ``weight``, or into
     ``replacement`` when given. ``pool`` (take(nbytes) / give(tensor), merging/streams.
     BufferPool) supplies the fast fold's output memory; ``threads``: the caller's torch thread
-    count while the engine runs on one (None: leave the count alone)."""
+    count while the engine runs on one (None: leave the count alone). ``token_rows``: trained
+    rows that replace the weight's (kernels/token_rows.py); the planner lets nothing else
+    touch such a tensor."""
     device = device or torch.device("cpu")
     contributions = list(contributions)
+    if token_rows:
+        from .token_rows import apply_token_rows
+
+        return apply_token_rows(weight, token_rows, stacked=stacked,
+                                out_dtype=out_dtype).to("cpu")
     with _caller_threads(contributions, threads):
         if replacement is not None:
             weight = replacement

@@ -26,10 +26,13 @@ class Job:
     group: object | None = None     # an encoded weight's group of stored tensors (encoded.py)
     # the replacement's shape where it differs from the source's (a resized vocabulary)
     out_shape: tuple[int, ...] | None = None
+    # trained token rows: (adapter.TokenRows, the adapter's weight, its index) (kernels/token_rows.py)
+    token_rows: tuple = ()
 
     @property
     def changed(self) -> bool:
-        return bool(self.contributions or self.bias_contributions) or self.replacement is not None
+        return bool(self.contributions or self.bias_contributions or self.token_rows) or \
+            self.replacement is not None
 
     @property
     def shape(self) -> tuple[int, ...]:

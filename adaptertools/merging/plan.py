@@ -41,6 +41,8 @@ class _Targets:
     weights: dict[str, list[Contribution]] = field(default_factory=dict)
     biases: dict[str, list[Contribution]] = field(default_factory=dict)
     replacements: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    # trained token rows: (TokenRows, the adapter's weight, its index) (kernels/token_rows.py)
+    token_rows: dict[str, list[tuple]] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -121,6 +123,8 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                     raise UnsupportedError(f"{name} (adapter {names[i]}): has a lora_bias but the "
                                            "base layer has no bias to merge it into")
                 targets.biases.setdefault(bias_name, []).append(contribution)
+    for i, (adapter, factor) in enumerate(zip(adapters, factors)):
+        _collect_token_rows(targets, i, adapter, names[i], factor, entries, resolve)
     if targets.mismatches:
         shown = "; ".join(targets.mismatches[:MISMATCHES_SHOWN])
         more = len(targets.mismatches) - MISMATCHES_SHOWN
@@ -128,6 +132,51 @@ def _collect(adapters: list[Adapter], names: list[str], factors: list[float],
                           f"{shown}{f'; and {more} more' if more > 0 else ''}. Is the adapter "
                           "for another model?")
     return targets
+
+
+def _collect_token_rows(targets: _Targets, index: int, adapter: Adapter, name_of: str,
+                        factor: float, entries: dict[str, TensorEntry], resolve) -> None:
+    """An adapter's trained token rows, each on a 2-D base tensor with room for its rows, and
+    nothing else on that tensor: PEFT refuses a LoRA or modules_to_save on a layer with
+    trainable tokens, so no order between them is defined."""
+    for name, rows in adapter.token_rows.items():
+        found = resolve(name, None)
+        if found is None:
+            targets.mismatches.append(f"{name} (adapter {name_of}): trainable tokens have no "
+                                      "such base tensor")
+            continue
+        base_name = found[0]
+        shape = tuple(entries[base_name].shape)
+        if len(shape) != 2 or rows.values.shape[1:] != shape[1:]:
+            targets.mismatches.append(f"{name} (adapter {name_of}): trainable token rows "
+                                      f"{tuple(rows.values.shape)}, base {shape}")
+            continue
+        if max(rows.indices) >= shape[0] or min(rows.indices) < 0:
+            targets.mismatches.append(f"{name} (adapter {name_of}): token index "
+                                      f"{max(rows.indices)} outside the base's {shape[0]} rows "
+                                      "(resize the vocabulary first: the adapter was trained "
+                                      "on a model with more tokens)")
+            continue
+        if base_name in targets.weights or base_name in targets.replacements:
+            raise UnsupportedError(f"{base_name}: has trainable tokens (adapter {name_of}) and "
+                                   "also a LoRA or a full tensor from an adapter; PEFT allows "
+                                   "only one of them on a layer: merge them separately")
+        targets.token_rows.setdefault(base_name, []).append((rows, factor, index))
+
+
+def _without_tied_token_rows(adapter: Adapter, embedding: str, name_of: str) -> Adapter:
+    """A TRAINABLE_TOKENS adapter of a tied model saves lm_head's rows too, the same tensor
+    as the embedding's (PEFT's tied layer shares it): the tied base stores one, so one is
+    merged. Rows that differ cannot stay tied and are refused."""
+    head, rows = adapter.token_rows.get(LM_HEAD), adapter.token_rows.get(embedding)
+    if head is None:
+        return adapter
+    if rows is None or head.indices != rows.indices or not _same(head.values, rows.values):
+        raise UnsupportedError(f"{LM_HEAD} (adapter {name_of}): trainable token rows of their "
+                               f"own, but the base ties lm_head to {embedding}; merge into an "
+                               "untied copy of the base (tie_word_embeddings=false)")
+    return replace(adapter, token_rows={n: r for n, r in adapter.token_rows.items()
+                                        if n != LM_HEAD})
 
 
 def _dense_on_base(w, shape: tuple[int, ...]):
@@ -234,6 +283,8 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     encoded = layout_for(base, requantize)     # None unless a quantized checkpoint (codecs/)
     warnings: list[str] = []
     embedding = _embedding_name(entries)
+    if embedding is not None and _tied(base):
+        adapters = [_without_tied_token_rows(a, embedding, n) for a, n in zip(adapters, names)]
     # Changing one of two tied tensors unties them. The config must say so even when the base
     # stores lm_head anyway: transformers would otherwise tie it back to the merged embedding.
     untie = embedding is not None and _tied(base) and any(
@@ -288,7 +339,8 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
         return Job(entry.name, entry, _out_dtype(entry, dtype),
                    tuple(targets.weights.get(entry.name, ())),
                    tuple(targets.biases.get(entry.name, ())), tensor,
-                   out_shape=tuple(tensor.shape) if resized else None)
+                   out_shape=tuple(tensor.shape) if resized else None,
+                   token_rows=tuple(targets.token_rows.get(entry.name, ())))
 
     files = []
     for f in base.files:
@@ -436,7 +488,8 @@ def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors
     for entry in base.tensors:
         replacement = targets.replacements.get(entry.name)
         job = Job(entry.name, entry, entry.dtype, tuple(targets.weights.get(entry.name, ())),
-                  tuple(targets.biases.get(entry.name, ())), replacement[1] if replacement else None)
+                  tuple(targets.biases.get(entry.name, ())), replacement[1] if replacement else None,
+                  token_rows=tuple(targets.token_rows.get(entry.name, ())))
         out_type = (_like_type(entry, like, quantize_like.path) if like is not None
                     else _requantized_type(entry, job.changed, requantize, base.path))
         jobs.append(replace(job, out_dtype=out_type))

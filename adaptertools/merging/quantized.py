@@ -68,7 +68,7 @@ def fold_fp32(job: Job, weight: torch.Tensor, mode: str, buffers=None, pool=None
     replacement = job.replacement.reshape(weight.shape) if job.replacement is not None else None
     return fold_tensor(weight, job.contributions, job.bias_contributions, replacement,
                        stacked=mode == "stacked", out_dtype=torch.float32, buffers=buffers,
-                       pool=pool, threads=threads)
+                       pool=pool, threads=threads, token_rows=job.token_rows)
 
 
 def fold_gguf(job: Job, source: torch.Tensor, mode: str, buffers=None, pool=None, *,

@@ -103,7 +103,8 @@ def fold(job: Job, tensor: torch.Tensor, ctx: RunContext) -> Folded:
     return Folded(fold_tensor(tensor, job.contributions, job.bias_contributions, job.replacement,
                               stacked=ctx.mode == "stacked", out_dtype=out_dtype,
                               device=ctx.device, buffers=ctx.buffers, pool=ctx.pool,
-                              kernels=ctx.kernels, threads=ctx.threads))
+                              kernels=ctx.kernels, threads=ctx.threads,
+                              token_rows=job.token_rows))
 
 
 # ----------------------------------------------------------------------------- files

@@ -85,6 +85,12 @@ def compare_adapters(x: Adapter, y: Adapter) -> dict:
         same = error is not None and error <= allowed
         rows.append({"name": name, "passed": same, "relative_error": error, "tolerance": allowed,
                      "problem": "" if same else "full tensor differs or is missing"})
+    for name in sorted(x.token_rows.keys() | y.token_rows.keys()):
+        p, q = x.token_rows.get(name), y.token_rows.get(name)
+        same = p is not None and q is not None and p.indices == q.indices and \
+            _extra_difference(p.values, q.values) == 0.0
+        rows.append({"name": name, "passed": same, "relative_error": None, "tolerance": EXACT,
+                     "problem": "" if same else "trained token rows differ or are missing"})
     rows.sort(key=lambda r: (r["passed"], -(r["relative_error"] or 0.0)))
     return {"passed": all(r["passed"] for r in rows), "tensors": rows,
             "failed": sum(not r["passed"] for r in rows)}

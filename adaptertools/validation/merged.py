@@ -81,13 +81,15 @@ class Term:
     magnitude: torch.Tensor | None = None  # DoRA
     norm_dim: int = 1
     pre_round: bool = False
+    norm_eps: float = 0.0                  # LyCORIS's DoRA adds it to each norm (kernels/deltas.py)
 
     def rows(self, start: int, stop: int) -> Term:
-        if self.dense is not None:
-            return Term(self.scale, dense=self.dense[start:stop])
         magnitude = self.magnitude
         if magnitude is not None and self.norm_dim == 1:
             magnitude = magnitude[start:stop]
+        if self.dense is not None:
+            return Term(self.scale, dense=self.dense[start:stop], magnitude=magnitude,
+                        norm_dim=self.norm_dim, norm_eps=self.norm_eps)
         return Term(self.scale, self.a, self.b[start:stop], None, magnitude, self.norm_dim,
                     self.pre_round)
 
@@ -105,7 +107,8 @@ def terms_of(job: Job, *, stacked: bool) -> list[Term]:
     for c in job.contributions:
         w = c.weight
         if not isinstance(w, LoraWeight):       # LoHa, LoKr: their dense delta, in float64
-            out.append(Term(c.factor, dense=delta(w, torch.float64)))
+            out.append(Term(c.factor, dense=delta(w, torch.float64), magnitude=w.magnitude,
+                            norm_dim=getattr(w, "norm_dim", 1), norm_eps=getattr(w, "norm_eps", 0.0)))
             continue
         out.append(Term(w.scale * c.factor, w.a, w.b, None, w.magnitude, w.norm_dim,
                         pre_round=stacked and w.layer == "embedding" and w.magnitude is None))
@@ -134,7 +137,7 @@ def floor_for(dtype: str):
 
 def _rescale(x: torch.Tensor, t: Term) -> torch.Tensor:
     """DoRA: (m / ||V||) V, the norm along ``t.norm_dim``."""
-    factor = t.magnitude.to(x.dtype) / torch.linalg.norm(x, dim=t.norm_dim)
+    factor = t.magnitude.to(x.dtype) / (torch.linalg.norm(x, dim=t.norm_dim) + t.norm_eps)
     return (factor.view(-1, 1) if t.norm_dim == 1 else factor.view(1, -1)) * x
 
 
@@ -343,6 +346,20 @@ def _db(value: float | None) -> str:
     return "exact" if value is None or math.isinf(value) else f"{value:.1f}"
 
 
+def _check_token_rows(job: Job, entry: TensorEntry, weight: torch.Tensor,
+                      merged: torch.Tensor, *, stacked: bool) -> dict:
+    """Trained token rows replace the base's (kernels/token_rows.py): the merged tensor must be
+    exactly that copy, the other rows the base's, in the stored dtype."""
+    from ..kernels.token_rows import apply_token_rows
+
+    expected = apply_token_rows(weight, job.token_rows, stacked=stacked, out_dtype=merged.dtype)
+    same = torch.equal(expected.reshape(merged.shape), merged)
+    rows = sum(len(r.indices) for r, *_ in job.token_rows)
+    return {"name": job.name, "kind": "tokens", "dtype": entry.dtype, "shape": list(entry.shape),
+            "passed": same, "problem": "" if same else
+            f"not the base with its {rows} trained token row(s) copied in"}
+
+
 def _kind(job: Job) -> str:
     if job.replacement is not None:
         return "replaced"
@@ -476,6 +493,8 @@ def _check_one(job: Job, entry: TensorEntry | None, data, base_files: Files,
     weight = job.replacement if job.replacement is not None else \
         stored_values(job.source, base_raw)
     merged_values = stored_values(entry, merged_raw)
+    if job.token_rows:
+        return _check_token_rows(job, entry, weight, merged_values, stacked=stacked)
     row = check_adapted(job, weight, merged_values, stacked=stacked, settings=settings)
     if entry.dtype not in TORCH_DTYPES and job.contributions:
         row["survival"] = quantized_survival(job, weight, merged_values, stacked=stacked)

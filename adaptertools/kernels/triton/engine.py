@@ -111,7 +111,7 @@ def fold_gguf_job(job, source: torch.Tensor, mode: str, device: torch.device):
     """(encoded bytes on the CPU, Survival) for a keep-type Q8_0/Q4_0 job, or None."""
     contributions = list(job.contributions)
     if (job.source.dtype not in FUSED_GGUF or job.out_dtype != job.source.dtype
-            or job.replacement is not None or len(job.shape) != 2 or not _plain(contributions, mode)
+            or job.replacement is not None or job.token_rows or len(job.shape) != 2 or not _plain(contributions, mode)
             or (mode == "stacked" and len(contributions) > 1)):
         return None
     from ..survival import Survival
