@@ -32,7 +32,7 @@ from adaptertools.errors import FormatError, UnsupportedError
 from adaptertools.formats.lycoris import LYCORIS_PARTS, claims, module_delta
 from adaptertools.kernels import deltas
 from adaptertools.kernels.deltas import LohaWeight, LokrWeight
-from adaptertools.kernels.reference import Contribution, merge_step
+from adaptertools.kernels.reference import Contribution, dora_rescale, merge_step
 
 pytest.importorskip("lycoris")
 
@@ -47,12 +47,23 @@ def _ours(base, module):
     return w, merge_step(base.weight.detach(), Contribution(w))
 
 
+def _refused(base, case) -> bool:
+    """A DoRA module with ``wd_on_out=False`` on a conv with a kernel: its norm runs per input
+    channel over (out, *kernel), no axis of the 2-D view: refused by name (test below)."""
+    return case.endswith("-in") and math.prod(base.weight.shape[2:]) > 1
+
+
 @pytest.mark.parametrize("layer,case", GRID, ids=[f"{a}-{b}" for a, b in GRID])
 def test_fold_equals_lycoris_forward_weight(layer, case):
     base, module = make_module(layer, case)
+    if _refused(base, case):
+        with pytest.raises(UnsupportedError, match="wd_on_out=False"):
+            _ours(base, module)
+        return
     w, merged = _ours(base, module)
     assert isinstance(w, LohaWeight if case.startswith("loha") else LokrWeight)
     assert w.scale == module.scale                       # the trained alpha / r
+    assert (w.magnitude is not None) == module.wd
     reference = forward_weight(module)
     assert merged.shape == reference.shape == base.weight.shape
     assert torch.equal(merged, reference), (merged - reference).abs().max()
@@ -96,6 +107,8 @@ def test_lycoris_merge_to(layer, case):
     """merge_to is bit-identical to ours where the scale is 1; elsewhere it is exactly
     ``W + (delta * scale)``: lycoris-lora 4.1.3 squares the scale in get_merged_weight."""
     base, module = make_module(layer, case)
+    if _refused(base, case):
+        return
     w, merged = _ours(base, module)
     theirs = merged_weight(base, module)
     if w.scale == 1.0:
@@ -103,7 +116,10 @@ def test_lycoris_merge_to(layer, case):
     else:
         assert case not in SCALE_ONE
         full = deltas.loha_delta(w) if isinstance(w, LohaWeight) else deltas.lokr_delta(w)
-        assert torch.equal(theirs, base.weight.detach() + full * w.scale)
+        squared = base.weight.detach() + full * w.scale
+        if w.magnitude is not None:              # then weight_decompose, as ours
+            squared = dora_rescale(squared.reshape(w.shape), w).reshape(squared.shape)
+        assert torch.equal(theirs, squared)
         assert not torch.equal(theirs, merged)
 
 
@@ -111,12 +127,19 @@ def test_lycoris_merge_to(layer, case):
 def test_lycoris_own_loader(layer, case):
     """make_module_from_state_dict (what create_lycoris_from_weights runs per module) rebuilds
     the weight we read; a CP LoKr with a full w1 it cannot load (it takes lokr_w2_a's second
-    axis, b, for the rank, builds a full-w2 module and has no lokr_w2_a to copy into)."""
+    axis, b, for the rank, builds a full-w2 module and has no lokr_w2_a to copy into), nor a
+    DoRA module saved with wd_on_out=False."""
     base, module = make_module(layer, case)
+    if _refused(base, case):
+        return
     state = {k: v.detach() for k, v in module.state_dict().items()}
     _, merged = _ours(base, module)
     if "lokr_t2" in state and "lokr_w1" in state:
         with pytest.raises(AttributeError, match="lokr_w2_a"):
+            reloaded(module, base, state)
+        return
+    if case.endswith("-in"):           # it builds wd_on_out=True and copies (1, in) into (out, 1)
+        with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
             reloaded(module, base, state)
         return
     again = reloaded(module, base, state)
@@ -174,9 +197,12 @@ def test_bad_modules_are_refused_by_name():
     with pytest.raises(FormatError) as e:
         module_delta("m", {**state, "scalar": torch.tensor(1.0)}, shape)
     _one_line(e, "m:", "scalar", "not a LyCORIS LoHa tensor")
-    with pytest.raises(UnsupportedError) as e:
-        module_delta("m", {**state, "dora_scale": torch.ones(32, 1, 1, 1)}, shape)
-    _one_line(e, "m:", "dora_scale", "weight_decompose")
+    with pytest.raises(UnsupportedError) as e:                       # wd_on_out=False, 3x3
+        module_delta("m", {**state, "dora_scale": torch.ones(1, 16, 1, 1)}, shape)
+    _one_line(e, "m:", "dora_scale", "wd_on_out=False")
+    with pytest.raises(FormatError) as e:
+        module_delta("m", {**state, "dora_scale": torch.ones(32, 1)}, shape)
+    _one_line(e, "m:", "dora_scale", "expected [32, 1, 1, 1]")
     base, lokr = _state("linear", "lokr-w2lr")
     with pytest.raises(FormatError) as e:
         module_delta("m", {**lokr, **state}, tuple(base.weight.shape))
@@ -244,7 +270,10 @@ def _module_names(model) -> dict[str, str]:
     ("loha", 4, 2.0, {}), ("loha", 4, 4.0, {}),
     ("lokr", 4, 2.0, {"factor": 4}), ("lokr", 2, 1.0, {"factor": 4, "decompose_both": True}),
     ("lokr", 4, 3.0, {}),                             # full w1 and w2 here: scale 1
-], ids=["loha", "loha-scale1", "lokr", "lokr-both", "lokr-full"])
+    ("loha", 2, 1.0, {"dora_wd": True}), ("lokr", 2, 2.0, {"factor": 4, "dora_wd": True}),
+    ("lokr", 1, 0.5, {"factor": 4, "decompose_both": True, "dora_wd": True,
+                      "wd_on_output": False}),
+], ids=["loha", "loha-scale1", "lokr", "lokr-both", "lokr-full", "doha", "dokr", "dokr-in"])
 def test_create_lycoris_file_merged_as_its_forward(tmp_path, algo, dim, alpha, extra):
     from safetensors.torch import load_file
 
@@ -260,6 +289,8 @@ def test_create_lycoris_file_merged_as_its_forward(tmp_path, algo, dim, alpha, e
     merged = _merged_state(tmp_path, base, path)
     for name, weight in expected.items():
         assert torch.equal(merged[name], weight), name
+    report = at.validate(base, [path], merged=tmp_path / "out")     # the validator agrees
+    assert report["passed"] and report["adapted"] == len(expected), report
     original = {k: v for k, v in model.state_dict().items() if k not in expected}
     for name, tensor in original.items():
         if name in merged:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
@@ -42,7 +43,7 @@ from ..errors import FormatError, UnsupportedError
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # ``alpha``: 0-d, both kinds. ``dora_scale``: weight_decompose (DoHa / DoKr), saved by both
-# modules' custom_state_dict; refused by name below. LyCORIS 4.1.3 saves no ``scalar`` (folded
+# modules' custom_state_dict (``_decomposition``). LyCORIS 4.1.3 saves no ``scalar`` (folded
 # into w1, see above) and never creates ``lokr_t1`` (in LokrModule.weight_list only).
 LYCORIS_PARTS: tuple[str, ...] = LOHA_PARTS + LOKR_PARTS + ("alpha", "dora_scale")
 
@@ -70,13 +71,40 @@ def module_delta(module: str, parts: dict[str, torch.Tensor], base_shape: tuple[
     if extra:
         raise FormatError(f"{module}: {', '.join(extra)} is not a LyCORIS {kind} tensor (a "
                           f"{kind} module has {', '.join(names)}, alpha, dora_scale)")
-    if "dora_scale" in parts:
-        raise UnsupportedError(f"{module}: a {kind} with dora_scale (LyCORIS weight_decompose, "
-                               "Do" + kind[2:] + "): not supported yet; merge it with LyCORIS")
     if len(base_shape) not in (2, 3, 4, 5):
         raise FormatError(f"{module}: a {kind} module on a base weight of shape "
                           f"{list(base_shape)}; LyCORIS adapts Linear and Conv1d/2d/3d only")
-    return (_loha if loha else _lokr)(module, parts, base_shape)
+    weight = (_loha if loha else _lokr)(module, parts, base_shape)
+    if "dora_scale" in parts:
+        weight = replace(weight, **_decomposition(module, parts["dora_scale"], base_shape, kind))
+    return weight
+
+
+def _decomposition(module: str, dora_scale: torch.Tensor, base_shape: tuple[int, ...],
+                   kind: str) -> dict:
+    """``weight_decompose`` (DoHa / DoKr): the merged weight V rescaled to
+    ``V * dora_scale / (||V|| + eps)`` with ``eps = finfo(float32).eps`` (functional/general.py
+    ``_weight_decompose``; the module's dtype is fp32). ``dora_scale`` is saved (out, 1, ...)
+    with ``wd_on_out=True``, the default (one norm per output row), and (1, in, 1, ...) with
+    ``wd_on_out=False`` (one per input column over (out, *kernel)): LohaModule / LokrModule
+    ``__init__``. A column norm over a conv's kernel axes is no axis of the 2-D view, so only a
+    Linear or a 1x1 conv takes that form here."""
+    out, inputs = base_shape[0], base_shape[1]
+    ones = (1,) * (len(base_shape) - 1)
+    if tuple(dora_scale.shape) == (out, *ones):
+        magnitude, norm_dim = dora_scale.reshape(out), 1
+    elif tuple(dora_scale.shape) == (1, inputs, *ones[1:]) and math.prod(base_shape[2:]) == 1:
+        magnitude, norm_dim = dora_scale.reshape(inputs), 0
+    elif tuple(dora_scale.shape) == (1, inputs, *ones[1:]):
+        raise UnsupportedError(f"{module}: a Do{kind[2:]} conv module with wd_on_out=False "
+                               f"(dora_scale {list(dora_scale.shape)}: one norm per input "
+                               "channel over the kernel): not supported; merge it with LyCORIS")
+    else:
+        raise FormatError(f"{module}: dora_scale has shape {list(dora_scale.shape)}, expected "
+                          f"{[out, *ones]} (or {[1, inputs, *ones[1:]]} with wd_on_out=False) "
+                          f"for the base weight {list(base_shape)}")
+    return {"magnitude": magnitude, "norm_dim": norm_dim,
+            "norm_eps": float(torch.finfo(torch.float32).eps)}
 
 
 def _alpha_scale(module: str, parts: dict, rank: int) -> float:

@@ -80,11 +80,22 @@ LOKR = DeltaKind("lokr", "LOKR", False, "kron(w1, w2) * scale")
 
 class _DenseShaped:
     """What the planner asks of every delta (``adapter.LoraWeight`` has the same names), for the
-    kinds whose delta is only known dense: no DoRA, no lora_bias, the stored weight's shape."""
+    kinds whose delta is only known dense: no lora_bias, the stored weight's shape.
+
+    PEFT's LoHa and LoKr have no DoRA; LyCORIS's (``weight_decompose``, DoHa / DoKr) do, and the
+    subclasses carry it as ``magnitude`` (outputs,), ``norm_dim`` (1: one norm per row of the
+    2-D view, 0: per column) and ``norm_eps``, which LyCORIS adds to each norm
+    (``torch.finfo(float32).eps``, lycoris/functional/general.py ``_weight_decompose``);
+    kernels/reference.py ``dora_rescale`` applies them."""
 
     magnitude = None
     bias = None
     weight_shape: tuple[int, ...]
+
+    @property
+    def outputs(self) -> int:
+        """The length of a DoRA magnitude: rows (norm_dim 1) or columns of the 2-D view."""
+        return self.shape[0] if getattr(self, "norm_dim", 1) == 1 else self.shape[1]
 
     @property
     def layer(self) -> str:
@@ -118,6 +129,10 @@ class LohaWeight(_DenseShaped):
     weight_shape: tuple[int, ...]      # the stored base weight: (out, in) or (out, in, *k)
     t1: torch.Tensor | None = None
     t2: torch.Tensor | None = None
+    # LyCORIS weight_decompose (DoHa), never PEFT's: see ``_DenseShaped``
+    magnitude: torch.Tensor | None = None
+    norm_dim: int = 1
+    norm_eps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,10 @@ class LokrWeight(_DenseShaped):
     w2_a: torch.Tensor | None = None
     w2_b: torch.Tensor | None = None
     t2: torch.Tensor | None = None
+    # LyCORIS weight_decompose (DoKr), never PEFT's: see ``_DenseShaped``
+    magnitude: torch.Tensor | None = None
+    norm_dim: int = 1
+    norm_eps: float = 0.0
 
 
 def peft_scale(alpha: float, r: int) -> float:

@@ -29,8 +29,11 @@ class Contribution:
 
 
 def dora_rescale(merged: torch.Tensor, w: LoraWeight) -> torch.Tensor:
-    """DoRA: W' = (m / ||V||) * V, the norm along ``w.norm_dim`` of the 2-D view V."""
+    """DoRA: W' = (m / ||V||) * V, the norm along ``w.norm_dim`` of the 2-D view V (plus the
+    delta's ``norm_eps`` where it has one: LyCORIS's weight_decompose, kernels/deltas.py)."""
     norm = torch.linalg.norm(merged, dim=w.norm_dim)
+    if getattr(w, "norm_eps", 0.0):
+        norm = norm + w.norm_eps
     factor = w.magnitude.to(merged.dtype) / norm
     factor = factor.view(-1, 1) if w.norm_dim == 1 else factor.view(1, -1)
     return factor * merged

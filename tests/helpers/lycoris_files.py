@@ -31,6 +31,13 @@ CASES = {
                               "decompose_both": True}),
     "lokr-full": ("lokr", {"lora_dim": 2, "alpha": 7.0, "factor": 4, "full_matrix": True}),
     "lokr-rank1": ("lokr", {"lora_dim": 1, "alpha": 1.0, "factor": 4}),  # alpha = rank: scale 1
+    # weight_decompose (DoHa / DoKr): dora_scale per output row, or per input column
+    "loha-dora": ("loha", {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True}),
+    "loha-cp-dora": ("loha", {"lora_dim": 2, "alpha": 3.0, "use_tucker": True,
+                              "weight_decompose": True}),
+    "lokr-dora": ("lokr", {"lora_dim": 2, "alpha": 3.0, "factor": 4, "weight_decompose": True}),
+    "lokr-dora-in": ("lokr", {"lora_dim": 1, "alpha": 0.5, "factor": 4, "decompose_both": True,
+                              "weight_decompose": True, "wd_on_out": False}),
 }
 
 
@@ -66,11 +73,13 @@ def make_module(layer: str, case: str, *, seed: int = 0):
 
 
 def forward_weight(module) -> torch.Tensor:
-    """The weight LyCORIS's forward computes with (multiplier 1, no DoRA): ``base_weight +
-    get_weight(self.shape) * self.scalar`` (LohaModule.forward, LokrModule._rebuild_forward)."""
+    """The weight LyCORIS's forward computes with (multiplier 1): ``base_weight +
+    get_weight(self.shape) * self.scalar``, through ``apply_weight_decompose`` with DoRA
+    (LohaModule.forward, LokrModule._rebuild_forward)."""
     with torch.no_grad():
         base = module._current_weight()
-        return base + module.get_weight(module.shape).to(base.dtype) * module.scalar
+        weight = base + module.get_weight(module.shape).to(base.dtype) * module.scalar
+        return module.apply_weight_decompose(weight, 1.0) if module.wd else weight
 
 
 def merged_weight(base: nn.Module, module) -> torch.Tensor:
