@@ -33,6 +33,7 @@ import pytest
 import torch
 from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
 from helpers.quantized_bases import (
+    damaged_copy,
     fp8_block_base,
     logits,
     raw_tensors,
@@ -42,7 +43,7 @@ from helpers.quantized_bases import (
     transformers_fp8_dequantize,
     transformers_fp8_quantize,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import adaptertools as at
 from adaptertools.codecs import fp8
@@ -302,20 +303,6 @@ def test_cli_merge_reports_fp8_survival(case, tmp_path):
     assert "FP8_E4M3" in outcome.stdout + outcome.stderr
 
 
-def _damaged(case, dst, change=None, config=None):
-    src = case["whole"][0]
-    shutil.copytree(src, dst)
-    if change is not None:
-        sd = load_file(src / "model.safetensors")
-        change(sd)
-        save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    if config is not None:
-        data = json.loads((dst / "config.json").read_text())
-        config(data["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(data))
-    return dst
-
-
 def _as_e5m2(sd):
     sd[Q] = sd[Q].float().to(torch.float8_e5m2)
 
@@ -336,7 +323,7 @@ def _as_e5m2(sd):
 ], ids=["missing-scale", "scale-grid", "block-size", "orphan-scale", "e5m2", "bad-block",
         "ue8m0"])
 def test_bad_fp8_input_is_one_line_and_writes_nothing(case, tmp_path, change, config, fragments):
-    base = _damaged(case, tmp_path / "base", change, config)
+    base = damaged_copy(case["whole"][0], tmp_path / "base", change, config)
     out = tmp_path / "out"
     outcome = run_cli("merge", base, lora(case, "whole"), "--out", out)
     assert_cli_error(outcome, fragments)

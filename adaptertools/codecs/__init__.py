@@ -50,7 +50,8 @@ from typing import Any
 
 ENTRY_POINT_GROUP = "adaptertools.codecs"
 BUILT_IN = {"bitsandbytes": "adaptertools.codecs.bnb", "gguf": "adaptertools.codecs.gguf",
-            "fp8": "adaptertools.codecs.fp8"}
+            "fp8": "adaptertools.codecs.fp8",
+            "compressed-tensors": "adaptertools.codecs.compressed_tensors"}
 REQUIRED = ("NAME", "QUANT_METHODS", "describe", "decode", "encode")
 _REGISTERED: dict[str, ModuleType] = {}
 

@@ -73,6 +73,11 @@ class Group:
         return self.encoding.name
 
     @property
+    def logical(self) -> str:                  # its name in a float checkpoint (and adapters)
+        name_of = getattr(self.codec, "logical_name", None)
+        return name_of(self.encoding) if name_of is not None else self.encoding.name
+
+    @property
     def shape(self) -> tuple[int, ...]:        # the unencoded weight's shape
         return self.encoding.shape
 
@@ -137,6 +142,24 @@ class Group:
 
 # ----------------------------------------------------------------------------- plan
 
+class _Refusing(dict):
+    """The planner's name table while it cannot route a renamed weight's adapters (see
+    ``Layout.logical``): asking for such a weight's float name is refused by name."""
+
+    def __init__(self, entries: dict, renamed: dict):
+        super().__init__(entries)
+        self.renamed = renamed
+
+    def __contains__(self, name) -> bool:
+        group = self.renamed.get(name)
+        if group is not None:
+            raise UnsupportedError(f"{name}: stored as {group.name} ({group.type}, "
+                                   f"{group.codec.NAME}); this version of the planner cannot "
+                                   "route an adapter to a weight stored under another name: "
+                                   "merge into the unquantized model and quantize the result")
+        return super().__contains__(name)
+
+
 @dataclass
 class Layout:
     """The encoded weights of a checkpoint, and what the merge does with them."""
@@ -146,10 +169,26 @@ class Layout:
     member_of: dict[str, Group]              # every member's name -> its group
     out_dtype: str | None                    # None: keep
 
-    def logical(self, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
-        """``entries`` with each encoded weight in its unencoded shape (adapters match it)."""
-        return {name: replace(e, shape=self.groups[name].shape) if name in self.groups else e
-                for name, e in entries.items()}
+    def logical(self, entries: dict[str, TensorEntry], aliases: bool = False) -> dict[str, TensorEntry]:
+        """``entries`` with each encoded weight in its unencoded shape (adapters match it).
+
+        A weight stored under another name than its float one (compressed-tensors'
+        ``X.weight_packed`` for ``X.weight``) is matched by adapters under the float name only
+        when the planner looks targets up through ``target_name`` (``aliases``); otherwise an
+        adapter on it is refused with one line instead of being matched to nothing."""
+        out = {name: replace(e, shape=self.groups[name].shape) if name in self.groups else e
+               for name, e in entries.items()}
+        renamed = {g.logical: g for g in self.groups.values() if g.logical != g.name}
+        if aliases:
+            out.update({name: replace(out[g.name], name=name) for name, g in renamed.items()})
+            return out
+        return _Refusing(out, renamed) if renamed else out
+
+    def target_name(self, stored: str) -> str:
+        """The name adapters give the stored tensor ``stored`` (``X.weight_packed`` ->
+        ``X.weight``); other tensors keep theirs."""
+        group = self.groups.get(stored)
+        return group.logical if group is not None else stored
 
     def jobs(self, jobs: list) -> list:
         """One file's jobs: adapted weights (every weight for a float output) get their group;
@@ -164,8 +203,11 @@ class Layout:
                     out.append(job)            # copied; patched after its weight when adapted
             elif self.out_dtype is not None or job.changed:
                 source = replace(job.source, shape=group.shape)
-                out.append(replace(job, source=source, out_dtype=self.out_dtype or job.source.dtype,
-                                   group=group))
+                # a float output stores the weight under its float name (X.weight_packed ->
+                # X.weight)
+                name = job.name if self.out_dtype is None else group.logical
+                out.append(replace(job, name=name, source=source,
+                                   out_dtype=self.out_dtype or job.source.dtype, group=group))
             else:
                 out.append(job)
         return out
@@ -195,7 +237,9 @@ class Layout:
         if index is None or self.out_dtype is None:
             return index
         kept = {j.name for f in files for j in f.jobs}
-        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in kept}
+        renamed = {g.name: g.logical for g in self.groups.values()}
+        index["weight_map"] = {renamed.get(k, k): v for k, v in index["weight_map"].items()
+                               if renamed.get(k, k) in kept}
         return index
 
 

@@ -90,6 +90,25 @@ def raw_tensors(folder: Path) -> dict[str, bytes]:
             for k, v in header.items()}
 
 
+def damaged_copy(src: Path, dst: Path, change=None, config=None) -> Path:
+    """A copy of the checkpoint folder ``src`` in ``dst``: ``change(state_dict)`` edits its
+    tensors, ``config(quantization_config)`` its config.json's quantization_config."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    if change is not None:
+        sd = load_file(src / "model.safetensors")
+        change(sd)
+        save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    if config is not None:
+        data = json.loads((dst / "config.json").read_text())
+        config(data["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(data))
+    return dst
+
+
 def logits(model) -> torch.Tensor:
     """float64 logits of a tiny (vocabulary 128) model on two seeded sequences of 11 ids."""
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -125,3 +144,80 @@ def scaled_lora(model, base: dict[str, torch.Tensor], folder: Path, *, targets, 
             deltas[key] = module.scaling["default"] * (b.double() @ a.double())
     peft_model.save_pretrained(folder)
     return deltas
+
+
+# ----------------------------------------------------------------------------- compressed-tensors
+
+def _ct_min_max(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-scale min and max of ``w`` (rows, cols), as llm-compressor's memoryless min-max
+    observer reduces them for each strategy."""
+    strategy = args.strategy.value if hasattr(args.strategy, "value") else args.strategy
+    if strategy == "tensor":
+        return w.amin().reshape(1), w.amax().reshape(1)
+    if strategy == "channel":
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    if strategy == "group":
+        g = w.unflatten(-1, (w.shape[1] // args.group_size, args.group_size))
+        return g.amin(dim=-1), g.amax(dim=-1)
+    bh, bw = args.block_structure
+    rows, cols = -(-w.shape[0] // bh), -(-w.shape[1] // bw)
+    p = torch.nn.functional.pad(w, (0, cols * bw - w.shape[1], 0, rows * bh - w.shape[0]))
+    b = p.reshape(rows, bh, cols, bw)
+    return b.amin(dim=(1, 3)), b.amax(dim=(1, 3))
+
+
+def ct_base(model, folder: Path, fmt: str, weights: dict, activations: dict | None = None,
+            targets=("Linear",)) -> dict[str, torch.Tensor]:
+    """``model`` compressed by compressed-tensors itself (scales from a min-max observer via its
+    ``calculate_qparams``, then ``ModelCompressor.compress_model`` and its ``update_config``)
+    and saved in ``folder``; returns the checkpoint's weights as compressed-tensors decompresses
+    them (its own compressor's ``decompress``), float32, by name."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    act = QuantizationArgs(**activations) if activations else None
+    scheme = QuantizationScheme(targets=list(targets), weights=QuantizationArgs(**weights),
+                                input_activations=act)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt)
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                args = module.quantization_scheme.weights
+                scale, zero = calculate_qparams(*_ct_min_max(module.weight.detach(), args), args)
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+                if hasattr(module, "weight_zero_point"):
+                    module.weight_zero_point.copy_(zero.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.config.save_pretrained(folder)
+    compressor.update_config(folder)
+    stored = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
+    return ct_decompress(stored, compressor.quantization_config)
+
+
+def ct_decompress(stored: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Every weight of a compressed state dict as compressed-tensors' own compressor for the
+    config group's format decompresses it (fp32); other tensors as stored (fp32)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    (scheme,) = config.config_groups.values()
+    fmt = scheme.format.value if hasattr(scheme.format, "value") else (scheme.format or config.format)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    prefixes = {k.removesuffix(".weight_scale") for k in stored if k.endswith(".weight_scale")}
+    out = {}
+    for name, t in stored.items():
+        prefix = name.rsplit(".", 1)[0]
+        if prefix not in prefixes:
+            out[name] = t.float()
+    for prefix in prefixes:
+        local = {k[len(prefix) + 1:]: v for k, v in stored.items() if k.startswith(prefix + ".")}
+        out[prefix + ".weight"] = compressor.decompress(local, scheme)["weight"].float()
+    return out
