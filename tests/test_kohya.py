@@ -122,6 +122,53 @@ def test_hand_file_merges_as_lycoris_kohya_network(world, tmp_path):
     assert scales == {"to_q": 2.0, "to_k": 1.0, "2": 1.0, "conv1": 2 / 3, "proj_in": 0.5}
 
 
+def test_pipeline_folder_merge(world, tmp_path):
+    """The UNet + text encoder file into the pipeline folder (merging/pipeline.py): each
+    component as fuse_lora / PEFT's merge, bit for bit."""
+    at.merge(world["pipe"], [str(world["both"])], tmp_path / "p")
+    for component, ref in (("unet", world["fused_unet"]), ("text_encoder", world["fused_te"])):
+        got = {k: v for f in (tmp_path / "p" / component).glob("*.safetensors")
+               for k, v in load_file(str(f)).items()}
+        assert assert_same(got, ref) == len(got)
+    assert (tmp_path / "p" / "model_index.json").read_bytes() == \
+        (world["pipe"] / "model_index.json").read_bytes()
+
+
+def test_lycoris_locon_dora_file_merges_as_lycoris(world, tmp_path):
+    """lycoris-lora's own LoCon with DoRA (create_lycoris algo lora, dora_wd: Linear and conv
+    modules, dora_scale (out, 1, ...)) under its ``lycoris_`` prefix, into the UNet folder, vs
+    its merge_to. lycoris divides by ``||V|| + eps32`` (functional/general.py
+    _weight_decompose), PEFT's rule (ours) by ``||V||``: with row norms ~0.5 here that moves the
+    factor by ~2 eps relative, plus a few roundings of each side's sums:
+    bound 8 * eps32 * |W'| elementwise."""
+    from lycoris import create_lycoris
+
+    model = kf.unet()
+    network = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=3,
+                             conv_alpha=3.0, algo="lora", dora_wd=True)
+    network.apply_to()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "lora_up" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            if "dora_scale" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    file = tmp_path / "locon.safetensors"
+    network.save_weights(str(file), torch.float32, None)
+    ours = merged(world["unet"], file, tmp_path / "u")
+    network.restore()
+    network.merge_to(1.0)
+    eps, base = torch.finfo(torch.float32).eps, kf.unet().state_dict()
+    changed = 0
+    for name, tensor in model.state_dict().items():
+        assert ((ours[name] - tensor).abs() <= 8 * eps * tensor.abs()).all(), name
+        changed += not torch.equal(tensor, base[name])
+    assert changed > 40
+    conv = at.load(file, base=world["unet"]).weights["conv_in.weight"]
+    assert conv.magnitude.shape == (32,) and conv.a.shape == (3, 36)
+
+
 # ----------------------------------------------------------------------------- write
 
 def test_written_file_loads_in_diffusers_as_peft_merge(world, tmp_path):
