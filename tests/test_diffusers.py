@@ -151,13 +151,23 @@ def test_merge_scale_rules_and_dora(extra, tmp_path):
                  load_file(tmp_path / "out" / "unet" / UNET_FILE))
 
 
-def test_merge_flux_transformer(tmp_path):
-    pipe = save_pipeline(tmp_path / "pipe", {"transformer": tiny_flux()}, extra_files=SCHEDULER)
+def test_merge_flux_transformer_sharded(tmp_path):
+    """A Flux transformer saved in shards (diffusion_pytorch_model-0000N-of-0000M.safetensors
+    + diffusion_pytorch_model.safetensors.index.json, as large DiTs are): merged shard by
+    shard, the index kept byte for byte, diffusers loads the result as fuse_lora's weights."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = save_pipeline(tmp_path / "pipe", {"transformer": tiny_flux()}, extra_files=SCHEDULER,
+                         max_shard_size="20KB")
+    index = pipe / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    assert index.is_file() and len(list(index.parent.glob("diffusion_pytorch_model-*"))) > 1
     lora = save_flux_lora(tmp_path / "lora", add_flux_lora(tiny_flux()))
     report = at.merge(pipe, [lora], tmp_path / "out")
     assert report.components["transformer"]["merged"] == 8
-    _assert_same(fused_by_diffusers(tiny_flux(), lora, "transformer"),
-                 load_file(tmp_path / "out" / "transformer" / UNET_FILE))
+    out = tmp_path / "out" / "transformer"
+    assert (out / index.name).read_bytes() == index.read_bytes()
+    merged = FluxTransformer2DModel.from_pretrained(out)
+    _assert_same(fused_by_diffusers(tiny_flux(), lora, "transformer"), merged.state_dict())
 
 
 def test_merge_into_one_component_folder(sd, tmp_path):

@@ -21,6 +21,9 @@ from ..paths import contained_file
 from ..tensor_index import SafetensorsFile, TensorEntry, read_safetensors_header
 
 INDEX_NAME = "model.safetensors.index.json"
+# the shard indexes a folder may hold: transformers', and diffusers' model folders' (a sharded
+# unet/ or transformer/: diffusion_pytorch_model-0000N-of-0000M.safetensors)
+INDEX_NAMES = (INDEX_NAME, "diffusion_pytorch_model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class HFBase:
     files: tuple[SafetensorsFile, ...]   # shard order
     config: dict = field(default_factory=dict)
     index: dict | None = None
+    index_name: str = INDEX_NAME          # the index file's name (INDEX_NAMES), kept in outputs
 
     kind = "safetensors"
 
@@ -86,9 +90,10 @@ def open_base(path: str | os.PathLike) -> HFBase | GGUFBase:
     if not path.is_dir():
         raise FormatError(f"{path}: not a model; a base is an HF folder with *.safetensors, "
                           "one .safetensors file, or a .gguf model")
-    index_path = path / INDEX_NAME
+    index_name = next((n for n in INDEX_NAMES if (path / n).is_file()), INDEX_NAME)
+    index_path = path / index_name
     if index_path.is_file():
-        index = read_json(contained_file(path, INDEX_NAME))
+        index = read_json(contained_file(path, index_name))
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError(f"{index_path}: no `weight_map`; the index is damaged")
@@ -101,9 +106,9 @@ def open_base(path: str | os.PathLike) -> HFBase | GGUFBase:
             contained_file(path, f)
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
-            raise FormatError(f"{path}: shard {missing[0]} listed in {INDEX_NAME} is missing "
+            raise FormatError(f"{path}: shard {missing[0]} listed in {index_name} is missing "
                               f"({len(missing)} of {len(files)}); download the complete model")
-        return _open_hf(path, files, index)
+        return _open_hf(path, files, index, index_name)
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FormatError(f"{path}: no *.safetensors weights here (.bin checkpoints are not read: "
@@ -114,11 +119,12 @@ def open_base(path: str | os.PathLike) -> HFBase | GGUFBase:
     return _open_hf(path, files)
 
 
-def _open_hf(folder: Path, files: list[str], index: dict | None = None) -> HFBase:
+def _open_hf(folder: Path, files: list[str], index: dict | None = None,
+             index_name: str = INDEX_NAME) -> HFBase:
     config_path = contained_file(folder, "config.json")
     config = read_json(config_path) if config_path.is_file() else {}
     shards = tuple(read_safetensors_header(contained_file(folder, f)) for f in files)
-    return HFBase(folder, shards, config, index)
+    return HFBase(folder, shards, config, index, index_name)
 
 
 def _open_gguf(path: Path) -> GGUFBase:

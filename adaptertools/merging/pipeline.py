@@ -146,18 +146,18 @@ def plan_pipeline(base: Path, loaded: list[Adapter], names: list[str], factors: 
     return plans
 
 
-def _report(plans: dict, base, out, names, factors, mode, dtype, copied: dict) -> dict:
-    """One merge report over the components: their changed tensors named
-    ``<component>.<tensor>``, warnings prefixed with the component, per-component counts."""
-    from ..api import _plan_report
-
+def _report(plans: dict, base, out, names, factors, mode, dtype, copied: dict,
+            plan_report) -> dict:
+    """One merge report over the components (``plan_report``: api's report of one plan):
+    their changed tensors named ``<component>.<tensor>``, warnings prefixed with the
+    component, per-component counts."""
     report = {"base": str(base), "out": None if out is None else str(out),
               "format": "diffusers-pipeline", "adapters": list(names),
               "weights": list(factors), "mode": mode, "dtype": dtype, "tensors": 0,
               "output_bytes": 0, "changed": [], "warnings": []}
     counts = {}
     for component, plan in plans.items():
-        part = _plan_report(plan, plan.base.folder, out, dtype, list(plan.warnings))
+        part = plan_report(plan, plan.base.folder, out, dtype, list(plan.warnings))
         report["tensors"] += part["tensors"]
         report["output_bytes"] += part["output_bytes"]
         for row in part["changed"]:
@@ -175,9 +175,12 @@ def _report(plans: dict, base, out, names, factors, mode, dtype, copied: dict) -
 def merge_pipeline(base, paths: list, out, *, factors: list[float], mode: str, dtype: str,
                    scale=None, device: str = "cpu", kernels: str = "auto", force: bool = False,
                    dry_run: bool = False, progress=None, requantize: str = "keep",
-                   max_shard_size=None, allow_modified_base: bool = False) -> dict:
+                   max_shard_size=None, allow_modified_base: bool = False,
+                   plan_report) -> dict:
     """``api.merge`` into a pipeline folder ``base``; the report as a dict (MergeReport's, or
-    MergePlanReport's with ``dry_run``, plus ``components``)."""
+    MergePlanReport's with ``dry_run``, plus ``components``). ``plan_report(plan, base, out,
+    dtype, warnings) -> dict`` is api's report of one plan (passed in: api imports this
+    module)."""
     from ..inputs import load_finite
     from .run import execute
 
@@ -192,7 +195,7 @@ def merge_pipeline(base, paths: list, out, *, factors: list[float], mode: str, d
                           allow_modified_base=allow_modified_base)
     others = sorted(p.name for p in base.iterdir() if p.name not in plans and not
                     p.name.startswith("."))
-    report = _report(plans, base, out, names, factors, mode, dtype, {})
+    report = _report(plans, base, out, names, factors, mode, dtype, {}, plan_report)
     if dry_run:
         return report
     if callable(getattr(progress, "start", None)):
@@ -208,7 +211,7 @@ def merge_pipeline(base, paths: list, out, *, factors: list[float], mode: str, d
         for component, plan in plans.items():
             runs[component] = execute(plan, tmp / component, device=device, progress=progress,
                                       kernels=kernels, inputs=inputs)
-    report = _report(plans, base, out, names, factors, mode, dtype, copied)
+    report = _report(plans, base, out, names, factors, mode, dtype, copied, plan_report)
     first = next(iter(runs.values()), {})
     report.update(wall_s=time.perf_counter() - start, device=first.get("device", device),
                   kernels=first.get("kernels", kernels),

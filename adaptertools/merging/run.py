@@ -28,7 +28,7 @@ from ..kernels.folding import fold_tensor
 from ..kernels.survival import Survival
 from ..kernels.triton.engine import fold_gguf_job, resolve_kernels
 from ..paths import atomic_output, contained_file
-from .bases import INDEX_NAME, HFBase
+from .bases import HFBase
 from .encoded import Folded, Patch, apply_left, due
 from .jobs import Job, OutputFile, Plan
 from .quantized import check_output, fold_gguf, needs_codec, summarize
@@ -293,7 +293,7 @@ def copy_side_files(folder: Path, dst: Path, plan: Plan) -> list[str]:
     copied = []
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.suffix in WEIGHT_SUFFIXES \
-                or path.name == INDEX_NAME:
+                or path.name == plan.base.index_name:
             continue
         if path.name == "config.json" and plan.config is not None:
             continue
@@ -338,9 +338,9 @@ def write_side_files(plan: Plan, tmp: Path) -> list[str]:
     if plan.config is not None:
         write_json(tmp / "config.json", plan.config)
     if plan.index is not None:
-        write_json(tmp / INDEX_NAME, plan.index)
+        write_json(tmp / plan.base.index_name, plan.index)
     elif plan.base.index is not None and plan.max_shard_size is None:
-        shutil.copy2(plan.base.folder / INDEX_NAME, tmp / INDEX_NAME)
+        shutil.copy2(plan.base.folder / plan.base.index_name, tmp / plan.base.index_name)
     return copied
 
 

@@ -161,7 +161,8 @@ def save_flux_lora(folder: Path, transformer, *, metadata: bool = True) -> Path:
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def save_pipeline(folder: Path, components: dict, *, extra_files: dict | None = None) -> Path:
+def save_pipeline(folder: Path, components: dict, *, extra_files: dict | None = None,
+                  max_shard_size: str | None = None) -> Path:
     """A pipeline folder as DiffusionPipeline.save_pretrained lays it out: model_index.json
     naming each component's (library, class), each model saved with its own save_pretrained,
     plus plain side folders (``extra_files``: {relative path: text}, e.g. a scheduler config)."""
@@ -171,7 +172,10 @@ def save_pipeline(folder: Path, components: dict, *, extra_files: dict | None = 
         library = "transformers" if type(model).__module__.startswith("transformers") \
             else "diffusers"
         index[name] = [library, type(model).__name__]
-        model.save_pretrained(folder / name)
+        if max_shard_size is None:
+            model.save_pretrained(folder / name)
+        else:
+            model.save_pretrained(folder / name, max_shard_size=max_shard_size)
     for rel, text in (extra_files or {}).items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_text(text)
