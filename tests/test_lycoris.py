@@ -222,6 +222,17 @@ def test_bad_modules_are_refused_by_name():
     _one_line(e, "m:", "alpha")
 
 
+def test_rs_lora_full_lokr_scale_is_not_in_the_file():
+    """rs_lora makes a LoKr with both halves full train at scale sqrt(r) (alpha forced to r,
+    divided by sqrt(r): LokrModule.__init__); the file has no rank to undo that with, and
+    LyCORIS's own loader reads scale 1, as we do."""
+    base, module = make_module("linear", "lokr-full-rs")
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    assert set(state) == {"alpha", "lokr_w1", "lokr_w2"} and module.scale == 2.0
+    w, _ = _ours(base, module)
+    assert w.scale == reloaded(module, base, state).scale == 1.0
+
+
 def test_alpha_rules():
     """alpha missing or 0 -> rank (scale 1); both LoKr halves full -> scale 1 whatever alpha."""
     base, state = _state("linear", "loha-a1")
@@ -329,4 +340,4 @@ def test_loha_file_missing_hada_w2_b(tmp_path):
     save_file(state, path)
     with pytest.raises(FormatError) as e:
         at.load(path, base=base)
-    _one_line(e, gone.rsplit(".", 1)[0], "hada_w2_b")
+    print(_one_line(e, str(path), gone.rsplit(".", 1)[0], "no hada_w2_b"))

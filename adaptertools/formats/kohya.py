@@ -152,7 +152,7 @@ def _lycoris_delta(stem: str, parts: dict, target, file: Path, lycoris):
         found = sorted(p for p in parts if p.startswith(("hada_", "lokr_")))
         raise UnsupportedError(f"{file}: {stem} holds LyCORIS tensors ({', '.join(found)}): "
                                "LoHa / LoKr modules in kohya files are not supported yet")
-    return lycoris.module_delta(stem, parts, target.shape)
+    return lycoris.module_delta(f"{file}: {stem}", parts, target.shape)
 
 
 def read(path: Path, *, base=None) -> Adapter:

@@ -27,7 +27,12 @@ rank of its factorised side, ``lokr_w1_b.shape[0]`` else ``lokr_w2_b.shape[0]``.
 (``LokrModule.make_module_from_state_dict`` reads ``w2a.size(1)``, which for the CP form's
 ``lokr_w2_a`` (r, b) is b, not r: its loader misreads the scale of a CP LoKr with a full w1.)
 A LoKr whose w1 and w2 are both full has scale 1 whatever alpha says (``LokrModule.__init__``:
-``if self.use_w2 and self.use_w1: alpha = lora_dim``; its loader, with ``lora_dim = 1``, too).
+``if self.use_w2 and self.use_w1: alpha = lora_dim``; its loader, with ``lora_dim = 1``, too;
+trained with rs_lora such a module had scale sqrt(r), which the file cannot tell: no factor
+carries r).
+
+DoRA (``weight_decompose``, DoHa / DoKr: ``dora_scale``): the merged weight rescaled per output
+row (or per input column), LyCORIS's eps in the norm (``_decomposition``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ CASES = {
                               "decompose_both": True}),
     "lokr-full": ("lokr", {"lora_dim": 2, "alpha": 7.0, "factor": 4, "full_matrix": True}),
     "lokr-rank1": ("lokr", {"lora_dim": 1, "alpha": 1.0, "factor": 4}),  # alpha = rank: scale 1
+    # rs_lora: scale alpha / sqrt(r), saved as alpha * sqrt(r)
+    "loha-rs": ("loha", {"lora_dim": 4, "alpha": 1.0, "rs_lora": True}),
+    "lokr-rs": ("lokr", {"lora_dim": 4, "alpha": 6.0, "factor": 2, "rs_lora": True}),
     # weight_decompose (DoHa / DoKr): dora_scale per output row, or per input column
     "loha-dora": ("loha", {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True}),
     "loha-cp-dora": ("loha", {"lora_dim": 2, "alpha": 3.0, "use_tucker": True,
@@ -39,6 +42,10 @@ CASES = {
     "lokr-dora-in": ("lokr", {"lora_dim": 1, "alpha": 0.5, "factor": 4, "decompose_both": True,
                               "weight_decompose": True, "wd_on_out": False}),
 }
+# rs_lora with both LoKr halves full: trained at scale r / sqrt(r) = 2, which the file cannot say
+# (tests/test_lycoris.py test_rs_lora_full_lokr_scale_is_not_in_the_file)
+EXTRA_CASES = {"lokr-full-rs": ("lokr", {"lora_dim": 4, "alpha": 1.0, "factor": 4,
+                                         "full_matrix": True, "rs_lora": True})}
 
 
 def quiet() -> None:
@@ -66,7 +73,7 @@ def make_module(layer: str, case: str, *, seed: int = 0):
     quiet()
     torch.manual_seed(1000 + seed)
     base = LAYERS[layer]()
-    algo, kwargs = CASES[case]
+    algo, kwargs = {**CASES, **EXTRA_CASES}[case]
     module = module_class(algo)("lycoris_x", base, 1.0, **kwargs)
     perturb(module, seed=sum(map(ord, layer + case)) + seed)
     return base, module
