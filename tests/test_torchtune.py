@@ -14,6 +14,9 @@ the output:
 - torchtune's PEFT-form export: right for Llama LoRA; wrong q/k lora_B for Qwen2 and unpermuted
   q/k DoRA magnitudes for Llama; ``peft_export_fix`` repairs both bit-exactly, and the repaired
   Qwen2 export merges as torchtune does;
+- write: a PEFT adapter converted to torchtune is loaded by torchtune's LoRA model and merged
+  by get_merged_lora_ckpt bit-identically to our merge of the PEFT adapter; torchtune -> ours ->
+  torchtune is bit-exact; per-module ranks are refused;
 - bad input: alpha unknown, --scale beside a config, no base for q/k, a foreign key, a missing
   lora_b, a pickle that is more than tensors: one line each, exit 1 (2 for misuse).
 """
@@ -28,6 +31,7 @@ import pytest
 import torch
 from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
 from helpers.models import make_causal_lm
+from helpers.peft_adapters import make_adapter
 from safetensors.torch import load_file, save_file
 
 import adaptertools as at
@@ -37,6 +41,8 @@ CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
 RANK, ALPHA = 4, 8.0
 MERGED = "model-00001-of-00001.safetensors"        # torchtune's merged HF checkpoint
 ROPE = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "lm_head"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +63,14 @@ def oracle(tmp_path_factory):
         make_causal_lm(model).save_pretrained(bases[model])
     specs = [{"base": bases[m], "out": root / f"{m}_{'dora' if d else 'lora'}", "model": m,
               "dora": d, "rank": RANK, "alpha": ALPHA, "seed": 11} for m, d in CASES]
+    for model, dora in CASES:          # PEFT -> ours -> torchtune, merged by torchtune
+        peft = root / f"peft_{model}_{dora}"
+        make_adapter(make_causal_lm(model), peft / "peft", r=RANK, lora_alpha=ALPHA,
+                     use_dora=dora, target_modules=PEFT_TARGETS)
+        at.convert(peft / "peft", peft / "tt", to="torchtune", base=bases[model])
+        specs.append({"base": bases[model], "out": peft / "tt_merged", "model": model,
+                      "dora": dora, "rank": RANK, "alpha": ALPHA,
+                      "adapter": peft / "tt" / "adapter_model.pt"})
     make_checkpoints(python, specs)
     return {(m, d): s["out"] / "epoch_0" for (m, d), s in zip(CASES, specs)}, bases
 
@@ -173,6 +187,48 @@ def test_fixed_qwen2_export_merges_as_torchtune(oracle, tmp_path):
                                        tmp_path / f"m_{fix}")
         assert differ == ([] if fix else
                           [f"model.layers.{i}.{p}" for i in (0, 1) for p in sorted(ROPE)])
+
+
+# ----------------------------------------------------------------------------- write
+
+def test_written_checkpoint_merged_by_torchtune_as_we_merge_the_peft_adapter(case, tmp_path):
+    """PEFT -> torchtune (ours): torchtune loads our adapter_model.pt into its LoRA model
+    (every adapter tensor must fit) and its get_merged_lora_ckpt is bit-identical to our merge
+    of the PEFT adapter, LoRA and DoRA (the same plain torch arithmetic; measured 0.0)."""
+    (model, dora), folder, base = case
+    peft = folder.parent.parent / f"peft_{model}_{dora}"
+    run_cli("merge", base, peft / "peft", "--out", tmp_path / "m", expect=0)
+    ours = load_file(tmp_path / "m" / "model.safetensors")
+    theirs = load_file(peft / "tt_merged" / "epoch_0" / MERGED)
+    original = load_file(base / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+    assert sum(not torch.equal(original[k], theirs[k]) for k in theirs) == 15
+    config = json.loads((peft / "tt" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (RANK, ALPHA)
+    assert tt.is_torchtune_export(config)
+
+
+def test_round_trip_through_ours_is_bit_exact(case, tmp_path):
+    (_, dora), folder, base = case
+    run_cli("convert", folder / "adapter_model.pt", tmp_path / "tt", "--to", "torchtune",
+            "--base", base, expect=0)
+    original = torch.load(folder / "adapter_model.pt", weights_only=True)
+    again = torch.load(tmp_path / "tt" / "adapter_model.pt", weights_only=True)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k])
+                                                  for k in original)
+    assert any(k.endswith("magnitude") for k in again) == dora
+
+
+def test_what_torchtune_cannot_hold_is_refused(oracle, tmp_path):
+    _, bases = oracle
+    peft = tmp_path / "peft"
+    make_adapter(make_causal_lm("llama"), peft, r=RANK, lora_alpha=ALPHA,
+                 target_modules=PEFT_TARGETS, rank_pattern={"v_proj": 2})
+    dst = tmp_path / "tt"
+    outcome = run_cli("convert", peft, dst, "--to", "torchtune", "--base", bases["llama"])
+    assert_cli_error(outcome, ["ranks [2, 4]", "one lora_rank"])
+    assert_nothing_written(dst)
 
 
 # ----------------------------------------------------------------------------- bad input

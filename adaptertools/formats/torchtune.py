@@ -16,6 +16,9 @@
   (``convert_weights.hf_to_tune`` ``_permute``: per head, HF's two contiguous RoPE halves
   interleaved), so a q/k ``lora_b`` (and DoRA magnitude) is in that order; Qwen2's loader does
   not permute. ``TUNE_PERMUTES_QK`` says which, by the base's architecture.
+- Write: the same adapter_model.pt (``torch.save`` of a plain dict of tensors, torchtune names,
+  q/k rows permuted back) and the adapter_config.json torchtune writes beside it; one rank and
+  one scale for all modules (a recipe's lora_rank / lora_alpha), Linear factors only.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .._io import read_json
-from ..adapter import Adapter, LoraWeight, check_weight
+from .._io import read_json, write_json
+from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import FormatError, OptionError, UnsupportedError
 from . import accounting, foreign
 from .names import BaseInfo, load_base_info, permute_rows, unpermute_rows
@@ -229,7 +232,7 @@ def _base_from_config(config: dict | None, config_path: Path) -> BaseInfo | None
     return None
 
 
-def _permutes(base: BaseInfo | None, file: Path) -> bool:
+def _permutes(base: BaseInfo | None, file) -> bool:
     """Are this base's q/k rows permuted in torchtune's checkpoints (``TUNE_PERMUTES_QK``)?"""
     if base is None:
         raise FormatError(f"{file}: q_proj/k_proj LoRA rows are in torchtune's RoPE order for "
@@ -278,6 +281,81 @@ def describe(path: Path) -> dict:
     config = read_json(config_path) if config_path.is_file() else {}
     return {"file": file.name, "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
             "dora": any(k.endswith(".magnitude") for k in _keys(file) or ())}
+
+
+# ----------------------------------------------------------------------------- write
+
+OUTPUT_IS_DIR = True
+# HF module name (last part) -> torchtune's target_modules entry, the inverse of
+# convert_weights._TO_PEFT_TARGET_MODULES (its export writes the HF names into the config)
+HF_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+              "lm_head"}
+
+
+def tune_module(hf: str, where) -> str:
+    """HF module name -> torchtune's (``TUNE_TO_HF`` read left to right)."""
+    abstract = re.sub(r"\.\d+", ".{}", hf)
+    index = re.search(r"\.(\d+)(\.|$)", hf)
+    for tune, target in TUNE_TO_HF.items():
+        if target == abstract:
+            return tune.format(index[1]) if index else tune
+    raise UnsupportedError(f"{where}: torchtune's LoRA models adapt only "
+                           f"{', '.join(sorted(HF_TARGETS))}; refusing to write it as a "
+                           "torchtune checkpoint (convert it to PEFT, or merge it)")
+
+
+def _one_value(adapter: Adapter, field: str):
+    values = {getattr(w, field) for w in adapter.weights.values()}
+    if len(values) != 1:
+        raise UnsupportedError(f"the adapter has {field}s {sorted(values)}, but a torchtune recipe "
+                               f"has one lora_rank and one lora_alpha for all modules; refusing "
+                               "to write it as a torchtune checkpoint (convert it to PEFT)")
+    return values.pop()
+
+
+def tensors_for(adapter: Adapter, base: BaseInfo | None) -> dict[str, torch.Tensor]:
+    """adapter_model.pt's dict: torchtune names, q/k lora_b and magnitude rows permuted as its
+    HF checkpointer permutes the base's (``permute_rows``, the exact inverse of the read)."""
+    from ..copies import saved_copies
+
+    trained = sorted(set(adapter.replacements) - saved_copies(adapter)) + sorted(adapter.token_rows)
+    if trained:        # PEFT's saved copies of the training base are not trained: left out
+        name = trained[0]
+        raise UnsupportedError(f"{name}: full tensors / trained token rows beside the LoRA; a "
+                               "torchtune adapter checkpoint holds LoRA/DoRA factors only")
+    modules = {module_name(n): w for n, w in adapter.weights.items()}
+    permuted = _permutes(base, "writing a torchtune checkpoint") if any(m.endswith(("q_proj", "k_proj"))
+                                                        for m in modules) else False
+    out = {}
+    for hf, w in modules.items():
+        if w.layer != "linear" or w.bias is not None or w.norm_dim != 1:
+            what = "a lora_bias" if w.bias is not None else f"a {w.layer} LoRA"
+            raise UnsupportedError(f"{hf}: {what}; torchtune's LoRALinear / DoRALinear hold "
+                                   "plain Linear factors only: convert it to PEFT, or merge it")
+        tune = tune_module(hf, hf)
+        b, m = w.b, w.magnitude
+        heads = _heads(tune, base) if permuted else None
+        if heads is not None:
+            b = permute_rows(b, heads)
+            m = None if m is None else permute_rows(m, heads)
+        out[f"{tune}.lora_a.weight"], out[f"{tune}.lora_b.weight"] = w.a, b
+        if m is not None:
+            out[f"{tune}.magnitude"] = m
+    return {k: t.contiguous().clone() for k, t in out.items()}
+
+
+def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None) -> None:
+    """Fill the folder ``path`` with adapter_model.pt (torch.save of a plain dict of tensors) and
+    the adapter_config.json torchtune's checkpointer writes beside it (r, lora_alpha)."""
+    rank, scale = _one_value(adapter, "rank"), _one_value(adapter, "scale")
+    tensors = tensors_for(adapter, base)          # refuses first: nothing is written then
+    targets = sorted({module_name(n).rsplit(".", 1)[-1] for n in adapter.weights})
+    config = {"r": rank, "lora_alpha": scale * rank, "target_modules": targets,
+              "peft_type": "LORA"}
+    if adapter.base_model:
+        config["base_model_name_or_path"] = adapter.base_model
+    torch.save(tensors, Path(path) / WEIGHTS_NAME)
+    write_json(Path(path) / CONFIG_NAME, config)
 
 
 # ----------------------------------------------------------------------------- PEFT export

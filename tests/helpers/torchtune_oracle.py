@@ -61,6 +61,16 @@ def main(spec: dict) -> None:
         for m in model.modules():
             if hasattr(m, "initialize_dora_magnitude"):
                 m.initialize_dora_magnitude()
+    if spec.get("adapter"):
+        state = torch.load(spec["adapter"], map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected
+        lost = [k for k in get_adapter_params(model) if k in missing]
+        assert not lost, f"adapter tensors missing from {spec['adapter']}: {lost[:3]}"
+        merged = get_merged_lora_ckpt({k: v.cpu() for k, v in model.state_dict().items()},
+                                      rank=rank, alpha=alpha)
+        checkpointer.save_checkpoint({training.MODEL_KEY: merged}, epoch=0)
+        return
     gen = torch.Generator().manual_seed(spec["seed"])
     with torch.no_grad():
         for name, p in get_adapter_params(model).items():
