@@ -169,6 +169,31 @@ def test_lycoris_locon_dora_file_merges_as_lycoris(world, tmp_path):
     assert conv.magnitude.shape == (32,) and conv.a.shape == (3, 36)
 
 
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
+def test_flux_transformer_names(tmp_path):
+    """Flux: ``lora_transformer_`` (diffusers' names) into a FluxTransformer2DModel folder,
+    alpha 8 at rank 4: bit-identical to diffusers' own kohya loader + fuse_lora (it scales
+    lora_A by the power of two 2, exact); BFL's original names (``lora_unet_double_blocks_``)
+    resolve against a BFL-named single file, bare or under ``model.diffusion_model.``."""
+    model = kf.flux()
+    model.save_pretrained(tmp_path / "transformer")
+    file = kf.flux_file(model, tmp_path / "flux.safetensors")
+    ours = merged(tmp_path / "transformer", file, tmp_path / "out")
+    ref = kf.diffusers_flux_loaded(model, file)
+    assert assert_same(ours, ref) == len(ours)
+    base = model.state_dict()
+    assert sum(not torch.equal(ref[k], base[k]) for k in ref) == len(kf.FLUX_MODULES)
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    lora = _file(tmp_path / "bfl.safetensors", {f"{stem}.lora_down.weight": torch.ones(2, 8),
+                                                 f"{stem}.lora_up.weight": torch.ones(24, 2)})
+    for prefix in ("", "model.diffusion_model."):
+        bfl = _file(tmp_path / "bfl_base.safetensors", {
+            f"{prefix}double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8),
+            f"{prefix}double_blocks.0.img_attn.qkv.bias": torch.zeros(24)})
+        weights = at.load(lora, base=bfl).weights
+        assert list(weights) == [f"{prefix}double_blocks.0.img_attn.qkv.weight"]
+
+
 # ----------------------------------------------------------------------------- write
 
 def test_written_file_loads_in_diffusers_as_peft_merge(world, tmp_path):

@@ -108,6 +108,9 @@ def _alpha(stem: str, parts: dict, rank: int, file: Path) -> float:
 
 def _weight(stem: str, parts: dict, target, file: Path) -> LoraWeight:
     """One module's factors in the stored weight's layout (``target.shape``)."""
+    if "lora_down.weight" not in parts and "lora_up.weight" not in parts:
+        raise FormatError(f"{file}: {stem} has {', '.join(sorted(parts))} but neither "
+                          f"lora_down.weight nor lora_up.weight; {REMADE}")
     for leaf, partner in (("lora_down.weight", "lora_up.weight"),
                           ("lora_up.weight", "lora_down.weight")):
         if leaf not in parts:

@@ -174,3 +174,51 @@ def diffusers_loaded(unet_model, path: Path) -> dict[str, torch.Tensor]:
     u.fuse_lora()
     u.unload_lora()
     return {k: v.detach().clone() for k, v in u.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- Flux
+
+# diffusers' "mixture" kohya reading (lora_conversion_utils._convert_mixture_state_dict_to_
+# diffusers) maps attention modules and a few top-level ones; it turns
+# ``single_transformer_blocks_0_proj_mlp`` into the block itself (and fails), so none here
+FLUX_MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0",
+                "transformer_blocks.0.attn.add_k_proj", "single_transformer_blocks.0.attn.to_v",
+                "proj_out")
+
+
+def flux(seed: int = 2):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1,
+                                  num_single_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def flux_file(model, path: Path, *, rank: int = 4, alpha: float = 8.0) -> Path:
+    """``lora_transformer_<diffusers module underscored>`` modules, as diffusers' kohya-style
+    Flux files (its "mixture" format) name them."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = {}
+    for module in FLUX_MODULES:
+        rows, cols = shapes[module + ".weight"]
+        stem = "lora_transformer_" + module.replace(".", "_")
+        out[f"{stem}.lora_down.weight"] = torch.randn(rank, cols, generator=gen) * 0.2
+        out[f"{stem}.lora_up.weight"] = torch.randn(rows, rank, generator=gen) * 0.2
+        out[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(out, str(path))
+    return path
+
+
+def diffusers_flux_loaded(model, path: Path) -> dict[str, torch.Tensor]:
+    """The file through FluxLoraLoaderMixin's kohya conversion into a copy, fused."""
+    from diffusers.loaders import FluxLoraLoaderMixin as Loader
+
+    model = copy.deepcopy(model)
+    Loader.load_lora_into_transformer(Loader.lora_state_dict(str(path)), None,
+                                      transformer=model, adapter_name="kohya")
+    model.fuse_lora()
+    model.unload_lora()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
