@@ -26,6 +26,7 @@ from helpers.lycoris_files import (
     make_module,
     merged_weight,
     reloaded,
+    unet_lycoris,
 )
 
 from adaptertools.errors import FormatError, UnsupportedError
@@ -311,6 +312,30 @@ def test_create_lycoris_file_merged_as_its_forward(tmp_path, algo, dim, alpha, e
         network.merge_to(1.0)
         for name in expected:
             assert torch.equal(merged[name], model.state_dict()[name]), name
+
+
+@needs_kohya
+@pytest.mark.parametrize("algo,extra", [
+    ("loha", {"linear_dim": 2, "linear_alpha": 1.0, "conv_dim": 2, "conv_alpha": 1.0,
+              "use_tucker": True}),
+    ("lokr", {"linear_dim": 2, "linear_alpha": 1.0, "conv_dim": 2, "conv_alpha": 4.0,
+              "use_tucker": True, "factor": 4, "dora_wd": True}),
+], ids=["loha-cp", "dokr-cp"])
+def test_create_lycoris_on_a_diffusers_unet(tmp_path, algo, extra):
+    """Every Linear and Conv2d (3x3 in the CP form, 1x1) of a tiny UNet2DConditionModel,
+    merged into its component folder: each weight as LyCORIS's forward computes it."""
+    from safetensors.torch import load_file
+
+    folder, path, unet, network = unet_lycoris(tmp_path, algo, **extra)
+    saved = {k.split(".", 1)[1] for k in load_file(path)}
+    assert {"alpha", "hada_t1" if algo == "loha" else "lokr_t2"} <= saved     # CP cores
+    names = _module_names(unet)
+    kernels = {tuple(lora.org_module[0].weight.shape[2:]) for lora in network.loras}
+    assert {(), (3, 3), (1, 1)} <= kernels
+    merged = _merged_state(tmp_path, folder, path)
+    for lora in network.loras:
+        name = f"{names[lora.lora_name]}.weight"
+        assert torch.equal(merged[name], forward_weight(lora)), name
 
 
 @needs_kohya

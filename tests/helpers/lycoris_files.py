@@ -131,3 +131,23 @@ def llama_lycoris(tmp_path: Path, algo: str, *, dim: int, alpha: float, seed: in
     network.save_weights(str(path), None, {})
     assert path.is_file()
     return base, path, model, network
+
+
+def unet_lycoris(tmp_path: Path, algo: str, *, seed: int = 3, **kwargs):
+    """The tiny diffusers UNet of helpers/diffusers_models.py saved as a component folder, a
+    ``create_lycoris`` network on it (Linear and Conv2d 3x3 / 1x1 layers; perturbed, applied)
+    and its ``save_weights`` file. Returns (unet folder, adapter file, unet, network)."""
+    from lycoris import create_lycoris
+
+    from helpers.diffusers_models import tiny_unet
+
+    quiet()
+    unet = tiny_unet()
+    folder = tmp_path / "unet"
+    unet.save_pretrained(folder)
+    network = create_lycoris(unet, 1.0, algo=algo, **kwargs)
+    network.apply_to()
+    perturb(network, seed=seed, spread=0.2)
+    path = tmp_path / f"{algo}-unet.safetensors"
+    network.save_weights(str(path), None, {})
+    return folder, path, unet, network
