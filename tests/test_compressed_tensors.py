@@ -31,6 +31,7 @@ to bf16), some fp32. The LoRA (r=8 on q_proj, v_proj, down_proj) has ||delta|| /
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -51,6 +52,8 @@ from safetensors.torch import load_file
 
 import adaptertools as at
 from adaptertools.codecs import compressed_tensors as ct
+from adaptertools.errors import UnsupportedError
+from adaptertools.merging import plan
 from adaptertools.tensor_index import read_entry, read_safetensors_header
 
 pytest.importorskip("compressed_tensors")
@@ -85,6 +88,11 @@ CASES = {
 }
 MERGED = [k for k, v in CASES.items() if v[0] != "pack-quantized"]
 PACKED = [k for k, v in CASES.items() if v[0] == "pack-quantized"]
+# whether the planner looks adapters up under a stored weight's float name (encoded.Layout
+# .target_name): needed for pack-quantized's X.weight_packed
+ROUTED = "target_name" in inspect.getsource(plan)
+NOT_ROUTED = pytest.mark.xfail(not ROUTED, raises=UnsupportedError, strict=True,
+                               reason="merging/plan.py does not route X.weight to X.weight_packed")
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +103,8 @@ def case(tmp_path_factory):
     for name, (fmt, weights, act, dtype) in CASES.items():
         model = tiny_llama(hidden=HIDDEN, intermediate=INTER).to(dtype)
         decoded = ct_base(model, root / name, fmt, weights, act)
-        deltas = None
-        if name in MERGED:
-            deltas = scaled_lora(tiny_llama(hidden=HIDDEN, intermediate=INTER), decoded,
-                                 root / f"lora-{name}", targets=TARGETS, rel=REL)
+        deltas = scaled_lora(tiny_llama(hidden=HIDDEN, intermediate=INTER), decoded,
+                             root / f"lora-{name}", targets=TARGETS, rel=REL)
         out[name] = (root / name, decoded, deltas)
     scaled_lora(tiny_llama(hidden=HIDDEN, intermediate=INTER), out["w4-group"][1], root / "zero",
                 targets=TARGETS, rel=REL, zero=True)
@@ -249,10 +255,15 @@ def float_llama(weights: dict[str, torch.Tensor]):
 
 @pytest.mark.parametrize("name", MERGED)
 def test_keep_same_layout_untouched_bytes_and_requantized_weights(case, kept, name):
+    check_keep(case, name, kept[0] / name)
+
+
+def check_keep(case, name, out):
+    """Same size, config and header; untouched tensors byte for byte; each adapted weight
+    compressed-tensors' own encoding of PEFT's fp32 merge of the decoded base."""
     from peft import PeftModel
 
     base, decoded, deltas = case[name]
-    out = kept[0] / name
     assert (out / "model.safetensors").stat().st_size == (base / "model.safetensors").stat().st_size
     assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
     before, after = raw_tensors(base), raw_tensors(out)
@@ -270,6 +281,31 @@ def test_keep_same_layout_untouched_bytes_and_requantized_weights(case, kept, na
         theirs = their_encoding(merged[prefix + ".weight"].float(), original, prefix, scheme)
         for member, data in theirs.items():
             assert same_bytes(stored[member], data), member
+
+
+@NOT_ROUTED
+def test_pack_quantized_merges(case, tmp_path):
+    """Zero adapter: a byte copy; keep: as check_keep, and transformers loads it with our
+    decoded weights; bf16: a plain model whose weights are named X.weight again."""
+    import transformers
+    from transformers import CompressedTensorsConfig
+
+    at.merge(case["w4-group"][0], [case["root"] / "zero"], tmp_path / "zero")
+    assert (tmp_path / "zero" / "model.safetensors").read_bytes() == \
+        (case["w4-group"][0] / "model.safetensors").read_bytes()
+    for name in PACKED:
+        report = at.merge(case[name][0], [lora(case, name)], tmp_path / name)
+        check_keep(case, name, tmp_path / name)
+        assert report["survival"]["tensors"] == 6
+    out = tmp_path / "w4-group-asym"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    ours = ct_decompress(load_file(out / "model.safetensors"), scheme_of(out)[0])
+    loaded = model.state_dict()
+    for key, t in ours.items():
+        assert torch.equal(loaded[key], t), key
+    assert rel_l2(logits(model), logits(float_llama(ours))) < FP32_LOGITS
+    check_bf16(case, "w4-group-asym", tmp_path / "plain")
 
 
 def test_keep_loads_in_transformers_and_matches_dequantized_reference(kept):
@@ -312,10 +348,13 @@ def test_keep_survival_scores(case, kept):
 
 @pytest.mark.parametrize("name", ["int8-channel", "fp8-block"])
 def test_requantize_bf16_is_a_plain_model(case, tmp_path, name):
+    check_bf16(case, name, tmp_path / "plain")
+
+
+def check_bf16(case, name, out):
     import transformers
 
     base, decoded, deltas = case[name]
-    out = tmp_path / "plain"
     at.merge(base, [lora(case, name)], out, requantize="bf16")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     stored = load_file(out / "model.safetensors")
@@ -334,6 +373,7 @@ def test_requantize_bf16_is_a_plain_model(case, tmp_path, name):
 
 # ----------------------------------------------------------------------------- refusals
 
+@pytest.mark.skipif(ROUTED, reason="the planner routes pack-quantized weights")
 def test_pack_quantized_merge_is_refused_with_one_line(case, tmp_path):
     out = tmp_path / "out"
     outcome = run_cli("merge", case["w4-group"][0], case["root"] / "zero", "--out", out)
