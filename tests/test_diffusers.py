@@ -27,6 +27,7 @@ from helpers.diffusers_models import (
     flux_inputs,
     fused_by_diffusers,
     fused_text_encoder,
+    load_lora_weights,
     loaded_by_diffusers,
     output_of,
     save_flux_lora,
@@ -151,6 +152,21 @@ def test_merge_scale_rules_and_dora(extra, tmp_path):
                  load_file(tmp_path / "out" / "unet" / UNET_FILE))
 
 
+def test_weight_variants_are_left_out_with_a_warning(sd, tmp_path):
+    """unet/ with diffusion_pytorch_model.fp16.safetensors beside the fp32 file: the fp32 one
+    is merged; the variant (unmerged weights) is not copied, and the report says so."""
+    pipe = save_pipeline(tmp_path / "pipe", {"unet": tiny_unet()})
+    tiny_unet().half().save_pretrained(pipe / "unet", variant="fp16")
+    lora = save_sd_lora(tmp_path / "lora", sd.unet)
+    report = at.merge(pipe, [lora], tmp_path / "out")
+    assert any("diffusion_pytorch_model.fp16.safetensors not merged" in w
+               for w in report.warnings)
+    assert sorted(p.name for p in (tmp_path / "out" / "unet").iterdir()) == \
+        ["config.json", UNET_FILE]
+    _assert_same(fused_by_diffusers(tiny_unet(), lora, "unet"),
+                 load_file(tmp_path / "out" / "unet" / UNET_FILE))
+
+
 def test_merge_flux_transformer_sharded(tmp_path):
     """A Flux transformer saved in shards (diffusion_pytorch_model-0000N-of-0000M.safetensors
     + diffusion_pytorch_model.safetensors.index.json, as large DiTs are): merged shard by
@@ -162,8 +178,11 @@ def test_merge_flux_transformer_sharded(tmp_path):
     index = pipe / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
     assert index.is_file() and len(list(index.parent.glob("diffusion_pytorch_model-*"))) > 1
     lora = save_flux_lora(tmp_path / "lora", add_flux_lora(tiny_flux()))
+    plan = at.merge(pipe, [lora], tmp_path / "out", dry_run=True)
+    assert plan.components["transformer"]["merged"] == 8 and not (tmp_path / "out").exists()
     report = at.merge(pipe, [lora], tmp_path / "out")
-    assert report.components["transformer"]["merged"] == 8
+    assert report.components == plan.components | {"scheduler": {"copied": 1},
+                                                    "model_index.json": {"copied": 1}}
     out = tmp_path / "out" / "transformer"
     assert (out / index.name).read_bytes() == index.read_bytes()
     merged = FluxTransformer2DModel.from_pretrained(out)
@@ -238,6 +257,16 @@ def test_written_file_loaded_by_diffusers(sd, tmp_path):
     tensors, metadata = _tensors(tmp_path / "again" / fmt.WEIGHTS_NAME)
     _assert_same(ref_tensors, tensors)
     _assert_same_config(metadata, _tensors(sd.lora)[1])
+
+
+def test_written_file_loaded_by_load_lora_weights(sd, tmp_path):
+    """The pipeline-level loader (StableDiffusionLoraLoaderMixin.load_lora_weights) on a UNet
+    LoRA we wrote from our own file: the original LoRA model's outputs bit for bit."""
+    lora = save_sd_lora(tmp_path / "lora", sd.unet)
+    at.convert(lora, tmp_path / "own.safetensors", to="safetensors")
+    at.convert(tmp_path / "own.safetensors", tmp_path / "back", to="diffusers")
+    unet = load_lora_weights(tiny_unet(), tmp_path / "back")
+    assert torch.equal(output_of(unet, unet_inputs()), output_of(sd.unet, unet_inputs()))
 
 
 def test_written_flux_file_loaded_by_diffusers(tmp_path):

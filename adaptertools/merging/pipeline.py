@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .._io import read_json
@@ -124,7 +125,6 @@ def plan_pipeline(base: Path, loaded: list[Adapter], names: list[str], factors: 
                   ) -> dict:
     """{component: plan} for every component some adapter targets."""
     from ..inputs import make_plan
-    from .bases import open_base
 
     parts = components(base)
     splits = [split_by_component(a, where=n) for a, n in zip(loaded, names)]
@@ -134,16 +134,39 @@ def plan_pipeline(base: Path, loaded: list[Adapter], names: list[str], factors: 
         chosen = [i for i, split in enumerate(splits) if component in split]
         if not chosen:
             continue
-        checkpoint = open_base(folder)
+        checkpoint, left_out = _open_component(folder)
         if checkpoint.kind != "safetensors":
             raise UnsupportedError(f"{folder}: not a safetensors model folder; convert the "
                                    "pipeline to safetensors first")
-        plans[component] = make_plan(
+        plan = make_plan(
             checkpoint, [splits[i][component] for i in chosen],
             [f"{names[i]} ({component})" for i in chosen], [factors[i] for i in chosen],
             mode=mode, dtype=dtype, requantize=requantize, quantize_like=None,
             max_shard_size=max_shard_size, allow_modified_base=allow_modified_base)
+        if left_out:
+            note = (f"weight variant(s) {', '.join(left_out)} not merged and left out of the "
+                    "output (they hold the unmerged weights); for fp16 weights merge again "
+                    "with --dtype fp16")
+            plan = replace(plan, warnings=(*plan.warnings, note))
+        plans[component] = plan
     return plans
+
+
+# diffusers' and transformers' weight file names; other *.safetensors beside one of them are
+# variants (save_pretrained(variant="fp16"): diffusion_pytorch_model.fp16.safetensors)
+CANONICAL = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def _open_component(folder: Path):
+    """(the component's base, the variant files left out): a folder holding its canonical
+    weights file beside variants is opened as that one file."""
+    from .bases import INDEX_NAMES, open_base
+
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    canonical = next((n for n in CANONICAL if n in files), None)
+    if len(files) < 2 or canonical is None or any((folder / n).is_file() for n in INDEX_NAMES):
+        return open_base(folder), []
+    return open_base(folder / canonical), [n for n in files if n != canonical]
 
 
 def _report(plans: dict, base, out, names, factors, mode, dtype, copied: dict,

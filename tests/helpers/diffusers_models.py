@@ -218,3 +218,25 @@ def loaded_by_diffusers(model, lora: Path, prefix: str | None):
     model.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix=prefix,
                             adapter_name="x")
     return model
+
+
+def load_lora_weights(unet, folder: Path):
+    """StableDiffusionPipeline's own ``load_lora_weights`` (its LoRA loader mixin: the pipeline
+    level key handling and metadata, then load_lora_into_unet) on an object holding only the
+    unet: a whole pipeline needs a tokenizer and a VAE, and its text encoder loader needs PEFT
+    >= 0.22 under transformers 5 (so the file must hold no text_encoder keys)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    class UnetOnly(StableDiffusionLoraLoaderMixin):
+        hf_device_map = None
+
+        def __init__(self, unet):
+            self.unet, self.text_encoder = unet, None
+
+        @property
+        def components(self):
+            return {"unet": self.unet}
+
+    holder = UnetOnly(unet)
+    holder.load_lora_weights(str(folder), adapter_name="x")
+    return holder.unet
