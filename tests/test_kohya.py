@@ -239,6 +239,22 @@ def test_round_trip_bit_exact(world, tmp_path, which):
         assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
 
 
+def test_pipeline_keys_written_without_a_base(world, tmp_path):
+    """An adapter keyed by pipeline components (here through our diffusers file) is written
+    without --base in sd-scripts' names (lora_unet_, lora_te1_ + text_model_ as transformers 4
+    named CLIP's modules) and reads back against the pipeline folder as the same adapter."""
+    from adaptertools.adapter import first_difference
+
+    original = at.load(world["both"], base=world["pipe"])
+    at.convert(world["both"], tmp_path / "d.safetensors", to="diffusers", base=world["pipe"])
+    at.convert(tmp_path / "d.safetensors", tmp_path / "k.safetensors", to="kohya")
+    keys = load_file(str(tmp_path / "k.safetensors")).keys()
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.alpha" in keys
+    assert first_difference(at.load(tmp_path / "k.safetensors", base=world["pipe"]),
+                            original) is None
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _file(path, tensors: dict) -> str:

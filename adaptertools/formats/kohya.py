@@ -225,7 +225,9 @@ def _stems(adapter: Adapter, base) -> dict[str, str]:
                 raise UnsupportedError(f"{key}: kohya names modules in underscore form, "
                                        "resolved by the base; pass --base <the model it was "
                                        "trained on>")
-            stem = COMPONENT_PREFIXES[component] + inner.removesuffix(".weight").replace(".", "_")
+            prefix = COMPONENT_PREFIXES[component]
+            module = kohya_names.forms(prefix, inner.removesuffix(".weight"))[0]
+            stem = prefix + module.replace(".", "_")
         out[key] = stem
     if len(set(out.values())) < len(out):
         raise UnsupportedError("two adapted weights get the same kohya name; pass --base")

@@ -114,7 +114,7 @@ class BaseNames:
         return target
 
 
-def _forms(prefix: str, module: str) -> tuple[str, ...]:
+def forms(prefix: str, module: str) -> tuple[str, ...]:
     """The dotted module paths a kohya name may spell ``module`` as, the one written first.
     sd-scripts' text encoder names come from transformers 4's CLIPTextModel
     (``text_model.encoder.layers.0...``); transformers 5 saves it without ``text_model.``
@@ -133,7 +133,7 @@ def _modules(names: dict[str, tuple[int, ...]], strip: str, prefixes, key_prefix
             continue
         module = name[len(strip):-len(".weight")]
         for prefix in prefixes:
-            for form in _forms(prefix, module):
+            for form in forms(prefix, module):
                 out.setdefault(prefix + form.replace(".", "_"), []).append(
                     Target(key_prefix + name, tuple(shape)))
 
