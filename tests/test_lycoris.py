@@ -147,6 +147,26 @@ def test_lycoris_own_loader(layer, case):
     assert torch.equal(forward_weight(again), merged)
 
 
+@pytest.mark.parametrize("layer,case", [("conv3x3", "loha-cp"), ("linear", "lokr-both"),
+                                        ("linear", "loha-dora"), ("conv1d", "lokr-cp-both"),
+                                        ("conv1x1", "lokr-rs")])
+def test_bf16_file_into_bf16_base(layer, case):
+    """A file saved in bf16 (``save_weights(file, torch.bfloat16)``) merged into a bf16 base:
+    LyCORIS's own loader takes the bf16 tensors into its fp32 module, whose forward weight on
+    the upcast base, rounded once to bf16, is our merge bit for bit (the engine adds in fp32 and
+    rounds once; LyCORIS's merge_to would instead compute the delta in the base's bf16)."""
+    base, module = make_module(layer, case)
+    state = {k: v.detach().to(torch.bfloat16) for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        base.weight.copy_(base.weight.to(torch.bfloat16).float())
+    base16 = base.weight.detach().to(torch.bfloat16)
+    w = module_delta("lycoris_x", state, tuple(base16.shape))
+    ours = merge_step(base16, Contribution(w))
+    assert ours.dtype == torch.bfloat16
+    theirs = forward_weight(reloaded(module, base, state)).to(torch.bfloat16)
+    assert torch.equal(ours, theirs)
+
+
 def test_parts_and_claims():
     assert {"hada_w1_a", "hada_t2", "lokr_w1_b", "lokr_t2", "alpha", "dora_scale"} <= \
         set(LYCORIS_PARTS)
