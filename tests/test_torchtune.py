@@ -3,9 +3,9 @@
 torchtune runs in an environment of its own (helpers/torchtune_env.py, made once and cached):
 its LoRA builders (``lora_llama3``, ``lora_qwen2``) on tiny HF bases, its HF checkpointer, its
 ``get_merged_lora_ckpt`` and ``save_checkpoint`` as its LoRA recipe calls them
-(helpers/torchtune_oracle.py). For LoRA and DoRA on a Llama (q/k rows permuted in torchtune's
-checkpoints) and a Qwen2 (not permuted), with LoRA on every attention projection, the MLP and
-the output:
+(helpers/torchtune_oracle.py). For LoRA and DoRA on a Llama and a Gemma2 (q/k rows permuted in
+torchtune's checkpoints) and a Qwen2 (not permuted), with LoRA on every attention projection,
+the MLP and the output (Gemma2: no output, its embeddings are tied):
 
 - our merge of its adapter_model.pt into the HF base is bit-identical to torchtune's own merged
   checkpoint, every tensor (the arithmetic is the same plain torch: ``W + (alpha / r) * B @ A``,
@@ -36,8 +36,10 @@ from safetensors.torch import load_file, save_file
 
 import adaptertools as at
 from adaptertools.formats import torchtune as tt
+from adaptertools.formats.names import load_base_info
 
-CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
+CASES = [(m, d) for m in ("llama", "qwen2", "gemma2") for d in (False, True)]
+WRITTEN = [c for c in CASES if c[0] != "gemma2"]  # torchtune's Gemma2 has no output LoRA
 RANK, ALPHA = 4, 8.0
 MERGED = "model-00001-of-00001.safetensors"        # torchtune's merged HF checkpoint
 ROPE = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
@@ -58,12 +60,12 @@ def oracle(tmp_path_factory):
         pytest.skip(f"no torchtune 0.6.1 oracle environment: {exc}")
     root = tmp_path_factory.mktemp("torchtune")
     bases = {}
-    for model in ("llama", "qwen2"):
+    for model in ("llama", "qwen2", "gemma2"):
         bases[model] = root / f"base_{model}"
         make_causal_lm(model).save_pretrained(bases[model])
     specs = [{"base": bases[m], "out": root / f"{m}_{'dora' if d else 'lora'}", "model": m,
               "dora": d, "rank": RANK, "alpha": ALPHA, "seed": 11} for m, d in CASES]
-    for model, dora in CASES:          # PEFT -> ours -> torchtune, merged by torchtune
+    for model, dora in WRITTEN:        # PEFT -> ours -> torchtune, merged by torchtune
         peft = root / f"peft_{model}_{dora}"
         make_adapter(make_causal_lm(model), peft / "peft", r=RANK, lora_alpha=ALPHA,
                      use_dora=dora, target_modules=PEFT_TARGETS)
@@ -75,8 +77,18 @@ def oracle(tmp_path_factory):
     return {(m, d): s["out"] / "epoch_0" for (m, d), s in zip(CASES, specs)}, bases
 
 
-@pytest.fixture(params=CASES, ids=[f"{m}-{'dora' if d else 'lora'}" for m, d in CASES])
+def _ids(cases):
+    return [f"{m}-{'dora' if d else 'lora'}" for m, d in cases]
+
+
+@pytest.fixture(params=CASES, ids=_ids(CASES))
 def case(request, oracle):
+    folders, bases = oracle
+    return request.param, folders[request.param], bases[request.param[0]]
+
+
+@pytest.fixture(params=WRITTEN, ids=_ids(WRITTEN))
+def written(request, oracle):
     folders, bases = oracle
     return request.param, folders[request.param], bases[request.param[0]]
 
@@ -93,21 +105,21 @@ def _merge_and_compare(base, adapter, out) -> tuple[list[str], int]:
 
 
 def test_merge_is_bit_identical_to_torchtunes_merge(case, tmp_path):
-    _, folder, base = case
+    (model, _), folder, base = case
     differ, changed = _merge_and_compare(base, folder / "adapter_model.pt", tmp_path / "m")
     assert differ == []
-    assert changed == 15           # 7 per block x 2 + lm_head: the adapter matters
+    assert changed == 15 - (model == "gemma2")     # 7 per block x 2 + lm_head: it matters
 
 
 def test_read_names_rank_and_scale(case):
     (model, dora), folder, base = case
     adapter = at.load(folder / "adapter_model.pt", base=base)
     names = set(load_file(base / "model.safetensors"))
-    assert len(adapter.weights) == 15 and set(adapter.weights) <= names
+    assert len(adapter.weights) == 15 - (model == "gemma2") and set(adapter.weights) <= names
     w = adapter.weights["model.layers.1.self_attn.k_proj.weight"]
     assert (w.rank, w.scale, w.shape) == (RANK, ALPHA / RANK, (32, 64))
     assert (w.magnitude is not None) == dora
-    assert adapter.metadata["qk_unpermuted"] == (model == "llama")
+    assert adapter.metadata["qk_unpermuted"] == (model != "qwen2")
     # the epoch folder sniffs as PEFT (its export); --from torchtune reads the .pt beside it
     same = at.load(folder, format="torchtune", base=base)
     assert same.weights.keys() == adapter.weights.keys()
@@ -123,12 +135,12 @@ def test_inspect(oracle):
                                  "dora": True}
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "gemma2"])
 def test_the_permutation_rule_per_model_type(oracle, model, tmp_path, monkeypatch):
-    """Read with the other model type's rule, exactly the q/k tensors differ from torchtune's
-    merge: Llama's checkpoints are permuted, Qwen2's are not."""
+    """Read with the other rule, exactly the q/k tensors differ from torchtune's merge: Llama's
+    and Gemma2's checkpoints are permuted, Qwen2's are not."""
     folders, bases = oracle
-    monkeypatch.setitem(tt.TUNE_PERMUTES_QK, model, model != "llama")
+    monkeypatch.setitem(tt.TUNE_PERMUTES_QK, model, not tt.TUNE_PERMUTES_QK[model])
     differ, _ = _merge_and_compare(bases[model], folders[model, False] / "adapter_model.pt",
                                    tmp_path / "m")
     assert differ == [f"model.layers.{i}.{p}" for i in (0, 1) for p in sorted(ROPE)]
@@ -165,6 +177,7 @@ def test_peft_export_bugs_and_their_fix(case):
     assert wrong == ([f"{i}.self_attn.{p}.{leaf}" for i in (0, 1) for p in ("k_proj", "q_proj")]
                      if leaf else [])
     fixed, notes = tt.peft_export_fix(config, state, model, n_head=4, n_head_kv=2)
+    assert tt.peft_export_fix(config, state, load_base_info(base))[1] == notes   # BaseInfo too
     assert _export_disagreements(fixed, adapter) == []
     assert len(notes) == (leaf is not None) + dora
     assert all("torchtune" in n for n in notes)
@@ -191,11 +204,11 @@ def test_fixed_qwen2_export_merges_as_torchtune(oracle, tmp_path):
 
 # ----------------------------------------------------------------------------- write
 
-def test_written_checkpoint_merged_by_torchtune_as_we_merge_the_peft_adapter(case, tmp_path):
+def test_written_checkpoint_merged_by_torchtune_as_we_merge_the_peft_adapter(written, tmp_path):
     """PEFT -> torchtune (ours): torchtune loads our adapter_model.pt into its LoRA model
     (every adapter tensor must fit) and its get_merged_lora_ckpt is bit-identical to our merge
     of the PEFT adapter, LoRA and DoRA (the same plain torch arithmetic; measured 0.0)."""
-    (model, dora), folder, base = case
+    (model, dora), folder, base = written
     peft = folder.parent.parent / f"peft_{model}_{dora}"
     run_cli("merge", base, peft / "peft", "--out", tmp_path / "m", expect=0)
     ours = load_file(tmp_path / "m" / "model.safetensors")

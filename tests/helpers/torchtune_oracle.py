@@ -2,7 +2,7 @@
 by the tests: makes one LoRA / DoRA checkpoint the way torchtune 0.6.1's
 recipes/lora_finetune_single_device.py does, on a tiny HF base folder.
 
-    python torchtune_oracle.py '[{"base": DIR, "out": DIR, "model": "llama"|"qwen2",
+    python torchtune_oracle.py '[{"base": DIR, "out": DIR, "model": "llama"|"qwen2"|"gemma2",
                                   "dora": false, "rank": 4, "alpha": 8.0, "seed": 0}, ...]'
 
 - base weights: FullModelHFCheckpointer(model_type LLAMA3 | QWEN2).load_checkpoint() (HF ->
@@ -38,16 +38,24 @@ def main(spec: dict) -> None:
     if spec["model"] == "llama":
         from torchtune.models.llama3._component_builders import lora_llama3 as builder
         model_type, extra = "LLAMA3", {}
-    else:
+    elif spec["model"] == "qwen2":
         from torchtune.models.qwen2._component_builders import lora_qwen2 as builder
         model_type, extra = "QWEN2", {"tie_word_embeddings": False}
+    else:             # gemma2: tied embeddings, so no LoRA on the output
+        from torchtune.models.gemma2._component_builders import lora_gemma2 as builder
+        model_type = "GEMMA2"
+        extra = {"head_dim": config["head_dim"], "sliding_window_size": config["sliding_window"],
+                 "query_pre_attn_scalar": config["query_pre_attn_scalar"]}
     checkpointer = training.FullModelHFCheckpointer(
         checkpoint_dir=str(base), checkpoint_files=["model.safetensors"], model_type=model_type,
         output_dir=str(out))
     base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-    attn, mlp, output = ["q_proj", "k_proj", "v_proj", "output_proj"], True, True
+    attn, mlp = ["q_proj", "k_proj", "v_proj", "output_proj"], True
+    output = spec["model"] != "gemma2"      # lora_gemma2 has no output LoRA (tied embeddings)
+    if output:
+        extra["apply_lora_to_output"] = True
     rank, alpha = spec["rank"], spec["alpha"]
-    model = builder(lora_attn_modules=attn, apply_lora_to_mlp=mlp, apply_lora_to_output=output,
+    model = builder(lora_attn_modules=attn, apply_lora_to_mlp=mlp,
                     vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
                     num_heads=config["num_attention_heads"],
                     num_kv_heads=config["num_key_value_heads"], embed_dim=config["hidden_size"],
