@@ -124,6 +124,7 @@ def inspect_report(report: dict) -> None:
                                           for k, n in report["scales"].items()})),
         ("rsLoRA", _yes(report["rslora"])),
         ("target modules", ", ".join(report["target_modules"]) or "-"),
+        ("kinds", _fmt_counts(report.get("kinds") or {})),
         ("layer kinds", _fmt_counts(report["layer_kinds"])),
         ("DoRA", _yes(report["dora"])),
         ("lora_bias", _yes(report["lora_bias"])),

@@ -71,6 +71,21 @@ def layer_report(name: str, w: LoraWeight) -> dict:
     }
 
 
+# how the field names each kind of delta (LyCORIS's names; LoCon is LoRA on a convolution)
+KIND_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def kind_label(w) -> str:
+    """LoRA, LoCon, LoHa or LoKr, with ``+DoRA`` where the delta carries DoRA magnitudes: the
+    same words for every format's adapters."""
+    from .kernels.deltas import kind
+
+    label = KIND_LABELS.get(kind(w).name, kind(w).name)
+    if label == "LoRA" and getattr(w, "layer", "") == "conv":
+        label = "LoCon"
+    return label + ("+DoRA" if getattr(w, "magnitude", None) is not None else "")
+
+
 def size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -112,8 +127,6 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
         # a merge folds into the base's own tensor where the copy is the same weight
         "replaced_tensors": sorted(adapter.replacements.keys() - saved_copies(adapter)),
         "saved_base_copies": sorted(saved_copies(adapter)),
-        # PEFT trainable tokens: trained rows that replace the base's, by base tensor
-        "trained_token_rows": {n: list(r.indices) for n, r in sorted(adapter.token_rows.items())},
         "parameters": sum(t.numel() for t in tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
         "ranks": _counts(r["rank"] if r["rank"] is not None else f"<={r['rank_bound']}"
@@ -132,6 +145,10 @@ def adapter_report(adapter: Adapter, *, path: Path, format_name: str, layers: bo
     kinds = [r["kind"] for r in per_layer if "kind" in r]
     if kinds:                   # LoHa / LoKr (LoRA-only reports keep their keys as they were)
         report["delta_kinds"] = _counts(kinds)
+    report["kinds"] = _counts(kind_label(w) for w in adapter.weights.values())
+    if adapter.token_rows:      # PEFT trainable tokens: rows that replace the base's
+        report["trained_token_rows"] = {n: list(r.indices)
+                                        for n, r in sorted(adapter.token_rows.items())}
     if layers:
         report["layers"] = per_layer
     return report

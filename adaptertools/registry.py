@@ -155,8 +155,10 @@ def detect_format(path: Path) -> Format:
     for fmt in usable().values():
         if fmt.can_read and _sniffs(fmt, path):
             return fmt
-    raise FormatError(f"{path}: not a recognised adapter (formats tried: {', '.join(usable())}); "
-                      "pass --from FORMAT if you know what it is")
+    from .formats.foreign import hint_for
+
+    raise FormatError(f"{path}: not a recognised adapter (formats tried: {', '.join(usable())}): "
+                      f"{hint_for(path)}; pass --from FORMAT if you know what it is")
 
 
 def _sniffs(fmt: Format, path: Path) -> bool:

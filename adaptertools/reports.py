@@ -95,7 +95,6 @@ class InspectReport(Report):
     adapted_tensors: int
     replaced_tensors: list[str]        # full tensors it replaces (modules_to_save)
     saved_base_copies: list[str]       # PEFT's saved copies of the training base's tensors
-    trained_token_rows: dict[str, list[int]]   # PEFT trainable tokens: base tensor -> token ids
     parameters: int
     dtypes: list[str]
     ranks: dict[str, int]              # rank (as a string) -> how many tensors, most first
@@ -109,6 +108,9 @@ class InspectReport(Report):
     problems: list[str]
     # LoHa / LoKr adapters: {kind: tensors} (absent for LoRA-only adapters)
     delta_kinds: dict[str, int] | None = field(default=None, metadata=SOMETIMES)
+    kinds: dict[str, int] = field(default_factory=dict)   # LoRA / LoCon / LoHa / LoKr (+DoRA)
+    # PEFT trainable tokens: base tensor -> token ids (absent without them)
+    trained_token_rows: dict[str, list[int]] | None = field(default=None, metadata=SOMETIMES)
     # with layers=True: one row per tensor
     layers: list[Row] | None = field(default=None, metadata=SOMETIMES)
     # facts only the format knows (GGUF types)

@@ -29,7 +29,8 @@ from adaptertools.tiny import make_adapter, make_base
 # (_io.json_text), so the order is checked here, against the record, not against the CLI.
 INSPECT = ["path", "format", "base_model", "size_bytes", "adapted_tensors", "replaced_tensors",
            "saved_base_copies", "parameters", "dtypes", "ranks", "scales", "rslora",
-           "target_modules", "layer_kinds", "dora", "lora_bias", "total_delta_norm", "problems"]
+           "target_modules", "layer_kinds", "dora", "lora_bias", "total_delta_norm", "problems",
+           "kinds"]
 CONVERT = ["src", "dst", "from", "to", "dtype", "adapted_tensors", "replaced_tensors"]
 PLAN = ["base", "out", "format", "adapters", "weights", "mode", "dtype", "tensors",
         "output_bytes", "changed", "warnings"]

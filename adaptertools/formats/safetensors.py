@@ -74,14 +74,31 @@ def read(path: Path, *, scale: float | None = None) -> Adapter:
             raise OptionError(f"{path}: --scale only applies to files without a config; "
                               "this adaptertools file carries its own scales, drop --scale")
         return _read_own(path, tensors, metadata)
+    other = _read_by_another(path)
+    if other is not None:
+        raise UnsupportedError(f"{path}: not an adaptertools file but {other.description} "
+                               f"(format {other.name}); drop --from safetensors, or pass "
+                               f"--from {other.name}")
     what = foreign.file_looks_like(tensors, metadata)
     if what is not None:
-        raise UnsupportedError(f"{path}: {what}: not supported yet")
+        reader = foreign.read_by(tensors)
+        raise UnsupportedError(f"{path}: {what}: " + (f"read it with --from {reader}" if reader
+                                                      else "not supported yet"))
     if any(".lora_A." in k or ".lora_embedding_A" in k for k in tensors):
         accounting.check_accounted(tensors, None, path)
         return _read_bare_peft(path, tensors, scale)
     raise FormatError(f"{path}: neither an adaptertools LoRA file (no `format = {FORMAT_TAG}` in "
                       "its metadata) nor PEFT-style lora_A/lora_B tensors; pass --from FORMAT")
+
+
+def _read_by_another(path: Path):
+    """The first other readable format that claims ``path`` (kohya, diffusers...), or None."""
+    from ..registry import usable
+
+    for fmt in usable().values():
+        if fmt.name != "safetensors" and fmt.can_read and fmt.module.sniff(path):
+            return fmt
+    return None
 
 
 def _read_bare_peft(path: Path, tensors: dict, scale: float | None) -> Adapter:
