@@ -202,6 +202,26 @@ def test_fixed_qwen2_export_merges_as_torchtune(oracle, tmp_path):
                           [f"model.layers.{i}.{p}" for i in (0, 1) for p in sorted(ROPE)])
 
 
+def test_validate_against_torchtunes_merge_catches_the_qwen2_export(oracle, tmp_path):
+    """The recipe for any third-party export (issue 17): ``validate BASE ADAPTER --merged
+    <the tool's own merge>``. torchtune's Qwen2 PEFT export fails on exactly its 4 q/k tensors;
+    its adapter_model.pt read by us passes."""
+    folders, bases = oracle
+    folder = folders["qwen2", False]
+    export, merged = tmp_path / "export", tmp_path / "merged"
+    for dst, names in ((export, ("adapter_config.json", "adapter_model.safetensors")),
+                       (merged, (MERGED, "model.safetensors.index.json", "config.json"))):
+        dst.mkdir()
+        for name in names:
+            shutil.copy(folder / name, dst / name)
+    outcome = run_cli("validate", bases["qwen2"], export, "--merged", merged, "--json")
+    report = json.loads(outcome.stdout)
+    assert outcome.code == 1 and (report["checked"], report["failed"]) == (27, 4)
+    assert sorted(t["name"] for t in report["tensors"] if not t["passed"]) == \
+        [f"model.layers.{i}.{p}" for i in (0, 1) for p in sorted(ROPE)]
+    run_cli("validate", bases["qwen2"], folder / "adapter_model.pt", "--merged", merged, expect=0)
+
+
 # ----------------------------------------------------------------------------- write
 
 def test_written_checkpoint_merged_by_torchtune_as_we_merge_the_peft_adapter(written, tmp_path):
