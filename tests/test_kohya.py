@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import adaptertools as at
-from adaptertools.errors import FormatError, OptionError
+from adaptertools.errors import FormatError, OptionError, UnsupportedError
 from adaptertools.registry import detect_format
 
 
@@ -192,6 +192,40 @@ def test_flux_transformer_names(tmp_path):
             f"{prefix}double_blocks.0.img_attn.qkv.bias": torch.zeros(24)})
         weights = at.load(lora, base=bfl).weights
         assert list(weights) == [f"{prefix}double_blocks.0.img_attn.qkv.weight"]
+
+
+def test_sdxl_te2_into_original_checkpoint(tmp_path):
+    """SDXL's second text encoder is OpenCLIP's in the original checkpoint (q/k/v fused into
+    in_proj_weight), while kohya files name it by the HF CLIPTextModelWithProjection: a PEFT
+    LoRA on q/k/v/out/fc1/fc2 through diffusers' kohya export (lora_te2_) merged into the
+    checkpoint, read back by diffusers' own convert_open_clip_checkpoint, equals PEFT's merge
+    of the HF model. q, k and v go in as one LoRA whose B is block-diagonal by rows (exact
+    zeros elsewhere); each row's delta is then summed over 3r products instead of r, the extra
+    ones exact zeros, which can regroup the fp32 sum: bound 4 * eps32 * (|W| + |delta|)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    model = kf.text_encoder_2()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint = kf.openclip_state(base)
+    assert kf.from_openclip(model, checkpoint).keys() == base.keys()      # our layout = theirs
+    (tmp_path / "ckpt").mkdir()       # the output may not lie in a single file's folder
+    save_file(checkpoint, str(tmp_path / "ckpt" / "sdxl.safetensors"))
+    lora = kf.with_lora(model, kf.TE_TARGETS + ["fc2"], seed=5)
+    state = {f"text_encoder_2.{k}": v for k, v in get_peft_model_state_dict(lora).items()}
+    file = _file(tmp_path / "te2.safetensors", convert_state_dict_to_kohya(state))
+    out = merged(tmp_path / "ckpt" / "sdxl.safetensors", file, tmp_path / "out")
+    ours, ref = kf.from_openclip(model, out), kf.fused(lora)
+    eps = torch.finfo(torch.float32).eps
+    changed = 0
+    for name, tensor in ref.items():
+        delta = (tensor - base[name]).abs()
+        assert ((ours[name] - tensor).abs() <= 4 * eps * (base[name].abs() + delta)).all(), name
+        changed += not torch.equal(tensor, base[name])
+    assert changed == 12                    # 6 modules x 2 layers
+    with pytest.raises(UnsupportedError, match="in_proj_weight.*fused q/k/v"):
+        at.convert(file, tmp_path / "back.safetensors", to="kohya",
+                   base=tmp_path / "ckpt" / "sdxl.safetensors")
 
 
 # ----------------------------------------------------------------------------- write

@@ -18,6 +18,7 @@ Modules holding LyCORIS tensors (hada_*, lokr_*) go to formats/lycoris.py when i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -150,6 +151,39 @@ def _weight(stem: str, parts: dict, target, file: Path) -> LoraWeight:
     return weight
 
 
+def _stacked(key: str, blocks: list, file: Path) -> LoraWeight:
+    """q, k and v LoRAs on one fused weight (OpenCLIP's in_proj_weight (3d, d)) as one LoRA of
+    rank r_q + r_k + r_v: a = [a_q; a_k; a_v] (sum r, d), b (3d, sum r) holding each module's
+    B in its own rows and columns, zero elsewhere, so b @ a is each module's delta in its rows
+    (the other products are exact zeros). One scale when the modules share it, else each
+    folded into its B block (scale 1)."""
+    import torch
+
+    taken: dict[tuple[int, int], str] = {}
+    for target, stem, w in blocks:
+        if target.rows in taken:
+            raise FormatError(f"{file}: {taken[target.rows]} and {stem} both name rows "
+                              f"{target.rows[0]}:{target.rows[1]} of {key}; refusing to add one "
+                              "and drop the other")
+        taken[target.rows] = stem
+        if w.magnitude is not None:
+            raise UnsupportedError(f"{file}: {stem}: DoRA on part of the fused {key} (the norm "
+                                   "runs over its own rows only): not supported; merge into the "
+                                   "diffusers (split q/k/v) model instead")
+    scales = {w.scale for _, _, w in blocks}
+    scale = scales.pop() if len(scales) == 1 else 1.0
+    dtype = functools.reduce(torch.promote_types, [w.a.dtype for _, _, w in blocks] +
+                             [w.b.dtype for _, _, w in blocks])
+    a = torch.cat([w.a.to(dtype) for _, _, w in blocks])
+    b = torch.zeros(blocks[0][0].rows_of, a.shape[0], dtype=dtype)
+    col = 0
+    for target, _, w in blocks:
+        part = w.b.to(dtype) if w.scale == scale else w.b.to(dtype) * w.scale
+        b[target.rows[0]:target.rows[1], col:col + w.rank] = part
+        col += w.rank
+    return LoraWeight(a=a, b=b, scale=scale)
+
+
 def _lycoris_delta(stem: str, parts: dict, target, file: Path, lycoris):
     if lycoris is None:
         found = sorted(p for p in parts if p.startswith(("hada_", "lokr_")))
@@ -173,13 +207,22 @@ def read(path: Path, *, base=None) -> Adapter:
     claimed = tuple(getattr(lycoris, "LYCORIS_PARTS", ()))
     modules = _group(tensors, path, claimed)
     names = kohya_names.open_names(base)
-    weights, stems, alphas = {}, {}, {}
+    weights, stems, alphas, blocks = {}, {}, {}, {}
     for stem, parts in modules.items():
         target = names.resolve(stem, path)
         if target.key in weights:
             raise FormatError(f"{path}: {stems[target.key]} and {stem} both name "
                               f"{target.key}; refusing to add one and drop the other")
-        if any(p not in LORA_PARTS for p in parts):
+        lyco = any(p not in LORA_PARTS for p in parts)
+        if target.rows is not None and not lyco:      # q/k/v of a fused in_proj_weight
+            blocks.setdefault(target.key, []).append((target, stem,
+                                                      _weight(stem, parts, target, path)))
+            continue
+        if target.rows is not None:
+            raise UnsupportedError(f"{path}: {stem}: a LyCORIS module on part of the fused "
+                                   f"{target.key}: not supported; merge into the diffusers "
+                                   "(split q/k/v) model instead")
+        if lyco:
             weights[target.key] = _lycoris_delta(stem, parts, target, path, lycoris)
         else:
             weights[target.key] = _weight(stem, parts, target, path)
@@ -187,6 +230,8 @@ def read(path: Path, *, base=None) -> Adapter:
             alphas[target.key] = None if alpha is None else {     # as stored: 0, int64...
                 "value": alpha.reshape(()).item(), "dtype": str(alpha.dtype).split(".")[-1]}
         stems[target.key] = stem
+    for key, found in blocks.items():
+        weights[key] = _stacked(key, found, path)
     # kohya_stems / kohya_alpha: the writer gives the same names and alpha dtypes back
     return Adapter(weights=weights, metadata={
         "source_format": "kohya", "kohya_stems": stems, "kohya_alpha": alphas,
@@ -214,8 +259,10 @@ def _stems(adapter: Adapter, base) -> dict[str, str]:
             if stem is None:
                 clash = [s for s, keys in names.collisions.items()
                          if key.removesuffix(".weight") in keys]
+                fused = any(t.key == key and t.rows for t in names.targets.values())
                 why = (f"its underscore form {clash[0]} also names "
                        f"{' and '.join(names.collisions[clash[0]])}") if clash else \
+                    "a fused q/k/v weight, which kohya names as three modules" if fused else \
                     f"it is no weight of {names.source}"
                 raise UnsupportedError(f"{key}: no kohya name ({why}); pass the base the "
                                        "adapter was trained on")

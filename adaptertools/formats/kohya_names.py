@@ -76,7 +76,10 @@ def made_for(stem: str) -> str:
 @dataclass(frozen=True)
 class Target:
     key: str                      # the Adapter key: the base tensor's name (component-prefixed)
-    shape: tuple[int, ...]        # the stored base weight's shape
+    shape: tuple[int, ...]        # the stored base weight's shape (of the row block, if one)
+    # a block of the weight's rows [start, stop) (OpenCLIP's fused in_proj_weight), else None
+    rows: tuple[int, int] | None = None
+    rows_of: int = 0              # the whole weight's row count when ``rows`` is set
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,37 @@ def _build(source: str, what: str, found: dict[str, list[Target]], prefixes) -> 
             collisions[stem] = tuple(k.removesuffix(".weight") for k in keys)
             continue
         targets[stem] = hits[0]
-        stems.setdefault(hits[0].key, stem)     # the first prefix listed is the one written
+        if hits[0].rows is None:   # a row block has no name of its own to write
+            stems.setdefault(hits[0].key, stem)     # the first prefix listed is the one written
     return BaseNames(source, what, targets, collisions, stems, tuple(prefixes))
+
+
+# SDXL's second text encoder in its original checkpoint is OpenCLIP's TextTransformer, but
+# sd-scripts names its LoRA modules after the HF CLIPTextModelWithProjection it converts it to
+# (sdxl_model_util.convert_sdxl_text_encoder_2_checkpoint; diffusers' single_file_utils
+# DIFFUSERS_TO_LDM_MAPPING["openclip"] and convert_open_clip_checkpoint are the same table):
+# OpenCLIP tensor in block N -> the HF modules of layer N; in_proj_weight (3d, d) is q, k and v
+# stacked by rows.
+OPENCLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+OPENCLIP_MODULES = {"attn.in_proj_weight": ("self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj"),
+                    "attn.out_proj.weight": ("self_attn.out_proj",),
+                    "mlp.c_fc.weight": ("mlp.fc1",), "mlp.c_proj.weight": ("mlp.fc2",)}
+
+
+def _openclip(names: dict[str, tuple[int, ...]], strip: str, out: dict) -> None:
+    """lora_te2_ names for an OpenCLIP text encoder under ``strip`` (OPENCLIP_MODULES)."""
+    for name, shape in names.items():
+        found = OPENCLIP_BLOCK.match(name[len(strip):]) if name.startswith(strip) else None
+        modules = OPENCLIP_MODULES.get(found[2]) if found else None
+        if not modules or len(shape) != 2:
+            continue
+        rows = shape[0] // len(modules)
+        for i, module in enumerate(modules):
+            target = Target(name, (rows, shape[1]), None if len(modules) == 1 else
+                            (i * rows, (i + 1) * rows), shape[0])
+            for form in forms("lora_te2_", f"text_model.encoder.layers.{found[1]}.{module}"):
+                out.setdefault("lora_te2_" + form.replace(".", "_"), []).append(target)
 
 
 def _shapes(folder_or_file: Path) -> dict[str, tuple[int, ...]]:
@@ -209,6 +241,8 @@ def open_names(base) -> BaseNames:
         for strip, prefixes in known:
             _modules(shapes, strip, prefixes, "", found)
             taken += prefixes
+            if prefixes == ("lora_te2_",):
+                _openclip(shapes, strip, found)
         if known:
             return _build(str(path), "a single-file checkpoint in the original naming "
                           f"({', '.join(s.rstrip('.') for s, _ in known)})", found,

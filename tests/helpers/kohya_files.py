@@ -222,3 +222,47 @@ def diffusers_flux_loaded(model, path: Path) -> dict[str, torch.Tensor]:
     model.fuse_lora()
     model.unload_lora()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- SDXL te2
+
+OPENCLIP_PREFIX = "conditioner.embedders.1.model."      # SDXL's sd_xl_base.yaml
+
+
+def text_encoder_2(seed: int = 8):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, projection_dim=32, bos_token_id=0,
+        eos_token_id=2, pad_token_id=1)).eval()
+
+
+def openclip_state(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An HF CLIPTextModelWithProjection state dict laid out as SDXL's original checkpoint
+    holds OpenCLIP's text tower (the inverse of diffusers' convert_open_clip_checkpoint, which
+    the tests run on it): q/k/v stacked by rows into in_proj_weight / in_proj_bias."""
+    out = {"positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+           "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+           "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+           "ln_final.bias": hf["text_model.final_layer_norm.bias"],
+           "text_projection": hf["text_projection.weight"].T}
+    layers = {int(k.split(".")[3]) for k in hf if k.startswith("text_model.encoder.layers.")}
+    for n in sorted(layers):
+        hf_layer, block = f"text_model.encoder.layers.{n}.", f"transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(
+                [hf[f"{hf_layer}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for theirs, ours in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                                 ("mlp.c_proj", "mlp.fc2")):
+                out[f"{block}{theirs}.{kind}"] = hf[f"{hf_layer}{ours}.{kind}"]
+    return {OPENCLIP_PREFIX + k: v.contiguous() for k, v in out.items()}
+
+
+def from_openclip(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' own reading of an original checkpoint's OpenCLIP text tower (HF names)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    return convert_open_clip_checkpoint(model, state, prefix=OPENCLIP_PREFIX)
