@@ -80,6 +80,8 @@ CASES = {
                   {**FP8_ACT, "strategy": "group", "group_size": 128}, torch.bfloat16),
     "int8-channel": ("int-quantized", _w(8, "int", "channel"), INT8_ACT, torch.bfloat16),
     "int8-tensor-asym": ("int-quantized", _w(8, "int", "tensor", False), INT8_ACT, torch.float32),
+    "int8-static": ("int-quantized", _w(8, "int", "channel"),
+                    {**INT8_ACT, "strategy": "tensor", "dynamic": False}, torch.float32),
     "w4-group": ("pack-quantized", _w(4, "int", "group", group_size=32), None, torch.float32),
     "w4-group-asym": ("pack-quantized", _w(4, "int", "group", False, group_size=32), None,
                       torch.bfloat16),
@@ -287,9 +289,6 @@ def check_keep(case, name, out):
 def test_pack_quantized_merges(case, tmp_path):
     """Zero adapter: a byte copy; keep: as check_keep, and transformers loads it with our
     decoded weights; bf16: a plain model whose weights are named X.weight again."""
-    import transformers
-    from transformers import CompressedTensorsConfig
-
     at.merge(case["w4-group"][0], [case["root"] / "zero"], tmp_path / "zero")
     assert (tmp_path / "zero" / "model.safetensors").read_bytes() == \
         (case["w4-group"][0] / "model.safetensors").read_bytes()
@@ -297,14 +296,7 @@ def test_pack_quantized_merges(case, tmp_path):
         report = at.merge(case[name][0], [lora(case, name)], tmp_path / name)
         check_keep(case, name, tmp_path / name)
         assert report["survival"]["tensors"] == 6
-    out = tmp_path / "w4-group-asym"
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
-    ours = ct_decompress(load_file(out / "model.safetensors"), scheme_of(out)[0])
-    loaded = model.state_dict()
-    for key, t in ours.items():
-        assert torch.equal(loaded[key], t), key
-    assert rel_l2(logits(model), logits(float_llama(ours))) < FP32_LOGITS
+    check_transformers_load(tmp_path / "w4-group-asym")
     check_bf16(case, "w4-group-asym", tmp_path / "plain")
 
 
@@ -312,19 +304,22 @@ def test_keep_loads_in_transformers_and_matches_dequantized_reference(kept):
     """transformers' compressed-tensors integration (CompressedTensorsConfig from config.json,
     decompressed on the CPU with run_compressed=False) holds our decoded weights and computes
     what a float Llama holding them computes."""
+    for name in ("fp8-block", "int8-tensor-asym"):
+        check_transformers_load(kept[0] / name)
+
+
+def check_transformers_load(out):
     import transformers
     from transformers import CompressedTensorsConfig
 
-    for name in ("fp8-block", "int8-tensor-asym"):
-        out = kept[0] / name
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
-        ours = ct_decompress(load_file(out / "model.safetensors"), scheme_of(out)[0])
-        loaded = model.state_dict()
-        for key, t in ours.items():
-            assert torch.equal(loaded[key], t), key
-        assert not [k for k in loaded if "weight_scale" in k or "zero_point" in k]
-        assert rel_l2(logits(model), logits(float_llama(ours))) < FP32_LOGITS
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    ours = ct_decompress(load_file(out / "model.safetensors"), scheme_of(out)[0])
+    loaded = model.state_dict()
+    for key, t in ours.items():
+        assert torch.equal(loaded[key], t), key
+    assert not [k for k in loaded if "weight_scale" in k or "zero_point" in k]
+    assert rel_l2(logits(model), logits(float_llama(ours))) < FP32_LOGITS
 
 
 def test_keep_survival_scores(case, kept):
@@ -346,7 +341,7 @@ def test_keep_survival_scores(case, kept):
     assert medians["int8-channel"] > medians["fp8-channel"] > 0.3, medians
 
 
-@pytest.mark.parametrize("name", ["int8-channel", "fp8-block"])
+@pytest.mark.parametrize("name", ["int8-channel", "fp8-block", "int8-static"])
 def test_requantize_bf16_is_a_plain_model(case, tmp_path, name):
     check_bf16(case, name, tmp_path / "plain")
 
@@ -358,7 +353,7 @@ def check_bf16(case, name, out):
     at.merge(base, [lora(case, name)], out, requantize="bf16")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     stored = load_file(out / "model.safetensors")
-    assert set(stored) == set(decoded)
+    assert set(stored) == set(decoded)            # no scales, zero points, input_scale
     for key, w in decoded.items():
         if not key.endswith("proj.weight"):
             continue

@@ -55,7 +55,11 @@ DAMAGED = ("the checkpoint is damaged: download it again, or compress and save i
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
 STRATEGIES = ("tensor", "channel", "group", "block")
 FP8_MAX = 448.0
-SCALE, ZERO, PACKED, SHAPE = "_scale", "_zero_point", "_packed", "_shape"
+PACKED = "_packed"
+# static activation quantization's parameters of the module: kept as they are, dropped with the
+# quantization_config by a float output (--requantize bf16)
+CARRIED = (".input_scale", ".input_zero_point", ".input_global_scale", ".output_scale",
+           ".output_zero_point")
 ROUTE = ("merge into the unquantized model and quantize the result with llm-compressor, or "
          "use --requantize bf16")
 
@@ -250,6 +254,7 @@ def _encoding(entries, prefix: str, args: dict, fmt: str, read) -> Encoding:
             raise FormatError(f"{scale.file}: {prefix}.weight_zero_point is {got}; the asymmetric "
                               f"scheme needs {list(zshape)}; {DAMAGED}")
         members.append(prefix + ".weight_zero_point")
+    members += [prefix + c for c in CARRIED if prefix + c in entries]
     label = "FP8_E4M3" if kind == "float" else f"INT{bits}"
     return Encoding(NAME, label, name, shape, tuple(members), scheme)
 

@@ -194,6 +194,8 @@ def ct_base(model, folder: Path, fmt: str, weights: dict, activations: dict | No
                 module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
                 if hasattr(module, "weight_zero_point"):
                     module.weight_zero_point.copy_(zero.reshape(module.weight_zero_point.shape))
+                if hasattr(module, "input_scale"):            # static activations: a fixed one
+                    module.input_scale.fill_(0.02)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.config.save_pretrained(folder)
