@@ -152,6 +152,38 @@ def test_merge_scale_rules_and_dora(extra, tmp_path):
                  load_file(tmp_path / "out" / "unet" / UNET_FILE))
 
 
+def test_two_adapters_weighted(sd, tmp_path):
+    """Two LoRAs with weights 0.7 / 0.3: stacked is bit-identical to diffusers' fuse_lora of
+    both after set_adapters([a, b], [0.7, 0.3]) (PEFT merges one adapter after the other);
+    weighted sums both deltas in fp32 and rounds once, so it differs from that by the
+    rounding of the intermediate t = fl(W + d_a) and the two final roundings (1.5 ulp of
+    max(|t|, |W'|)), plus the deltas' own products summed in another order (k-term fp32 dot
+    products, k = r <= 4: within r eps32 max|d|, and |d| < |W'| here): bound 4 eps32 max|W'|
+    per tensor, measured 1.8e-7 (2.5 eps32 max|W'|, a 3x3 conv).
+    The text encoder gets adapter a's LoRA alone, at its weight."""
+    b = save_sd_lora(tmp_path / "b", add_unet_lora(tiny_unet(), seed=2, r=2, lora_alpha=3))
+    for mode in ("weighted", "stacked"):
+        at.merge(sd.pipe, [sd.lora, b], tmp_path / mode, weights=[0.7, 0.3], mode=mode)
+    unet = tiny_unet()
+    for name, lora in (("a", sd.lora), ("b", b)):
+        unet.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="unet",
+                               adapter_name=name)
+    unet.set_adapters(["a", "b"], [0.7, 0.3])
+    unet.fuse_lora(adapter_names=["a", "b"])
+    unet.unload_lora()
+    reference = unet.state_dict()
+    _assert_same(reference, load_file(tmp_path / "stacked" / "unet" / UNET_FILE))
+    weighted = load_file(tmp_path / "weighted" / "unet" / UNET_FILE)
+    eps = torch.finfo(torch.float32).eps
+    for name, tensor in weighted.items():
+        bound = 4 * eps * reference[name].abs().max()
+        assert (tensor - reference[name]).abs().max() <= bound, name
+    alone = tmp_path / "alone"
+    at.merge(sd.pipe, [sd.lora], alone, weights=[0.7])
+    _assert_same(load_file(alone / "text_encoder" / "model.safetensors"),
+                 load_file(tmp_path / "weighted" / "text_encoder" / "model.safetensors"))
+
+
 def test_weight_variants_are_left_out_with_a_warning(sd, tmp_path):
     """unet/ with diffusion_pytorch_model.fp16.safetensors beside the fp32 file: the fp32 one
     is merged; the variant (unmerged weights) is not copied, and the report says so."""
