@@ -35,6 +35,7 @@ from helpers.peft_adapters import make_adapter
 from safetensors.torch import load_file, save_file
 
 import adaptertools as at
+from adaptertools.adapter import first_difference
 from adaptertools.formats import torchtune as tt
 from adaptertools.formats.names import load_base_info
 
@@ -288,6 +289,11 @@ def test_alpha_from_scale_when_there_is_no_config(llama, tmp_path):
     adapter = at.load(copy / "adapter_model.pt", base=base, scale=ALPHA / RANK)
     assert all(torch.equal(adapter.weights[k].b, w.b) and adapter.weights[k].scale == w.scale
                for k, w in reference.weights.items())
+    # the same tensors under torchtune's names in a safetensors file (issue 17): sniffed too
+    save_file(torch.load(copy / "adapter_model.pt", weights_only=True), tmp_path / "tt.safetensors")
+    again = at.load(tmp_path / "tt.safetensors", base=base, scale=ALPHA / RANK)
+    assert again.metadata["source_format"] == "torchtune"
+    assert first_difference(again, adapter) is None
 
 
 def test_scale_beside_a_config_and_a_missing_base(llama, tmp_path):

@@ -125,7 +125,8 @@ def read(path: Path, *, scale: float | None = None, base: BaseInfo | None = None
     needs_base = any(m.endswith(ROPE) for m in modules)
     if needs_base and base is None:
         base = _base_from_config(config, config_path)
-    permuted = _permutes(base, file) if needs_base else False
+    # a given base is checked whatever the targets: its names must be the ones TUNE_TO_HF gives
+    permuted = _permutes(base, file) if needs_base or base is not None else False
     weights = {}
     for module, parts in modules.items():
         hf = hf_module(module, file)
@@ -286,8 +287,8 @@ def describe(path: Path) -> dict:
 # ----------------------------------------------------------------------------- write
 
 OUTPUT_IS_DIR = True
-# HF module name (last part) -> torchtune's target_modules entry, the inverse of
-# convert_weights._TO_PEFT_TARGET_MODULES (its export writes the HF names into the config)
+# the HF modules torchtune's LoRA models can adapt: convert_weights._TO_PEFT_TARGET_MODULES's
+# values (its export writes these HF names into target_modules, and so does write())
 HF_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "lm_head"}
 
