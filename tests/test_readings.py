@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 import adaptertools as at
 from adaptertools.adapter import first_difference
-from adaptertools.errors import AdapterToolsWarning, FormatError, UnsupportedError
+from adaptertools.errors import AdapterToolsWarning, FormatError, OptionError, UnsupportedError
 from adaptertools.tiny import make_adapter, make_base
 
 from helpers.cli import assert_cli_error, assert_nothing_written, run_cli, stderr_lines
@@ -180,30 +180,40 @@ def lycoris_file(path: Path, kind: str) -> Path:
     return path
 
 
-FILES = {
-    "diffusers": (diffusers_file, ["diffusers", "lora_adapter_metadata", "text_encoder, unet"]),
-    "diffusers-no-metadata": (lambda p: diffusers_file(p, metadata=False), ["diffusers", "unet."]),
-    "kohya": (kohya_file, ["kohya (sd-scripts)"]),
-    "loha": (lambda p: lycoris_file(p, "loha"), ["LyCORIS LoHa"]),
-    "lokr": (lambda p: lycoris_file(p, "lokr"), ["LyCORIS LoKr"]),
+def test_diffusers_files_are_read_with_each_components_scale(tmp_path):
+    """Before: refused ("not supported yet"); earlier still, read as bare PEFT with the prefix
+    kept and alpha ignored, exit 0. Now formats/diffusers.py reads them (tests/test_diffusers.py
+    checks them against diffusers itself)."""
+    path = diffusers_file(tmp_path / "pytorch_lora_weights.safetensors")
+    adapter = at.load(path)
+    scales = {name.split(".", 1)[0]: w.scale for name, w in adapter.weights.items()}
+    assert scales == {"unet": 8 / 4, "text_encoder": 4 / 4}
+    with pytest.raises(OptionError, match="drop --scale"):
+        at.load(path, scale=2.0)
+    bare = diffusers_file(tmp_path / "bare.safetensors", metadata=False)
+    with pytest.warns(AdapterToolsWarning, match="scale 1 assumed"):
+        assert {w.scale for w in at.load(bare).weights.values()} == {1.0}
+    assert {w.scale for w in at.load(bare, scale=3.0).weights.values()} == {3.0}
+
+
+KOHYA_STYLE = {
+    "kohya": kohya_file,
+    "loha": lambda p: lycoris_file(p, "loha"),
+    "lokr": lambda p: lycoris_file(p, "lokr"),
 }
 
 
-@pytest.mark.parametrize("kind", FILES)
-def test_other_tools_files_are_refused_by_name(tmp_path, kind):
-    make, fragments = FILES[kind]
-    path = make(tmp_path / "pytorch_lora_weights.safetensors")
+@pytest.mark.parametrize("kind", KOHYA_STYLE)
+def test_kohya_style_files_need_their_base(tmp_path, kind):
+    """Before: refused as unsupported. Their names are underscore forms of the base's module
+    names, so they are read against the base (tests/test_kohya.py, tests/test_lycoris.py); with
+    no base the refusal says so, and nothing is written."""
+    path = KOHYA_STYLE[kind](tmp_path / "pytorch_lora_weights.safetensors")
     out = tmp_path / "out"
-    refused(run_cli("convert", path, out, "--to", "peft"),
-            [str(path), *fragments, "not supported yet"], out)
-    refused(run_cli("inspect", path), fragments)
-
-
-def test_diffusers_file_never_reads_as_bare_peft(tmp_path):
-    """Before: read as bare PEFT, prefix kept, alpha ignored ("using scale 1.0"), exit 0."""
-    path = diffusers_file(tmp_path / "pytorch_lora_weights.safetensors")
-    with pytest.raises(UnsupportedError, match="diffusers"):
-        at.load(path, scale=2.0)
+    refused(run_cli("convert", path, out, "--to", "peft"), [str(path), "kohya", "--base"], out,
+            code=2)
+    refused(run_cli("inspect", path, "--from", "safetensors"), ["not an adaptertools file",
+                                                                "--from kohya"])
 
 
 # ============================================================================ 3. PEFT variants
