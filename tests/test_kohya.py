@@ -333,6 +333,11 @@ def test_unmapped_foreign_mismatched_and_colliding_keys(world, tmp_path):
                                                        torch.ones(4, 32)})
     with pytest.raises(FormatError, match=f"{good}.lora_up.weight is missing"):
         at.load(missing, base=world["unet"])
+    tucker = _file(tmp_path / "tucker.safetensors", {
+        f"{good}.lora_down.weight": torch.ones(4, 32), f"{good}.lora_up.weight": torch.ones(32, 4),
+        f"{good}.lora_mid.weight": torch.ones(4, 4, 3, 3)})
+    with pytest.raises(UnsupportedError, match=f"{good}.*lora_mid.*not supported"):
+        at.load(tucker, base=world["unet"])
     clash_base = _file(tmp_path / "clash_base.safetensors", {
         "a.b_c.weight": torch.ones(2, 2), "a_b.c.weight": torch.ones(2, 2)})
     clash = _file(tmp_path / "clash.safetensors", {

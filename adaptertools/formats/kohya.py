@@ -35,6 +35,8 @@ SNIFF_ORDER = 40          # before our own safetensors format (50), which takes 
 BASE_AS_PATH = True       # adapter_io hands --base over as the path (kohya_names.open_names)
 
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+# LoCon's Tucker core (lycoris-lora LoConModule use_tucker): named, refused by _weight
+LOCON_PARTS = LORA_PARTS + ("lora_mid.weight",)
 STEM = re.compile(r"^(?:" + "|".join(kohya_names.PREFIXES) + r")[^.]+$")
 REMADE = "the file is incomplete; save it again with the tool that trained it"
 
@@ -75,7 +77,7 @@ def _group(tensors: dict, file: Path, claimed: tuple[str, ...]) -> dict[str, dic
     unknown = []
     for key, tensor in tensors.items():
         stem, _, part = key.partition(".")
-        if STEM.match(stem) and (part in LORA_PARTS or part in claimed or
+        if STEM.match(stem) and (part in LOCON_PARTS or part in claimed or
                                  part.startswith(("hada_", "lokr_"))):
             modules.setdefault(stem, {})[part] = tensor
         else:
@@ -120,16 +122,21 @@ def _weight(stem: str, parts: dict, target, file: Path) -> LoraWeight:
     down, up = parts["lora_down.weight"], parts["lora_up.weight"]
     shape, rank = target.shape, int(down.shape[0])
     where = f"{file}: {stem} ({target.key}, {tuple(shape)})"
-    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or \
-            (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
-        raise FormatError(f"{where}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} "
-                          "are not a kohya Linear or Conv2d LoRA (2-D, or k x k down and 1 x 1 "
-                          "up); lora_mid (LoCon Tucker) is not supported")
+    # 2-D factors, or conv factors: down (r, in, *k), up (out, r, 1...); a 1 x 1 conv LoRA may
+    # sit on a Linear (sd-scripts' merge_lora squeezes it) and a Linear one on a 1 x 1 conv
+    dims = (2, len(shape), 4 if len(shape) == 2 else len(shape))
+    if "lora_mid.weight" in parts or down.dim() not in dims or up.dim() not in dims or \
+            any(k != 1 for k in up.shape[2:]):
+        raise UnsupportedError(f"{where}: lora_down {tuple(down.shape)} / lora_up "
+                               f"{tuple(up.shape)}" + (" / lora_mid" if "lora_mid.weight" in parts
+                                                       else "") +
+                               " are not a Linear or conv LoRA (2-D, or k x k down and 1 x 1 "
+                               "up); LoCon's Tucker form (lora_mid) is not supported yet")
     a = down.reshape(rank, -1)                 # (r, in) or (r, in*k*k)
     b = up.reshape(up.shape[0], -1)            # (out, r)
     cols = math.prod(shape[1:])
-    kernel_ok = down.dim() == 2 and all(k == 1 for k in shape[2:]) or \
-        down.dim() == 4 and tuple(down.shape[2:]) == tuple(shape[2:] or (1, 1))
+    kernel = tuple(down.shape[2:]) if down.dim() > 2 else (1,) * (len(shape) - 2)
+    kernel_ok = kernel == tuple(shape[2:]) or (len(shape) == 2 and all(k == 1 for k in kernel))
     if len(shape) < 2 or b.shape[0] != shape[0] or a.shape[1] != cols or not kernel_ok:
         raise FormatError(f"{where}: lora_down {tuple(down.shape)} and lora_up "
                           f"{tuple(up.shape)} do not fit this weight: the file was made for "
@@ -213,7 +220,7 @@ def read(path: Path, *, base=None) -> Adapter:
         if target.key in weights:
             raise FormatError(f"{path}: {stems[target.key]} and {stem} both name "
                               f"{target.key}; refusing to add one and drop the other")
-        lyco = any(p not in LORA_PARTS for p in parts)
+        lyco = any(p not in LOCON_PARTS for p in parts)
         if target.rows is not None and not lyco:      # q/k/v of a fused in_proj_weight
             blocks.setdefault(target.key, []).append((target, stem,
                                                       _weight(stem, parts, target, path)))
