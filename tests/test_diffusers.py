@@ -138,10 +138,13 @@ def test_merge_pipeline_bit_identical_to_fuse_lora(sd, tmp_path):
 
 @pytest.mark.parametrize("extra", [
     {"rank_pattern": {"to_q": 2}, "alpha_pattern": {"conv1": 3}, "use_rslora": True},
-    {"use_dora": True}], ids=["patterns-rslora", "dora"])
+    {"use_dora": True},
+    {"lora_bias": True, "init_lora_weights": True, "targets": ["proj_in", "conv1", "to_out.0"]}],
+    ids=["patterns-rslora", "dora", "lora-bias"])
 def test_merge_scale_rules_and_dora(extra, tmp_path):
-    """PEFT's per-module rank / alpha patterns and rsLoRA from the metadata, and DoRA (Linear
-    and Conv2d): bit-identical to fuse_lora."""
+    """PEFT's per-module rank / alpha patterns and rsLoRA from the metadata, DoRA and
+    lora_bias (Linear and Conv2d; lora_bias on layers that have a bias): bit-identical to
+    fuse_lora."""
     pipe = save_pipeline(tmp_path / "pipe", {"unet": tiny_unet()})
     lora = save_sd_lora(tmp_path / "lora", add_unet_lora(tiny_unet(), **extra))
     scales = {w.scale for w in at.load(lora).weights.values()}
@@ -197,6 +200,27 @@ def test_weight_variants_are_left_out_with_a_warning(sd, tmp_path):
         ["config.json", UNET_FILE]
     _assert_same(fused_by_diffusers(tiny_unet(), lora, "unet"),
                  load_file(tmp_path / "out" / "unet" / UNET_FILE))
+
+
+def test_sdxl_text_encoder_2(sd, tmp_path):
+    """StableDiffusionXLPipeline.save_lora_weights' text_encoder_2 part: merged into that
+    component as fuse_text_encoder_lora, text_encoder/ copied byte for byte."""
+    from diffusers import StableDiffusionXLPipeline
+    from helpers.diffusers_models import adapter_metadata, lora_layers
+
+    te2 = add_te_lora(tiny_text_encoder(seed=4), seed=7)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lora", text_encoder_2_lora_layers=lora_layers(te2),
+        text_encoder_2_lora_adapter_metadata=adapter_metadata(te2))
+    pipe = save_pipeline(tmp_path / "pipe", {"text_encoder": tiny_text_encoder(),
+                                             "text_encoder_2": tiny_text_encoder(seed=4)})
+    report = at.merge(pipe, [tmp_path / "lora"], tmp_path / "out")
+    assert report.components["text_encoder_2"]["merged"] == 8
+    assert report.components["text_encoder"] == {"copied": 2}
+    _assert_same(fused_text_encoder(te2),
+                 load_file(tmp_path / "out" / "text_encoder_2" / "model.safetensors"))
+    assert (tmp_path / "out" / "text_encoder" / "model.safetensors").read_bytes() == \
+        (pipe / "text_encoder" / "model.safetensors").read_bytes()
 
 
 def test_merge_flux_transformer_sharded(tmp_path):

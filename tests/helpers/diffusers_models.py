@@ -85,7 +85,7 @@ def perturb(model, seed: int, *, magnitude: bool = True) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if "lora_B" in name:
+            if "lora_B" in name:          # lora_B.weight and (lora_bias) lora_B.bias
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
             elif magnitude and "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.rand(p.shape, generator=gen))
@@ -95,11 +95,12 @@ def lora_config(targets, **extra):
     from peft import LoraConfig
 
     return LoraConfig(r=extra.pop("r", 4), lora_alpha=extra.pop("lora_alpha", 8),
-                      target_modules=targets, init_lora_weights="gaussian", **extra)
+                      target_modules=targets,
+                      init_lora_weights=extra.pop("init_lora_weights", "gaussian"), **extra)
 
 
-def add_unet_lora(unet, seed: int = 11, **extra):
-    unet.add_adapter(lora_config(UNET_TARGETS, **extra))
+def add_unet_lora(unet, seed: int = 11, targets=UNET_TARGETS, **extra):
+    unet.add_adapter(lora_config(targets, **extra))
     perturb(unet, seed)
     return unet
 
