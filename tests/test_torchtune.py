@@ -241,6 +241,8 @@ def test_written_checkpoint_merged_by_torchtune_as_we_merge_the_peft_adapter(wri
     config = json.loads((peft / "tt" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (RANK, ALPHA)
     assert tt.is_torchtune_export(config)
+    assert not tt.is_torchtune_export(json.loads((peft / "peft" / "adapter_config.json")
+                                                 .read_text()))      # PEFT's own save
 
 
 def test_round_trip_through_ours_is_bit_exact(case, tmp_path):
