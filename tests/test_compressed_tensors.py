@@ -341,6 +341,14 @@ def test_keep_survival_scores(case, kept):
     assert medians["int8-channel"] > medians["fp8-channel"] > 0.3, medians
 
 
+def test_validator_checks_compressed_tensors_weights(case, kept):
+    for name in ("int8-tensor-asym", "fp8-block"):
+        report = at.validate(case[name][0], [lora(case, name)], kept[0] / name)
+        assert report["passed"], [r for r in report["tensors"] if not r["passed"]][:3]
+        adapted = [r for r in report["tensors"] if r["kind"] == "adapted"]
+        assert len(adapted) == 6, name
+
+
 @pytest.mark.parametrize("name", ["int8-channel", "fp8-block", "int8-static"])
 def test_requantize_bf16_is_a_plain_model(case, tmp_path, name):
     check_bf16(case, name, tmp_path / "plain")
@@ -377,6 +385,25 @@ def test_pack_quantized_merge_is_refused_with_one_line(case, tmp_path):
     assert_nothing_written(out)
 
 
+def _split_groups(qc, mlp_weights=None):
+    """group_0 split by re: targets into attention and MLP groups (the MLP one with
+    ``mlp_weights`` when given)."""
+    group = qc["config_groups"].pop("group_0")
+    qc["config_groups"]["attention"] = {**group, "targets": ["re:.*self_attn[.].*"]}
+    qc["config_groups"]["mlp"] = {**group, "targets": ["re:.*mlp[.].*"],
+                                  "weights": {**group["weights"], **(mlp_weights or {})}}
+
+
+def test_config_groups_are_matched_by_module_name(case, kept, tmp_path):
+    """Two groups with re: targets give the same merge as the one group by class name."""
+    base = damaged_copy(case["int8-channel"][0], tmp_path / "split", config=_split_groups)
+    found, _ = encodings(base)
+    assert len(found) == 14 and {e.params.strategy for e in found} == {"channel"}
+    at.merge(base, [lora(case, "int8-channel")], tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == \
+        (kept[0] / "int8-channel" / "model.safetensors").read_bytes()
+
+
 def _group(qc):
     return qc["config_groups"]["group_0"]["weights"]
 
@@ -392,11 +419,16 @@ def _group(qc):
     ("w4-group-asym", lambda sd: sd.pop(Q + ".weight_zero_point"), None,
      [Q + ".weight_zero_point is missing", "asymmetric"]),
     ("fp8-channel", lambda sd: sd.__setitem__(Q + ".weight_scale", sd[Q + ".weight_scale"][:7]), None,
-     [Q + ".weight_scale is F32 [7, 1]", "channel scale", "[256, 1]"]),
+     [Q + ".weight_scale is F32 [7, 1]", "channel strategy needs", "scale of [256, 1]"]),
+    ("int8-channel", None, lambda qc: _split_groups(qc, {"strategy": "tensor"}),
+     ["mlp.down_proj.weight_scale is BF16 [256, 1]", "in the tensor strategy needs",
+      "scale of [1]"]),
+    ("int8-channel", None, lambda qc: qc.update(ignore=["lm_head", "re:.*layers[.]0[.]mlp[.]up_proj"]),
+     ["layers.0.mlp.up_proj.weight_scale is stored but no config group", "in ignore"]),
     ("int8-channel", None, lambda qc: qc["config_groups"]["group_0"].update(format="nvfp4-pack-quantized"),
      ["format 'nvfp4-pack-quantized' is not supported"]),
 ], ids=["missing-scale", "weight-shape", "group-size", "missing-zero-point", "scale-shape",
-        "format"])
+        "group-scheme", "ignored", "format"])
 def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, name, change, config, fragments):
     base = damaged_copy(case[name][0], tmp_path / "base", change, config)
     out = tmp_path / "out"

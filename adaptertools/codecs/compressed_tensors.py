@@ -240,8 +240,9 @@ def _encoding(entries, prefix: str, args: dict, fmt: str, read) -> Encoding:
     if scale.dtype not in ("F32", "BF16", "F16") or math.prod(scale.shape) != math.prod(grid) \
             or (strategy != "tensor" and tuple(scale.shape) != grid):
         raise FormatError(f"{scale.file}: {prefix}.weight_scale is {scale.dtype} "
-                          f"{list(scale.shape)}, but a {strategy} scale of {name} {list(shape)} "
-                          f"is float {list(grid) if strategy != 'tensor' else [1]}; {DAMAGED}")
+                          f"{list(scale.shape)}, but {name} {list(shape)} in the {strategy} strategy "
+                          f"needs an F32/BF16/F16 scale of {list(grid) if strategy != 'tensor' else [1]} "
+                          f"(the config group's strategy and sizes, or {DAMAGED.split(': ', 1)[1]})")
     members = [name, prefix + ".weight_scale"] + ([prefix + ".weight_shape"] if packed else [])
     zero = entries.get(prefix + ".weight_zero_point")
     if scheme.symmetric and zero is not None:
@@ -367,29 +368,34 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     [i * b, (i + 1) * b) of the row."""
     rows, cols = codes.shape
     words = math.ceil(cols * bits / 32)
-    u = codes.to(torch.int64) + (1 << (bits - 1))                     # (rows, cols), unsigned
-    if 32 % bits == 0:                                                # no value spans two words
+    if 32 % bits == 0:                 # no value spans two words: OR each word's values in, int32
         per = 32 // bits
-        u = torch.nn.functional.pad(u, (0, words * per - cols))
-        shifts = torch.arange(per, dtype=torch.int64) * bits
-        out = (u.view(rows, words, per) << shifts).sum(dim=-1)        # (rows, words), < 2^32
-    else:                                                             # 3, 5, 6, 7 bits: bit by bit
-        bit_values = (u.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int64)) & 1
-        stream = torch.nn.functional.pad(bit_values.reshape(rows, cols * bits),
-                                         (0, words * 32 - cols * bits))
-        out = (stream.view(rows, words, 32) << torch.arange(32, dtype=torch.int64)).sum(dim=-1)
+        u = codes.to(torch.int32) + (1 << (bits - 1))                 # (rows, cols), unsigned
+        u = torch.nn.functional.pad(u, (0, words * per - cols)).view(rows, words, per)
+        out = u[..., 0].clone()
+        for k in range(1, per):
+            out |= u[..., k] << (k * bits)   # the top value's shift wraps into the sign bit
+        return out
+    u = codes.to(torch.int64) + (1 << (bits - 1))                     # (rows, cols), unsigned
+    # 3, 5, 6, 7 bits: bit by bit
+    bit_values = (u.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int64)) & 1
+    stream = torch.nn.functional.pad(bit_values.reshape(rows, cols * bits),
+                                     (0, words * 32 - cols * bits))
+    out = (stream.view(rows, words, 32) << torch.arange(32, dtype=torch.int64)).sum(dim=-1)
     return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """I32 (rows, words) -> int8 codes (rows, cols), the inverse of ``pack``."""
-    rows = packed.shape[0]
-    u = packed.to(torch.int64) & 0xFFFFFFFF
-    if 32 % bits == 0:
-        shifts = torch.arange(32 // bits, dtype=torch.int64) * bits
-        values = ((u.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
-    else:
-        stream = ((u.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(rows, -1)
-        bit_values = stream[:, : cols * bits].reshape(rows, cols, bits)
-        values = (bit_values << torch.arange(bits, dtype=torch.int64)).sum(dim=-1)
+    rows, words = packed.shape
+    if 32 % bits == 0:                 # int32 shifts; the mask drops the sign extension
+        per, mask = 32 // bits, (1 << bits) - 1
+        out = torch.empty(rows, words, per, dtype=torch.int8)
+        for k in range(per):
+            out[..., k] = ((packed >> (k * bits)) & mask) - (1 << (bits - 1))
+        return out.view(rows, words * per)[:, :cols].contiguous()
+    u = packed.to(torch.int64) & 0xFFFFFFFF                            # 3, 5, 6, 7 bits
+    stream = ((u.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(rows, -1)
+    bit_values = stream[:, : cols * bits].reshape(rows, cols, bits)
+    values = (bit_values << torch.arange(bits, dtype=torch.int64)).sum(dim=-1)
     return (values - (1 << (bits - 1))).to(torch.int8)
