@@ -223,6 +223,19 @@ def test_sdxl_text_encoder_2(sd, tmp_path):
         (pipe / "text_encoder" / "model.safetensors").read_bytes()
 
 
+def test_text_model_prefix_of_older_checkpoints(sd, tmp_path):
+    """A text encoder saved by transformers 4 names its tensors text_model.encoder...;
+    transformers 5 (which trained this LoRA) dropped that prefix: the names still meet, and
+    the merged file keeps the checkpoint's own names."""
+    pipe = save_pipeline(tmp_path / "pipe", {"text_encoder": tiny_text_encoder()})
+    weights = pipe / "text_encoder" / "model.safetensors"
+    save_file({f"text_model.{k}": v for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    at.merge(pipe, [save_sd_lora(tmp_path / "lora", text_encoder=sd.te)], tmp_path / "out")
+    fused = {f"text_model.{k}": v for k, v in fused_text_encoder(sd.te).items()}
+    _assert_same(fused, load_file(tmp_path / "out" / "text_encoder" / "model.safetensors"))
+
+
 def test_merge_flux_transformer_sharded(tmp_path):
     """A Flux transformer saved in shards (diffusion_pytorch_model-0000N-of-0000M.safetensors
     + diffusion_pytorch_model.safetensors.index.json, as large DiTs are): merged shard by

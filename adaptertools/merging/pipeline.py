@@ -11,7 +11,9 @@ component>`` (formats/diffusers.py, formats/kohya.py). ``merge_pipeline`` splits
 component (``split_by_component``), merges each targeted component with the HF engine into its
 subfolder of a temporary folder beside OUT, copies every other file and folder byte for byte,
 and renames the whole onto OUT (paths.atomic_output): OUT appears complete or not at all.
-``for_component`` strips the prefix when the base is one component's own folder (``unet/``).
+``for_component`` strips the prefix when the base is one component's own folder (``unet/``);
+``align_names`` bridges a module prefix one library version dropped (CLIPTextModel's
+``text_model.`` in transformers 5) between a LoRA's names and a checkpoint's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from ..formats.diffusers import COMPONENTS, component_of, split_by_component
 from ..paths import atomic_output, contained_file
 
 INDEX_NAME = "model_index.json"
+# Module-path prefixes that one library version has and another drops, so a LoRA's names and a
+# checkpoint's can differ by them: transformers 5 dropped CLIPTextModel's ``text_model.``
+# (transformers/conversion_mapping.py: PrefixChange(prefix_to_remove="text_model")), while the
+# SD / SDXL text encoders on the Hub were saved with it.
+RENAMED_PREFIXES = ("text_model.",)
 __all__ = ["COMPONENTS", "components", "for_component", "is_pipeline", "merge_pipeline",
            "split_by_component"]
 
@@ -82,6 +89,22 @@ def for_component(adapter: Adapter, entries: dict, base, where: str) -> Adapter:
         return adapter           # nothing fits either way: the planner names the mismatches
     (part,) = parts.values()
     part.metadata.pop("component", None)
+    return align_names(part, entries)
+
+
+def align_names(part: Adapter, entries: dict) -> Adapter:
+    """``part`` with a RENAMED_PREFIXES prefix added to (or dropped from) every name when that
+    makes all of them the base's tensor names (``entries``); else ``part`` as it is (the
+    planner names what does not fit)."""
+    names = list(part.weights) + list(part.replacements)
+    if all(n in entries for n in names):
+        return part
+    for prefix in RENAMED_PREFIXES:
+        for fix in (lambda n, p=prefix: p + n, lambda n, p=prefix: n.removeprefix(p)):
+            if all(fix(n) in entries for n in names):
+                return Adapter({fix(n): w for n, w in part.weights.items()},
+                               {fix(n): t for n, t in part.replacements.items()},
+                               part.base_model, part.metadata)
     return part
 
 
@@ -138,8 +161,9 @@ def plan_pipeline(base: Path, loaded: list[Adapter], names: list[str], factors: 
         if checkpoint.kind != "safetensors":
             raise UnsupportedError(f"{folder}: not a safetensors model folder; convert the "
                                    "pipeline to safetensors first")
+        entries = checkpoint.entries()
         plan = make_plan(
-            checkpoint, [splits[i][component] for i in chosen],
+            checkpoint, [align_names(splits[i][component], entries) for i in chosen],
             [f"{names[i]} ({component})" for i in chosen], [factors[i] for i in chosen],
             mode=mode, dtype=dtype, requantize=requantize, quantize_like=None,
             max_shard_size=max_shard_size, allow_modified_base=allow_modified_base)
