@@ -124,8 +124,9 @@ def test_hand_file_merges_as_lycoris_kohya_network(world, tmp_path):
 
 def test_pipeline_folder_merge(world, tmp_path):
     """The UNet + text encoder file into the pipeline folder (merging/pipeline.py): each
-    component as fuse_lora / PEFT's merge, bit for bit."""
-    at.merge(world["pipe"], [str(world["both"])], tmp_path / "p")
+    component as fuse_lora / PEFT's merge, bit for bit (through the CLI)."""
+    run_cli("merge", str(world["pipe"]), str(world["both"]), "--out", str(tmp_path / "p"),
+            expect=0)
     for component, ref in (("unet", world["fused_unet"]), ("text_encoder", world["fused_te"])):
         got = {k: v for f in (tmp_path / "p" / component).glob("*.safetensors")
                for k, v in load_file(str(f)).items()}
@@ -303,8 +304,14 @@ def test_sdxl_file_into_sd15_base_is_refused_by_name(world, tmp_path):
     sdxl = _file(tmp_path / "sdxl.safetensors", {
         f"{stem}.lora_down.weight": torch.ones(4, 32), f"{stem}.lora_up.weight": torch.ones(32, 4),
         f"{stem}.alpha": torch.tensor(4.0)})
-    with pytest.raises(FormatError, match=f"{stem} maps to no weight.*SGM"):
+    with pytest.raises(FormatError, match=f"{stem} maps to no weight.*SGM.*the names do not "
+                       "map.*merge into the original single-file checkpoint"):
         at.load(sdxl, base=world["unet"])
+    ldm = _file(tmp_path / "v1-5.safetensors", {  # an SD1.5 checkpoint's own (ldm) names
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.zeros(32, 32, 1, 1)})
+    with pytest.raises(FormatError, match="lora_unet_(down|mid|up)_block.* maps to no weight.*"
+                       "diffusers-style.*merge into that model's diffusers UNet folder"):
+        at.load(world["unet_only"], base=ldm)
     out = tmp_path / "m"
     assert_cli_error(run_cli("merge", str(world["unet"]), sdxl, "--out", str(out)),
                      [stem, "the names do not map"])
@@ -318,7 +325,7 @@ def test_unmapped_foreign_mismatched_and_colliding_keys(world, tmp_path):
             torch.ones(4, 32),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_z.lora_up.weight":
             torch.ones(32, 4)})
-    with pytest.raises(FormatError, match="attn1_to_z maps to no weight"):
+    with pytest.raises(FormatError, match="attn1_to_z maps to no weight.*trained on another"):
         at.load(typo, base=world["unet"])
     foreign = _file(tmp_path / "foreign.safetensors", {
         f"{good}.lora_down.weight": torch.ones(4, 32), f"{good}.lora_up.weight": torch.ones(32, 4),

@@ -112,9 +112,27 @@ class BaseNames:
         if target is None:
             raise FormatError(f"{file}: {stem} maps to no weight of {self.source} ({self.what}); "
                               f"its name looks made for {made_for(stem)}: the names do not map, "
-                              "so the file was trained on another model; pass the base it was "
-                              "trained on")
+                              f"{self._hint(stem)}")
         return target
+
+    def _hint(self, stem: str) -> str:
+        """What to do about a name that maps nowhere: the same model in the other UNet naming
+        (sd-scripts names SD1.5/SD2 UNets the diffusers way, SDXL's the original way), or
+        another model."""
+        ours = {"original": r"^lora_unet_(input_blocks|middle_block|output_blocks)_",
+                "diffusers": r"^lora_unet_(down_blocks|mid_block|up_blocks)_"}
+        styles = {"original": ("input_blocks_", "middle_block_", "output_blocks_"),
+                  "diffusers": ("down_blocks_", "mid_block_", "up_blocks_")}
+        theirs = next((k for k, pattern in ours.items() if re.search(pattern, stem)), None)
+        held = {k for k, marks in styles.items()
+                if any(m in t for t in self.targets for m in marks)}
+        if theirs and held and theirs not in held:
+            other = ("the original single-file checkpoint (SGM/ldm names) of that model"
+                     if theirs == "original" else "that model's diffusers UNet folder "
+                     "(diffusers' from_single_file + save_pretrained writes one)")
+            return (f"because this base uses {' and '.join(sorted(held))} UNet names and the "
+                    f"file {theirs} ones; merge into {other}")
+        return "so the file was trained on another model; pass the base it was trained on"
 
 
 def forms(prefix: str, module: str) -> tuple[str, ...]:
