@@ -188,6 +188,14 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
 def _refuse_token_rows(adapter: Adapter, fmt: Format) -> None:
     """Trained token rows (PEFT trainable tokens) only go where the format says it keeps them
     (``WRITES_TOKEN_ROWS``); dropping them would change what the adapter computes."""
+    from .formats.peft_mha import METADATA
+
+    attention = adapter.metadata.get(METADATA)
+    if attention:
+        raise UnsupportedError(
+            f"{attention[0]}: a LoRA on nn.MultiheadAttention (PEFT), which {fmt.name} does not "
+            "express (PEFT applies its out_proj delta twice); merge the adapter into its base "
+            "(adaptertools merge), or keep the PEFT folder")
     if adapter.token_rows and not getattr(fmt.module, "WRITES_TOKEN_ROWS", False):
         name, rows = next(iter(adapter.token_rows.items()))
         raise UnsupportedError(

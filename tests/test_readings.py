@@ -7,7 +7,8 @@ saying which reading is used and what PEFT would compute. One group per case of 
 
 1. an mlx-lm adapter folder, as mlx-lm writes it, and after the edits the old message invited;
 2. diffusers, kohya and LyCORIS single files;
-3. PEFT's KaSA, VeLoRA, MonteCLoRA, LoRA on nn.MultiheadAttention and on a grouped convolution;
+3. PEFT's KaSA, VeLoRA, MonteCLoRA and LoRA on a grouped convolution (nn.MultiheadAttention:
+   tests/test_peft_mha.py);
 4. activated LoRA (aLoRA): merge refused, convert keeps the invocation tokens;
 5. a GPT-2 adapter on ``wte`` + ``c_attn`` round-trips PEFT -> safetensors -> PEFT;
 6. our own safetensors files are recognised by content, whatever their name;
@@ -218,19 +219,6 @@ def test_kohya_style_files_need_their_base(tmp_path, kind):
 
 # ============================================================================ 3. PEFT variants
 
-class MHANet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(20, 16)
-        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = self.emb(x)
-        return self.head(self.attn(h, h, h)[0])
-
-
 class GroupedConvNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -251,8 +239,6 @@ VARIANTS = {
                ["a VeLoRA adapter", "not supported yet"]),
     "monteclora": (lambda: make_model("llama"), dict(LLAMA_QV, monteclora_config={}),
                    ["a MonteCLoRA adapter", "not supported yet"]),
-    "mha": (MHANet, dict(r=2, lora_alpha=4, target_modules=["attn"]),
-            ["nn.MultiheadAttention", "attn", "not supported yet"]),
     "grouped_conv": (GroupedConvNet, dict(r=2, lora_alpha=4, target_modules=["conv"]),
                      ["conv", "grouped convolution", "groups = 2", "not supported yet"]),
 }

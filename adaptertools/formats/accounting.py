@@ -75,9 +75,8 @@ def check_accounted(state_dict: dict, config: dict | None, where) -> None:
         outer, _, inner = module.partition(".base_layer.")
         if inner == "out_proj" and outer in lora_modules:
             # peft/tuners/lora/layer.py MultiheadAttention: in_proj's factors on the module,
-            # out_proj's on base_layer.out_proj
-            raise UnsupportedError(f"{where}: a LoRA on nn.MultiheadAttention ({outer}: its "
-                                   "in_proj and out_proj): not supported yet")
+            # out_proj's on base_layer.out_proj (formats/peft_mha.py places them)
+            continue
         unknown.append(key)
     if unknown:
         why = ("neither LoRA tensors nor full tensors of modules listed in modules_to_save"
@@ -159,11 +158,20 @@ def _examples(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+def _targeted_as(module: str, attention: set[str]) -> str:
+    owner = module.removesuffix(".out_proj")
+    return owner if owner != module and owner in attention else module
+
+
 def warn_disagreements(adapter: Adapter, config: dict, where) -> None:
     """One AdapterToolsWarning for each way ``config`` and the weights disagree."""
     from ..adapter import module_name
 
-    modules = {module_name(n): w for n, w in adapter.weights.items()}
+    from .peft_mha import METADATA
+
+    # an attention layer's out_proj is targeted through the attention module (peft_mha.py)
+    attention = set(adapter.metadata.get(METADATA) or ())
+    modules = {_targeted_as(module_name(n), attention): w for n, w in adapter.weights.items()}
     with_magnitude = [m for m, w in modules.items() if w.magnitude is not None]
     without = [m for m, w in modules.items() if w.magnitude is None]
     if with_magnitude and not config.get("use_dora"):

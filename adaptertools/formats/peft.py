@@ -26,7 +26,7 @@ import torch
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
-from . import accounting, foreign, peft_lycoris, peft_tokens
+from . import accounting, foreign, peft_lycoris, peft_mha, peft_tokens
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
@@ -354,13 +354,23 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], scale_for, *,
                             fan_in_fan_out: bool, where: Path) -> Adapter:
     """``scale_for(module, rank) -> float`` resolves each module's effective scale."""
     modules, full = group_state_dict(state_dict)
+    attention = peft_mha.attention_modules(modules)      # nn.MultiheadAttention layers
     weights = {}
     for module, parts in modules.items():
         rank_tensor = parts.get("lora_A", parts.get("lora_embedding_A"))
         rank = int(rank_tensor.shape[0]) if rank_tensor is not None else 0
-        weights[module + ".weight"] = build_weight(module, parts, scale_for(module, rank),
-                                                   fan_in_fan_out, where)
-    return Adapter(weights=weights, replacements=full)
+        name, times = peft_mha.base_tensor(module, attention)
+        # out_proj of an attention layer: its own r and alpha (PEFT's rank_pattern keys are
+        # the outer module's), twice (peft_mha.py)
+        owner = module.removesuffix(peft_mha.OUT_PROJ) if times != 1.0 else module
+        weights[name] = build_weight(module, parts, scale_for(owner, rank) * times,
+                                     fan_in_fan_out, where)
+    adapter = Adapter(weights=weights, replacements=full)
+    if attention:
+        warnings.warn(f"{where}: {', '.join(sorted(attention))}: {peft_mha.DOUBLED}",
+                      AdapterToolsWarning, stacklevel=4)
+        adapter.metadata[peft_mha.METADATA] = sorted(attention)
+    return adapter
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -446,7 +456,7 @@ def read(path: Path) -> Adapter:
         raise FormatError(f"{folder}: the weights file holds no LoRA tensors")
     accounting.warn_disagreements(adapter, config, config_path)
     adapter.base_model = config.get("base_model_name_or_path")
-    adapter.metadata = {"source_format": "peft", "peft_config": config}
+    adapter.metadata = {"source_format": "peft", "peft_config": config, **adapter.metadata}
     copies = saved_base_copies(state_dict, config)
     if copies:
         from ..copies import SAVED_COPIES
