@@ -153,6 +153,12 @@ def test_merge_scale_rules_and_dora(extra, tmp_path):
     at.merge(pipe, [lora], tmp_path / "out")
     _assert_same(fused_by_diffusers(tiny_unet(), lora, "unet"),
                  load_file(tmp_path / "out" / "unet" / UNET_FILE))
+    # diffusers -> our own file -> diffusers: every tensor (conv DoRA magnitudes (1, out, 1, 1),
+    # lora_B.bias) bit-exact, and the same scales rebuilt from the metadata we wrote
+    at.convert(lora, tmp_path / "own.safetensors", to="safetensors")
+    at.convert(tmp_path / "own.safetensors", tmp_path / "back", to="diffusers")
+    _assert_same(_tensors(lora)[0], _tensors(tmp_path / "back" / fmt.WEIGHTS_NAME)[0])
+    assert {w.scale for w in at.load(tmp_path / "back").weights.values()} == scales
 
 
 def test_two_adapters_weighted(sd, tmp_path):
