@@ -15,6 +15,9 @@ on tiny models built in code (helpers/kohya_files.py):
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from helpers import kohya_files as kf
@@ -227,6 +230,65 @@ def test_sdxl_te2_into_original_checkpoint(tmp_path):
     with pytest.raises(UnsupportedError, match="in_proj_weight.*fused q/k/v"):
         at.convert(file, tmp_path / "back.safetensors", to="kohya",
                    base=tmp_path / "ckpt" / "sdxl.safetensors")
+
+
+def test_lycoris_loha_modules_go_to_formats_lycoris(world, tmp_path):
+    """A LoHa file (lycoris-lora create_lycoris algo loha, alpha = dim so that its merge_to,
+    which squares the scale otherwise, is its forward) on the UNet's Linear and conv modules:
+    the kohya reader hands each module to formats/lycoris.py; merged as merge_to bit for bit."""
+    from lycoris import create_lycoris
+
+    model = kf.unet()
+    network = create_lycoris(model, 1.0, linear_dim=2, linear_alpha=2.0, conv_dim=2,
+                             conv_alpha=2.0, algo="loha")
+    network.apply_to()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "hada_w2_a" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    file = tmp_path / "loha.safetensors"
+    network.save_weights(str(file), torch.float32, None)
+    ours = merged(world["unet"], file, tmp_path / "u")
+    network.restore()
+    network.merge_to(1.0)
+    base, changed = kf.unet().state_dict(), 0
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(ours[name], tensor), name
+        changed += not torch.equal(tensor, base[name])
+    assert changed > 40
+
+
+def test_sdxl_pipeline_text_encoders(world, tmp_path):
+    """A pipeline with text_encoder and text_encoder_2 (SDXL's layout): lora_te1_ goes to the
+    first, lora_te2_ to the second; the source's own names survive our safetensors file, and
+    without them the base's names are written (text_encoder as lora_te1_, as sd-scripts names
+    SDXL's, with text_model_)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tmp_path / "sdxl"
+    shutil.copytree(world["pipe"], pipe)
+    kf.text_encoder_2().save_pretrained(pipe / "text_encoder_2")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    te, te2 = (kf.with_lora(m, kf.TE_TARGETS, seed=s)
+               for m, s in ((kf.text_encoder(), 4), (kf.text_encoder_2(), 5)))
+    state = {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()}
+    state |= {f"text_encoder_2.{k}": v for k, v in get_peft_model_state_dict(te2).items()}
+    file = _file(tmp_path / "te.safetensors", convert_state_dict_to_kohya(state))
+    adapter = at.load(file, base=pipe)
+    assert {k.split(".")[0] for k in adapter.weights} == {"text_encoder", "text_encoder_2"}
+    assert "text_encoder_2.text_model.encoder.layers.1.mlp.fc1.weight" in adapter.weights
+    at.convert(file, tmp_path / "ours.safetensors", to="safetensors", base=pipe)
+    at.convert(tmp_path / "ours.safetensors", tmp_path / "k.safetensors", to="kohya", base=pipe)
+    assert load_file(str(tmp_path / "k.safetensors")).keys() == load_file(file).keys()
+    adapter.metadata.clear()
+    at.save(adapter, tmp_path / "named.safetensors", format="kohya", base=pipe)
+    keys = load_file(str(tmp_path / "named.safetensors")).keys()
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in keys
 
 
 # ----------------------------------------------------------------------------- write
