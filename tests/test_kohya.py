@@ -145,21 +145,10 @@ def test_lycoris_locon_dora_file_merges_as_lycoris(world, tmp_path):
     _weight_decompose), PEFT's rule (ours) by ``||V||``: with row norms ~0.5 here that moves the
     factor by ~2 eps relative, plus a few roundings of each side's sums:
     bound 8 * eps32 * |W'| elementwise."""
-    from lycoris import create_lycoris
-
-    model = kf.unet()
-    network = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=3,
-                             conv_alpha=3.0, algo="lora", dora_wd=True)
-    network.apply_to()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            if "lora_up" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            if "dora_scale" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-    file = tmp_path / "locon.safetensors"
-    network.save_weights(str(file), torch.float32, None)
+    model, file = kf.unet(), tmp_path / "locon.safetensors"
+    network = kf.lycoris_file(model, file, part="lora_up", seed=3, linear_dim=4,
+                              linear_alpha=2.0, conv_dim=3, conv_alpha=3.0, algo="lora",
+                              dora_wd=True)
     ours = merged(world["unet"], file, tmp_path / "u")
     network.restore()
     network.merge_to(1.0)
@@ -236,19 +225,9 @@ def test_lycoris_loha_modules_go_to_formats_lycoris(world, tmp_path):
     """A LoHa file (lycoris-lora create_lycoris algo loha, alpha = dim so that its merge_to,
     which squares the scale otherwise, is its forward) on the UNet's Linear and conv modules:
     the kohya reader hands each module to formats/lycoris.py; merged as merge_to bit for bit."""
-    from lycoris import create_lycoris
-
-    model = kf.unet()
-    network = create_lycoris(model, 1.0, linear_dim=2, linear_alpha=2.0, conv_dim=2,
-                             conv_alpha=2.0, algo="loha")
-    network.apply_to()
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            if "hada_w2_a" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    file = tmp_path / "loha.safetensors"
-    network.save_weights(str(file), torch.float32, None)
+    model, file = kf.unet(), tmp_path / "loha.safetensors"
+    network = kf.lycoris_file(model, file, part="hada_w2_a", seed=4, linear_dim=2,
+                              linear_alpha=2.0, conv_dim=2, conv_alpha=2.0, algo="loha")
     ours = merged(world["unet"], file, tmp_path / "u")
     network.restore()
     network.merge_to(1.0)
@@ -300,11 +279,7 @@ def test_written_file_loads_in_diffusers_as_peft_merge(world, tmp_path):
 
     model = get_peft_model(kf.unet(), LoraConfig(r=4, lora_alpha=8,
                                                  target_modules=kf.UNET_TARGETS))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    kf.perturb(model, "lora_B", seed=7)
     model.save_pretrained(tmp_path / "peft")
     reference = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
     out = tmp_path / "k.safetensors"

@@ -79,12 +79,35 @@ def with_lora(model, targets, *, rank: int = 4, alpha: float = 4, seed: int = 3)
         model.add_adapter(config)
     else:     # transformers 5.25's add_adapter wants PEFT >= 0.22; this is what it calls
         model = inject_adapter_in_model(config, model)
+    perturb(model, "lora_B", seed=seed)
+    return model
+
+
+def perturb(model, part: str, *, seed: int, scale: float = 0.1) -> None:
+    """Every parameter whose name holds ``part`` drawn from N(0, scale^2): lora_B (lora_up,
+    hada_w2_a) starts at zero, which would make every merge a copy."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
+            if part in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def lycoris_file(model, path: Path, *, part: str, seed: int, **options):
+    """lycoris-lora's own network on ``model`` (``create_lycoris(model, 1.0, **options)``,
+    applied), ``part`` perturbed, DoRA magnitudes moved off the base norms, saved with its
+    ``save_weights``: ``lycoris_<module underscored>`` names. Returns the network."""
+    from lycoris import create_lycoris
+
+    network = create_lycoris(model, 1.0, **options)
+    network.apply_to()
+    perturb(network, part, seed=seed)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "dora_scale" in name:
+                p.mul_(1.1)
+    network.save_weights(str(path), torch.float32, None)
+    return network
 
 
 def kohya_file(unet_lora, te_lora, path: Path) -> Path:
