@@ -68,6 +68,10 @@ def test_sniffed_before_our_safetensors(world, tmp_path):
     at.save(at.load(world["unet_only"], base=world["unet"]), tmp_path / "ours.safetensors",
             format="safetensors")
     assert detect_format(tmp_path / "ours.safetensors").name == "safetensors"
+    report = at.inspect(world["both"], base=world["pipe"])
+    assert report.format == "kohya" and report.adapted_tensors == 54
+    assert report.storage == {"prefixes": ["lora_te1_", "lora_unet_"], "modules": 54,
+                              "ranks": [4], "network_module": None}
 
 
 def test_diffusers_kohya_file_merges_as_fuse_lora(world, tmp_path):
