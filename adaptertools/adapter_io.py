@@ -236,6 +236,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: Adapt
         raise UnsupportedError(f"format {fmt.name!r} can be read but not written")
     _refuse_dense_kinds(adapter, fmt.name)
     _refuse_token_rows(adapter, fmt)
+    adapter = _one_component(adapter, fmt)
     bad = nonfinite_tensors(adapter)
     if bad:
         raise FormatError(f"{bad[0]} holds NaN or Inf values ({len(bad)} tensor(s) in all); "
@@ -253,6 +254,23 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: Adapt
     with atomic_output(path, force=force, is_dir=fmt.output_is_dir, expected_bytes=nbytes,
                        inputs=inputs) as tmp:
         fmt.module.write(adapter, tmp, **options)
+
+
+def _one_component(adapter: Adapter, fmt: Format) -> Adapter:
+    """A pipeline LoRA (``metadata["components"]``, keys ``unet.<name>``: diffusers, kohya)
+    for a format that holds one model's LoRA (no ``PIPELINE_KEYS``): its one component with
+    the prefix dropped; several components are refused (no such file could load them)."""
+    components = adapter.metadata.get("components")
+    if not components or getattr(fmt.module, "PIPELINE_KEYS", False):
+        return adapter
+    if len(components) > 1:
+        raise UnsupportedError(f"this LoRA holds {', '.join(components)} (a pipeline LoRA); a "
+                               f"{fmt.name} adapter is one model's: write --to diffusers, or "
+                               "merge it into the pipeline folder")
+    from .formats.diffusers import split_by_component
+
+    (part,) = split_by_component(adapter).values()
+    return part
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,

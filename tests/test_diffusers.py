@@ -355,12 +355,20 @@ def test_written_flux_file_loaded_by_diffusers(tmp_path):
 
 
 def test_peft_folder_written_under_its_component(sd, tmp_path):
-    """Names without a component prefix are placed by their first module (down_blocks: unet)."""
-    unet_only = pipeline.split_by_component(at.load(sd.lora))["unet"]
-    at.save(unet_only, tmp_path / "peft", format="peft")
+    """diffusers -> PEFT: one component's LoRA, its names without the prefix (a pipeline LoRA
+    of several components is refused: no PEFT folder holds them); PEFT -> diffusers: names
+    without a prefix are placed by their first module (down_blocks: unet)."""
+    lora = save_sd_lora(tmp_path / "lora", sd.unet)
+    run_cli("convert", lora, tmp_path / "peft", "--to", "peft", expect=0)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert not any(m.startswith("unet.") for m in config["target_modules"])
+    outcome = run_cli("convert", sd.lora, tmp_path / "both", "--to", "peft")
+    assert_cli_error(outcome, ["text_encoder, unet", "--to diffusers"])
+    assert_nothing_written(tmp_path / "both")
     at.convert(tmp_path / "peft", tmp_path / "out", to="diffusers")
     written = tmp_path / "out" / fmt.WEIGHTS_NAME
     assert all(k.startswith("unet.") for k in _tensors(written)[0])
+    _assert_same(_tensors(lora)[0], _tensors(written)[0])
     model = loaded_by_diffusers(tiny_unet(), written, "unet")
     assert torch.equal(output_of(model, unet_inputs()), output_of(sd.unet, unet_inputs()))
 

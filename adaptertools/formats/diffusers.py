@@ -39,6 +39,7 @@ from .peft_keys import KEY_PREFIX
 DESCRIPTION = "diffusers LoRA (pytorch_lora_weights.safetensors: unet./text_encoder./transformer.)"
 SNIFF_ORDER = 40           # before our own safetensors file (50): both are one .safetensors
 OUTPUT_IS_DIR = True       # a folder with pytorch_lora_weights.safetensors, as save_lora_weights
+PIPELINE_KEYS = True       # writes "<component>.<name>" keys (adapter_io: others get one component)
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"     # diffusers' LORA_WEIGHT_NAME_SAFE
 METADATA_KEY = foreign.DIFFUSERS_METADATA_KEY         # "lora_adapter_metadata"
@@ -128,8 +129,10 @@ def split_by_component(adapter: Adapter, *, where: str = "", guess: bool = False
             if component is None:
                 unplaced.append(name)
                 continue
-            part = parts.setdefault(component, Adapter(base_model=adapter.base_model, metadata=dict(
-                adapter.metadata, component=component)))
+            metadata = {k: v for k, v in adapter.metadata.items() if k != "components"}
+            part = parts.setdefault(component, Adapter(base_model=adapter.base_model,
+                                                       metadata=dict(metadata,
+                                                                     component=component)))
             getattr(part, table)[rest] = value
     if unplaced:
         roots = "; ".join(f"{c}: {', '.join(r[:3])}..." for c, r in COMPONENT_ROOTS.items())
@@ -256,7 +259,8 @@ def read(path: Path, *, scale: float | None = None) -> Adapter:
                           "one carries each component's lora_alpha and r, drop --scale")
     parts = {c: _read_component(file, c, s, configs[c], scale) for c, s in states.items()}
     adapter = join_components(parts)
-    adapter.metadata = {"source_format": "diffusers", "diffusers_metadata": config}
+    adapter.metadata = {"source_format": "diffusers", "diffusers_metadata": config,
+                        "components": sorted(parts)}
     copies = [f"{c}.{n}" for c, s in states.items() if configs[c]
               for n in peft.saved_base_copies(s, configs[c])]
     if copies:
