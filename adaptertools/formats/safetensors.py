@@ -33,6 +33,7 @@ from . import accounting, foreign, peft
 
 DESCRIPTION = "single self-describing .safetensors file (kohya-style keys, config in __metadata__)"
 SNIFF_ORDER = 50
+PIPELINE_KEYS = True       # any names: a pipeline LoRA's "<component>.<name>" keys too
 FORMAT_TAG = "adaptertools.lora"
 FORMAT_VERSION = "1"
 SUFFIXES = {"a": ".lora_down.weight", "b": ".lora_up.weight", "alpha": ".alpha",
