@@ -99,6 +99,10 @@ def test_pipeline_folder_keys_and_single_file_checkpoint(world, tmp_path):
         {f"text_encoder.{k}" for k in te.weights}
     assert torch.equal(pipe.weights["unet.down_blocks.0.resnets.0.conv1.weight"].a,
                        unet.weights["down_blocks.0.resnets.0.conv1.weight"].a)
+    with pytest.raises(UnsupportedError, match="holds text_encoder, unet.*--to diffusers"):
+        at.convert(world["both"], tmp_path / "peft", to="peft", base=world["pipe"])
+    at.convert(world["unet_only"], tmp_path / "peft", to="peft", base=world["pipe"])
+    assert at.load(tmp_path / "peft").weights.keys() == unet.weights.keys()   # prefix dropped
     single = merged(world["single"], world["both"], tmp_path / "s")
     n = assert_same(single, world["fused_unet"], kf.UNET_PREFIX)
     n += assert_same(single, world["fused_te"], kf.TE_PREFIX)

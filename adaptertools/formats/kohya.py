@@ -33,6 +33,7 @@ from . import accounting, kohya_names
 DESCRIPTION = "kohya (sd-scripts) LoRA .safetensors (lora_unet_ / lora_te_ keys; needs --base)"
 SNIFF_ORDER = 40          # before our own safetensors format (50), which takes any .safetensors
 BASE_AS_PATH = True       # adapter_io hands --base over as the path (kohya_names.open_names)
+PIPELINE_KEYS = True      # one file holds every component (lora_unet_ + lora_te1_ ...)
 
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 # LoCon's Tucker core (lycoris-lora LoConModule use_tucker): named, refused by _weight
@@ -240,9 +241,11 @@ def read(path: Path, *, base=None) -> Adapter:
     for key, found in blocks.items():
         weights[key] = _stacked(key, found, path)
     # kohya_stems / kohya_alpha: the writer gives the same names and alpha dtypes back
-    return Adapter(weights=weights, metadata={
-        "source_format": "kohya", "kohya_stems": stems, "kohya_alpha": alphas,
-        "kohya_metadata": {k: v for k, v in metadata.items() if isinstance(v, str)}})
+    meta = {"source_format": "kohya", "kohya_stems": stems, "kohya_alpha": alphas,
+            "kohya_metadata": {k: v for k, v in metadata.items() if isinstance(v, str)}}
+    if names.components:    # against a pipeline folder: keys "<component>.<name>"
+        meta["components"] = sorted({k.split(".", 1)[0] for k in weights})
+    return Adapter(weights=weights, metadata=meta)
 
 
 # ----------------------------------------------------------------------------- write

@@ -95,6 +95,7 @@ class BaseNames:
     # adapter key -> kohya stem (the writer's inverse)
     stems: dict[str, str] = field(default_factory=dict)
     prefixes: tuple[str, ...] = PREFIXES      # the kohya prefixes this base has modules for
+    components: bool = False      # a pipeline folder: keys are "<component>.<name>"
 
     def resolve(self, stem: str, file) -> Target:
         """The base weight ``stem`` names; a FormatError naming it when none or two do."""
@@ -159,7 +160,8 @@ def _modules(names: dict[str, tuple[int, ...]], strip: str, prefixes, key_prefix
                     Target(key_prefix + name, tuple(shape)))
 
 
-def _build(source: str, what: str, found: dict[str, list[Target]], prefixes) -> BaseNames:
+def _build(source: str, what: str, found: dict[str, list[Target]], prefixes,
+           components: bool = False) -> BaseNames:
     targets, collisions, stems = {}, {}, {}
     for stem, hits in found.items():
         keys = tuple(dict.fromkeys(t.key for t in hits))
@@ -169,7 +171,8 @@ def _build(source: str, what: str, found: dict[str, list[Target]], prefixes) -> 
         targets[stem] = hits[0]
         if hits[0].rows is None:   # a row block has no name of its own to write
             stems.setdefault(hits[0].key, stem)     # the first prefix listed is the one written
-    return BaseNames(source, what, targets, collisions, stems, tuple(prefixes))
+    return BaseNames(source, what, targets, collisions, stems, tuple(prefixes),
+                     components)
 
 
 # SDXL's second text encoder in its original checkpoint is OpenCLIP's TextTransformer, but
@@ -252,7 +255,7 @@ def open_names(base) -> BaseNames:
             _modules(_shapes(path / component), "", prefixes, component + ".", found)
             taken += prefixes
         return _build(str(path), f"a diffusers pipeline folder: {', '.join(parts)}", found,
-                      dict.fromkeys(taken))
+                      dict.fromkeys(taken), components=True)
     shapes = _shapes(path)
     if path.is_file():
         known = [(s, p) for s, p in CHECKPOINT_PREFIXES if any(n.startswith(s) for n in shapes)]
