@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 import adaptertools as at
 from adaptertools.adapter import first_difference
+from adaptertools.errors import AdapterToolsWarning
 from adaptertools.formats import torchtune as tt
 from adaptertools.formats.names import load_base_info
 
@@ -185,22 +186,29 @@ def test_peft_export_bugs_and_their_fix(case):
 
 
 def test_fixed_qwen2_export_merges_as_torchtune(oracle, tmp_path):
-    """The Qwen2 export as PEFT reads it is off torchtune's merge on q/k; fixed, it is not."""
+    """The Qwen2 export is off torchtune's merge on q/k when read as a plain PEFT adapter (its
+    config altered so it is not recognised as torchtune's); as exported (the PEFT reader
+    recognises the export and repairs it from --base, with a warning), it merges as torchtune
+    does. (peft_export_fix itself: test_peft_export_bugs_and_their_fix.)"""
     folders, bases = oracle
     folder = folders["qwen2", False]
-    for fix in (False, True):
-        peft = tmp_path / f"peft_{fix}"
+    for how in ("unrecognised", "as exported"):
+        peft = tmp_path / how.replace(" ", "_")
         peft.mkdir()
         config, state = _export(folder)
-        if fix:
-            state, _ = tt.peft_export_fix(config, state, "qwen2", n_head=4, n_head_kv=2)
+        if how == "unrecognised":
+            config = {**config, "task_type": "CAUSAL_LM"}
         save_file(state, peft / "adapter_model.safetensors", metadata={"format": "pt"})
         (peft / "adapter_config.json").write_text(json.dumps(config))
         shutil.copy(folder / MERGED, peft / MERGED)      # _merge_and_compare's reference
         differ, _ = _merge_and_compare(bases["qwen2"], peft / "adapter_model.safetensors",
-                                       tmp_path / f"m_{fix}")
-        assert differ == ([] if fix else
-                          [f"model.layers.{i}.{p}" for i in (0, 1) for p in sorted(ROPE)])
+                                       tmp_path / f"m_{peft.name}")
+        assert differ == ([f"model.layers.{i}.{p}" for i in (0, 1) for p in sorted(ROPE)]
+                          if how == "unrecognised" else [])
+    with pytest.warns(AdapterToolsWarning, match="RoPE-permuted as for Llama"):
+        at.load(tmp_path / "as_exported", base=bases["qwen2"])
+    with pytest.warns(AdapterToolsWarning, match="pass --base"):
+        at.load(tmp_path / "as_exported")
 
 
 def test_validate_against_torchtunes_merge_catches_the_qwen2_export(oracle, tmp_path):
@@ -215,6 +223,8 @@ def test_validate_against_torchtunes_merge_catches_the_qwen2_export(oracle, tmp_
         dst.mkdir()
         for name in names:
             shutil.copy(folder / name, dst / name)
+    config = json.loads((export / "adapter_config.json").read_text())   # as another tool's
+    (export / "adapter_config.json").write_text(json.dumps({**config, "task_type": "CAUSAL_LM"}))
     outcome = run_cli("validate", bases["qwen2"], export, "--merged", merged, "--json")
     report = json.loads(outcome.stdout)
     assert outcome.code == 1 and (report["checked"], report["failed"]) == (27, 4)

@@ -25,7 +25,7 @@ import torch
 
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
-from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
+from ..errors import AdapterToolsError, AdapterToolsWarning, FormatError, UnsupportedError
 from . import accounting, foreign, peft_lycoris, peft_mha, peft_tokens
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
@@ -380,6 +380,9 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     legacy = folder / LEGACY_WEIGHTS_NAME
     if legacy.is_file():
         return load_legacy_bin(legacy)
+    if (folder / "adapter_model.pt").is_file():
+        raise UnsupportedError(f"{folder}: has {CONFIG_NAME} and torchtune's adapter_model.pt "
+                               f"but no {WEIGHTS_NAME}: read it with --from torchtune")
     raise FormatError(f"{folder}: has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor "
                       f"{LEGACY_WEIGHTS_NAME}; copy the weights file next to the config")
 
@@ -426,7 +429,44 @@ def load_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def read(path: Path) -> Adapter:
+# the reader takes --base as given (a path or a GGUF base's BaseInfo) and resolves it only for a
+# torchtune export, so a PEFT adapter never needs a base the GGUF name maps know
+BASE_AS_PATH = True
+
+
+def _torchtune_export(config: dict, state_dict: dict, base, where: Path) -> dict:
+    """torchtune 0.6.1's PEFT-form export (formats/torchtune.py, is_torchtune_export) with its
+    q/k bugs repaired when the base says which rule applies; a warning either way."""
+    from . import torchtune
+    from .names import BaseInfo, load_base_info
+
+    if not torchtune.is_torchtune_export(config):
+        return state_dict
+    qk = any(".q_proj." in k or ".k_proj." in k for k in state_dict)
+    info = None
+    if base is not None and qk:
+        try:
+            info = base if isinstance(base, BaseInfo) else load_base_info(base)
+        except AdapterToolsError:
+            info = None
+    if info is None:
+        if qk:
+            warnings.warn(f"{where}: torchtune's PEFT-form export (its adapter_config.json): "
+                          "torchtune 0.6.1 writes Qwen2's q/k lora_B and Llama's q/k DoRA "
+                          "magnitudes in the wrong row order; pass --base (the HF model) to "
+                          "repair them, or read its adapter_model.pt with --from torchtune",
+                          AdapterToolsWarning, stacklevel=4)
+        return state_dict
+    try:
+        fixed, notes = torchtune.peft_export_fix(config, state_dict, info)
+    except UnsupportedError:
+        return state_dict            # an architecture torchtune 0.6.1 has no rule for
+    for note in notes:
+        warnings.warn(f"{where}: {note}", AdapterToolsWarning, stacklevel=4)
+    return fixed
+
+
+def read(path: Path, *, base=None) -> Adapter:
     folder = locate(Path(path))
     if folder is None:
         raise FormatError(f"{path}: no {CONFIG_NAME} here; pass the PEFT adapter folder")
@@ -446,7 +486,8 @@ def read(path: Path) -> Adapter:
                               f"{expected_rank} (r / rank_pattern); fix the config")
         return scale_of(alpha, expected_rank, use_rslora)
 
-    state_dict, token_rows = peft_tokens.split(read_state_dict(folder), config, folder)
+    state_dict = _torchtune_export(config, read_state_dict(folder), base, folder)
+    state_dict, token_rows = peft_tokens.split(state_dict, config, folder)
     accounting.check_accounted(state_dict, config, folder)
     adapter = adapter_from_state_dict(state_dict, scale_for,
                                       fan_in_fan_out=bool(config.get("fan_in_fan_out")),
