@@ -215,9 +215,6 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     local_base, checkpoint, local_paths, loaded = open_inputs(base, paths, hub, sources,
                                                               refusal="refusing to merge it",
                                                               scale=scale)
-    if checkpoint.kind == "safetensors":   # one diffusers component's folder: "unet." dropped
-        entries = checkpoint.entries()
-        loaded = [pipeline.for_component(a, entries, base, str(p)) for a, p in zip(loaded, paths)]
     inputs = (local_base, *local_paths, quantize_like)
     out_exists = out is not None and os.path.lexists(out)
     if out is not None and checkpoint.kind == "safetensors":

@@ -71,6 +71,11 @@ def open_inputs(base, paths: list, hub: dict, sources: list, *, refusal: str,
     # a GGUF base's names and shapes come from the header open_base already parsed
     loaded = load_finite(local_paths, paths, refusal=refusal, scale=scale,
                          base=checkpoint.info if checkpoint.kind == "gguf" else local_base)
+    if checkpoint.kind == "safetensors":   # one diffusers component's folder: "unet." dropped
+        from .formats.diffusers import for_component
+
+        entries = checkpoint.entries()
+        loaded = [for_component(a, entries, base, str(p)) for a, p in zip(loaded, paths)]
     return local_base, checkpoint, local_paths, loaded
 
 

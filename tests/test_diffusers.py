@@ -270,6 +270,8 @@ def test_merge_into_one_component_folder(sd, tmp_path):
     run_cli("merge", sd.pipe / "unet", lora, "--out", tmp_path / "unet", expect=0)
     _assert_same(fused_by_diffusers(tiny_unet(), lora, "unet"),
                  load_file(tmp_path / "unet" / UNET_FILE))
+    report = at.validate(sd.pipe / "unet", [lora], tmp_path / "unet")    # names meet there too
+    assert report.passed and report.adapted == 44
     # unet + text_encoder into the unet alone: refused, nothing written
     out = tmp_path / "both"
     outcome = run_cli("merge", sd.pipe / "unet", sd.lora, "--out", out)

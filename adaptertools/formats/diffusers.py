@@ -60,6 +60,11 @@ COMPONENT_ROOTS = {
     "transformer": ("transformer_blocks", "single_transformer_blocks", "x_embedder",
                     "context_embedder", "proj_out", "pos_embed"),
 }
+# Module-path prefixes that one library version has and another drops, so a LoRA's names and a
+# checkpoint's can differ by them: transformers 5 dropped CLIPTextModel's ``text_model.``
+# (transformers/conversion_mapping.py: PrefixChange(prefix_to_remove="text_model")), while the
+# SD / SDXL text encoders on the Hub were saved with it.
+RENAMED_PREFIXES = ("text_model.",)
 NO_METADATA = ("no lora_adapter_metadata (alpha unknown): scale {scale:g} assumed for every "
                "module, as diffusers assumes (alpha = rank); pass --scale S if the trainer used "
                "another alpha")
@@ -151,6 +156,49 @@ def join_components(parts: dict[str, Adapter]) -> Adapter:
         joined.weights.update({f"{component}.{n}": w for n, w in part.weights.items()})
         joined.replacements.update({f"{component}.{n}": t for n, t in part.replacements.items()})
     return joined
+
+
+# ----------------------------------------------------------------------------- one model's folder
+
+def for_component(adapter: Adapter, entries: dict, base, where: str) -> Adapter:
+    """``adapter`` as it applies to the single model folder ``base`` (tensor names
+    ``entries``): a one-component adapter (``unet.<name>``) loses its prefix when the base's
+    tensors are named without it; a multi-component one is refused (merge into the pipeline
+    folder). Any other adapter comes back as it is."""
+    names = list(adapter.weights) + list(adapter.replacements)
+    found = {component_of(n) for n in names}
+    if not names or None in found or any(n in entries for n in names):
+        return adapter
+    parts = split_by_component(adapter, where=where)
+    matching = [c for c, part in parts.items()
+                if any(n in entries for n in list(part.weights) + list(part.replacements))]
+    if len(parts) > 1:
+        here = f" ({matching[0]})" if len(matching) == 1 else ""
+        raise UnsupportedError(f"{where}: holds LoRA tensors for {', '.join(sorted(parts))}, "
+                               f"but {base} is one model{here}; merge into the pipeline folder "
+                               "(the one with model_index.json) so that each component gets its "
+                               "own")
+    if not matching:
+        return adapter           # nothing fits either way: the planner names the mismatches
+    (part,) = parts.values()
+    part.metadata.pop("component", None)
+    return align_names(part, entries)
+
+
+def align_names(part: Adapter, entries: dict) -> Adapter:
+    """``part`` with a RENAMED_PREFIXES prefix added to (or dropped from) every name when that
+    makes all of them the base's tensor names (``entries``); else ``part`` as it is (the
+    planner names what does not fit)."""
+    names = list(part.weights) + list(part.replacements)
+    if all(n in entries for n in names):
+        return part
+    for prefix in RENAMED_PREFIXES:
+        for fix in (lambda n, p=prefix: p + n, lambda n, p=prefix: n.removeprefix(p)):
+            if all(fix(n) in entries for n in names):
+                return Adapter({fix(n): w for n, w in part.weights.items()},
+                               {fix(n): t for n, t in part.replacements.items()},
+                               part.base_model, part.metadata)
+    return part
 
 
 # ----------------------------------------------------------------------------- read

@@ -11,9 +11,10 @@ component>`` (formats/diffusers.py, formats/kohya.py). ``merge_pipeline`` splits
 component (``split_by_component``), merges each targeted component with the HF engine into its
 subfolder of a temporary folder beside OUT, copies every other file and folder byte for byte,
 and renames the whole onto OUT (paths.atomic_output): OUT appears complete or not at all.
-``for_component`` strips the prefix when the base is one component's own folder (``unet/``);
-``align_names`` bridges a module prefix one library version dropped (CLIPTextModel's
-``text_model.`` in transformers 5) between a LoRA's names and a checkpoint's.
+``for_component`` (formats/diffusers.py, used by inputs.open_inputs for merge and validate)
+strips the prefix when the base is one component's own folder (``unet/``); ``align_names``
+bridges a module prefix one library version dropped (CLIPTextModel's ``text_model.`` in
+transformers 5) between a LoRA's names and a checkpoint's.
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ from pathlib import Path
 from .._io import read_json
 from ..adapter import Adapter
 from ..errors import OptionError, UnsupportedError
-from ..formats.diffusers import COMPONENTS, component_of, split_by_component
+from ..formats.diffusers import (
+    COMPONENTS,
+    align_names,
+    for_component,
+    split_by_component,
+)
 from ..paths import atomic_output, contained_file
 
 INDEX_NAME = "model_index.json"
-# Module-path prefixes that one library version has and another drops, so a LoRA's names and a
-# checkpoint's can differ by them: transformers 5 dropped CLIPTextModel's ``text_model.``
-# (transformers/conversion_mapping.py: PrefixChange(prefix_to_remove="text_model")), while the
-# SD / SDXL text encoders on the Hub were saved with it.
-RENAMED_PREFIXES = ("text_model.",)
-__all__ = ["COMPONENTS", "components", "for_component", "is_pipeline", "merge_pipeline",
-           "split_by_component"]
+__all__ = ["COMPONENTS", "align_names", "components", "for_component", "is_pipeline",
+           "merge_pipeline", "split_by_component"]
 
 
 def is_pipeline(path) -> bool:
@@ -63,49 +64,6 @@ def components(folder: str | os.PathLike) -> dict[str, Path]:
         if sub.is_dir():
             found[name] = sub
     return found
-
-
-# ----------------------------------------------------------------------------- one component
-
-def for_component(adapter: Adapter, entries: dict, base, where: str) -> Adapter:
-    """``adapter`` as it applies to the single model folder ``base`` (tensor names
-    ``entries``): a one-component adapter (``unet.<name>``) loses its prefix when the base's
-    tensors are named without it; a multi-component one is refused (merge into the pipeline
-    folder). Any other adapter comes back as it is."""
-    names = list(adapter.weights) + list(adapter.replacements)
-    found = {component_of(n) for n in names}
-    if not names or None in found or any(n in entries for n in names):
-        return adapter
-    parts = split_by_component(adapter, where=where)
-    matching = [c for c, part in parts.items()
-                if any(n in entries for n in list(part.weights) + list(part.replacements))]
-    if len(parts) > 1:
-        here = f" ({matching[0]})" if len(matching) == 1 else ""
-        raise UnsupportedError(f"{where}: holds LoRA tensors for {', '.join(sorted(parts))}, "
-                               f"but {base} is one model{here}; merge into the pipeline folder "
-                               "(the one with model_index.json) so that each component gets its "
-                               "own")
-    if not matching:
-        return adapter           # nothing fits either way: the planner names the mismatches
-    (part,) = parts.values()
-    part.metadata.pop("component", None)
-    return align_names(part, entries)
-
-
-def align_names(part: Adapter, entries: dict) -> Adapter:
-    """``part`` with a RENAMED_PREFIXES prefix added to (or dropped from) every name when that
-    makes all of them the base's tensor names (``entries``); else ``part`` as it is (the
-    planner names what does not fit)."""
-    names = list(part.weights) + list(part.replacements)
-    if all(n in entries for n in names):
-        return part
-    for prefix in RENAMED_PREFIXES:
-        for fix in (lambda n, p=prefix: p + n, lambda n, p=prefix: n.removeprefix(p)):
-            if all(fix(n) in entries for n in names):
-                return Adapter({fix(n): w for n, w in part.weights.items()},
-                               {fix(n): t for n, t in part.replacements.items()},
-                               part.base_model, part.metadata)
-    return part
 
 
 # ----------------------------------------------------------------------------- pipeline merge
