@@ -33,7 +33,6 @@ to bf16), some fp32. The LoRA (r=8 on q_proj, v_proj, down_proj) has ||delta|| /
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -54,8 +53,6 @@ from safetensors.torch import load_file
 
 import adaptertools as at
 from adaptertools.codecs import compressed_tensors as ct
-from adaptertools.errors import UnsupportedError
-from adaptertools.merging import plan
 from adaptertools.tensor_index import read_entry, read_safetensors_header
 
 pytest.importorskip("compressed_tensors")
@@ -92,11 +89,6 @@ CASES = {
 }
 MERGED = [k for k, v in CASES.items() if v[0] != "pack-quantized"]
 PACKED = [k for k, v in CASES.items() if v[0] == "pack-quantized"]
-# whether the planner looks adapters up under a stored weight's float name (encoded.Layout
-# .target_name): needed for pack-quantized's X.weight_packed
-ROUTED = "target_name" in inspect.getsource(plan)
-NOT_ROUTED = pytest.mark.xfail(not ROUTED, raises=UnsupportedError, strict=True,
-                               reason="merging/plan.py does not route X.weight to X.weight_packed")
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +279,6 @@ def check_keep(case, name, out):
             assert same_bytes(stored[member], data), member
 
 
-@NOT_ROUTED
 def test_pack_quantized_merges(case, tmp_path):
     """Zero adapter: a byte copy; keep: as check_keep, and transformers loads it with our
     decoded weights; bf16: a plain model whose weights are named X.weight again."""
@@ -377,15 +368,6 @@ def check_bf16(case, name, out):
 
 
 # ----------------------------------------------------------------------------- refusals
-
-@pytest.mark.skipif(ROUTED, reason="the planner routes pack-quantized weights")
-def test_pack_quantized_merge_is_refused_with_one_line(case, tmp_path):
-    out = tmp_path / "out"
-    outcome = run_cli("merge", case["w4-group"][0], case["root"] / "zero", "--out", out)
-    assert_cli_error(outcome, ["down_proj.weight: stored as",
-                               "weight_packed (INT4, compressed-tensors)"])
-    assert_nothing_written(out)
-
 
 def _split_groups(qc, mlp_weights=None):
     """group_0 split by re: targets into attention and MLP groups (the MLP one with

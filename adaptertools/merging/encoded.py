@@ -142,24 +142,6 @@ class Group:
 
 # ----------------------------------------------------------------------------- plan
 
-class _Refusing(dict):
-    """The planner's name table while it cannot route a renamed weight's adapters (see
-    ``Layout.logical``): asking for such a weight's float name is refused by name."""
-
-    def __init__(self, entries: dict, renamed: dict):
-        super().__init__(entries)
-        self.renamed = renamed
-
-    def __contains__(self, name) -> bool:
-        group = self.renamed.get(name)
-        if group is not None:
-            raise UnsupportedError(f"{name}: stored as {group.name} ({group.type}, "
-                                   f"{group.codec.NAME}); this version of the planner cannot "
-                                   "route an adapter to a weight stored under another name: "
-                                   "merge into the unquantized model and quantize the result")
-        return super().__contains__(name)
-
-
 @dataclass
 class Layout:
     """The encoded weights of a checkpoint, and what the merge does with them."""
@@ -169,20 +151,16 @@ class Layout:
     member_of: dict[str, Group]              # every member's name -> its group
     out_dtype: str | None                    # None: keep
 
-    def logical(self, entries: dict[str, TensorEntry], aliases: bool = False) -> dict[str, TensorEntry]:
-        """``entries`` with each encoded weight in its unencoded shape (adapters match it).
-
-        A weight stored under another name than its float one (compressed-tensors'
-        ``X.weight_packed`` for ``X.weight``) is matched by adapters under the float name only
-        when the planner looks targets up through ``target_name`` (``aliases``); otherwise an
-        adapter on it is refused with one line instead of being matched to nothing."""
+    def logical(self, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+        """``entries`` with each encoded weight in its unencoded shape (adapters match it), and
+        a weight stored under another name than its float one (compressed-tensors'
+        ``X.weight_packed`` for ``X.weight``) also under the float name, which adapters use;
+        the planner maps it back with ``target_name``."""
         out = {name: replace(e, shape=self.groups[name].shape) if name in self.groups else e
                for name, e in entries.items()}
-        renamed = {g.logical: g for g in self.groups.values() if g.logical != g.name}
-        if aliases:
-            out.update({name: replace(out[g.name], name=name) for name, g in renamed.items()})
-            return out
-        return _Refusing(out, renamed) if renamed else out
+        out.update({g.logical: replace(out[g.name], name=g.logical)
+                    for g in self.groups.values() if g.logical != g.name})
+        return out
 
     def target_name(self, stored: str) -> str:
         """The name adapters give the stored tensor ``stored`` (``X.weight_packed`` ->

@@ -294,7 +294,7 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     add_lm_head = untie and LM_HEAD not in entries
     lm_head_entry = replace(entries[embedding], name=LM_HEAD) if add_lm_head else None
     known = dict(entries, **({LM_HEAD: lm_head_entry} if add_lm_head else {}))
-    if encoded is not None:         # encoded weights in their unencoded shapes
+    if encoded is not None:         # encoded weights in their unencoded shapes and float names
         known = encoded.logical(known)
 
     relaid: list[str] = []
@@ -329,18 +329,20 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
                         "model computes (PEFT's merge_and_unload changes both instead)")
 
     def job_for(entry: TensorEntry) -> Job:
-        replacement = targets.replacements.get(entry.name)
+        # what adapters call the stored tensor (compressed-tensors' X.weight_packed: X.weight)
+        key = encoded.target_name(entry.name) if encoded is not None else entry.name
+        replacement = targets.replacements.get(key)
         tensor = replacement[1] if replacement else None
         resized = tensor is not None and tuple(tensor.shape) != tuple(entry.shape)
-        if tensor is not None and entry.name in targets.weights and entry.dtype in TORCH_DTYPES:
+        if tensor is not None and key in targets.weights and entry.dtype in TORCH_DTYPES:
             # a copy the adapter is folded into is first stored in the base's dtype, as PEFT's
             # load_state_dict does, so the fold rounds as PEFT's merge does
             tensor = tensor.to(TORCH_DTYPES[entry.dtype])
         return Job(entry.name, entry, _out_dtype(entry, dtype),
-                   tuple(targets.weights.get(entry.name, ())),
-                   tuple(targets.biases.get(entry.name, ())), tensor,
+                   tuple(targets.weights.get(key, ())),
+                   tuple(targets.biases.get(key, ())), tensor,
                    out_shape=tuple(tensor.shape) if resized else None,
-                   token_rows=tuple(targets.token_rows.get(entry.name, ())))
+                   token_rows=tuple(targets.token_rows.get(key, ())))
 
     files = []
     for f in base.files:
