@@ -374,8 +374,22 @@ def validate(base: str | os.PathLike, adapters, merged: str | os.PathLike, *, we
         >>> report.passed
         True
     """
+    from .merging import pipeline
     from .validation.run import validate_merge
 
+    if pipeline.is_pipeline(base):     # a diffusers pipeline folder: each component checked
+        if e2e:
+            raise OptionError("--e2e does not apply to a diffusers pipeline folder; validate "
+                              "without it")
+        from .validation.merged import Settings
+
+        paths, factors = adapter_inputs(adapters, weights, mode)
+        if probes < 1:
+            raise OptionError(f"--probes {probes}: give at least 1 probe vector")
+        return ValidationReport.from_dict(pipeline.validate_pipeline(
+            base, paths, merged, factors=factors, mode=mode, scale=scale, progress=progress,
+            settings=Settings(probes, seed, tolerance_db),
+            allow_modified_base=allow_modified_base))
     report = validate_merge(base, adapters, merged, weights=weights, mode=mode, e2e=e2e,
                             probes=probes, seed=seed, tolerance_db=tolerance_db,
                             progress=progress, hub={"endpoint": endpoint, "token": token},

@@ -129,6 +129,18 @@ def test_merge_pipeline_bit_identical_to_fuse_lora(sd, tmp_path):
     for rel in ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
                 "text_encoder/config.json"):
         assert (out / rel).read_bytes() == (sd.pipe / rel).read_bytes(), rel
+    # the validator checks each component: every tensor, merged or untouched
+    checked = json.loads(run_cli("validate", sd.pipe, sd.lora, "--merged", out, "--json",
+                                 expect=0).stdout)
+    assert checked["passed"] and (checked["adapted"], checked["checked"]) == (52, 244)
+    assert any(r["name"].startswith("text_encoder.") for r in checked["tensors"])
+    tampered = load_file(out / "text_encoder" / "model.safetensors")
+    name = "encoder.layers.1.self_attn.q_proj.weight"
+    tampered[name] = tampered[name] * 1.01
+    save_file(tampered, out / "text_encoder" / "model.safetensors")
+    report = at.validate(sd.pipe, [sd.lora], out)
+    assert not report.passed and [r["name"] for r in report.tensors if not r["passed"]] == \
+        [f"text_encoder.{name}"]
     # --force replaces a pipeline folder (component subfolders and all)
     (out / "unet" / UNET_FILE).write_bytes(b"stale")
     run_cli("merge", sd.pipe, sd.lora, "--out", out, "--force", expect=0)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .._io import read_json
 from ..adapter import Adapter
-from ..errors import OptionError, UnsupportedError
+from ..errors import FormatError, OptionError, UnsupportedError
 from ..formats.diffusers import (
     COMPONENTS,
     align_names,
@@ -38,7 +38,7 @@ from ..paths import atomic_output, contained_file
 
 INDEX_NAME = "model_index.json"
 __all__ = ["COMPONENTS", "align_names", "components", "for_component", "is_pipeline",
-           "merge_pipeline", "split_by_component"]
+           "merge_pipeline", "split_by_component", "validate_pipeline"]
 
 
 def is_pipeline(path) -> bool:
@@ -236,3 +236,33 @@ def check_options(*, executor: str, quantize_like, push_to, validate) -> None:
         if given:
             raise OptionError(f"{what} does not apply to a diffusers pipeline folder; merge "
                               "without it")
+
+
+def validate_pipeline(base, paths: list, merged, *, factors: list[float], mode: str,
+                      settings, scale=None, allow_modified_base: bool = False,
+                      progress=None) -> dict:
+    """``api.validate`` of a pipeline merge: every targeted component's folder in ``merged``
+    checked against its plan (validation/run.check_output), the rows named
+    ``<component>.<tensor>`` and summarised together (ValidationReport's fields)."""
+    from ..inputs import load_finite
+    from ..validation.merged import summarize
+    from ..validation.run import check_output
+
+    base, merged = Path(base), Path(merged)
+    names = [str(p) for p in paths]
+    loaded = load_finite(paths, names, base=base, refusal="nothing to validate", scale=scale)
+    plans = plan_pipeline(base, loaded, names, factors, mode=mode, dtype="keep",
+                          requantize="keep", max_shard_size=None,
+                          allow_modified_base=allow_modified_base)
+    start, rows = time.perf_counter(), []
+    for component, plan in plans.items():
+        folder = merged / component
+        if not folder.is_dir():
+            raise FormatError(f"{merged}: has no {component}/ folder, which the adapters "
+                              "target; pass the merged pipeline folder")
+        part = check_output(plan, folder, settings=settings, progress=progress)
+        rows += [dict(row, name=f"{component}.{row['name']}") for row in part["tensors"]]
+    report = summarize(rows, settings, time.perf_counter() - start)
+    report.update(merged=str(merged), base=str(base), adapters=names, weights=list(factors),
+                  mode=mode)
+    return report
