@@ -84,7 +84,7 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
     base = local_input_path(base, "config", hub, sources, role="base")
     path = require_exists(path)
     fmt = _readable(path, format)
-    adapter = _read(fmt, path, scale, base)
+    adapter = _read(fmt, path, scale, base, unplaced=base is None)
     report = adapter_report(adapter, path=path, format_name=fmt.name, layers=layers)
     describe = getattr(fmt.module, "describe", None)
     if callable(describe):  # storage facts only the format knows (e.g. GGUF tensor types)
@@ -203,13 +203,12 @@ def merge(base: str | os.PathLike, adapters, out: str | os.PathLike | None = Non
     from .merging import pipeline
 
     if pipeline.is_pipeline(base):     # a diffusers pipeline folder: each component merged
-        pipeline.check_options(executor=executor, quantize_like=quantize_like, push_to=push_to,
-                               validate=validate)
+        pipeline.check_options(executor=executor, quantize_like=quantize_like, push_to=push_to)
         report = pipeline.merge_pipeline(
             base, paths, out, factors=factors, mode=mode, dtype=dtype, scale=scale,
             device=device, kernels=kernels, force=force, dry_run=dry_run, progress=progress,
             requantize=requantize, max_shard_size=max_shard_size,
-            allow_modified_base=allow_modified_base, plan_report=_plan_report)
+            allow_modified_base=allow_modified_base, validate=validate, plan_report=_plan_report)
         return (MergePlanReport if dry_run else MergeReport).from_dict(report)
     hub, sources = {"endpoint": endpoint, "token": token}, []
     local_base, checkpoint, local_paths, loaded = open_inputs(base, paths, hub, sources,

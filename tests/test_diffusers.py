@@ -274,6 +274,9 @@ def test_merge_flux_transformer_sharded(tmp_path):
     assert (out / index.name).read_bytes() == index.read_bytes()
     merged = FluxTransformer2DModel.from_pretrained(out)
     _assert_same(fused_by_diffusers(tiny_flux(), lora, "transformer"), merged.state_dict())
+    again = at.merge(pipe, [lora], tmp_path / "checked", validate=True)
+    assert again.validation["passed"] and again.validation["adapted"] == 8
+    assert (tmp_path / "checked" / "validation.json").is_file()
 
 
 def test_merge_into_one_component_folder(sd, tmp_path):

@@ -181,7 +181,7 @@ def merge_pipeline(base, paths: list, out, *, factors: list[float], mode: str, d
                    scale=None, device: str = "cpu", kernels: str = "auto", force: bool = False,
                    dry_run: bool = False, progress=None, requantize: str = "keep",
                    max_shard_size=None, allow_modified_base: bool = False,
-                   plan_report) -> dict:
+                   validate: bool = False, plan_report) -> dict:
     """``api.merge`` into a pipeline folder ``base``; the report as a dict (MergeReport's, or
     MergePlanReport's with ``dry_run``, plus ``components``). ``plan_report(plan, base, out,
     dtype, warnings) -> dict`` is api's report of one plan (passed in: api imports this
@@ -223,16 +223,21 @@ def merge_pipeline(base, paths: list, out, *, factors: list[float], mode: str, d
                   copied_files=sorted(f"{c}/{f}" for c, r in runs.items()
                                       for f in r["copied_files"]) + others,
                   survival=None)
+    if validate:    # every component checked; validation.json in OUT, as for an HF merge
+        from ..validation.run import summary, write_report
+
+        checked = check_components(plans, Path(out))
+        report["validation"] = summary(checked)
+        report["validation"]["report"] = str(write_report(checked, out))
     return report
 
 
-def check_options(*, executor: str, quantize_like, push_to, validate) -> None:
+def check_options(*, executor: str, quantize_like, push_to) -> None:
     """What a pipeline merge does not take (yet): one OptionError naming it."""
     for given, what in ((executor != "local", "--executor ray"),
                         (quantize_like is not None, "--quantize-like"),
                         (push_to is not None, ("--push-to (push OUT afterwards with "
-                                               "`adaptertools push`)")),
-                        (validate, "--validate (validate each component folder of OUT)")):
+                                               "`adaptertools push`)"))):
         if given:
             raise OptionError(f"{what} does not apply to a diffusers pipeline folder; merge "
                               "without it")
@@ -245,8 +250,6 @@ def validate_pipeline(base, paths: list, merged, *, factors: list[float], mode: 
     checked against its plan (validation/run.check_output), the rows named
     ``<component>.<tensor>`` and summarised together (ValidationReport's fields)."""
     from ..inputs import load_finite
-    from ..validation.merged import summarize
-    from ..validation.run import check_output
 
     base, merged = Path(base), Path(merged)
     names = [str(p) for p in paths]
@@ -254,15 +257,25 @@ def validate_pipeline(base, paths: list, merged, *, factors: list[float], mode: 
     plans = plan_pipeline(base, loaded, names, factors, mode=mode, dtype="keep",
                           requantize="keep", max_shard_size=None,
                           allow_modified_base=allow_modified_base)
+    report = check_components(plans, merged, settings=settings, progress=progress)
+    report.update(merged=str(merged), base=str(base), adapters=names, weights=list(factors),
+                  mode=mode)
+    return report
+
+
+def check_components(plans: dict, merged: Path, *, settings=None, progress=None) -> dict:
+    """validation/run.check_output for each component's plan against ``merged/<component>``;
+    the rows named ``<component>.<tensor>``, summarised together."""
+    from ..validation.merged import Settings, summarize
+    from ..validation.run import check_output
+
+    settings = settings or Settings()
     start, rows = time.perf_counter(), []
     for component, plan in plans.items():
-        folder = merged / component
+        folder = Path(merged) / component
         if not folder.is_dir():
             raise FormatError(f"{merged}: has no {component}/ folder, which the adapters "
                               "target; pass the merged pipeline folder")
         part = check_output(plan, folder, settings=settings, progress=progress)
         rows += [dict(row, name=f"{component}.{row['name']}") for row in part["tensors"]]
-    report = summarize(rows, settings, time.perf_counter() - start)
-    report.update(merged=str(merged), base=str(base), adapters=names, weights=list(factors),
-                  mode=mode)
-    return report
+    return summarize(rows, settings, time.perf_counter() - start)
