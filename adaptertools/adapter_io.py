@@ -157,10 +157,15 @@ def load(path: str | os.PathLike, *, format: str | None = None, scale: float | N
     return _read(fmt, path, scale, base)
 
 
-def _read(fmt: Format, path: Path, scale: float | None, base=None) -> Adapter:
+def _read(fmt: Format, path: Path, scale: float | None, base=None, *,
+          unplaced: bool = False) -> Adapter:
     """``fmt.read`` with the options it takes; ``base`` (path or BaseInfo) is only resolved
-    when the format uses it, so a PEFT adapter never needs a GGUF-mappable base."""
+    when the format uses it, so a PEFT adapter never needs a GGUF-mappable base. ``unplaced``
+    (inspect without a base): a format whose names need the base (kohya) keys the adapter by
+    the file's own names instead of refusing; such an adapter is never merged or written."""
     options = {}
+    if unplaced and _accepts(fmt.module.read, "unplaced"):
+        options["unplaced"] = True
     if scale is not None:
         if not _accepts(fmt.module.read, "scale"):
             raise OptionError(f"{path}: --scale only applies to files without a config; "
@@ -188,8 +193,13 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
 def _refuse_token_rows(adapter: Adapter, fmt: Format) -> None:
     """Trained token rows (PEFT trainable tokens) only go where the format says it keeps them
     (``WRITES_TOKEN_ROWS``); dropping them would change what the adapter computes."""
+    from .formats.kohya import UNPLACED
     from .formats.peft_mha import METADATA
 
+    if adapter.metadata.get(UNPLACED):
+        raise UnsupportedError("a kohya adapter read without its base (keyed by its own module "
+                               "names) cannot be written; pass --base <the model it was "
+                               "trained on>")
     attention = adapter.metadata.get(METADATA)
     if attention:
         raise UnsupportedError(

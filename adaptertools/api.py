@@ -84,7 +84,7 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
     base = local_input_path(base, "config", hub, sources, role="base")
     path = require_exists(path)
     fmt = _readable(path, format)
-    adapter = _read(fmt, path, scale, base)
+    adapter = _read(fmt, path, scale, base, unplaced=base is None)
     report = adapter_report(adapter, path=path, format_name=fmt.name, layers=layers)
     describe = getattr(fmt.module, "describe", None)
     if callable(describe):  # storage facts only the format knows (e.g. GGUF tensor types)

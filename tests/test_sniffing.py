@@ -81,3 +81,25 @@ def test_inspect_names_each_kind_the_same_way(tmp_path, config, kinds):
     assert at.inspect(folder).kinds == kinds
     shown = run_cli("inspect", folder, expect=0).stdout
     assert all(k in shown for k in kinds)
+
+
+def test_a_kohya_file_is_inspected_without_its_base(tmp_path):
+    """inspect keys it by the file's own module names (shapes from the factors); convert and
+    merge still need the base."""
+    kohya = _file(tmp_path / "style.safetensors",
+                  {**KOHYA, "lora_unet_down_blocks_0_proj_in.alpha": torch.tensor(1.0),
+                   "lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.ones(4, 2)})
+    report = at.inspect(kohya)
+    assert report.format == "kohya" and report.target_modules == [
+        "lora_unet_down_blocks_0_proj_in"]
+    assert report.ranks == {"2": 1} and report.scales == {"0.5": 1}
+    outcome = run_cli("convert", kohya, tmp_path / "out", "--to", "peft")
+    assert_cli_error(outcome, ["--base"], code=2)
+    assert not (tmp_path / "out").exists()
+    from adaptertools.adapter_io import _read
+    from adaptertools.errors import UnsupportedError
+    from adaptertools.registry import get_format
+
+    unplaced = _read(get_format("kohya"), kohya, None, unplaced=True)
+    with pytest.raises(UnsupportedError, match="cannot be written"):
+        at.save(unplaced, tmp_path / "o", format="peft")

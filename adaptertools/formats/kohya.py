@@ -23,6 +23,7 @@ import importlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import load_safetensors
@@ -32,6 +33,8 @@ from . import accounting, kohya_names
 
 DESCRIPTION = "kohya (sd-scripts) LoRA .safetensors (lora_unet_ / lora_te_ keys; needs --base)"
 SNIFF_ORDER = 40          # before our own safetensors format (50), which takes any .safetensors
+# Adapter.metadata key of an adapter read without its base (inspect): adapter_io.save refuses it
+UNPLACED = "kohya_unplaced"
 BASE_AS_PATH = True       # adapter_io hands --base over as the path (kohya_names.open_names)
 PIPELINE_KEYS = True      # one file holds every component (lora_unet_ + lora_te1_ ...)
 
@@ -200,11 +203,45 @@ def _lycoris_delta(stem: str, parts: dict, target, file: Path, lycoris):
     return lycoris.module_delta(f"{file}: {stem}", parts, target.shape)
 
 
-def read(path: Path, *, base=None) -> Adapter:
+@dataclass(frozen=True)
+class _AsNamed:
+    """A module named by the file itself and shaped by its factors: ``inspect`` without
+    ``--base`` (``unplaced``), where nothing is merged or written."""
+
+    key: str
+    shape: tuple[int, ...]
+    rows: None = None
+
+
+def _factor_shape(stem: str, parts: dict, path: Path) -> tuple[int, ...]:
+    """The adapted weight's shape as the factors give it: LoRA (out, in[, k...]) from
+    lora_up / lora_down; LoHa (out, cols) from hada_w1_a / hada_w1_b; LoKr (a*b, c*d) from the
+    Kronecker halves. Anything else needs the base."""
+    def size(name: str) -> tuple[int, ...] | None:
+        return tuple(int(n) for n in parts[name].shape) if name in parts else None
+
+    down, up = size("lora_down.weight"), size("lora_up.weight")
+    if down and up:
+        return (up[0], *down[1:])
+    w1a, w1b = size("hada_w1_a"), size("hada_w1_b")
+    if w1a and w1b and "hada_t1" not in parts:
+        return (w1a[0], w1b[1])
+    halves = []
+    for half in ("w1", "w2"):
+        full, a, b = size(f"lokr_{half}"), size(f"lokr_{half}_a"), size(f"lokr_{half}_b")
+        halves.append(full[:2] if full else (a[0], b[1]) if a and b and len(b) == 2 else None)
+    if all(halves) and "lokr_t2" not in parts:
+        return (halves[0][0] * halves[1][0], halves[0][1] * halves[1][1])
+    raise OptionError(f"{path}: {stem}: its shape is not in its factors; pass --base <the model "
+                      "it was trained on> to inspect it")
+
+
+def read(path: Path, *, base=None, unplaced: bool = False) -> Adapter:
     """The file's modules keyed by the base's own tensor names (``base``: the path of a
-    diffusers pipeline/component folder or a .safetensors checkpoint; required)."""
+    diffusers pipeline/component folder or a .safetensors checkpoint; required, except with
+    ``unplaced``: inspect's view, keyed by the file's own module names)."""
     path = Path(path)
-    if base is None:          # misuse (exit 2): the names need the base to mean anything
+    if base is None and not unplaced:   # misuse (exit 2): the names need the base
         raise OptionError(f"{path}: a kohya LoRA names modules in underscore form, which "
                                "only its base model resolves; pass --base <the model it was "
                                "trained on> (a diffusers folder or .safetensors checkpoint)")
@@ -214,10 +251,11 @@ def read(path: Path, *, base=None) -> Adapter:
     lycoris = _lycoris()
     claimed = tuple(getattr(lycoris, "LYCORIS_PARTS", ()))
     modules = _group(tensors, path, claimed)
-    names = kohya_names.open_names(base)
+    names = kohya_names.open_names(base) if base is not None else None
     weights, stems, alphas, blocks = {}, {}, {}, {}
     for stem, parts in modules.items():
-        target = names.resolve(stem, path)
+        target = names.resolve(stem, path) if names is not None else \
+            _AsNamed(stem + ".weight", _factor_shape(stem, parts, path))
         if target.key in weights:
             raise FormatError(f"{path}: {stems[target.key]} and {stem} both name "
                               f"{target.key}; refusing to add one and drop the other")
@@ -243,7 +281,9 @@ def read(path: Path, *, base=None) -> Adapter:
     # kohya_stems / kohya_alpha: the writer gives the same names and alpha dtypes back
     meta = {"source_format": "kohya", "kohya_stems": stems, "kohya_alpha": alphas,
             "kohya_metadata": {k: v for k, v in metadata.items() if isinstance(v, str)}}
-    if names.components:    # against a pipeline folder: keys "<component>.<name>"
+    if names is None:       # keys are the file's own names: nothing may merge or write them
+        meta[UNPLACED] = True
+    elif names.components:    # against a pipeline folder: keys "<component>.<name>"
         meta["components"] = sorted({k.split(".", 1)[0] for k in weights})
     return Adapter(weights=weights, metadata=meta)
 
