@@ -9,9 +9,8 @@ keep and (b) into bf16 W and quantized once afterwards by compressed-tensors its
 Q(bf16(W + delta)). Survival: the median (min) over the 14 adapted weights of
 cos(delta, deq(out) - deq(Q(W))), deq being compressed-tensors' own decompression.
 
-(a) is ``adaptertools.merge`` for float- and int-quantized bases; for pack-quantized ones the
-planner cannot route adapters yet (Layout.logical), so (a) is the codec's own decode -> fp32
-W + delta -> encode, the arithmetic the engine runs (marked *).
+(a) is ``adaptertools.merge`` for every encoding (pack-quantized weights are routed from
+``X.weight`` to ``X.weight_packed`` by Layout.target_name).
 
     .venv/bin/python benchmarks/ct_survival.py [--work /tmp/ct-bench]
 """
@@ -66,26 +65,6 @@ def bf16_llama(weights: dict | None = None):
     return model
 
 
-def keep_by_codec(folder: Path, deltas: dict) -> dict[str, torch.Tensor]:
-    """deq of the codec's keep encoding of deq(Q(W)) + delta (fp32), by weight name."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from adaptertools.codecs import compressed_tensors as ct
-    from adaptertools.tensor_index import read_entry, read_safetensors_header
-
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    entries = {t.name: t for t in read_safetensors_header(folder / "model.safetensors").tensors}
-    stored = load_file(folder / "model.safetensors")
-    out = {}
-    for enc in ct.describe(entries, qc, lambda e: read_entry(folder / e.file, e), str(folder)):
-        name = ct.logical_name(enc)
-        values, state = ct.decode(enc, {m: stored[m] for m in enc.members})
-        out[name] = ct.encode(enc, values + deltas[name].float(), state)[1]
-    return out
-
-
 def survival(work: Path, rels: list[float]) -> None:
     from helpers.quantized_bases import ct_base, ct_decompress, scaled_lora
     from safetensors.torch import load_file
@@ -104,20 +83,17 @@ def survival(work: Path, rels: list[float]) -> None:
         for rel in rels:
             deltas = scaled_lora(bf16_llama().float(), base, work / f"lora-{k}-{rel}", targets=ALL,
                                  rel=rel, rank=16)
-            if fmt == "pack-quantized":
-                merged, mark = keep_by_codec(folder, deltas), "*"
-            else:
-                out = work / f"out-{k}-{rel}"
-                at.merge(folder, [work / f"lora-{k}-{rel}"], out)
-                config = ct_decompress_config(folder)
-                merged, mark = ct_decompress(load_file(out / "model.safetensors"), config), ""
+            out = work / f"out-{k}-{rel}"
+            at.merge(folder, [work / f"lora-{k}-{rel}"], out)
+            config = ct_decompress_config(folder)
+            merged = ct_decompress(load_file(out / "model.safetensors"), config)
             plain = {n: (w.double() + deltas[n]).to(torch.bfloat16) if n in deltas else w
                      for n, w in weights.items()}
             once = ct_base(bf16_llama(plain), work / f"once-{k}-{rel}", fmt, wargs, act)
             ours = [cosine(d, merged[n] - base[n]) for n, d in deltas.items()]
             theirs = [cosine(d, once[n] - base[n]) for n, d in deltas.items()]
             print(f"| {label} | {rel:.0%} | {len(deltas)} | {statistics.median(ours):.3f} (min "
-                  f"{min(ours):.3f}){mark} | {statistics.median(theirs):.3f} (min "
+                  f"{min(ours):.3f}) | {statistics.median(theirs):.3f} (min "
                   f"{min(theirs):.3f}) |", flush=True)
 
 
