@@ -277,6 +277,13 @@ def test_merge_flux_transformer_sharded(tmp_path):
     again = at.merge(pipe, [lora], tmp_path / "checked", validate=True)
     assert again.validation["passed"] and again.validation["adapted"] == 8
     assert (tmp_path / "checked" / "validation.json").is_file()
+    # a single-file transformer resharded by --max-shard-size: diffusers' index name
+    single = save_pipeline(tmp_path / "single", {"transformer": tiny_flux()})
+    at.merge(single, [lora], tmp_path / "resharded", max_shard_size="20KB")
+    out = tmp_path / "resharded" / "transformer"
+    assert (out / index.name).is_file() and not (out / UNET_FILE).exists()
+    merged = FluxTransformer2DModel.from_pretrained(out)
+    _assert_same(fused_by_diffusers(tiny_flux(), lora, "transformer"), merged.state_dict())
 
 
 def test_merge_into_one_component_folder(sd, tmp_path):

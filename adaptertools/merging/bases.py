@@ -120,7 +120,10 @@ def open_base(path: str | os.PathLike) -> HFBase | GGUFBase:
 
 
 def _open_hf(folder: Path, files: list[str], index: dict | None = None,
-             index_name: str = INDEX_NAME) -> HFBase:
+             index_name: str | None = None) -> HFBase:
+    if index_name is None:    # the index a resharded output gets: diffusers' for its files
+        diffusers = all(f.startswith("diffusion_pytorch_model") for f in files)
+        index_name = INDEX_NAMES[1] if diffusers else INDEX_NAME
     config_path = contained_file(folder, "config.json")
     config = read_json(config_path) if config_path.is_file() else {}
     shards = tuple(read_safetensors_header(contained_file(folder, f)) for f in files)
