@@ -435,12 +435,12 @@ BASE_AS_PATH = True
 
 
 def _torchtune_export(config: dict, state_dict: dict, base, where: Path) -> dict:
-    """torchtune 0.6.1's PEFT-form export (formats/torchtune.py, is_torchtune_export) with its
+    """torchtune 0.6.1's PEFT-form export (formats/torchtune_export.py) with its
     q/k bugs repaired when the base says which rule applies; a warning either way."""
-    from . import torchtune
+    from .torchtune_export import is_torchtune_export, peft_export_fix
     from .names import BaseInfo, load_base_info
 
-    if not torchtune.is_torchtune_export(config):
+    if not is_torchtune_export(config):
         return state_dict
     qk = any(".q_proj." in k or ".k_proj." in k for k in state_dict)
     info = None
@@ -458,7 +458,7 @@ def _torchtune_export(config: dict, state_dict: dict, base, where: Path) -> dict
                           AdapterToolsWarning, stacklevel=4)
         return state_dict
     try:
-        fixed, notes = torchtune.peft_export_fix(config, state_dict, info)
+        fixed, notes = peft_export_fix(config, state_dict, info)
     except UnsupportedError:
         return state_dict            # an architecture torchtune 0.6.1 has no rule for
     for note in notes:
