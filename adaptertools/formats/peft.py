@@ -26,7 +26,7 @@ import torch
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsError, AdapterToolsWarning, FormatError, UnsupportedError
-from . import accounting, foreign, peft_lycoris, peft_mha, peft_tokens
+from . import accounting, foreign, peft_bdlora, peft_lycoris, peft_mha, peft_tokens
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
@@ -40,7 +40,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 # init_lora_weights values whose adapter only fits a base that PEFT modified at init time.
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # Config switches that change what the factors mean; reading them as plain LoRA would be wrong.
-UNSUPPORTED_SWITCHES = ("use_qalora", "use_bdlora", "layer_replication", "target_parameters")
+UNSUPPORTED_SWITCHES = ("use_qalora", "layer_replication", "target_parameters")
 # LoRA variants whose tensors or forward differ from LoRA's, by the config field that turns each
 # on (peft/tuners/lora/config.py 0.21.2): refused by name until they are read.
 UNSUPPORTED_VARIANTS = {"kasa_config": "KaSA", "velora_config": "VeLoRA",
@@ -351,9 +351,12 @@ def build_weight(module: str, parts: dict[str, torch.Tensor], scale: float,
 
 
 def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], scale_for, *,
-                            fan_in_fan_out: bool, where: Path) -> Adapter:
-    """``scale_for(module, rank) -> float`` resolves each module's effective scale."""
+                            fan_in_fan_out: bool, where: Path, config: dict | None = None) -> Adapter:
+    """``scale_for(module, rank) -> float`` resolves each module's effective scale; ``config``
+    (adapter_config.json) for the variants stored in other shapes (BD-LoRA)."""
     modules, full = group_state_dict(state_dict)
+    if config and config.get(peft_bdlora.CONFIG_FIELD):
+        modules = {m: peft_bdlora.expand(config, m, parts, where) for m, parts in modules.items()}
     attention = peft_mha.attention_modules(modules)      # nn.MultiheadAttention layers
     weights = {}
     for module, parts in modules.items():
@@ -491,7 +494,7 @@ def read(path: Path, *, base=None) -> Adapter:
     accounting.check_accounted(state_dict, config, folder)
     adapter = adapter_from_state_dict(state_dict, scale_for,
                                       fan_in_fan_out=bool(config.get("fan_in_fan_out")),
-                                      where=folder)
+                                      where=folder, config=config)
     adapter.token_rows = token_rows
     if not adapter.weights and not adapter.replacements and not token_rows:
         raise FormatError(f"{folder}: the weights file holds no LoRA tensors")
@@ -597,6 +600,8 @@ def config_for(adapter: Adapter) -> dict:
         _token_fields(config, adapter)
         return config
     config["peft_type"] = "LORA"
+    if config.get(peft_bdlora.CONFIG_FIELD):       # its factors were made whole: plain LoRA
+        config[peft_bdlora.CONFIG_FIELD] = None
     config["base_model_name_or_path"] = adapter.base_model
     config["use_dora"] = _uniform_flag(adapter, "DoRA magnitudes", lambda w: w.magnitude is not None)
     config["lora_bias"] = _uniform_flag(adapter, "lora_bias", lambda w: w.bias is not None)
