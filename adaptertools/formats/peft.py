@@ -26,7 +26,8 @@ import torch
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsError, AdapterToolsWarning, FormatError, UnsupportedError
-from . import accounting, foreign, peft_bdlora, peft_lycoris, peft_mha, peft_tokens
+from . import (accounting, foreign, peft_bdlora, peft_lycoris, peft_mha, peft_tokens,
+               peft_training_only)
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
@@ -43,8 +44,12 @@ BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 UNSUPPORTED_SWITCHES = ("use_qalora", "layer_replication", "target_parameters")
 # LoRA variants whose tensors or forward differ from LoRA's, by the config field that turns each
 # on (peft/tuners/lora/config.py 0.21.2): refused by name until they are read.
-UNSUPPORTED_VARIANTS = {"kasa_config": "KaSA", "velora_config": "VeLoRA",
-                        "monteclora_config": "MonteCLoRA"}
+# (VeLoRA and MonteCLoRA are plain LoRA once trained: peft_training_only.py), with why each is not
+UNSUPPORTED_VARIANTS = {"kasa_config": ("KaSA", "PEFT replaces each targeted base weight by its "
+                                                "SVD truncation when it loads the adapter "
+                                                "(KasaLinearVariant._truncate_base_weight), which "
+                                                "a merge into the original base would have to "
+                                                "reproduce; merge it with PEFT")}
 
 
 # ----------------------------------------------------------------------------- locating
@@ -245,10 +250,10 @@ def check_config(config: dict, where: Path) -> None:
     for switch in UNSUPPORTED_SWITCHES:
         if config.get(switch):
             raise UnsupportedError(f"{where}: not supported yet: {switch}={config[switch]!r}")
-    for field, variant in UNSUPPORTED_VARIANTS.items():
+    for field, (variant, why) in UNSUPPORTED_VARIANTS.items():
         if config.get(field) is not None:
             raise UnsupportedError(f"{where}: a {variant} adapter ({field} is set): not supported "
-                                   "yet; only plain LoRA and DoRA are read")
+                                   f"yet: {why}")
     init = base_modifying_init(config)
     if init is not None:       # inspect and convert warn; merge refuses (merging/plan.py)
         warnings.warn(f"{where}: init_lora_weights={init!r} means this "
@@ -490,6 +495,9 @@ def read(path: Path, *, base=None) -> Adapter:
         return scale_of(alpha, expected_rank, use_rslora)
 
     state_dict = _torchtune_export(config, read_state_dict(folder), base, folder)
+    state_dict, note = peft_training_only.set_aside(state_dict, config)
+    if note is not None:
+        warnings.warn(f"{folder}: {note}", AdapterToolsWarning, stacklevel=3)
     state_dict, token_rows = peft_tokens.split(state_dict, config, folder)
     accounting.check_accounted(state_dict, config, folder)
     adapter = adapter_from_state_dict(state_dict, scale_for,
@@ -602,6 +610,7 @@ def config_for(adapter: Adapter) -> dict:
     config["peft_type"] = "LORA"
     if config.get(peft_bdlora.CONFIG_FIELD):       # its factors were made whole: plain LoRA
         config[peft_bdlora.CONFIG_FIELD] = None
+    peft_training_only.clear(config)
     config["base_model_name_or_path"] = adapter.base_model
     config["use_dora"] = _uniform_flag(adapter, "DoRA magnitudes", lambda w: w.magnitude is not None)
     config["lora_bias"] = _uniform_flag(adapter, "lora_bias", lambda w: w.bias is not None)
