@@ -180,8 +180,12 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
     """The writers store LoRA factors (B, A); a LoHa/LoKr delta is none (kernels/deltas.py)."""
     from .kernels.deltas import exactly_low_rank, kind
 
-    name, w = next(((n, w) for n, w in adapter.weights.items() if not exactly_low_rank(w)),
-                   (None, None))
+    name, w = next(((n, w) for n, w in adapter.weights.items() if not exactly_low_rank(w)
+                    and not (w.layer == "param" and format_name == "peft")), (None, None))
+    if name is not None and w.layer == "param":    # PEFT target_parameters (peft_params.py)
+        from .formats.peft_params import REFUSED_BY_OTHER_FORMATS
+
+        raise UnsupportedError(f"{name}: {format_name} cannot hold {REFUSED_BY_OTHER_FORMATS}")
     if name is not None:
         raise UnsupportedError(
             f"{name}: a {kind(w).name} delta ({kind(w).formula}) is not B @ A, and {format_name} "

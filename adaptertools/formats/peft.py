@@ -26,8 +26,8 @@ import torch
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsError, AdapterToolsWarning, FormatError, UnsupportedError
-from . import (accounting, foreign, peft_bdlora, peft_lycoris, peft_mha, peft_tokens,
-               peft_training_only)
+from . import (accounting, foreign, peft_bdlora, peft_lycoris, peft_mha, peft_params,
+               peft_tokens, peft_training_only)
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
@@ -41,7 +41,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 # init_lora_weights values whose adapter only fits a base that PEFT modified at init time.
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # Config switches that change what the factors mean; reading them as plain LoRA would be wrong.
-UNSUPPORTED_SWITCHES = ("use_qalora", "layer_replication", "target_parameters")
+UNSUPPORTED_SWITCHES = ("use_qalora", "layer_replication")
 # LoRA variants whose tensors or forward differ from LoRA's, by the config field that turns each
 # on (peft/tuners/lora/config.py 0.21.2): refused by name until they are read.
 # (VeLoRA and MonteCLoRA are plain LoRA once trained: peft_training_only.py), with why each is not
@@ -167,6 +167,8 @@ CONFIG_FIELDS = {
     "lora_bias": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "target_modules": (lambda v: v is None or _strings(v) or _regex(v),
                        "a list of module names or one valid regular expression"),
+    "target_parameters": (lambda v: v is None or _strings(v),
+                          "a list of parameter names (peft_params.py)"),
     "modules_to_save": (lambda v: v is None or _strings(v), "a list of module names, or null"),
     "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)),
                           'true, false or a method name such as "gaussian"'),
@@ -499,14 +501,20 @@ def read(path: Path, *, base=None) -> Adapter:
     if note is not None:
         warnings.warn(f"{folder}: {note}", AdapterToolsWarning, stacklevel=3)
     state_dict, token_rows = peft_tokens.split(state_dict, config, folder)
+    params = {}
+    if config.get(peft_params.CONFIG_FIELD):
+        state_dict, params = peft_params.split(
+            state_dict, config, folder, lambda name: resolve_rank_alpha(config, name),
+            lambda alpha, r: scale_of(alpha, r, use_rslora))
     accounting.check_accounted(state_dict, config, folder)
     adapter = adapter_from_state_dict(state_dict, scale_for,
                                       fan_in_fan_out=bool(config.get("fan_in_fan_out")),
                                       where=folder, config=config)
     adapter.token_rows = token_rows
-    if not adapter.weights and not adapter.replacements and not token_rows:
+    if not adapter.weights and not adapter.replacements and not token_rows and not params:
         raise FormatError(f"{folder}: the weights file holds no LoRA tensors")
     accounting.warn_disagreements(adapter, config, config_path)
+    adapter.weights.update(params)
     adapter.base_model = config.get("base_model_name_or_path")
     adapter.metadata = {"source_format": "peft", "peft_config": config, **adapter.metadata}
     copies = saved_base_copies(state_dict, config)
@@ -563,7 +571,8 @@ def _uniform_flag(adapter: Adapter, flag: str, has, among: tuple[str, ...] | Non
 
 def _scales_reproduced(config: dict, adapter: Adapter) -> bool:
     try:
-        resolved = {n: resolve_rank_alpha(config, module_name(n)) for n in adapter.weights}
+        resolved = {n: resolve_rank_alpha(config, _pattern_key(n, w))
+                    for n, w in adapter.weights.items()}
     except (KeyError, TypeError, ValueError, re.error):
         return False
     rslora = bool(config.get("use_rslora"))
@@ -571,11 +580,18 @@ def _scales_reproduced(config: dict, adapter: Adapter) -> bool:
                for (r, alpha), w in zip(resolved.values(), adapter.weights.values()))
 
 
+def _pattern_key(name: str, w) -> str:
+    """What PEFT matches rank_pattern / alpha_pattern against: the module, or for a
+    target_parameters LoRA the parameter's full name (peft_params.py)."""
+    return name if peft_params.is_param(w) else module_name(name)
+
+
 def _derive_rank_alpha(config: dict, adapter: Adapter) -> None:
     """Set r, lora_alpha and the patterns so that PEFT resolves every module's scale exactly."""
     rslora = bool(config.get("use_rslora"))
-    ranks = {module_name(n): w.rank for n, w in adapter.weights.items()}
-    alphas = {module_name(n): alpha_for(w.scale, w.rank, rslora) for n, w in adapter.weights.items()}
+    ranks = {_pattern_key(n, w): w.rank for n, w in adapter.weights.items()}
+    alphas = {_pattern_key(n, w): alpha_for(w.scale, w.rank, rslora)
+              for n, w in adapter.weights.items()}
     common_rank = Counter(ranks.values()).most_common(1)[0][0]
     common_alpha = Counter(alphas.values()).most_common(1)[0][0]
     config["r"], config["lora_alpha"] = common_rank, common_alpha
@@ -616,7 +632,9 @@ def config_for(adapter: Adapter) -> dict:
     config["lora_bias"] = _uniform_flag(adapter, "lora_bias", lambda w: w.bias is not None)
     config["fan_in_fan_out"] = _uniform_flag(adapter, "a GPT-2 Conv1D layout",
                                              lambda w: w.layer == "conv1d", among=FAN_IN_LAYERS)
-    modules = sorted(module_name(n) for n in adapter.weights)
+    modules = sorted(module_name(n) for n, w in adapter.weights.items()
+                     if not peft_params.is_param(w))
+    peft_params.config_fields(config, adapter.weights)
     if adapter.weights and not _scales_reproduced(config, adapter):
         _derive_rank_alpha(config, adapter)
     if not all(targets_cover(config.get("target_modules"), m) for m in modules):
@@ -660,8 +678,11 @@ def _standalone_tokens(adapter: Adapter) -> bool:
 def state_dict_for(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The adapter as PEFT's saved state dict (adapter name stripped, PEFT's factor layouts)."""
     out: dict[str, torch.Tensor] = {}
+    out.update(peft_params.state_dict_entries(adapter.weights))
     for name, w in adapter.weights.items():
         stem = KEY_PREFIX + module_name(name)
+        if peft_params.is_param(w):
+            continue
         if w.layer == "embedding":
             out[f"{stem}.lora_embedding_A"] = w.b.T.contiguous()   # (r, vocab)
             out[f"{stem}.lora_embedding_B"] = w.a.T.contiguous()   # (dim, r)

@@ -61,6 +61,7 @@ from typing import Literal
 import torch
 
 from ..adapter import LoraWeight
+from .param_lora import ParamLoraWeight, param_delta, param_norm
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class DeltaKind:
 LORA = DeltaKind("lora", "LORA", True, "scale * B @ A")
 LOHA = DeltaKind("loha", "LOHA", False, "(w1_a @ w1_b) * (w2_a @ w2_b) * scale")
 LOKR = DeltaKind("lokr", "LOKR", False, "kron(w1, w2) * scale")
+# PEFT target_parameters (kernels/param_lora.py): one B_e @ A_e per expert of a fused tensor
+PARAM = DeltaKind("target_parameters LoRA", "LORA", False,
+                  "scale * B_e @ A_e for each expert e of an nn.Parameter")
 
 
 class _DenseShaped:
@@ -377,12 +381,14 @@ def conv_delta(a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, ...]) 
 
 # -- the protocol --------------------------------------------------------------------------------
 
-Delta = LoraWeight | LohaWeight | LokrWeight
+Delta = LoraWeight | LohaWeight | LokrWeight | ParamLoraWeight
 
 
 def kind(w: Delta) -> DeltaKind:
     if isinstance(w, LoraWeight):
         return LORA
+    if isinstance(w, ParamLoraWeight):
+        return PARAM
     return kind_of(w)
 
 
@@ -396,6 +402,8 @@ def delta(w: Delta, dtype: torch.dtype = torch.float32, factor: float = 1.0) -> 
     """``factor`` times the delta in ``dtype``, (rows, cols): the stored layout viewed 2-D."""
     if isinstance(w, LoraWeight):
         return lora_delta(w, dtype, factor)
+    if isinstance(w, ParamLoraWeight):
+        return param_delta(w, dtype, factor).reshape(w.shape)
     full = loha_delta(w, dtype, factor) if isinstance(w, LohaWeight) else \
         lokr_delta(w, dtype, factor)
     return full.reshape(w.shape)
@@ -422,6 +430,8 @@ def norm(w: Delta, factor: float = 1.0) -> float:
         return loha_norm(w, factor)
     if isinstance(w, LokrWeight):
         return lokr_norm(w, factor)
+    if isinstance(w, ParamLoraWeight):
+        return param_norm(w, factor)
     if w.layer == "conv" and not _pointwise_conv(w.weight_shape):
         return float(torch.linalg.norm(lora_delta(w, torch.float64, factor)))
     return math.sqrt(max(_lowrank_sq_norm(w.b, w.a), 0.0)) * abs(_scaled(w.scale, factor))

@@ -62,6 +62,11 @@ def merge_step(weight: torch.Tensor, c: Contribution) -> torch.Tensor:
     This is what ``merge_and_unload`` does to one layer, bit for bit on CPU.
     """
     w = c.weight
+    if w.layer == "param":
+        # PEFT's ParamWrapper.merge: ``param += get_delta_weight()``, which casts the delta to
+        # the parameter's dtype first (kernels/param_lora.py): rounded twice, as an embedding
+        return weight + deltas.delta(w, torch.float32, c.factor).reshape(weight.shape).to(
+            weight.dtype)
     if w.layer == "embedding" and w.magnitude is None:
         # PEFT's Embedding.merge: ``weight += delta.to(orig_dtype)``; the delta is rounded to the
         # stored dtype first, then the sum is rounded again (a no-op for fp32 bases)

@@ -183,6 +183,8 @@ def _dense_on_base(w, shape: tuple[int, ...]):
     """A LoHa/LoKr delta read without its base's kernel shape (a flattened conv factor, or a
     Conv1d's (out, in, k, 1) CP core) laid onto the base tensor's own shape: the same row-major
     values, as PEFT reshapes its delta to the base weight's shape."""
+    if hasattr(w, "laid_on"):       # a target_parameters LoRA: (E, out, in) or (E, in, out)
+        return w.laid_on(shape)
     if isinstance(w, LoraWeight) or w is None or tuple(w.stored_shape) == tuple(shape) or \
             len(shape) < 2 or w.shape != (shape[0], math.prod(shape[1:])):
         return w

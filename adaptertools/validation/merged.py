@@ -89,7 +89,7 @@ class Term:
             magnitude = magnitude[start:stop]
         if self.dense is not None:
             return Term(self.scale, dense=self.dense[start:stop], magnitude=magnitude,
-                        norm_dim=self.norm_dim, norm_eps=self.norm_eps)
+                        norm_dim=self.norm_dim, pre_round=self.pre_round, norm_eps=self.norm_eps)
         return Term(self.scale, self.a, self.b[start:stop], None, magnitude, self.norm_dim,
                     self.pre_round)
 
@@ -107,8 +107,10 @@ def terms_of(job: Job, *, stacked: bool) -> list[Term]:
     for c in job.contributions:
         w = c.weight
         if not isinstance(w, LoraWeight):       # LoHa, LoKr: their dense delta, in float64
+            # a target_parameters LoRA (kernels/param_lora.py) is rounded first, as an embedding
             out.append(Term(c.factor, dense=delta(w, torch.float64), magnitude=w.magnitude,
-                            norm_dim=getattr(w, "norm_dim", 1), norm_eps=getattr(w, "norm_eps", 0.0)))
+                            norm_dim=getattr(w, "norm_dim", 1), norm_eps=getattr(w, "norm_eps", 0.0),
+                            pre_round=stacked and w.layer == "param"))
             continue
         out.append(Term(w.scale * c.factor, w.a, w.b, None, w.magnitude, w.norm_dim,
                         pre_round=stacked and w.layer == "embedding" and w.magnitude is None))

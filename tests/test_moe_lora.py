@@ -1,0 +1,166 @@
+"""PEFT ``target_parameters`` LoRAs (formats/peft_params.py, kernels/param_lora.py): LoRA on a plain
+2-D ``nn.Parameter`` and on the fused 3-D expert tensors of transformers-5 Qwen3-MoE, Mixtral
+and gpt-oss (stored (E, in, out)), as PEFT 0.21.2's save_pretrained writes them. PEFT is the
+oracle: the streaming merge equals ``merge_and_unload`` bit for bit (fp32 and bf16), every other
+tensor is byte-identical, ``validate`` passes; PEFT -> PEFT is bit-exact and PEFT merges the
+written folder the same; other formats refuse naming the tensor; an expert count that differs
+from the base's is one line and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers.cli import run_cli
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import adaptertools as at
+from adaptertools.errors import FormatError, UnsupportedError
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+class TinyParams(torch.nn.Module):
+    """A custom module whose Linear is targeted through its parameter (``lin0.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = torch.nn.Linear(6, 10)
+        self.lin1 = torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=6,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1))
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=10, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=3,
+        num_experts_per_tok=2))
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    return GptOssForCausalLM(GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=6, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=3,
+        num_experts_per_tok=2, layer_types=["full_attention"]))
+
+
+CASES = {
+    "param-2d": (TinyParams, lambda: LoraConfig(r=2, lora_alpha=5,
+                                                target_parameters=["lin0.weight"])),
+    "qwen3-moe": (_qwen3_moe, lambda: LoraConfig(r=2, lora_alpha=3, target_parameters=EXPERTS,
+                                                 rank_pattern={"layers.1.mlp.experts.down_proj":
+                                                               3})),
+    "mixtral": (_mixtral, lambda: LoraConfig(r=3, lora_alpha=4, use_rslora=True,
+                                             target_parameters=EXPERTS)),
+    "gpt-oss": (_gpt_oss, lambda: LoraConfig(r=2, lora_alpha=2, target_parameters=EXPERTS)),
+}
+
+
+def _case(tmp_path, name: str, dtype: torch.dtype):
+    """(base folder, PEFT adapter folder, PEFT's merged state) for one case."""
+    make, config = CASES[name]
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, base / "model.safetensors")
+    peft_model = get_peft_model(model, config())
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    with torch.no_grad():
+        for pname, p in sorted(peft_model.named_parameters()):
+            if "lora_" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    return base, adapter, merged, make
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_merge_equals_peft(name, dtype, tmp_path):
+    base, adapter, reference = _case(tmp_path, name, dtype)[:3]
+    loaded = at.load(adapter)
+    original = load_file(base / "model.safetensors")
+    assert loaded.weights and all(n in original for n in loaded.weights)
+    at.merge(base, [adapter], tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(merged) == sorted(original)
+    changed = 0
+    for key, tensor in merged.items():
+        assert tensor.dtype == original[key].dtype
+        assert torch.equal(tensor, reference[key]), key              # bit for bit
+        if key not in loaded.weights:
+            assert torch.equal(tensor, original[key]), key           # untouched: same bytes
+        else:
+            changed += not torch.equal(tensor, original[key])
+    assert changed == len(loaded.weights)
+    outcome = run_cli("validate", base, adapter, "--merged", tmp_path / "out", "--json")
+    assert outcome.code == 0, outcome.stderr
+    assert json.loads(outcome.stdout)["passed"]
+
+
+@pytest.mark.parametrize("name", ["param-2d", "qwen3-moe", "gpt-oss"])
+def test_peft_round_trip_is_bit_exact_and_peft_merges_it(name, tmp_path):
+    base, adapter, reference, make = _case(tmp_path, name, torch.float32)
+    at.convert(adapter, tmp_path / "again", to="peft")
+    first = load_file(adapter / "adapter_model.safetensors")
+    second = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted(first) == sorted(second)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    torch.manual_seed(0)
+    model = make()
+    model.load_state_dict(load_file(base / "model.safetensors"))
+    merged = PeftModel.from_pretrained(model, tmp_path / "again").merge_and_unload().state_dict()
+    for key, tensor in reference.items():
+        assert torch.equal(merged[key], tensor), key
+
+
+@pytest.mark.parametrize("to", ["gguf", "mlx", "kohya"])
+def test_other_formats_refuse_naming_the_tensor(to, tmp_path):
+    adapter = _case(tmp_path, "qwen3-moe", torch.float32)[1]
+    dst = tmp_path / ("out.gguf" if to == "gguf" else "out")
+    with pytest.raises(UnsupportedError, match=r"experts\.(gate_up|down)_proj: .*target_parameters"):
+        at.convert(adapter, dst, to=to)
+    assert not dst.exists()
+
+
+def test_expert_count_differing_from_the_base_is_refused(tmp_path):
+    base, adapter, _, _ = _case(tmp_path, "qwen3-moe", torch.float32)
+    state = load_file(base / "model.safetensors")
+    state = {k: (v[:3].contiguous() if ".experts." in k else v) for k, v in state.items()}
+    save_file(state, base / "model.safetensors")
+    with pytest.raises(FormatError, match=r"experts\.gate_up_proj .*adapter delta \(4, 12, 16\), "
+                                          r"base \(3, 12, 16\)"):
+        at.merge(base, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_that_does_not_divide_is_named(tmp_path):
+    adapter = _case(tmp_path, "qwen3-moe", torch.float32)[1]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["r"] = 5
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=r"gate_up_proj: lora_A \(8, 16\) is not \(r\*E, in\)"):
+        at.load(adapter)
