@@ -162,9 +162,10 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None, *,
     """``fmt.read`` with the options it takes; ``base`` (path or BaseInfo) is only resolved
     when the format uses it, so a PEFT adapter never needs a GGUF-mappable base. ``unplaced``
     (inspect without a base): a format whose names need the base (kohya) keys the adapter by
-    the file's own names instead of refusing; such an adapter is never merged or written."""
+    the file's own names instead of refusing; such an adapter is never merged or written. Only a
+    reader that names it gets it (not every ``**opts`` plugin: it is no user's option)."""
     options = {}
-    if unplaced and _accepts(fmt.module.read, "unplaced"):
+    if unplaced and "unplaced" in _signature.signature(fmt.module.read).parameters:
         options["unplaced"] = True
     if scale is not None:
         if not _accepts(fmt.module.read, "scale"):
@@ -339,8 +340,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     fmt, target = _readable(src_path, from_format), get_format(to)
     inputs = (src_path, base if isinstance(base, (str, os.PathLike)) else None)
     refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
-    if base is not None and not (_accepts(fmt.module.read, "base") or
-                                 _accepts(target.module.write, "base")):
+    reads_base = _accepts(fmt.module.read, "base") and \
+        getattr(fmt.module, "uses_base", lambda path: True)(src_path)
+    if base is not None and not (reads_base or _accepts(target.module.write, "base")):
         raise OptionError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
     if not any(getattr(f.module, "BASE_AS_PATH", False) for f in (fmt, target)):
         base = _base_info(base)     # parsed once, for the reader and the writer

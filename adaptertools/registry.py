@@ -9,6 +9,11 @@ A format is a module with plain functions (DESIGN.md, convention 1):
     DESCRIPTION: str                          # one line for ``adaptertools formats``
     SNIFF_ORDER: int = 100                    # lower sniffs first (a PEFT dir before a bare file)
     OUTPUT_IS_DIR: bool = False               # write() fills a directory instead of one file
+    BASE_AS_PATH: bool = False                # read/write get --base as the path given
+                                              # (kohya, peft), not a GGUF BaseInfo
+    PIPELINE_KEYS: bool = False               # keys may be "<component>.<name>" (diffusers)
+    uses_base(path) -> bool                   # optional: does --base mean anything for this
+                                              # input (convert refuses it as misuse otherwise)
 
 Options, always by keyword, each only when the user gave it (``--scale``, ``--base``) or, for
 ``dtype``, always:

@@ -444,6 +444,18 @@ def load_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
 BASE_AS_PATH = True
 
 
+def uses_base(path: Path) -> bool:
+    """Whether ``--base`` means anything for this adapter (convert's misuse check): only for
+    torchtune's PEFT-form export, which the base repairs."""
+    from .torchtune_export import is_torchtune_export
+
+    folder = locate(Path(path))
+    try:
+        return folder is not None and is_torchtune_export(read_json(folder / CONFIG_NAME))
+    except AdapterToolsError:
+        return False
+
+
 def _torchtune_export(config: dict, state_dict: dict, base, where: Path) -> dict:
     """torchtune 0.6.1's PEFT-form export (formats/torchtune_export.py) with its
     q/k bugs repaired when the base says which rule applies; a warning either way."""
