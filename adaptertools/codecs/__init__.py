@@ -51,7 +51,8 @@ from typing import Any
 ENTRY_POINT_GROUP = "adaptertools.codecs"
 BUILT_IN = {"bitsandbytes": "adaptertools.codecs.bnb", "gguf": "adaptertools.codecs.gguf",
             "fp8": "adaptertools.codecs.fp8",
-            "compressed-tensors": "adaptertools.codecs.compressed_tensors"}
+            "compressed-tensors": "adaptertools.codecs.compressed_tensors",
+            "mxfp4": "adaptertools.codecs.mxfp4"}
 REQUIRED = ("NAME", "QUANT_METHODS", "describe", "decode", "encode")
 _REGISTERED: dict[str, ModuleType] = {}
 

@@ -223,3 +223,70 @@ def ct_decompress(stored: dict[str, torch.Tensor], config) -> dict[str, torch.Te
         local = {k[len(prefix) + 1:]: v for k, v in stored.items() if k.startswith(prefix + ".")}
         out[prefix + ".weight"] = compressor.decompress(local, scheme)["weight"].float()
     return out
+
+
+# ----------------------------------------------------------------------------- MXFP4 (gpt-oss)
+
+MXFP4_CONFIG = {"quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]}
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def tiny_gpt_oss(*, hidden: int = 64, intermediate: int = 96, experts: int = 4, seed: int = 2025):
+    """A 2-layer gpt-oss (sliding + full attention, 4 experts, top 2), float32, eval mode: expert
+    parameters gate_up_proj (E, 64, 192) and down_proj (E, 96, 64), both blocked by 32 along
+    their input features (transformers' MXFP4 layout)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GptOssConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=experts,
+        num_experts_per_tok=2, vocab_size=128, max_position_embeddings=64, sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():                 # transformers leaves the experts at torch.empty
+        for name, p in model.named_parameters():
+            if name.endswith(EXPERTS) or name.endswith(tuple(e + "_bias" for e in EXPERTS)):
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def round_up_exponents(values: torch.Tensor) -> torch.Tensor:
+    """Another quantizer's scales: the OCP exponent, plus one where the block's amax would
+    saturate e2m1 (amax / 2^s > 6), as triton_kernels' ROUND_UP scale mode avoids clipping;
+    (E, rows, G) int32 for ``values`` (E, cols, rows)."""
+    from adaptertools.codecs import mxfp4
+
+    amax = mxfp4._as_blocks(values).abs().amax(dim=-1)
+    exponent = mxfp4.ocp_exponents(amax)
+    return exponent + (torch.ldexp(amax, -exponent) > 6).to(torch.int32)
+
+
+def mxfp4_base(model, folder: Path, *, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """``model`` saved as a gpt-oss MXFP4 checkpoint in ``folder``: expert parameters as
+    ``X_blocks`` / ``X_scales`` (our encoder with ``round_up_exponents``' scales: blocks a
+    recomputed OCP scale would encode differently), the rest in ``dtype`` as gpt-oss ships
+    them; returns the checkpoint's weights as transformers dequantizes them (float32, experts
+    under their float names)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from adaptertools.codecs import mxfp4
+
+    model.config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = dict(MXFP4_CONFIG)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    stored, decoded = {}, {}
+    for name, t in model.state_dict().items():
+        t = t.detach().float().contiguous()
+        if not name.endswith(EXPERTS):
+            stored[name] = t.to(dtype)
+            decoded[name] = stored[name].float()
+            continue
+        blocks, scales = mxfp4.quantize(t, round_up_exponents(t))
+        stored[name + "_blocks"], stored[name + "_scales"] = blocks, scales
+        decoded[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
+    return decoded
