@@ -10,6 +10,7 @@ from the base's is one line and nothing written.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -74,9 +75,8 @@ CASES = {
 }
 
 
-def _case(tmp_path, name: str, dtype: torch.dtype):
-    """(base folder, PEFT adapter folder, PEFT's merged state) for one case."""
-    make, config = CASES[name]
+def _base(tmp_path, make, dtype: torch.dtype):
+    """(the model, its saved base folder, its state dict), seeded."""
     torch.manual_seed(0)
     model = make().to(dtype)
     base = tmp_path / "base"
@@ -84,14 +84,28 @@ def _case(tmp_path, name: str, dtype: torch.dtype):
     (base / "config.json").write_text(json.dumps({"model_type": "tiny"}))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, base / "model.safetensors")
-    peft_model = get_peft_model(model, config())
-    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    return model, base, state
+
+
+def _trained(peft_model, tmp_path, *, seed: int):
+    """The PEFT model's LoRA factors set to seeded noise (B too, so the delta is not zero),
+    saved by PEFT's save_pretrained; the folder."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in sorted(peft_model.named_parameters()):
             if "lora_" in pname:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
+    return adapter
+
+
+def _case(tmp_path, name: str, dtype: torch.dtype):
+    """(base folder, PEFT adapter folder, PEFT's merged state) for one case."""
+    make, config = CASES[name]
+    model, base, _ = _base(tmp_path, make, dtype)
+    peft_model = get_peft_model(model, config())
+    adapter = _trained(peft_model, tmp_path, seed=sum(map(ord, name)))
     merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
     return base, adapter, merged, make
 
@@ -164,3 +178,84 @@ def test_rank_that_does_not_divide_is_named(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match=r"gate_up_proj: lora_A \(8, 16\) is not \(r\*E, in\)"):
         at.load(adapter)
+
+
+# -- per-expert 2-D LoRAs merged into a fused checkpoint (merging/expert_slices.py) -------------
+
+OLD_NAMES = {"qwen3-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+             "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def _per_expert_model(fused: dict, layers: int, block: str, names: tuple[str, str, str]):
+    """The transformers-4 layout of a fused model's experts: one Linear module per expert and
+    projection (``model.layers.{l}.<block>.experts.{e}.<name>``), holding transformers 5's
+    slices (gate_up_proj [e, :inter] gate, [e, inter:] up; down_proj [e])."""
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.layers = torch.nn.ModuleList()
+    for layer in range(layers):
+        gate_up = fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        down = fused[f"model.layers.{layer}.mlp.experts.down_proj"]
+        inter = gate_up.shape[1] // 2
+        experts = torch.nn.ModuleList()
+        for e in range(gate_up.shape[0]):
+            expert = torch.nn.Module()
+            for name, weight in zip(names, (gate_up[e, :inter], gate_up[e, inter:], down[e])):
+                linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False,
+                                         dtype=weight.dtype)
+                linear.weight.data.copy_(weight)
+                setattr(expert, name, linear)
+            experts.append(expert)
+        moe = torch.nn.Module()
+        moe.experts = experts
+        holder = torch.nn.Module()
+        setattr(holder, block, moe)
+        root.model.layers.append(holder)
+    return root
+
+
+def _per_expert_case(tmp_path, name: str, dtype: torch.dtype):
+    """(fused base folder, per-expert PEFT adapter folder, PEFT's merge re-fused)."""
+    model, base, fused = _base(tmp_path, CASES[name][0], dtype)
+    block, *names = OLD_NAMES[name]
+    layers = model.config.num_hidden_layers
+    old = _per_expert_model(fused, layers, block, tuple(names))
+    peft_model = get_peft_model(old, LoraConfig(r=2, lora_alpha=6, target_modules=names))
+    adapter = _trained(peft_model, tmp_path, seed=7)
+    merged = peft_model.merge_and_unload().model.layers
+    expected = dict(fused)
+    for layer in range(layers):
+        experts = getattr(merged[layer], block).experts
+        gate, up, down = ([getattr(x, n).weight.detach() for x in experts] for n in names)
+        stem = f"model.layers.{layer}.mlp.experts"
+        expected[f"{stem}.gate_up_proj"] = torch.stack([torch.cat(p) for p in zip(gate, up)])
+        expected[f"{stem}.down_proj"] = torch.stack(down)
+    return base, adapter, expected, fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(OLD_NAMES))
+def test_per_expert_loras_fold_into_the_fused_slices(name, dtype, tmp_path):
+    base, adapter, expected, fused = _per_expert_case(tmp_path, name, dtype)
+    at.merge(base, [adapter], tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(merged) == sorted(fused)
+    for key, tensor in merged.items():
+        assert torch.equal(tensor, expected[key]), key               # bit for bit
+        assert torch.equal(tensor, fused[key]) == (".experts." not in key), key
+    outcome = run_cli("validate", base, adapter, "--merged", tmp_path / "out", "--json")
+    assert outcome.code == 0, outcome.stderr
+    assert json.loads(outcome.stdout)["passed"]
+
+
+def test_per_expert_loras_for_fewer_experts_are_refused(tmp_path):
+    base, adapter, _, _ = _per_expert_case(tmp_path, "qwen3-moe", torch.float32)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".experts.3." not in k},
+              adapter / "adapter_model.safetensors")
+    outcome = run_cli("merge", base, adapter, "--out", tmp_path / "out")
+    assert outcome.code == 1
+    assert re.search(r"experts\.(gate_up|down)_proj: the adapter .* has \w+ LoRAs for 3 "
+                     r"expert\(s\) \(0\.\.2\) but the base fuses 4", outcome.stderr)
+    assert outcome.stderr.count("\n") == 1                           # one line
+    assert not (tmp_path / "out").exists()

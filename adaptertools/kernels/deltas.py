@@ -61,7 +61,8 @@ from typing import Literal
 import torch
 
 from ..adapter import LoraWeight
-from .param_lora import ParamLoraWeight, param_delta, param_norm
+from . import param_lora
+from .param_lora import ExpertSlices, ParamLoraWeight
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ LOKR = DeltaKind("lokr", "LOKR", False, "kron(w1, w2) * scale")
 # PEFT target_parameters (kernels/param_lora.py): one B_e @ A_e per expert of a fused tensor
 PARAM = DeltaKind("target_parameters LoRA", "LORA", False,
                   "scale * B_e @ A_e for each expert e of an nn.Parameter")
+SLICES = DeltaKind("per-expert LoRA slices", "LORA", False,
+                   "scale * B @ A of each expert's own Linear, in its rows of a fused tensor")
 
 
 class _DenseShaped:
@@ -381,7 +384,7 @@ def conv_delta(a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, ...]) 
 
 # -- the protocol --------------------------------------------------------------------------------
 
-Delta = LoraWeight | LohaWeight | LokrWeight | ParamLoraWeight
+Delta = LoraWeight | LohaWeight | LokrWeight | ParamLoraWeight | ExpertSlices
 
 
 def kind(w: Delta) -> DeltaKind:
@@ -389,6 +392,8 @@ def kind(w: Delta) -> DeltaKind:
         return LORA
     if isinstance(w, ParamLoraWeight):
         return PARAM
+    if isinstance(w, ExpertSlices):
+        return SLICES
     return kind_of(w)
 
 
@@ -403,7 +408,9 @@ def delta(w: Delta, dtype: torch.dtype = torch.float32, factor: float = 1.0) -> 
     if isinstance(w, LoraWeight):
         return lora_delta(w, dtype, factor)
     if isinstance(w, ParamLoraWeight):
-        return param_delta(w, dtype, factor).reshape(w.shape)
+        return param_lora.param_delta(w, dtype, factor).reshape(w.shape)
+    if isinstance(w, ExpertSlices):
+        return param_lora.slices_delta(w, dtype, factor).reshape(w.shape)
     full = loha_delta(w, dtype, factor) if isinstance(w, LohaWeight) else \
         lokr_delta(w, dtype, factor)
     return full.reshape(w.shape)
@@ -431,7 +438,9 @@ def norm(w: Delta, factor: float = 1.0) -> float:
     if isinstance(w, LokrWeight):
         return lokr_norm(w, factor)
     if isinstance(w, ParamLoraWeight):
-        return param_norm(w, factor)
+        return param_lora.param_norm(w, factor)
+    if isinstance(w, ExpertSlices):
+        return param_lora.slices_norm(w, factor)
     if w.layer == "conv" and not _pointwise_conv(w.weight_shape):
         return float(torch.linalg.norm(lora_delta(w, torch.float64, factor)))
     return math.sqrt(max(_lowrank_sq_norm(w.b, w.a), 0.0)) * abs(_scaled(w.scale, factor))

@@ -113,3 +113,56 @@ def param_norm(w: ParamLoraWeight, factor: float = 1.0) -> float:
     sq = float(((b3.transpose(1, 2) @ b3) * (a3 @ a3.transpose(1, 2))).sum())
     scale = w.scale * factor if factor != 1.0 else w.scale
     return math.sqrt(max(sq, 0.0)) * abs(scale)
+
+
+# -- per-expert 2-D LoRAs on a fused expert tensor (the unsloth-zoo#885 case) --------------------
+
+@dataclass(frozen=True)
+class ExpertSlices:
+    """Per-expert 2-D LoRAs (an adapter trained where experts were separate Linear modules,
+    ``mlp.experts.{e}.gate_proj``) laid onto one fused tensor stored (E, d1, d2): each piece is
+    (expert e, first row r0, a linear LoraWeight (rows, d2)) and changes ``W[e, r0:r0+rows]``
+    only (merging/expert_slices.py places them). The delta is zero elsewhere, so the usual
+    ``(W + delta)`` rounded once is, slice by slice, the per-module Linear merge PEFT made."""
+
+    pieces: tuple[tuple[int, int, object], ...]
+    weight_shape: tuple[int, ...]
+    magnitude = None
+    bias = None
+    layer = "expert slices"
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.weight_shape[0]), math.prod(self.weight_shape[1:])
+
+    @property
+    def outputs(self) -> int:
+        return self.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return max(int(w.rank) for _, _, w in self.pieces)
+
+
+def slices_delta(w: ExpertSlices, dtype: torch.dtype = torch.float32,
+                 factor: float = 1.0) -> torch.Tensor:
+    """The stored-shape delta: each piece's ``scale * B @ A`` (as PEFT's Linear computes it,
+    kernels/deltas.py lora_delta) in its expert's rows, zero elsewhere."""
+    from .deltas import lora_delta
+
+    out = torch.zeros(w.weight_shape, dtype=dtype)
+    for expert, row, piece in w.pieces:
+        part = lora_delta(piece, dtype, factor)                           # (rows, d2)
+        out[expert, row:row + part.shape[0]] += part
+    return out
+
+
+def slices_norm(w: ExpertSlices, factor: float = 1.0) -> float:
+    """``||delta||_F``: the pieces are disjoint blocks, so the root of their squared norms."""
+    from .deltas import norm
+
+    return math.sqrt(sum(norm(piece, factor) ** 2 for _, _, piece in w.pieces))

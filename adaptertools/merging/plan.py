@@ -298,6 +298,9 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
     known = dict(entries, **({LM_HEAD: lm_head_entry} if add_lm_head else {}))
     if encoded is not None:         # encoded weights in their unencoded shapes and float names
         known = encoded.logical(known)
+    from .expert_slices import fold_per_expert     # per-expert LoRAs onto fused experts
+
+    adapters = [fold_per_expert(a, known, n) for a, n in zip(adapters, names)]
 
     relaid: list[str] = []
 

@@ -1,0 +1,93 @@
+"""Per-expert 2-D LoRAs merged into a fused expert tensor (the unsloth-zoo#885 case): an adapter
+trained where each expert was its own Linear (transformers 4: ``mlp.experts.{e}.gate_proj`` /
+``up_proj`` / ``down_proj``, Mixtral's ``block_sparse_moe.experts.{e}.w1`` / ``w3`` / ``w2``),
+merged into a transformers-5 checkpoint that stores the experts fused.
+
+The fused layout is transformers 5's own conversion (transformers/conversion_mapping.py,
+qwen2_moe / qwen3_moe / mixtral ...): ``MergeModulelist(dim=0)`` stacks the experts and
+``Concatenate(dim=1)`` puts gate before up, so
+  gate_up_proj (E, 2*inter, hidden): [e, :inter] = expert e's gate_proj (w1), [e, inter:] its
+  up_proj (w3); down_proj (E, hidden, inter): [e] = expert e's down_proj (w2).
+Each LoRA thus changes its own rows of one expert (kernels/param_lora.py ``ExpertSlices``), and
+the merge of those rows is the Linear merge PEFT made of that module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from ..errors import FormatError, UnsupportedError
+
+PER_EXPERT = re.compile(r"^(?P<stem>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|"
+                        r"down_proj|w1|w3|w2)\.weight$")
+# per-expert module -> (fused parameter, which half of its rows: 0 first, 1 second, None all)
+FUSED = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0),
+         "up_proj": ("gate_up_proj", 1), "w3": ("gate_up_proj", 1),
+         "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
+RENAMED = (("block_sparse_moe.", "mlp."),)     # transformers 5's Mixtral module rename
+
+
+def _fused_name(stem: str, param: str, known) -> str | None:
+    for old, new in ((None, None), *RENAMED):
+        name = f"{stem.replace(old, new) if old else stem}.{param}"
+        if name in known and len(known[name].shape) == 3:
+            return name
+    return None
+
+
+def fold_per_expert(adapter, known: dict, adapter_name: str):
+    """``adapter`` with its per-expert 2-D LoRAs that have no base tensor of their own gathered
+    into one ``ExpertSlices`` per fused base tensor; itself when it has none."""
+    from ..adapter import LoraWeight
+    from ..kernels.param_lora import ExpertSlices
+
+    groups: dict[str, list] = {}
+    kept = {}
+    for name, w in adapter.weights.items():
+        match = PER_EXPERT.match(name)
+        fused = None if match is None or name in known else \
+            _fused_name(match["stem"], FUSED[match["proj"]][0], known)
+        if fused is None:
+            kept[name] = w
+            continue
+        if not isinstance(w, LoraWeight) or w.layer != "linear" or w.magnitude is not None \
+                or w.bias is not None:
+            raise UnsupportedError(f"{name} (adapter {adapter_name}): only a plain LoRA of one "
+                                   f"expert folds into the fused {fused}; this is a "
+                                   f"{getattr(w, 'layer', type(w).__name__)} delta"
+                                   f"{' with DoRA' if w.magnitude is not None else ''}; merge "
+                                   "it into a checkpoint with separate expert modules")
+        groups.setdefault(fused, []).append((int(match["e"]), match["proj"], name, w))
+    if not groups:
+        return adapter
+    for fused, members in groups.items():
+        kept[fused] = ExpertSlices(tuple(_piece(fused, known[fused].shape, m, adapter_name)
+                                         for m in sorted(members)), tuple(known[fused].shape))
+        _check_experts(fused, known[fused].shape[0], members, adapter_name)
+    return replace(adapter, weights=kept)
+
+
+def _piece(fused: str, shape, member, adapter_name: str):
+    expert, proj, name, w = member
+    half = FUSED[proj][1]
+    rows = shape[1] if half is None else shape[1] // 2
+    if tuple(w.shape) != (rows, shape[2]) or (half is not None and shape[1] % 2):
+        raise FormatError(f"{name} (adapter {adapter_name}): LoRA delta {tuple(w.shape)} does "
+                          f"not fit {'a half of ' if half is not None else ''}expert {expert} "
+                          f"of the fused {fused} {tuple(shape)}; is the adapter for another "
+                          "model?")
+    return expert, 0 if half is None else half * rows, w
+
+
+def _check_experts(fused: str, experts: int, members, adapter_name: str) -> None:
+    """Every per-expert module the adapter has must cover the base's experts exactly."""
+    by_proj: dict[str, set[int]] = {}
+    for expert, proj, _, _ in members:
+        by_proj.setdefault(proj, set()).add(expert)
+    for proj, seen in by_proj.items():
+        if seen != set(range(experts)):
+            raise FormatError(f"{fused}: the adapter {adapter_name} has {proj} LoRAs for "
+                              f"{len(seen)} expert(s) (0..{max(seen)}) but the base fuses "
+                              f"{experts}; the adapter is for a model with another expert "
+                              "count")
