@@ -48,7 +48,7 @@ from helpers.quantized_bases import (
     scaled_lora,
     tiny_gpt_oss,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adaptertools as at
 from adaptertools.codecs import mxfp4
@@ -309,23 +309,31 @@ def expert_lora(decoded, folder, rel: float):
     peft.save_pretrained(folder)
 
 
-def test_expert_lora_merge_keeps_mxfp4(case, tmp_path):
+@pytest.fixture(scope="module")
+def experts(case, tmp_path_factory):
+    """The folder of a 2% target_parameters LoRA on the experts (skips while adaptertools
+    cannot read one)."""
+    from adaptertools.errors import AdapterToolsError
+
+    folder = tmp_path_factory.mktemp("mxfp4_experts") / "experts"
+    expert_lora(case[1], folder, REL)
+    try:
+        at.load(folder)
+    except AdapterToolsError as e:
+        pytest.skip(f"target_parameters adapters are not read yet: {e}")
+    return folder
+
+
+def test_expert_lora_merge_keeps_mxfp4(case, experts, tmp_path):
     """A PEFT target_parameters LoRA on the fused experts (gate_up_proj, down_proj): the merged
     experts are our encoder's bytes of PEFT's fp32 merge_and_unload of the decoded base."""
     from peft import PeftModel
 
-    from adaptertools.errors import AdapterToolsError
-
     root, decoded, _ = case
-    expert_lora(decoded, tmp_path / "experts", REL)
-    try:
-        at.load(tmp_path / "experts")
-    except AdapterToolsError as e:
-        pytest.skip(f"target_parameters adapters are not read yet: {e}")
-    report = at.merge(root / "base", [tmp_path / "experts"], tmp_path / "out")
+    report = at.merge(root / "base", [experts], tmp_path / "out")
     rows = report["survival"]["rows"]
     assert len(rows) == 4 and {r["type"] for r in rows} == {"MXFP4"}
-    merged = PeftModel.from_pretrained(float_gpt_oss(decoded), tmp_path / "experts") \
+    merged = PeftModel.from_pretrained(float_gpt_oss(decoded), experts) \
         .merge_and_unload().state_dict()
     stored = load_file(tmp_path / "out" / "model.safetensors")
     before = load_file(root / "base" / "model.safetensors")
@@ -347,3 +355,25 @@ def test_expert_lora_merge_keeps_mxfp4(case, tmp_path):
     # 4-bit e2m1 keeps little of a 2%-sized change: the warning names the better routes
     assert report["survival"]["median_cosine"] < 0.2                   # 0.07 seen (10%: 0.63)
     assert any("--requantize bf16" in w for w in report["warnings"]), report["warnings"]
+
+
+def test_validator_checks_mxfp4_merges(case, experts, tmp_path):
+    """adaptertools.validate on keep and --requantize bf16 outputs (attention and expert LoRAs),
+    and on a keep output with one expert byte flipped."""
+    root = case[0]
+    for adapter, requantize in ((root / "lora", "keep"), (experts, "keep"), (experts, "bf16")):
+        out = tmp_path / f"{adapter.name}-{requantize}"
+        at.merge(root / "base", [adapter], out, requantize=requantize)
+        report = at.validate(root / "base", [adapter], out)
+        assert report["passed"], [r for r in report["tensors"] if not r["passed"]][:3]
+        adapted = [r for r in report["tensors"] if r["kind"] == "adapted"]
+        want = "BF16" if adapter.name == "lora" or requantize == "bf16" else "MXFP4"
+        assert len(adapted) == (6 if adapter.name == "lora" else 4)
+        assert {r["dtype"] for r in adapted} == {want}
+    out = tmp_path / "lora-keep"
+    sd = load_file(out / "model.safetensors")
+    sd["model.layers.1.mlp.experts.down_proj_blocks"][0, 0, 0, 0] ^= 0x11
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    report = at.validate(root / "base", [root / "lora"], out)
+    assert [r["name"] for r in report["tensors"] if not r["passed"]] == \
+        ["model.layers.1.mlp.experts.down_proj_blocks"]

@@ -401,7 +401,12 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     # an encoded weight's companions (quant states, scales) change with it and are checked through it
     companions = {name for job in plan.jobs if job.group is not None
                   for name in job.group.members if name != job.group.name}
-    work = [(job, stored.get(job.name)) for job in plan.jobs if job.name not in companions]
+    # a float output (--requantize bf16) stores an encoded weight under its float name
+    # (MXFP4's X_blocks as X, compressed-tensors' X.weight_packed as X.weight)
+    renamed = {job.name: job.group.logical for job in plan.jobs
+               if job.group is not None and job.name not in stored}
+    work = [(job, stored.get(renamed.get(job.name, job.name))) for job in plan.jobs
+            if job.name not in companions]
     rows = []
 
     def check(item) -> dict:
@@ -425,7 +430,7 @@ def check_plan(plan: Plan, merged: HFBase | GGUFBase, *, stacked: bool, settings
     finally:
         base_files.close()
         merged_files.close()
-    planned = {j.name for j in plan.jobs} | companions
+    planned = {j.name for j in plan.jobs} | companions | set(renamed.values())
     rows += [{"name": n, "kind": "extra", "passed": False,
               "problem": "in the merged model but not in the base"}
              for n in sorted(stored.keys() - planned)]
@@ -450,9 +455,11 @@ def check_encoded(job: Job, entry: TensorEntry, data, merged_files: Files, *, st
         merged_group = replace(group, folder=folder,
                                members={n: stored[n] for n in group.members})
         merged, _ = merged_group.dequantized(data[1])
-        whole = group.roundtrip(evaluate(weight, terms_of(job, stacked=stacked),
+        # a fused 3-D expert weight (E, in, out) is folded as the merge does: (E, in * out)
+        flat = weight.reshape(weight.shape[0], -1)
+        whole = group.roundtrip(evaluate(flat, terms_of(job, stacked=stacked),
                                          compute=torch.float32, stacked=stacked,
-                                         store=torch.float32), state)
+                                         store=torch.float32).reshape(weight.shape), state)
     if not job.changed and whole is None:                       # only cast: exactly once
         same = _same_values(merged, weight.to(merged.dtype))
         return {"name": job.name, "kind": "untouched", "dtype": entry.dtype,
@@ -462,8 +469,9 @@ def check_encoded(job: Job, entry: TensorEntry, data, merged_files: Files, *, st
                         whole_floor=whole)
     row["dtype"] = group.type if whole is not None else entry.dtype
     if job.contributions:
-        intended = evaluate(weight, terms_of(job, stacked=stacked), compute=torch.float64,
-                            stacked=stacked) - weight.double()
+        flat = weight.reshape(weight.shape[0], -1)
+        intended = (evaluate(flat, terms_of(job, stacked=stacked), compute=torch.float64,
+                             stacked=stacked) - flat.double()).reshape(weight.shape)
         row["survival"] = survival(weight, merged, intended)
     return row
 
