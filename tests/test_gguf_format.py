@@ -273,7 +273,7 @@ def _unknown_arch(tmp: Path, arch_dirs):
                                                   "model_type": "foo"}))
     _, adapter = arch_dirs["llama"]
     return ([adapter, tmp / "out.gguf", "--to", "gguf", "--base", base], UnsupportedError,
-            ["FooForCausalLM", "not supported"])
+            ["architecture FooForCausalLM: no GGUF mapping; supported:"])
 
 
 def _gguf_with(tmp: Path, arch_dirs, edit) -> Path:

@@ -17,9 +17,9 @@ scales, the folds, the HF names and the base's head counts are also stored under
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import math
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,20 @@ from ..adapter import Adapter, LoraWeight, check_cast, check_weight
 from ..dtypes import OPTION_DTYPES, OPTION_NAMES, SAME_WIDTH_INTS
 from ..errors import FormatError, OptionError, UnsupportedError
 from .accounting import check_factors, invocation_tokens
+from .names import (
+    BaseInfo,
+    field_value,
+    gguf_to_hf_name,
+    hf_to_gguf_name,
+    inverse_order,
+    open_gguf,
+    permute_rows,
+    qkv_row_order,
+    read_base_tensor,
+    rope_heads,
+    unpermute_rows,
+)
 from .peft_keys import base_layer_layout
-from .names import (BaseInfo, field_value, gguf_to_hf_name, hf_to_gguf_name, open_gguf,
-                    permute_rows, read_base_tensor, rope_heads, unpermute_rows)
 
 DESCRIPTION = "llama.cpp GGUF LoRA adapter (needs --base for foreign files and for writing)"
 SNIFF_ORDER = 20
@@ -96,6 +107,9 @@ def to_gguf_factors(name: str, w: LoraWeight, base: BaseInfo) -> tuple[torch.Ten
     heads = rope_heads(name, base)
     if heads is not None:
         b = permute_rows(b, heads)              # rows of the delta are rows of B
+    order = qkv_row_order(name, base, int(b.shape[0]))
+    if order is not None:                       # fused q/k/v regrouped: B's rows move
+        b = b[order]
     return a, b
 
 
@@ -107,6 +121,9 @@ def from_gguf_factors(hf_name: str, gguf_name: str, lora_a: torch.Tensor, lora_b
     heads = rope_heads(hf_name, base)
     if heads is not None:
         lora_b = unpermute_rows(lora_b, heads)
+    order = qkv_row_order(hf_name, base, int(lora_b.shape[0]))
+    if order is not None:
+        lora_b = lora_b[inverse_order(order)]
     if base.arch == "gpt2" and not hf_name.endswith(("wte.weight", "lm_head.weight")):
         return lora_b.T, lora_a.T, "conv1d"
     return lora_a, lora_b, "linear"

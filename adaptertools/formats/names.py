@@ -25,36 +25,76 @@ import torch
 from .._io import read_json, require_exists
 from ..errors import FormatError, UnsupportedError
 
-# HF architecture class -> llama.cpp architecture (``@ModelBase.register`` in conversion/*.py:
-# llama.py registers Llama and Mistral on LlamaModel, qwen.py Qwen2 / Qwen3, gemma.py Gemma2 /
-# Gemma3, phi.py Phi3, gpt2.py GPT2LMHeadModel).
+# HF architecture class -> llama.cpp architecture (``@ModelBase.register`` in conversion/*.py),
+# one row per class, naming the llama.cpp model class whose ``modify_tensors`` the factor
+# transforms below follow.
 HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Phi3ForCausalLM": "phi3",
-    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",          # llama.py LlamaModel (RoPE permute)
+    "MistralForCausalLM": "llama",        # llama.py LlamaModel (RoPE permute)
+    "Qwen2ForCausalLM": "qwen2",          # qwen.py Qwen2Model
+    "Qwen3ForCausalLM": "qwen3",          # qwen.py Qwen3Model
+    "Gemma2ForCausalLM": "gemma2",        # gemma.py Gemma2Model (norm +1: norms only)
+    "Gemma3ForCausalLM": "gemma3",        # gemma.py Gemma3Model (norm +1: norms only)
+    "Phi3ForCausalLM": "phi3",            # phi.py Phi3MiniModel (fused qkv / gate_up as stored)
+    "GPT2LMHeadModel": "gpt2",            # gpt2.py GPT2Model (Conv1D transposed)
+    "GemmaForCausalLM": "gemma",          # gemma.py GemmaModel (norm +1: norms only, lm_head dropped)
+    "Starcoder2ForCausalLM": "starcoder2",  # starcoder.py StarCoder2Model (no transform)
+    "OlmoForCausalLM": "olmo",            # olmo.py OlmoModel (its own copy of LlamaModel.permute)
+    "Olmo2ForCausalLM": "olmo2",          # olmo.py Olmo2Model (no transform)
+    "GraniteForCausalLM": "granite",      # granite.py GraniteModel(LlamaModel) (RoPE permute)
+    "StableLmForCausalLM": "stablelm",    # stablelm.py StableLMModel (q/k norms stacked: norms only)
+    "PhiForCausalLM": "phi2",             # phi.py Phi2Model (no transform)
+    "GPTNeoXForCausalLM": "gptneox",      # gptneox.py GPTNeoXModel (qkv rows regrouped, below)
+    "FalconForCausalLM": "falcon",        # falcon.py FalconModel (qkv rows regrouped, below)
+    "CohereForCausalLM": "command-r",     # command_r.py CommandR2Model (no transform)
+    "SmolLM3ForCausalLM": "smollm3",      # llama.py SmolLM3Model(LlamaModel) (RoPE permute)
+    "Exaone4ForCausalLM": "exaone4",      # exaone.py Exaone4Model (no transform)
+    # qwen.py Qwen2MoeModel: attention, shared expert and its gate as stored; the routed experts
+    # (fused 3-D tensors in llama.cpp) are not mapped, so a LoRA on them is refused by name
+    "Qwen2MoeForCausalLM": "qwen2moe",
 }
 # transformers' default of ``tie_word_embeddings`` per model_type, for configs that omit it.
 TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
-                   "gemma2": True, "gemma3_text": True, "gemma3": True, "phi3": False, "gpt2": True}
-# llama.cpp permutes q/k rows for RoPE (conversion/llama.py, LlamaModel.modify_tensors,
-# ``undo_permute`` True); Qwen, Gemma, Phi3 and GPT-2 converters do not.
-ROPE_PERMUTED_ARCHS = frozenset({"llama"})
+                   "gemma2": True, "gemma3_text": True, "gemma3": True, "phi3": False, "gpt2": True,
+                   "gemma": True, "starcoder2": True, "olmo": False, "olmo2": False,
+                   "granite": False, "stablelm": False, "phi": False, "gpt_neox": False,
+                   "falcon": True, "cohere": True, "smollm3": True, "exaone4": False,
+                   "qwen2_moe": False}
+# llama.cpp permutes q/k rows for RoPE (``LlamaModel.permute``, ``undo_permute`` True in
+# conversion/llama.py LlamaModel and its subclasses GraniteModel and SmolLM3Model; OlmoModel
+# calls it itself); the other converters store q/k as HF does.
+ROPE_PERMUTED_ARCHS = frozenset({"llama", "granite", "smollm3", "olmo"})
 # GPT-2 Conv1D tensors llama.cpp transposes (conversion/gpt2.py).
 TRANSPOSED_ARCHS = frozenset({"gpt2"})
+# Fused query_key_value rows llama.cpp regroups as all q, then all k, then all v (a row
+# permutation, so B alone moves): GPTNeoXModel.modify_tensors reshapes the rows as
+# (n_head, 3, head_dim); FalconModel.modify_tensors as (n_head_kv, n_head / n_head_kv + 2,
+# head_dim), each kv group holding its q heads, then one k and one v.
+FUSED_QKV_ROWS = {"gptneox": "per_head", "falcon": "per_kv_group"}
+# llama.cpp's FalconModel reads n_head_kv from num_kv_heads / n_head_kv, else 1 (multi-query)
+KV_HEADS_DEFAULT_ONE = frozenset({"falcon"})
 # The HF naming each architecture's transformers class uses; picks one of gguf-py's many HF
 # aliases when mapping GGUF names back and no base checkpoint names are at hand.
+_LLAMA_NAMING = (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)"
+                 r"|embed_tokens)|lm_head")
 HF_NAMING = {
-    "llama": (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)"
-              r"|embed_tokens)|lm_head"),
+    "llama": _LLAMA_NAMING,
     "gpt2": r"transformer\.(h\.\d+\.(attn\.c_(attn|proj)|mlp\.c_(fc|proj))|wte|wpe)|lm_head",
+    "starcoder2": (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.c_(fc|proj))"
+                   r"|embed_tokens)|lm_head"),
+    "phi2": (r"model\.(layers\.\d+\.(self_attn\.((q|k|v)_proj|dense)|mlp\.fc(1|2))"
+             r"|embed_tokens)|lm_head"),
+    "gptneox": (r"gpt_neox\.(layers\.\d+\.(attention\.(query_key_value|dense)"
+                r"|mlp\.dense_(h_to_4h|4h_to_h))|embed_in)|embed_out"),
+    "falcon": (r"transformer\.(h\.\d+\.(self_attention\.(query_key_value|dense)"
+               r"|mlp\.dense_(h_to_4h|4h_to_h))|word_embeddings)|lm_head"),
+    "qwen2moe": (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
+                 r"|mlp\.shared_expert\.(gate|up|down)_proj|mlp\.shared_expert_gate)"
+                 r"|embed_tokens)|lm_head"),
 }
-for _arch in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
-    HF_NAMING[_arch] = HF_NAMING["llama"]
+for _arch in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gemma", "olmo", "olmo2", "granite",
+              "stablelm", "command-r", "smollm3", "exaone4"):
+    HF_NAMING[_arch] = _LLAMA_NAMING
 
 
 @dataclass(frozen=True)
@@ -97,6 +137,13 @@ class BaseInfo:
 
 # ----------------------------------------------------------------------------- base info
 
+def unsupported_message(arch: str) -> str:
+    """The one refusal for an architecture without a row above (HF class or llama.cpp name)."""
+    return (f"architecture {arch}: no GGUF mapping; supported: "
+            f"{', '.join(sorted(set(HF_ARCHITECTURES.values())))} "
+            f"(HF {', '.join(HF_ARCHITECTURES)})")
+
+
 def load_base_info(path: str | Path) -> BaseInfo:
     """From an HF model folder, its config.json, or a GGUF model file."""
     path = require_exists(path)
@@ -114,8 +161,8 @@ def _base_info_from_config(config: dict, where: Path, folder: Path) -> BaseInfo:
     architectures = config.get("architectures") or []
     known = [a for a in architectures if a in HF_ARCHITECTURES]
     if not known:
-        raise UnsupportedError(f"{where}: architecture {architectures or config.get('model_type')} "
-                               f"is not supported for GGUF; supported: {', '.join(HF_ARCHITECTURES)}")
+        shown = ", ".join(architectures) if architectures else config.get("model_type")
+        raise UnsupportedError(f"{where}: {unsupported_message(shown)}")
     text = config.get("text_config") or config
 
     def field(*names, default=None):
@@ -130,9 +177,12 @@ def _base_info_from_config(config: dict, where: Path, folder: Path) -> BaseInfo:
     model_type = config.get("model_type", "")
     tied = config.get("tie_word_embeddings", TIED_BY_DEFAULT.get(model_type, True))
     shapes = _header_shapes(folder)
-    return BaseInfo(arch=HF_ARCHITECTURES[known[0]],
+    arch = HF_ARCHITECTURES[known[0]]
+    kv_default = 1 if arch in KV_HEADS_DEFAULT_ONE else n_head
+    return BaseInfo(arch=arch,
                     n_blocks=int(field("num_hidden_layers", "n_layer")), n_head=n_head,
-                    n_head_kv=int(field("num_key_value_heads", default=n_head)),
+                    n_head_kv=int(field("num_key_value_heads", "num_kv_heads", "n_head_kv",
+                                        default=kv_default)),
                     tied_embeddings=bool(tied), hf_shapes=shapes, source=str(where),
                     weights_folder=str(folder) if shapes is not None else None)
 
@@ -171,6 +221,8 @@ def base_info_from_gguf(reader, path: Path) -> BaseInfo:
     arch = field_value(reader, "general.architecture")
     if field_value(reader, "general.type", "model") == "adapter":
         raise FormatError(f"{path}: is a GGUF adapter, not a model; --base takes the base model")
+    if arch not in HF_NAMING:
+        raise UnsupportedError(f"{path}: {unsupported_message(arch)}")
 
     def number(key: str, default=None):
         value = field_value(reader, f"{arch}.{key}", default)
@@ -225,11 +277,8 @@ def _tensor_map_for(arch: str, n_blocks: int):
     import gguf
 
     arch_ids = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
-    if arch not in arch_ids:
-        raise UnsupportedError(f"architecture {arch!r} is unknown to gguf-py")
-    if arch not in HF_NAMING:
-        raise UnsupportedError(f"architecture {arch!r} is not supported for GGUF adapters "
-                               f"yet; supported: {', '.join(sorted(HF_NAMING))}")
+    if arch not in arch_ids or arch not in HF_NAMING:
+        raise UnsupportedError(unsupported_message(arch))
     return gguf.get_tensor_name_map(arch_ids[arch], n_blocks)
 
 
@@ -281,6 +330,33 @@ def rope_heads(hf_name: str, base: BaseInfo) -> int | None:
     if hf_name.endswith("k_proj.weight"):
         return base.n_head_kv
     return None
+
+
+def qkv_row_order(hf_name: str, base: BaseInfo, rows: int) -> torch.Tensor | None:
+    """For a fused query_key_value weight of an arch in FUSED_QKV_ROWS: the index ``order``
+    with GGUF row ``j`` = HF row ``order[j]`` (all q heads, then all k, then all v); else None.
+
+    gptneox (GPTNeoXModel): HF rows (n_head, 3, head_dim) -> the three slices [:, i].
+    falcon (FalconModel): HF rows (n_head_kv, n_head / n_head_kv + 2, head_dim): per kv group
+    its q heads, one k, one v -> q of every group, then k, then v."""
+    layout = FUSED_QKV_ROWS.get(base.arch)
+    if layout is None or not hf_name.endswith("query_key_value.weight"):
+        return None
+    groups, per = ((base.n_head, 3) if layout == "per_head"
+                   else (base.n_head_kv, base.n_head // max(base.n_head_kv, 1) + 2))
+    if base.n_head_kv < 1 or rows % (groups * per):
+        raise FormatError(f"{hf_name}: {rows} fused q/k/v rows cannot be split into {groups} "
+                          f"groups of {per} heads; the adapter does not fit this base (check --base)")
+    index = torch.arange(rows).reshape(groups, per, rows // groups // per)
+    if layout == "per_head":
+        return index.transpose(0, 1).reshape(-1)
+    return torch.cat([index[:, :-2].reshape(-1), index[:, -2].reshape(-1),
+                      index[:, -1].reshape(-1)])
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """``inverse`` with ``x[order][inverse] == x``."""
+    return torch.argsort(order)
 
 
 def permute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:

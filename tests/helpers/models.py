@@ -120,3 +120,39 @@ class TinyLinearConv(torch.nn.Module):
         self.lin = torch.nn.Linear(64, 48)
         self.c2 = torch.nn.Conv2d(16, 32, 3)
         self.out = torch.nn.Linear(48, 40)
+
+
+# Architectures llama.cpp's convert_lora_to_gguf.py handles beyond GGUF_ARCHS (issue 19):
+# name -> (transformers model class, config class, config kwargs beyond ``ARCH_SMALL``)
+ARCH_SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+              "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+MORE_GGUF_ARCHS = {
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", {"head_dim": 16}),
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", {}),
+    "olmo": ("OlmoForCausalLM", "OlmoConfig", {}),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", {}),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", {}),
+    "phi": ("PhiForCausalLM", "PhiConfig", {}),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),
+    # the new decoder layout with 2 kv groups of 2 q heads: llama.cpp regroups its fused rows
+    "falcon": ("FalconForCausalLM", "FalconConfig", {"new_decoder_architecture": True,
+                                                     "num_kv_heads": 2}),
+    "cohere": ("CohereForCausalLM", "CohereConfig", {}),
+    "smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", {}),
+    "exaone4": ("Exaone4ForCausalLM", "Exaone4Config", {}),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48}),
+}
+
+
+def make_arch_model(arch: str) -> torch.nn.Module:
+    """A tiny seeded transformers model of MORE_GGUF_ARCHS[arch], float32, eval mode."""
+    import transformers as tf
+
+    model_cls, config_cls, extra = MORE_GGUF_ARCHS[arch]
+    torch.manual_seed(4321)
+    config = getattr(tf, config_cls)(**ARCH_SMALL, **extra)
+    return getattr(tf, model_cls)(config).float().eval()
