@@ -54,11 +54,11 @@ def _mixtral():
         num_experts_per_tok=2))
 
 
-def _gpt_oss():
+def _gpt_oss(intermediate: int = 6):
     from transformers import GptOssConfig, GptOssForCausalLM
 
     return GptOssForCausalLM(GptOssConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=6, num_hidden_layers=1,
+        vocab_size=64, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=3,
         num_experts_per_tok=2, layer_types=["full_attention"]))
 
@@ -72,6 +72,9 @@ CASES = {
     "mixtral": (_mixtral, lambda: LoraConfig(r=3, lora_alpha=4, use_rslora=True,
                                              target_parameters=EXPERTS)),
     "gpt-oss": (_gpt_oss, lambda: LoraConfig(r=2, lora_alpha=2, target_parameters=EXPERTS)),
+    # gate_up_proj (E, 16, 2*8) square: only config.json's model_type says it is (E, in, out)
+    "gpt-oss-square": (lambda: _gpt_oss(8),
+                       lambda: LoraConfig(r=2, lora_alpha=2, target_parameters=EXPERTS)),
 }
 
 
@@ -81,7 +84,8 @@ def _base(tmp_path, make, dtype: torch.dtype):
     model = make().to(dtype)
     base = tmp_path / "base"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    model_type = getattr(getattr(model, "config", None), "model_type", "tiny")
+    (base / "config.json").write_text(json.dumps({"model_type": model_type}))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, base / "model.safetensors")
     return model, base, state

@@ -125,6 +125,11 @@ def _check_kinds(terms: dict[str, list[Term]], names: list[str], options: Option
 
     for name, group in terms.items():
         for t in group:
+            if t.lora.layer == "param":      # PEFT target_parameters (formats/peft_params.py)
+                raise UnsupportedError(
+                    f"{name}: {names[t.adapter]} is a {kind(t.lora).name} (one LoRA per expert "
+                    "of a fused tensor), which combine does not re-factor yet; merge it into "
+                    "its base (adaptertools merge)")
             if not exactly_low_rank(t.lora) and options.method == "cat":
                 raise UnsupportedError(
                     f"{name}: {names[t.adapter]} is a {kind(t.lora).name} delta "

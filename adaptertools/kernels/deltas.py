@@ -330,6 +330,9 @@ def rank_bound(w: LohaWeight | LokrWeight) -> int:
     rank of a Kronecker product (PEFT's Conv1d layout permutes rows and columns only).
     """
     out, cols = w.weight_shape[0], math.prod(w.weight_shape[1:])
+    if isinstance(w, (ParamLoraWeight, ExpertSlices)):
+        # the 2-D view (E, d1 * d2) has E rows; a 2-D parameter's LoRA is B @ A, rank r
+        return min(out, cols, w.rank) if getattr(w, "num_experts", 0) == 1 else min(out, cols)
     if isinstance(w, LohaWeight):
         inner = w.w1_b.shape[0] * w.w2_b.shape[0]
     else:
@@ -410,7 +413,7 @@ def delta(w: Delta, dtype: torch.dtype = torch.float32, factor: float = 1.0) -> 
     if isinstance(w, ParamLoraWeight):
         return param_lora.param_delta(w, dtype, factor).reshape(w.shape)
     if isinstance(w, ExpertSlices):
-        return param_lora.slices_delta(w, dtype, factor).reshape(w.shape)
+        return param_lora.slices_delta(w, lora_delta, dtype, factor).reshape(w.shape)
     full = loha_delta(w, dtype, factor) if isinstance(w, LohaWeight) else \
         lokr_delta(w, dtype, factor)
     return full.reshape(w.shape)
@@ -440,7 +443,7 @@ def norm(w: Delta, factor: float = 1.0) -> float:
     if isinstance(w, ParamLoraWeight):
         return param_lora.param_norm(w, factor)
     if isinstance(w, ExpertSlices):
-        return param_lora.slices_norm(w, factor)
+        return param_lora.slices_norm(w, norm, factor)
     if w.layer == "conv" and not _pointwise_conv(w.weight_shape):
         return float(torch.linalg.norm(lora_delta(w, torch.float64, factor)))
     return math.sqrt(max(_lowrank_sq_norm(w.b, w.a), 0.0)) * abs(_scaled(w.scale, factor))

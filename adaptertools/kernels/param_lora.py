@@ -27,6 +27,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+# model types whose experts module is ``@use_experts_implementation(is_transposed=True)``, i.e.
+# stored (E, in, out) (transformers 5.25: models/gpt_oss, aria, ergo, openai_privacy_filter):
+# where in == out only the architecture tells the layout
+TRANSPOSED_EXPERTS = ("gpt_oss", "aria", "aria_text", "ergo", "openai_privacy_filter")
+
 
 @dataclass(frozen=True)
 class ParamLoraWeight:
@@ -65,6 +70,11 @@ class ParamLoraWeight:
     @property
     def outputs(self) -> int:
         return self.shape[0]
+
+    def for_model(self, model_type: str) -> ParamLoraWeight:
+        """This LoRA in the layout of ``model_type``'s experts (TRANSPOSED_EXPERTS)."""
+        transposed = self.num_experts > 1 and model_type in TRANSPOSED_EXPERTS
+        return self if transposed == self.transposed else replace(self, transposed=transposed)
 
     def laid_on(self, shape: tuple[int, ...]) -> ParamLoraWeight:
         """This LoRA in the base tensor's own layout: a 3-D base stored (E, in, out) where
@@ -148,12 +158,10 @@ class ExpertSlices:
         return max(int(w.rank) for _, _, w in self.pieces)
 
 
-def slices_delta(w: ExpertSlices, dtype: torch.dtype = torch.float32,
+def slices_delta(w: ExpertSlices, lora_delta, dtype: torch.dtype = torch.float32,
                  factor: float = 1.0) -> torch.Tensor:
-    """The stored-shape delta: each piece's ``scale * B @ A`` (as PEFT's Linear computes it,
-    kernels/deltas.py lora_delta) in its expert's rows, zero elsewhere."""
-    from .deltas import lora_delta
-
+    """The stored-shape delta: each piece's ``scale * B @ A`` (``lora_delta``, kernels/deltas.py,
+    as PEFT's Linear computes it) in its expert's rows, zero elsewhere."""
     out = torch.zeros(w.weight_shape, dtype=dtype)
     for expert, row, piece in w.pieces:
         part = lora_delta(piece, dtype, factor)                           # (rows, d2)
@@ -161,8 +169,7 @@ def slices_delta(w: ExpertSlices, dtype: torch.dtype = torch.float32,
     return out
 
 
-def slices_norm(w: ExpertSlices, factor: float = 1.0) -> float:
-    """``||delta||_F``: the pieces are disjoint blocks, so the root of their squared norms."""
-    from .deltas import norm
-
+def slices_norm(w: ExpertSlices, norm, factor: float = 1.0) -> float:
+    """``||delta||_F``: the pieces are disjoint blocks, so the root of their squared norms
+    (``norm``: kernels/deltas.py's, per piece)."""
     return math.sqrt(sum(norm(piece, factor) ** 2 for _, _, piece in w.pieces))

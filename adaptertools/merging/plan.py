@@ -310,6 +310,8 @@ def plan_hf(base: HFBase, adapters: list[Adapter], names: list[str], factors: li
         if w is None:                       # a replacement: nothing to lay out
             return name, w
         laid = base_layer_layout(name, w, base.config.get("model_type", ""))      # PEFT's rule
+        if hasattr(laid, "for_model"):      # a target_parameters LoRA: the experts' layout
+            return name, laid.for_model(base.config.get("model_type", ""))
         if laid is not w:
             relaid.append(name)
         return name, laid
