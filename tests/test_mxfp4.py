@@ -207,7 +207,7 @@ def test_decode_encode_keeps_stored_bytes():
     assert torch.equal(realized, values)
     # one changed value: its block alone is requantized by the OCP rule
     e, row, col = 1, 10, 40                        # stored row 10, block 40 // 32 = 1
-    moved = values.clone()                         # (the state holds the decoded values)
+    moved = values.clone()
     moved[e, col, row] += 0.3
     changed, _ = mxfp4.encode(enc, moved, state)
     new_blocks, new_scales = mxfp4.quantize(moved)
@@ -347,6 +347,11 @@ def test_expert_lora_merge_keeps_mxfp4(case, experts, tmp_path):
         assert torch.equal(stored[mxfp4.scales_name(name)], scales), name
     assert (tmp_path / "out" / "model.safetensors").stat().st_size == \
         (root / "base" / "model.safetensors").stat().st_size
+    # --requantize bf16: PEFT's fp32 merge rounded once to bf16, exactly
+    at.merge(root / "base", [experts], tmp_path / "plain", requantize="bf16")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    for name in (k.removesuffix("_blocks") for k in stored if k.endswith("_blocks")):
+        assert torch.equal(plain[name], merged[name].float().to(torch.bfloat16)), name
     # transformers runs it as a float gpt-oss holding our decoded merged weights would
     model = load_transformers(tmp_path / "out", quantization_config=mxfp4_config())
     ours = our_decode(tmp_path / "out")

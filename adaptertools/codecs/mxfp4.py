@@ -97,24 +97,25 @@ def _encoding(entries, name: str) -> Encoding:
 # ----------------------------------------------------------------------------- run time
 
 def decode(encoding: Encoding, tensors) -> tuple[torch.Tensor, object]:
-    """(fp32 parameter (E, cols, rows), (blocks, scales, decoded values): the state ``encode``
-    compares blocks against)."""
+    """(fp32 parameter (E, cols, rows), (blocks, scales): the state ``encode`` compares blocks
+    against, decoded again one expert at a time rather than held as a second fp32 copy)."""
     blocks, scales = tensors[encoding.name], tensors[scales_name(encoding.name)]
     if tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise FormatError(f"{encoding.name} {list(blocks.shape)} and its scales "
                           f"{list(scales.shape)} disagree")
-    values = dequantize(blocks, scales)
-    return values, (blocks, scales, values)
+    return dequantize(blocks, scales), (blocks, scales)
 
 
 def encode(encoding: Encoding, values: torch.Tensor, state) -> tuple[dict, torch.Tensor]:
     """(the new blocks and scales, what they decode to); unchanged blocks keep their bytes."""
     blocks, scales = quantize(values)
     if state is not None:
-        old_blocks, old_scales, old_values = state
-        same = (_as_blocks(values) == _as_blocks(old_values)).all(dim=-1)     # (E, rows, G)
-        blocks = torch.where(same.unsqueeze(-1), old_blocks, blocks)
-        scales = torch.where(same, old_scales, scales)
+        old_blocks, old_scales = state
+        for e in range(values.shape[0]):
+            old = dequantize(old_blocks[e:e + 1], old_scales[e:e + 1])
+            same = (_as_blocks(values[e:e + 1]) == _as_blocks(old)).all(dim=-1)[0]   # (rows, G)
+            blocks[e] = torch.where(same.unsqueeze(-1), old_blocks[e], blocks[e])
+            scales[e] = torch.where(same, old_scales[e], scales[e])
     name = encoding.name
     return {name: blocks, scales_name(name): scales}, dequantize(blocks, scales)
 
