@@ -72,6 +72,11 @@ CASES = {
     "mixtral": (_mixtral, lambda: LoraConfig(r=3, lora_alpha=4, use_rslora=True,
                                              target_parameters=EXPERTS)),
     "gpt-oss": (_gpt_oss, lambda: LoraConfig(r=2, lora_alpha=2, target_parameters=EXPERTS)),
+    # PEFT on transformers 5 turns "all-linear" into target_modules + target_parameters
+    "qwen3-moe-all-linear": (_qwen3_moe, lambda: LoraConfig(r=2, lora_alpha=4,
+                                                            target_modules="all-linear")),
+    "mixtral-mixed": (_mixtral, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                   target_parameters=EXPERTS[1:])),
     # gate_up_proj (E, 16, 2*8) square: only config.json's model_type says it is (E, in, out)
     "gpt-oss-square": (lambda: _gpt_oss(8),
                        lambda: LoraConfig(r=2, lora_alpha=2, target_parameters=EXPERTS)),
@@ -138,7 +143,7 @@ def test_merge_equals_peft(name, dtype, tmp_path):
     assert json.loads(outcome.stdout)["passed"]
 
 
-@pytest.mark.parametrize("name", ["param-2d", "qwen3-moe", "gpt-oss"])
+@pytest.mark.parametrize("name", ["param-2d", "qwen3-moe", "gpt-oss", "qwen3-moe-all-linear"])
 def test_peft_round_trip_is_bit_exact_and_peft_merges_it(name, tmp_path):
     base, adapter, reference, make = _case(tmp_path, name, torch.float32)
     at.convert(adapter, tmp_path / "again", to="peft")

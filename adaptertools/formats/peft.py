@@ -517,7 +517,8 @@ def read(path: Path, *, base=None) -> Adapter:
     if config.get(peft_params.CONFIG_FIELD):
         state_dict, params = peft_params.split(
             state_dict, config, folder, lambda name: resolve_rank_alpha(config, name),
-            lambda alpha, r: scale_of(alpha, r, use_rslora))
+            lambda alpha, r: scale_of(alpha, r, use_rslora),
+            lambda module: targets_cover(config.get("target_modules"), module))
     accounting.check_accounted(state_dict, config, folder)
     adapter = adapter_from_state_dict(state_dict, scale_for,
                                       fan_in_fan_out=bool(config.get("fan_in_fan_out")),

@@ -33,15 +33,22 @@ REFUSED_BY_OTHER_FORMATS = ("a LoRA on a fused MoE expert tensor or an nn.Parame
                             "merge), or keep the PEFT folder")
 
 
-def _candidates(owner: str, targets: list[str]) -> list[str]:
+def _candidates(owner: str, targets: list[str], levels: int | None = None) -> list[str]:
     """The parameter names of ``owner`` that ``target_parameters`` matches, as PEFT matches
-    them (the key ``owner.p`` equals a target or ends with ``.target``)."""
-    found = []
+    them (the key ``owner.p`` equals a target or ends with ``.target``). A bare name
+    (``down_proj``, as PEFT's "all-linear" writes it) matches any module, so where the module
+    has fewer nesting ``levels`` than matches, the names that also name the module
+    (``gate.weight``) are the ones, if they are as many as the levels."""
+    found, specific = [], []
     for target in targets:
         param = target.rpartition(".")[2]
         key = f"{owner}.{param}"
         if (key == target or key.endswith("." + target)) and param not in found:
             found.append(param)
+            if "." in target:
+                specific.append(param)
+    if levels is not None and len(found) > levels and len(specific) == levels:
+        return specific
     return found
 
 
@@ -58,10 +65,13 @@ def wrap_order(owner: str, params: list[str], where) -> list[str]:
     return sorted(params, key=REGISTRATION_ORDER.index)
 
 
-def split(state_dict: dict[str, torch.Tensor], config: dict, where: Path, rank_alpha, scale_of):
+def split(state_dict: dict[str, torch.Tensor], config: dict, where: Path, rank_alpha, scale_of,
+          module_target):
     """(the state dict less the target_parameters LoRAs, {base tensor name: ParamLoraWeight}).
 
-    ``rank_alpha(name) -> (r, alpha)`` and ``scale_of(alpha, r)`` are peft.py's rules."""
+    ``rank_alpha(name) -> (r, alpha)`` and ``scale_of(alpha, r)`` are peft.py's rules;
+    ``module_target(module)``: whether ``target_modules`` covers it (its LoRA is then a
+    module's, kept in the state dict)."""
     from ..kernels.param_lora import ParamLoraWeight, check
 
     targets = config.get(CONFIG_FIELD) or []
@@ -75,13 +85,13 @@ def split(state_dict: dict[str, torch.Tensor], config: dict, where: Path, rank_a
         while owner.endswith(BASE_LAYER):
             owner, depth = owner[: -len(BASE_LAYER)], depth + 1
         if part not in ("lora_A", "lora_B") or param != "weight" or \
-                not _candidates(owner, targets):
+                (depth == 0 and module_target(owner)) or not _candidates(owner, targets):
             rest[key] = tensor
             continue
         levels.setdefault(owner, {}).setdefault(depth, {})[part] = tensor
     weights = {}
     for owner, by_depth in levels.items():
-        params = wrap_order(owner, _candidates(owner, targets), where)
+        params = wrap_order(owner, _candidates(owner, targets, len(by_depth)), where)
         if sorted(by_depth) != list(range(len(params))):
             raise FormatError(f"{where}: {owner}: LoRA factors at {len(by_depth)} nesting "
                               f"level(s) but target_parameters names {len(params)} of its "
