@@ -54,6 +54,26 @@ def _mixtral():
         num_experts_per_tok=2))
 
 
+def _deepseek_v3():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    return DeepseekV3ForCausalLM(DeepseekV3Config(   # layer 0 dense, layer 1 MoE + shared
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=6,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,
+        num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=1, topk_group=1, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=4))
+
+
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=6,
+        shared_expert_intermediate_size=10, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_experts=4, num_experts_per_tok=2))
+
+
 def _gpt_oss(intermediate: int = 6):
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -75,6 +95,12 @@ CASES = {
     # PEFT on transformers 5 turns "all-linear" into target_modules + target_parameters
     "qwen3-moe-all-linear": (_qwen3_moe, lambda: LoraConfig(r=2, lora_alpha=4,
                                                             target_modules="all-linear")),
+    "deepseek-v3-all-linear": (_deepseek_v3, lambda: LoraConfig(r=2, lora_alpha=4,
+                                                                target_modules="all-linear")),
+    # PEFT 0.21.2's all-linear leaves Qwen2-MoE's experts out: named here, with its shared expert
+    "qwen2-moe-mixed": (_qwen2_moe, lambda: LoraConfig(r=2, lora_alpha=4,
+                                                       target_modules=["gate_proj"],
+                                                       target_parameters=EXPERTS)),
     "mixtral-mixed": (_mixtral, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
                                                    target_parameters=EXPERTS[1:])),
     # gate_up_proj (E, 16, 2*8) square: only config.json's model_type says it is (E, in, out)
