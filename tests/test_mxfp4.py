@@ -31,7 +31,9 @@ scale gives. The LoRA (r=8 on q_proj, v_proj, o_proj, bf16 weights) has ||delta|
   decoded weights; survival about 0.07 (10%: 0.63) and the warning names --requantize bf16;
   --requantize bf16 is PEFT's fp32 merge rounded once to bf16, exactly; an adapter for 8
   experts is refused with one line (skipped while adaptertools cannot read such adapters);
-- adaptertools.validate passes every keep and bf16 merge above and names a flipped expert byte.
+- adaptertools.validate passes every keep and bf16 merge above and names a flipped expert byte;
+- a base sharded with the scales in the first file and the blocks in the second merges to the
+  same tensors as the single file.
 """
 
 from __future__ import annotations
@@ -391,3 +393,28 @@ def test_expert_count_mismatch_is_one_line_and_writes_nothing(case, experts, tmp
     outcome = run_cli("merge", case[0] / "base", tmp_path / "eight", "--out", out)
     assert_cli_error(outcome, [GATE_UP, "adapter delta (8, 64, 192), base (4, 64, 192)"])
     assert_nothing_written(out)
+
+
+def test_sharded_base_patches_scales_in_an_earlier_shard(case, experts, tmp_path):
+    """gpt-oss ships sharded: with every ``X_scales`` in the first shard and every ``X_blocks``
+    in the second, the new scales are written into the finished first shard (apply_left); the
+    output equals the single-file merge tensor for tensor."""
+    root = case[0]
+    stored = load_file(root / "base" / "model.safetensors")
+    base = tmp_path / "sharded"
+    base.mkdir()
+    (base / "config.json").write_text((root / "base" / "config.json").read_text())
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    parts = [{k: v for k, v in stored.items() if k.endswith("_blocks") == second}
+             for second in (False, True)]
+    for name, part in zip(names, parts):
+        save_file(part, base / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: n for n, p in zip(names, parts) for k in p}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    at.merge(root / "base", [experts], tmp_path / "one")
+    at.merge(base, [experts], tmp_path / "two")
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    two = {k: v for n in names for k, v in load_file(tmp_path / "two" / n).items()}
+    assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+    assert not torch.equal(two[S], stored[S])                         # the patch mattered
+    assert at.validate(base, [experts], tmp_path / "two")["passed"]
