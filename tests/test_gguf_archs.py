@@ -11,15 +11,14 @@ llama.cpp's file must give back PEFT's factors bit for bit. llama.cpp's converte
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from helpers.gguf_base import IDS, llama_logits, max_diff, run_llama_cpp_script
 from helpers.models import MORE_GGUF_ARCHS, make_arch_model
 from helpers.peft_adapters import perturb_trainables
 
@@ -44,45 +43,65 @@ LLAMA_CPP_ARCH = {"gemma": "gemma", "starcoder2": "starcoder2", "olmo": "olmo", 
 TRANSFORMED = {"olmo", "granite", "smollm3", "gpt_neox", "falcon"}
 
 
-# runs llama.cpp's converter once per job in one interpreter: its imports (torch, transformers,
-# gguf-py) cost more than a tiny conversion, and there are 16 of them
-DRIVER = """
-import json, runpy, sys
-script, jobs = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, script.rsplit("/", 1)[0])   # the script imports conversion/ beside it
-for argv in jobs:
-    sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
-"""
 CASES = [(a, "f32") for a in ARCHS] + [("falcon", "q8_0"), ("gpt_neox", "bf16"), ("olmo", "f16")]
 
 
+@dataclass(frozen=True)
+class Built:
+    hf_dir: Path              # save_pretrained of the float32 base
+    peft_dir: Path            # all-linear PEFT LoRA (random A and B)
+    base_logits: np.ndarray   # transformers' logits of the base on IDS, (len(IDS), vocab)
+    peft_logits: np.ndarray   # the unmerged PeftModel's
+
+
 @pytest.fixture(scope="session")
-def arch_files(tmp_path_factory, llama_cpp_converter):
-    """get(arch, outtype) -> (HF base folder, PEFT adapter folder, llama.cpp's GGUF): every
-    model and adapter built, and every case of CASES converted, once per session on first use."""
+def built(tmp_path_factory) -> dict[str, Built]:
+    """Every architecture's tiny base and adapter, built once per session."""
     from peft import LoraConfig, get_peft_model
 
-    root = tmp_path_factory.mktemp("gguf_archs")
-    folders = {}
+    root, out = tmp_path_factory.mktemp("gguf_archs"), {}
+    ids = torch.tensor([IDS])
     for arch in ARCHS:
         model = make_arch_model(arch)
         model.save_pretrained(root / f"hf_{arch}")
+        with torch.no_grad():
+            base_logits = model(ids).logits[0].double().numpy()
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                       init_lora_weights=False))
         perturb_trainables(peft_model)
         peft_model.save_pretrained(root / f"peft_{arch}")
-        folders[arch] = (root / f"hf_{arch}", root / f"peft_{arch}")
-    outputs = {case: root / f"llamacpp_{case[0]}_{case[1]}.gguf" for case in CASES}
-    jobs = [["--base", str(folders[arch][0]), "--outtype", outtype, "--outfile", str(out),
-             str(folders[arch][1])] for (arch, outtype), out in outputs.items()]
-    run = subprocess.run([sys.executable, "-c", DRIVER, str(llama_cpp_converter), json.dumps(jobs)],
-                         capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
+        with torch.no_grad():
+            peft_logits = peft_model.eval()(ids).logits[0].double().numpy()
+        out[arch] = Built(root / f"hf_{arch}", root / f"peft_{arch}", base_logits, peft_logits)
+    return out
+
+
+@pytest.fixture(scope="session")
+def arch_files(built, llama_cpp_converter):
+    """get(arch, outtype) -> (HF base folder, PEFT adapter folder, llama.cpp's GGUF adapter):
+    every case of CASES converted by convert_lora_to_gguf.py once per session, on first use."""
+    outputs = {(a, t): built[a].peft_dir.parent / f"llamacpp_{a}_{t}.gguf" for a, t in CASES}
+    failed = run_llama_cpp_script(llama_cpp_converter, [
+        ["--base", str(built[a].hf_dir), "--outtype", t, "--outfile", str(out),
+         str(built[a].peft_dir)] for (a, t), out in outputs.items()])
+    assert not failed, failed
 
     def get(arch: str, outtype: str = "f32") -> tuple[Path, Path, Path]:
-        return (*folders[arch], outputs[arch, outtype])
+        return built[arch].hf_dir, built[arch].peft_dir, outputs[arch, outtype]
     return get
+
+
+@pytest.fixture(scope="session")
+def gguf_bases(built, llama_cpp_converter) -> dict[str, Path]:
+    """arch -> the F32 GGUF model llama.cpp's convert_hf_to_gguf.py writes of the base (with the
+    dummy vocabulary of helpers.gguf_base.run_llama_cpp_script), once per session."""
+    script = llama_cpp_converter.with_name("convert_hf_to_gguf.py")
+    outputs = {a: built[a].hf_dir.parent / f"base_{a}.gguf" for a in ARCHS}
+    failed = run_llama_cpp_script(script, [["--outtype", "f32", "--outfile", str(out),
+                                            str(built[a].hf_dir)] for a, out in outputs.items()],
+                                  dummy_vocab=True)
+    assert not failed, failed
+    return outputs
 
 
 def gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
@@ -148,6 +167,65 @@ def test_reads_llama_cpp_converter_output_exactly(arch, arch_files, tmp_path):
 
 def test_every_arch_has_a_table_row():
     assert {MORE_GGUF_ARCHS[a][0] for a in ARCHS} <= set(HF_ARCHITECTURES)
+
+
+# ----------------------------------------------------------------------------- llama.cpp logits
+
+@pytest.fixture(scope="session")
+def runtime(built, gguf_bases, tmp_path_factory):
+    """arch -> (our GGUF adapter, llama.cpp's logits of the base with it as the runtime LoRA),
+    computed once per session (each llama.cpp run is a child process)."""
+    root, done = tmp_path_factory.mktemp("gguf_archs_ours"), {}
+
+    def get(arch: str) -> tuple[Path, np.ndarray]:
+        if arch not in done:
+            ours = root / f"{arch}.gguf"
+            at.convert(built[arch].peft_dir, ours, to="gguf", base=built[arch].hf_dir)
+            done[arch] = ours, llama_logits(gguf_bases[arch], ours)
+        return done[arch]
+    return get
+
+
+# SiLU architectures: the existing llama/qwen bound (tests/test_gguf_llamacpp.py, FORMATS.md
+# "Noise floors": a few 1e-6 measured). GELU ones: ggml's CPU GELU reads an fp16 table, so each
+# activation input is rounded to 2^-11 relative; with O(1) logits that gives 1e-4..3e-4 measured
+# (gemma, starcoder2, falcon), so 1e-3.
+GELU_ARCHS = {"gemma", "starcoder2", "phi", "gpt_neox", "falcon"}
+LORA_MATTERS = 1e-2
+
+
+def tolerance(arch: str) -> float:
+    return 1e-3 if arch in GELU_ARCHS else 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llamacpp_runtime_lora_matches_peft(arch, built, gguf_bases, runtime):
+    """llama.cpp (llama-cpp-python, extra buffer types off, child process) on llama.cpp's own
+    GGUF of the base with our adapter: PEFT's logits, as near as the base alone is to
+    transformers' (both within tolerance(arch)); the adapter visibly matters."""
+    case = built[arch]
+    base_gap = max_diff(llama_logits(gguf_bases[arch]), case.base_logits)
+    ours = max_diff(runtime(arch)[1], case.peft_logits)
+    effect = max_diff(case.base_logits, case.peft_logits)
+    print(f"{arch}: base gap {base_gap:.3g}, with our LoRA {ours:.3g}, LoRA effect {effect:.3g}")
+    assert base_gap <= tolerance(arch), f"{arch}: llama.cpp's base alone is {base_gap:.3g} off"
+    assert ours <= tolerance(arch), f"{arch}: llama.cpp with our LoRA is {ours:.3g} off PEFT"
+    assert effect > LORA_MATTERS and ours < effect / 100
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_into_llama_cpp_base_matches_runtime_lora(arch, built, gguf_bases, runtime,
+                                                        tmp_path):
+    """The PEFT adapter merged into llama.cpp's GGUF base (keep-type, F32) gives the logits
+    llama.cpp computes with the runtime LoRA."""
+    case = built[arch]
+    at.merge(gguf_bases[arch], [case.peft_dir], tmp_path / "merged.gguf")
+    merged = llama_logits(tmp_path / "merged.gguf")
+    diff = max_diff(merged, runtime(arch)[1])
+    print(f"{arch}: merged vs runtime LoRA {diff:.3g}, merged vs PEFT "
+          f"{max_diff(merged, case.peft_logits):.3g}")
+    assert diff <= tolerance(arch)
+    assert max_diff(merged, case.peft_logits) <= tolerance(arch)
 
 
 # ----------------------------------------------------------------------------- refusals

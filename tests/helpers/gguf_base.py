@@ -195,3 +195,76 @@ def rewrite_gguf(src: Path, dst: Path, tensor=None, extra=None) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+# Runs one of llama.cpp's converter scripts once per job in a single interpreter (its imports of
+# torch, transformers and the vendored gguf-py cost more than a tiny conversion). With
+# dummy_vocab, convert_hf_to_gguf.py gets the dummy SentencePiece vocabulary write_gguf_base
+# writes in place of each model class's set_vocab (the tiny HF folders have no tokenizer, and
+# logits are compared on token ids), and the config's ``rotary_pct`` that GPTNeoXModel reads,
+# which transformers 5's AutoConfig folds into rope_parameters.partial_rotary_factor. A failing job is reported and the others still run.
+_DRIVER = r"""
+import json, runpy, sys
+script, jobs, dummy_vocab = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
+here = script.rsplit("/", 1)[0]
+sys.path[:0] = [here, here + "/gguf-py"]      # what the scripts import: conversion/, gguf-py
+failed = []
+if dummy_vocab:
+    import gguf
+    import conversion
+
+    def set_vocab(self):
+        n, w = self.hparams["vocab_size"], self.gguf_writer
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>", "<0x0A>"] + [f"t{i}" for i in range(4, n)])
+        w.add_token_scores([0.0] * n)
+        T = gguf.TokenType
+        w.add_token_types([int(T.UNKNOWN), int(T.CONTROL), int(T.CONTROL), int(T.BYTE)]
+                          + [int(T.NORMAL)] * (n - 4))
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
+
+    _get = conversion.get_model_class
+
+    def get_model_class(*args, **kwargs):
+        cls = _get(*args, **kwargs)
+        cls.set_vocab = set_vocab
+        return cls
+    conversion.get_model_class = get_model_class
+    from conversion.base import ModelBase
+
+    _load = ModelBase.load_hparams
+
+    def load_hparams(*args, **kwargs):
+        config = _load(*args, **kwargs)
+        rope = config.get("rope_parameters") or {}
+        if "partial_rotary_factor" in rope:     # the pre-v5 key GPTNeoXModel reads
+            config.setdefault("rotary_pct", rope["partial_rotary_factor"])
+        return config
+    ModelBase.load_hparams = staticmethod(load_hparams)
+for argv in jobs:
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except BaseException as exc:
+        failed.append(f"{argv[-1]}: {type(exc).__name__}: {exc}")
+print(json.dumps(failed))
+"""
+
+
+def run_llama_cpp_script(script: Path, jobs: list[list[str]], *, dummy_vocab: bool = False,
+                         timeout: int = 600) -> list[str]:
+    """Run ``script`` (convert_lora_to_gguf.py / convert_hf_to_gguf.py of the sdist) with each
+    argument list of ``jobs``; returns one line per failed job."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _DRIVER, str(script), json.dumps(jobs),
+                          "1" if dummy_vocab else "0"], capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    if run.returncode != 0 or not run.stdout.strip():
+        raise RuntimeError(f"{script.name} driver failed: {run.stderr[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -134,7 +134,9 @@ MORE_GGUF_ARCHS = {
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
     "granite": ("GraniteForCausalLM", "GraniteConfig", {}),
     "stablelm": ("StableLmForCausalLM", "StableLmConfig", {}),
-    "phi": ("PhiForCausalLM", "PhiConfig", {}),
+    # MHA with a 4x feed-forward, as phi-2: llama.cpp's Phi2Model writes head_count_kv =
+    # head_count and feed_forward_length = 4 * n_embd whatever the config says
+    "phi": ("PhiForCausalLM", "PhiConfig", {"num_key_value_heads": 4, "intermediate_size": 256}),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),
     # the new decoder layout with 2 kv groups of 2 q heads: llama.cpp regroups its fused rows
     "falcon": ("FalconForCausalLM", "FalconConfig", {"new_decoder_architecture": True,
@@ -154,5 +156,5 @@ def make_arch_model(arch: str) -> torch.nn.Module:
 
     model_cls, config_cls, extra = MORE_GGUF_ARCHS[arch]
     torch.manual_seed(4321)
-    config = getattr(tf, config_cls)(**ARCH_SMALL, **extra)
+    config = getattr(tf, config_cls)(**{**ARCH_SMALL, **extra})
     return getattr(tf, model_cls)(config).float().eval()
