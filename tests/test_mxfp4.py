@@ -24,7 +24,7 @@ scale gives. The LoRA (r=8 on q_proj, v_proj, o_proj, bf16 weights) has ||delta|
   dequantized, exact in bf16: 3 significant bits times a power of two) that transformers loads;
   adapted attention weights within one bf16 rounding of the float64 reference W + delta;
 - bad input (missing scales, scales whose shape is not the blocks', orphaned scales, blocks of
-  another dtype): one line naming the tensor, exit 1, nothing written, through the CLI;
+  another dtype, a parameter stored both as blocks and as floats): one line naming the tensor, exit 1, nothing written, through the CLI;
 - a PEFT ``target_parameters`` LoRA on the experts (2%), merged keeping MXFP4: each expert
   tensor is our encoder's bytes of PEFT's own fp32 ``merge_and_unload`` of the decoded base,
   unchanged blocks kept; transformers loads it with the logits of a float gpt-oss holding our
@@ -284,7 +284,9 @@ B, S = GATE_UP + "_blocks", GATE_UP + "_scales"
      [S + " is U8 [4, 191, 2]", B + " [4, 192, 2, 16] needs U8 [4, 192, 2]"]),
     (lambda sd: sd.pop(B), [S + " has no " + B]),
     (lambda sd: sd.__setitem__(B, sd[B].to(torch.int16)), [B + " is I16", "U8 (experts, rows"]),
-], ids=["missing-scales", "scales-shape", "orphan-scales", "blocks-dtype"])
+    (lambda sd: sd.__setitem__(GATE_UP, torch.zeros(4, 64, 192, dtype=torch.bfloat16)),
+     [B + " and " + GATE_UP + " are both stored", "keep one of them"]),
+], ids=["missing-scales", "scales-shape", "orphan-scales", "blocks-dtype", "both"])
 def test_bad_mxfp4_input_is_one_line_and_writes_nothing(case, tmp_path, change, fragments):
     root = case[0]
     base = damaged_copy(root / "base", tmp_path / "base", change)

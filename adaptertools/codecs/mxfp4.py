@@ -86,6 +86,9 @@ def _encoding(entries, name: str) -> Encoding:
     if scale is None:
         raise FormatError(f"{entry.file}: {name} is MXFP4 but {scales_name(name)} is missing; "
                           f"{DAMAGED}")
+    if name.removesuffix(BLOCKS) in entries:     # both encodings of one parameter
+        raise FormatError(f"{entry.file}: {name} and {name.removesuffix(BLOCKS)} are both stored "
+                          "(the MXFP4 and the float parameter); keep one of them")
     if scale.dtype != "U8" or tuple(scale.shape) != shape[:-1]:
         raise FormatError(f"{scale.file}: {scales_name(name)} is {scale.dtype} "
                           f"{list(scale.shape)}, but {name} {list(shape)} needs U8 "
