@@ -79,10 +79,14 @@ def _encoding(entries, name: str) -> Encoding:
     entry = entries[name]
     scale = entries.get(scales_name(name))
     shape = tuple(entry.shape)
-    if entry.dtype != "U8" or len(shape) != 4 or shape[-1] != BLOCK // 2:
-        raise UnsupportedError(f"{entry.file}: {name} is {entry.dtype} {list(shape)}; MXFP4 "
-                               f"blocks are U8 (experts, rows, blocks, {BLOCK // 2}) as gpt-oss "
-                               "stores them")
+    if entry.dtype != "U8" or not shape or shape[-1] != BLOCK // 2:
+        raise FormatError(f"{entry.file}: {name} is {entry.dtype} {list(shape)}; MXFP4 blocks "
+                          f"are U8 (experts, rows, blocks, {BLOCK // 2}) as gpt-oss stores them; "
+                          f"{DAMAGED}")
+    if len(shape) != 4:
+        raise UnsupportedError(f"{entry.file}: {name} is U8 {list(shape)}; MXFP4 is supported "
+                               f"for fused expert weights (experts, rows, blocks, {BLOCK // 2}), "
+                               "as gpt-oss stores them")
     if scale is None:
         raise FormatError(f"{entry.file}: {name} is MXFP4 but {scales_name(name)} is missing; "
                           f"{DAMAGED}")
