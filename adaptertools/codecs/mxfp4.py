@@ -2,7 +2,8 @@
 ``quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [...]}``.
 
 gpt-oss stores only its fused expert weights in MXFP4 (the OCP Microscaling e2m1 format);
-attention, router, embeddings and the expert biases stay bf16. Per expert parameter ``X``
+attention, router, embeddings and the expert biases stay bf16 (``modules_to_not_convert`` names
+them for transformers' quantizer; here the stored ``_blocks`` / ``_scales`` say which are MXFP4). Per expert parameter ``X``
 (``model.layers.N.mlp.experts.gate_up_proj`` or ``.down_proj``), as transformers' loader reads
 them (integrations/mxfp4.py, ``convert_moe_packed_tensors``):
 
