@@ -228,6 +228,30 @@ def test_merge_into_llama_cpp_base_matches_runtime_lora(arch, built, gguf_bases,
     assert max_diff(merged, case.peft_logits) <= tolerance(arch)
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "falcon", "olmo"])
+def test_dora_merge_into_llama_cpp_base_moves_magnitudes_with_rows(arch, built, gguf_bases,
+                                                                   tmp_path):
+    """DoRA magnitudes (one per output row) follow the rows llama.cpp moved (fused q/k/v
+    regrouped, RoPE permutation): the merged GGUF gives the DoRA PeftModel's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = make_arch_model(arch)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False, use_dora=True))
+    perturb_trainables(peft_model)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:    # not the base's own row norms
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=torch.Generator().manual_seed(3)))
+        reference = peft_model.eval()(torch.tensor([IDS])).logits[0].double().numpy()
+    peft_model.save_pretrained(tmp_path / "dora")
+    at.merge(gguf_bases[arch], [tmp_path / "dora"], tmp_path / "merged.gguf")
+    diff = max_diff(llama_logits(tmp_path / "merged.gguf"), reference)
+    print(f"{arch} DoRA: merged vs PEFT {diff:.3g}")
+    assert diff <= tolerance(arch)
+    assert max_diff(built[arch].base_logits, reference) > LORA_MATTERS
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def test_unsupported_architecture_is_named(tmp_path):

@@ -33,15 +33,12 @@ from .accounting import check_factors, invocation_tokens
 from .names import (
     BaseInfo,
     field_value,
+    from_gguf_rows,
     gguf_to_hf_name,
     hf_to_gguf_name,
-    inverse_order,
     open_gguf,
-    permute_rows,
-    qkv_row_order,
     read_base_tensor,
-    rope_heads,
-    unpermute_rows,
+    to_gguf_rows,
 )
 from .peft_keys import base_layer_layout
 
@@ -104,13 +101,8 @@ def to_gguf_factors(name: str, w: LoraWeight, base: BaseInfo) -> tuple[torch.Ten
         a, b = w.b.T, w.a.T                     # (r, in), (out, r)
     else:
         a, b = w.a, w.b
-    heads = rope_heads(name, base)
-    if heads is not None:
-        b = permute_rows(b, heads)              # rows of the delta are rows of B
-    order = qkv_row_order(name, base, int(b.shape[0]))
-    if order is not None:                       # fused q/k/v regrouped: B's rows move
-        b = b[order]
-    return a, b
+    # rows of the delta are rows of B: RoPE permutation, fused q/k/v regrouped
+    return a, to_gguf_rows(name, base, b)
 
 
 def from_gguf_factors(hf_name: str, gguf_name: str, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -118,12 +110,7 @@ def from_gguf_factors(hf_name: str, gguf_name: str, lora_a: torch.Tensor, lora_b
     """The exact inverse of to_gguf_factors: (a, b, layer kind) in the stored-HF layout."""
     if gguf_name == TOKEN_EMBD:
         return lora_b.T, lora_a, "embedding"
-    heads = rope_heads(hf_name, base)
-    if heads is not None:
-        lora_b = unpermute_rows(lora_b, heads)
-    order = qkv_row_order(hf_name, base, int(lora_b.shape[0]))
-    if order is not None:
-        lora_b = lora_b[inverse_order(order)]
+    lora_b = from_gguf_rows(hf_name, base, lora_b)
     if base.arch == "gpt2" and not hf_name.endswith(("wte.weight", "lm_head.weight")):
         return lora_b.T, lora_a.T, "conv1d"
     return lora_a, lora_b, "linear"

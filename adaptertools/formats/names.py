@@ -354,6 +354,26 @@ def qkv_row_order(hf_name: str, base: BaseInfo, rows: int) -> torch.Tensor | Non
                       index[:, -1].reshape(-1)])
 
 
+def to_gguf_rows(hf_name: str, base: BaseInfo, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (out, ...) of the HF tensor ``hf_name`` (a delta's B, a DoRA magnitude, a bias)
+    in the row order llama.cpp stores that tensor in: the RoPE permutation, the regrouped fused
+    q/k/v rows; ``rows`` itself for every other tensor."""
+    heads = rope_heads(hf_name, base)
+    if heads is not None:
+        rows = permute_rows(rows, heads)
+    order = qkv_row_order(hf_name, base, int(rows.shape[0]))
+    return rows[order] if order is not None else rows
+
+
+def from_gguf_rows(hf_name: str, base: BaseInfo, rows: torch.Tensor) -> torch.Tensor:
+    """The exact inverse of to_gguf_rows."""
+    order = qkv_row_order(hf_name, base, int(rows.shape[0]))
+    if order is not None:
+        rows = rows[inverse_order(order)]
+    heads = rope_heads(hf_name, base)
+    return unpermute_rows(rows, heads) if heads is not None else rows
+
+
 def inverse_order(order: torch.Tensor) -> torch.Tensor:
     """``inverse`` with ``x[order][inverse] == x``."""
     return torch.argsort(order)

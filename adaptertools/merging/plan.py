@@ -564,7 +564,7 @@ def _like_type(entry: TensorEntry, like: dict[str, TensorEntry], ref_path) -> st
 def gguf_target(name: str, w: LoraWeight | None, info, entries) -> tuple[str, LoraWeight] | None:
     """An HF-named LoraWeight re-expressed in the layout of the GGUF model's tensor."""
     from ..formats.gguf import to_gguf_factors
-    from ..formats.names import hf_to_gguf_name, permute_rows, rope_heads
+    from ..formats.names import hf_to_gguf_name, to_gguf_rows
 
     if info.tied_embeddings and name == LM_HEAD:
         raise UnsupportedError(f"{name}: the GGUF base ties lm_head to token_embd; untying a GGUF "
@@ -586,10 +586,8 @@ def gguf_target(name: str, w: LoraWeight | None, info, entries) -> tuple[str, Lo
     if w.layer == "embedding":          # token_embd is stored (vocab, dim) in both
         return gguf_name, w
     a, b = to_gguf_factors(name, w, info)   # delta = b @ a in GGUF's (out, in)
-    magnitude, bias = w.magnitude, w.bias
-    heads = rope_heads(name, info)
-    if heads is not None:                   # rows moved: their norms and biases move with them
-        magnitude = permute_rows(magnitude, heads) if magnitude is not None else None
-        bias = permute_rows(bias, heads) if bias is not None else None
+    # rows moved (RoPE permutation, fused q/k/v regrouped): their norms and biases move too
+    magnitude = to_gguf_rows(name, info, w.magnitude) if w.magnitude is not None else None
+    bias = to_gguf_rows(name, info, w.bias) if w.bias is not None else None
     return gguf_name, LoraWeight(a=a, b=b, scale=w.scale, layer="linear", magnitude=magnitude,
                                  bias=bias)
