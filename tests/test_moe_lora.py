@@ -294,3 +294,24 @@ def test_per_expert_loras_for_fewer_experts_are_refused(tmp_path):
                      r"expert\(s\) \(0\.\.2\) but the base fuses 4", outcome.stderr)
     assert outcome.stderr.count("\n") == 1                           # one line
     assert not (tmp_path / "out").exists()
+
+
+def test_end_to_end_logits_equal_peft_unmerged(tmp_path):
+    """``validate --e2e``: transformers + PEFT (the LoRA unmerged, its ParamWrapper forward)
+    against transformers on our merge. Dimensions are multiples of 4: transformers' grouped_mm
+    experts forward needs 16-byte strides (moe_intermediate_size 6 fails inside torch)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                            moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=8, num_experts=4,
+                            num_experts_per_tok=2)
+    model, base, _ = _base(tmp_path, lambda: Qwen3MoeForCausalLM(config), torch.float32)
+    config.to_json_file(base / "config.json")
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_parameters=EXPERTS))
+    adapter = _trained(peft_model, tmp_path, seed=3)
+    at.merge(base, [adapter], tmp_path / "out")
+    outcome = run_cli("validate", base, adapter, "--merged", tmp_path / "out", "--e2e", "--json")
+    assert outcome.code == 0, outcome.stderr
+    report = json.loads(outcome.stdout)
+    assert report["passed"] and report["e2e"]["passed"], report["e2e"]
