@@ -252,6 +252,22 @@ def test_dora_merge_into_llama_cpp_base_moves_magnitudes_with_rows(arch, built, 
     assert max_diff(built[arch].base_logits, reference) > LORA_MATTERS
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_adapter_merges_into_llama_cpp_base(arch, arch_files, gguf_bases, tmp_path):
+    """`merge base.gguf adapter.gguf` with both files from llama.cpp's converters (no HF folder
+    at hand: names mapped back by the architecture's HF naming) writes the very tensors the
+    PEFT adapter's merge writes."""
+    _, adapter, theirs = arch_files(arch)
+    at.merge(gguf_bases[arch], [theirs], tmp_path / "from_gguf.gguf")
+    at.merge(gguf_bases[arch], [adapter], tmp_path / "from_peft.gguf")
+    a, b = gguf_tensors(tmp_path / "from_gguf.gguf"), gguf_tensors(tmp_path / "from_peft.gguf")
+    base = gguf_tensors(gguf_bases[arch])
+    assert a.keys() == b.keys() == base.keys()
+    assert all(a[n][0] == b[n][0] and np.array_equal(a[n][1], b[n][1]) for n in a)
+    changed = [n for n in a if not np.array_equal(a[n][1], base[n][1])]
+    assert len(changed) == len(gguf_tensors(theirs)) // 2    # every adapted tensor, no other
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def test_unsupported_architecture_is_named(tmp_path):
