@@ -31,6 +31,7 @@ from ..dtypes import OPTION_DTYPES, OPTION_NAMES, SAME_WIDTH_INTS
 from ..errors import FormatError, OptionError, UnsupportedError
 from .accounting import check_factors, invocation_tokens
 from .names import (
+    TRANSPOSED_ARCHS,
     BaseInfo,
     field_value,
     from_gguf_rows,
@@ -373,6 +374,8 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
             scale = alpha / rank if alpha else 1.0
         a, b, layer = from_gguf_factors(hf_name, gguf_name, lora_a, lora_b, base)
         weight = LoraWeight(a=a.contiguous(), b=b.contiguous(), scale=scale, layer=layer)
+        if not entry:
+            _check_known_transpose_bug(path, gguf_name, hf_name, weight, base)
         check_base_shape(str(path), hf_name, weight, base)
         check_weight(hf_name, weight, where=str(path))
         check_factors(hf_name, weight, path)
@@ -387,6 +390,23 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
         metadata["alora_invocation_tokens"] = [int(t) for t in tokens]
     base_model = info.get("base_model") or field_value(reader, "general.base_model.0.name")
     return Adapter(weights=weights, base_model=base_model, metadata=metadata)
+
+
+def _check_known_transpose_bug(path: Path, gguf_name: str, hf_name: str, w: LoraWeight,
+                               base: BaseInfo) -> None:
+    """llama.cpp's convert_lora_to_gguf.py (0.3.36) writes GPT-2's Conv1D LoRAs transposed the
+    wrong way round: lora_a (r, out) and lora_b (in, r) where llama.cpp needs (r, in), (out, r),
+    and llama.cpp aborts on the file. Recognised where a factor pair fits only that way (a
+    non-square layer; a square one is indistinguishable by shape)."""
+    expected = (base.hf_shapes or {}).get(hf_name)
+    if base.arch not in TRANSPOSED_ARCHS or w.layer != "conv1d" or expected is None:
+        return
+    swapped = LoraWeight(a=w.b.T, b=w.a.T, scale=w.scale, layer="conv1d")
+    if w.stored_shape != tuple(expected) and swapped.stored_shape == tuple(expected):
+        raise FormatError(f"{path}: {gguf_name} has GPT-2's Conv1D LoRA factors transposed, as "
+                          "llama.cpp's convert_lora_to_gguf.py writes them (a known llama.cpp bug; "
+                          "llama.cpp aborts on this file); convert the PEFT adapter with "
+                          "`adaptertools convert --to gguf --base MODEL` instead")
 
 
 def _check_rank(path: Path, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
