@@ -315,3 +315,12 @@ def test_end_to_end_logits_equal_peft_unmerged(tmp_path):
     assert outcome.code == 0, outcome.stderr
     report = json.loads(outcome.stdout)
     assert report["passed"] and report["e2e"]["passed"], report["e2e"]
+
+
+def test_combine_refuses_them(tmp_path):
+    """combine would re-factor the (E, d1 * d2) view of a 3-D delta as one 2-D LoRA."""
+    adapter = _case(tmp_path, "qwen3-moe", torch.float32)[1]
+    with pytest.raises(UnsupportedError, match=r"experts\.\w+_proj: .*target_parameters LoRA.*"
+                                               r"adaptertools merge"):
+        at.combine([adapter], tmp_path / "c", method="svd", rank=4)
+    assert not (tmp_path / "c").exists()
