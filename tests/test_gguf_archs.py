@@ -38,9 +38,12 @@ ARCHS = list(MORE_GGUF_ARCHS)
 LLAMA_CPP_ARCH = {"gemma": "gemma", "starcoder2": "starcoder2", "olmo": "olmo", "olmo2": "olmo2",
                   "granite": "granite", "stablelm": "stablelm", "phi": "phi2",
                   "gpt_neox": "gptneox", "falcon": "falcon", "cohere": "command-r",
-                  "smollm3": "smollm3", "exaone4": "exaone4", "qwen2_moe": "qwen2moe"}
+                  "smollm3": "smollm3", "exaone4": "exaone4", "qwen2_moe": "qwen2moe",
+                  "granitemoe": "granitemoe", "glm4": "glm4", "nemotron": "nemotron",
+                  "ernie4_5": "ernie4_5", "cohere2": "cohere2", "arcee": "arcee",
+                  "seed_oss": "seed_oss", "olmo3": "olmo2"}
 # architectures whose B rows llama.cpp moves (so the byte comparison tests a transform)
-TRANSFORMED = {"olmo", "granite", "smollm3", "gpt_neox", "falcon"}
+TRANSFORMED = {"olmo", "granite", "granitemoe", "smollm3", "arcee", "gpt_neox", "falcon"}
 
 
 CASES = [(a, "f32") for a in ARCHS] + [("falcon", "q8_0"), ("gpt_neox", "bf16"), ("olmo", "f16")]

@@ -52,6 +52,16 @@ HF_ARCHITECTURES = {
     # qwen.py Qwen2MoeModel: attention, shared expert and its gate as stored; the routed experts
     # (fused 3-D tensors in llama.cpp) are not mapped, so a LoRA on them is refused by name
     "Qwen2MoeForCausalLM": "qwen2moe",
+    # granite.py GraniteMoeModel(GraniteModel(LlamaModel)) (RoPE permute; attention only, the
+    # experts are fused 3-D tensors with no LoRA mapping)
+    "GraniteMoeForCausalLM": "granitemoe",
+    "Glm4ForCausalLM": "glm4",            # glm.py Glm4Model (q/k reordered only for M-RoPE configs)
+    "NemotronForCausalLM": "nemotron",    # nemotron.py NemotronModel (norm +1: norms only)
+    "Ernie4_5ForCausalLM": "ernie4_5",    # ernie.py Ernie4_5Model (splits fused qkv/up_gate only)
+    "Cohere2ForCausalLM": "cohere2",      # command_r.py Cohere2Model (zero biases dropped)
+    "ArceeForCausalLM": "arcee",          # llama.py ArceeModel(LlamaModel) (RoPE permute)
+    "SeedOssForCausalLM": "seed_oss",     # olmo.py SeedOssModel (no transform)
+    "Olmo3ForCausalLM": "olmo2",          # olmo.py Olmo2Model, registered for Olmo3 (no transform)
 }
 # transformers' default of ``tie_word_embeddings`` per model_type, for configs that omit it.
 TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
@@ -59,11 +69,14 @@ TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": Fa
                    "gemma": True, "starcoder2": True, "olmo": False, "olmo2": False,
                    "granite": False, "stablelm": False, "phi": False, "gpt_neox": False,
                    "falcon": True, "cohere": True, "smollm3": True, "exaone4": False,
-                   "qwen2_moe": False}
+                   "qwen2_moe": False, "granitemoe": False, "glm4": False, "nemotron": False,
+                   "ernie4_5": True, "cohere2": True, "arcee": False, "seed_oss": False,
+                   "olmo3": False}
 # llama.cpp permutes q/k rows for RoPE (``LlamaModel.permute``, ``undo_permute`` True in
-# conversion/llama.py LlamaModel and its subclasses GraniteModel and SmolLM3Model; OlmoModel
+# conversion/llama.py LlamaModel and its subclasses GraniteModel, GraniteMoeModel, SmolLM3Model
+# and ArceeModel; OlmoModel
 # calls it itself); the other converters store q/k as HF does.
-ROPE_PERMUTED_ARCHS = frozenset({"llama", "granite", "smollm3", "olmo"})
+ROPE_PERMUTED_ARCHS = frozenset({"llama", "granite", "granitemoe", "smollm3", "arcee", "olmo"})
 # GPT-2 Conv1D tensors llama.cpp transposes (conversion/gpt2.py).
 TRANSPOSED_ARCHS = frozenset({"gpt2"})
 # Fused query_key_value rows llama.cpp regroups as all q, then all k, then all v (a row
@@ -93,7 +106,8 @@ HF_NAMING = {
                  r"|embed_tokens)|lm_head"),
 }
 for _arch in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gemma", "olmo", "olmo2", "granite",
-              "stablelm", "command-r", "smollm3", "exaone4"):
+              "stablelm", "command-r", "smollm3", "exaone4", "granitemoe", "glm4", "nemotron",
+              "ernie4_5", "cohere2", "arcee", "seed_oss"):
     HF_NAMING[_arch] = _LLAMA_NAMING
 
 

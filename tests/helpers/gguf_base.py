@@ -201,7 +201,8 @@ def rewrite_gguf(src: Path, dst: Path, tensor=None, extra=None) -> Path:
 # torch, transformers and the vendored gguf-py cost more than a tiny conversion). With
 # dummy_vocab, convert_hf_to_gguf.py gets the dummy SentencePiece vocabulary write_gguf_base
 # writes in place of each model class's set_vocab (the tiny HF folders have no tokenizer, and
-# logits are compared on token ids), and the config's ``rotary_pct`` that GPTNeoXModel reads,
+# logits are compared on token ids), and the config's ``rotary_pct`` that GPTNeoXModel and
+# Cohere2Model read,
 # which transformers 5's AutoConfig folds into rope_parameters.partial_rotary_factor. A failing job is reported and the others still run.
 _DRIVER = r"""
 import json, runpy, sys
@@ -240,8 +241,8 @@ if dummy_vocab:
     def load_hparams(*args, **kwargs):
         config = _load(*args, **kwargs)
         rope = config.get("rope_parameters") or {}
-        if "partial_rotary_factor" in rope:     # the pre-v5 key GPTNeoXModel reads
-            config.setdefault("rotary_pct", rope["partial_rotary_factor"])
+        # the pre-v5 key GPTNeoXModel and Cohere2Model read (no factor: full rotary, as in HF)
+        config.setdefault("rotary_pct", rope.get("partial_rotary_factor", 1.0))
         return config
     ModelBase.load_hparams = staticmethod(load_hparams)
 for argv in jobs:

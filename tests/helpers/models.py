@@ -147,6 +147,15 @@ MORE_GGUF_ARCHS = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
                   {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 48}),
+    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig",
+                   {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "glm4": ("Glm4ForCausalLM", "Glm4Config", {}),
+    "nemotron": ("NemotronForCausalLM", "NemotronConfig", {}),
+    "ernie4_5": ("Ernie4_5ForCausalLM", "Ernie4_5Config", {}),
+    "cohere2": ("Cohere2ForCausalLM", "Cohere2Config", {}),
+    "arcee": ("ArceeForCausalLM", "ArceeConfig", {}),
+    "seed_oss": ("SeedOssForCausalLM", "SeedOssConfig", {}),
+    "olmo3": ("Olmo3ForCausalLM", "Olmo3Config", {}),
 }
 
 
