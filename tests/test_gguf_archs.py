@@ -18,7 +18,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers.gguf_base import IDS, llama_logits, max_diff, run_llama_cpp_script
+from helpers.gguf_base import (
+    IDS,
+    llama_logits,
+    llama_quantize,
+    max_diff,
+    run_llama_cpp_script,
+)
 from helpers.models import MORE_GGUF_ARCHS, make_arch_model
 from helpers.peft_adapters import perturb_trainables
 
@@ -269,6 +275,29 @@ def test_llama_cpp_adapter_merges_into_llama_cpp_base(arch, arch_files, gguf_bas
     assert all(a[n][0] == b[n][0] and np.array_equal(a[n][1], b[n][1]) for n in a)
     changed = [n for n in a if not np.array_equal(a[n][1], base[n][1])]
     assert len(changed) == len(gguf_tensors(theirs)) // 2    # every adapted tensor, no other
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "falcon", "olmo", "phi"])
+def test_keep_type_merge_into_q8_0_base(arch, built, gguf_bases, runtime, tmp_path):
+    """Into llama.cpp's base quantized to Q8_0 by llama_model_quantize: every tensor keeps its
+    type, and the logits are as near the runtime LoRA on that base as llama.cpp's own route
+    (export-lora's F16 tensors requantized by llama_model_quantize), within 10%, the bound of
+    tests/test_merge_gguf_quant.py."""
+    base = llama_quantize(gguf_bases[arch], tmp_path / "q8_0.gguf", "Q8_0")
+    lora = runtime(arch)[0]
+    at.merge(base, [built[arch].peft_dir], tmp_path / "ours.gguf")
+    at.merge(base, [built[arch].peft_dir], tmp_path / "f16.gguf", requantize="f16")
+    theirs = llama_quantize(tmp_path / "f16.gguf", tmp_path / "theirs.gguf", "Q8_0",
+                            allow_requantize=True)
+    kinds = {n: t for n, (t, _) in gguf_tensors(base).items()}
+    assert {n: t for n, (t, _) in gguf_tensors(tmp_path / "ours.gguf").items()} == kinds
+    assert "Q8_0" in kinds.values()
+    on_base = llama_logits(base, lora)
+    ours_err = max_diff(llama_logits(tmp_path / "ours.gguf"), on_base)
+    theirs_err = max_diff(llama_logits(theirs), on_base)
+    print(f"{arch} Q8_0: ours {ours_err:.3g}, llama.cpp's route {theirs_err:.3g}")
+    assert max_diff(llama_logits(base), on_base) > LORA_MATTERS
+    assert ours_err <= 1.1 * theirs_err
 
 
 # ----------------------------------------------------------------------------- refusals
