@@ -25,7 +25,7 @@ from helpers.gguf_base import (
     max_diff,
     run_llama_cpp_script,
 )
-from helpers.models import MORE_GGUF_ARCHS, make_arch_model
+from helpers.models import ARCH_TARGETS, MORE_GGUF_ARCHS, make_arch_model
 from helpers.peft_adapters import perturb_trainables
 
 import adaptertools as at
@@ -47,7 +47,8 @@ LLAMA_CPP_ARCH = {"gemma": "gemma", "starcoder2": "starcoder2", "olmo": "olmo", 
                   "smollm3": "smollm3", "exaone4": "exaone4", "qwen2_moe": "qwen2moe",
                   "granitemoe": "granitemoe", "glm4": "glm4", "nemotron": "nemotron",
                   "ernie4_5": "ernie4_5", "cohere2": "cohere2", "arcee": "arcee",
-                  "seed_oss": "seed_oss", "olmo3": "olmo2"}
+                  "seed_oss": "seed_oss", "olmo3": "olmo2", "apertus": "apertus",
+                  "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 # architectures whose B rows llama.cpp moves (so the byte comparison tests a transform)
 TRANSFORMED = {"olmo", "granite", "granitemoe", "smollm3", "arcee", "gpt_neox", "falcon"}
 
@@ -75,8 +76,9 @@ def built(tmp_path_factory) -> dict[str, Built]:
         model.save_pretrained(root / f"hf_{arch}")
         with torch.no_grad():
             base_logits = model(ids).logits[0].double().numpy()
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                      init_lora_weights=False))
+        peft_model = get_peft_model(model, LoraConfig(
+            r=4, lora_alpha=8, target_modules=ARCH_TARGETS.get(arch, "all-linear"),
+            init_lora_weights=False))
         perturb_trainables(peft_model)
         peft_model.save_pretrained(root / f"peft_{arch}")
         with torch.no_grad():

@@ -62,6 +62,10 @@ HF_ARCHITECTURES = {
     "ArceeForCausalLM": "arcee",          # llama.py ArceeModel(LlamaModel) (RoPE permute)
     "SeedOssForCausalLM": "seed_oss",     # olmo.py SeedOssModel (no transform)
     "Olmo3ForCausalLM": "olmo2",          # olmo.py Olmo2Model, registered for Olmo3 (no transform)
+    "ApertusForCausalLM": "apertus",      # llama.py ApertusModel(LlamaModel), undo_permute False
+    # qwen.py Qwen3MoeModel(Qwen2MoeModel), olmo.py OlmoeModel: attention only (fused experts)
+    "Qwen3MoeForCausalLM": "qwen3moe",
+    "OlmoeForCausalLM": "olmoe",
 }
 # transformers' default of ``tie_word_embeddings`` per model_type, for configs that omit it.
 TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
@@ -71,7 +75,7 @@ TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": Fa
                    "falcon": True, "cohere": True, "smollm3": True, "exaone4": False,
                    "qwen2_moe": False, "granitemoe": False, "glm4": False, "nemotron": False,
                    "ernie4_5": True, "cohere2": True, "arcee": False, "seed_oss": False,
-                   "olmo3": False}
+                   "olmo3": False, "apertus": False, "qwen3_moe": False, "olmoe": False}
 # llama.cpp permutes q/k rows for RoPE (``LlamaModel.permute``, ``undo_permute`` True in
 # conversion/llama.py LlamaModel and its subclasses GraniteModel, GraniteMoeModel, SmolLM3Model
 # and ArceeModel; OlmoModel
@@ -107,7 +111,7 @@ HF_NAMING = {
 }
 for _arch in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gemma", "olmo", "olmo2", "granite",
               "stablelm", "command-r", "smollm3", "exaone4", "granitemoe", "glm4", "nemotron",
-              "ernie4_5", "cohere2", "arcee", "seed_oss"):
+              "ernie4_5", "cohere2", "arcee", "seed_oss", "apertus", "qwen3moe", "olmoe"):
     HF_NAMING[_arch] = _LLAMA_NAMING
 
 

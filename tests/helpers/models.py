@@ -156,7 +156,18 @@ MORE_GGUF_ARCHS = {
     "arcee": ("ArceeForCausalLM", "ArceeConfig", {}),
     "seed_oss": ("SeedOssForCausalLM", "SeedOssConfig", {}),
     "olmo3": ("Olmo3ForCausalLM", "Olmo3Config", {}),
+    "apertus": ("ApertusForCausalLM", "ApertusConfig", {}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "head_dim": 16, "norm_topk_prob": True}),    # as the released models
+    # MHA, as OLMoE-1B-7B: llama.cpp's olmoe sizes k_norm by head_count, not head_count_kv
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                  "num_key_value_heads": 4}),
 }
+# what the arch's LoRA targets where "all-linear" would reach the fused routed experts (PEFT
+# wraps their 3-D parameters; llama.cpp's converter refuses those: "Unprocessed experts")
+ARCH_TARGETS = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def make_arch_model(arch: str) -> torch.nn.Module:
