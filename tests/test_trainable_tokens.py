@@ -181,3 +181,15 @@ def test_inspect_lists_the_rows(tmp_path):
     assert report.trained_token_rows == {"model.embed_tokens.weight": IDS}
     outcome = run_cli("inspect", adapter, expect=0)
     assert "trained token rows" in outcome.stdout and "4 token(s)" in outcome.stdout
+
+
+def test_a_weighted_fold_leaves_its_input_alone():
+    from adaptertools.adapter import TokenRows
+    from adaptertools.kernels.token_rows import apply_token_rows
+
+    weight = torch.zeros(6, 3)
+    rows = TokenRows((1, 4), torch.ones(2, 3))
+    for stacked in (True, False):
+        out = apply_token_rows(weight, [(rows, 0.5, 0)], stacked=stacked, out_dtype=torch.float32)
+        assert torch.equal(out[[1, 4]], torch.full((2, 3), 0.5))
+        assert not weight.any()                  # the fp32 input is not written through

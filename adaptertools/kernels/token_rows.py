@@ -27,7 +27,7 @@ def _step(weight: torch.Tensor, rows: TokenRows, factor: float) -> torch.Tensor:
     index = _rows_index(rows, weight.device)
     if factor == 1.0:
         return weight.index_copy(0, index, rows.values.to(weight))
-    moved = weight.float()
+    moved = weight.to(torch.float32, copy=True)      # never the caller's tensor, even if fp32
     moved[index] += factor * (rows.values.float() - moved[index])
     return moved.to(weight.dtype)
 
