@@ -94,10 +94,10 @@ def read(path: Path, *, scale: float | None = None) -> Adapter:
 
 def _read_by_another(path: Path):
     """The first other readable format that claims ``path`` (kohya, diffusers...), or None."""
-    from ..registry import usable
+    from ..registry import _sniffs, usable
 
-    for fmt in usable().values():
-        if fmt.name != "safetensors" and fmt.can_read and fmt.module.sniff(path):
+    for fmt in usable().values():     # a plugin whose sniff raises is "not mine" (registry.py)
+        if fmt.name != "safetensors" and fmt.can_read and _sniffs(fmt, path):
             return fmt
     return None
 
