@@ -210,13 +210,10 @@ FLUX_MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_
 
 
 def flux(seed: int = 2):
-    from diffusers import FluxTransformer2DModel
+    """diffusers_models' tiny Flux transformer (the same model the diffusers tests use)."""
+    from helpers.diffusers_models import tiny_flux
 
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1,
-                                  num_single_layers=1, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16,
-                                  pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+    return tiny_flux(seed)
 
 
 def flux_file(model, path: Path, *, rank: int = 4, alpha: float = 8.0) -> Path:
