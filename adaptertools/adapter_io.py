@@ -195,9 +195,12 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
             "and convert that, or merge it into its base directly")
 
 
-def _refuse_token_rows(adapter: Adapter, fmt: Format) -> None:
-    """Trained token rows (PEFT trainable tokens) only go where the format says it keeps them
-    (``WRITES_TOKEN_ROWS``); dropping them would change what the adapter computes."""
+def _refuse_unwritable(adapter: Adapter, fmt: Format) -> None:
+    """What no writer (or only some) can hold, refused before anything is written: a kohya
+    adapter read without its base (its keys are the file's own names), PEFT's LoRA on
+    nn.MultiheadAttention (peft_mha.py), and trained token rows (PEFT trainable tokens) except
+    where the format keeps them (``WRITES_TOKEN_ROWS``): dropping any of them would change what
+    the adapter computes."""
     from .formats.kohya import UNPLACED
     from .formats.peft_mha import METADATA
 
@@ -250,7 +253,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: Adapt
     if not fmt.can_write:
         raise UnsupportedError(f"format {fmt.name!r} can be read but not written")
     _refuse_dense_kinds(adapter, fmt.name)
-    _refuse_token_rows(adapter, fmt)
+    _refuse_unwritable(adapter, fmt)
     adapter = _one_component(adapter, fmt)
     bad = nonfinite_tensors(adapter)
     if bad:

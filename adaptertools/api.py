@@ -18,7 +18,7 @@ from .adapter_io import (  # noqa: F401  (load, save, convert: public, re-export
     parse_dtype,
     save,
 )
-from .errors import OptionError, UnsupportedError
+from .errors import OptionError
 from .inputs import (
     adapter_inputs,
     adapter_list,
@@ -510,11 +510,6 @@ def combine(adapters, out: str | os.PathLike, *, method: CombineMethod = "cat", 
     refuse_output(out, force=force, is_dir=get_format(to).output_is_dir, inputs=inputs)
     names = [str(p) for p in paths]
     loaded = load_finite(paths, names, base=base, refusal="refusing to combine it", scale=scale)
-    for name, adapter in zip(names, loaded):
-        if adapter.token_rows:
-            raise UnsupportedError(f"{name}: holds trained token rows (PEFT trainable tokens, "
-                                   f"{next(iter(adapter.token_rows))}), which combine's "
-                                   "methods do not take; merge it into its base instead")
     combined, results, warnings = combine_adapters(loaded, names, options,
                                                    base=base if materialize else None)
     save(combined, out, format=to, dtype="keep" if options.dtype else dtype, force=force,

@@ -360,6 +360,11 @@ def combine_adapters(adapters: list[Adapter], names: list[str], options: Options
                      base=None) -> tuple[Adapter, list[TensorResult], list[str]]:
     """The combined adapter, one result per tensor, and warnings."""
     check_options(options, len(adapters))
+    for name, adapter in zip(names, adapters):
+        if adapter.token_rows:      # rows that replace, not deltas (kernels/token_rows.py)
+            raise UnsupportedError(f"{name}: holds trained token rows (PEFT trainable tokens, "
+                                   f"{next(iter(adapter.token_rows))}), which combine's "
+                                   "methods do not take; merge it into its base instead")
     terms = gather_terms(adapters, names, options.weights)
     _check_kinds(terms, names, options)
     dora = check_dora(terms, names, options, base is not None)
