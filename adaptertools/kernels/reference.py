@@ -56,21 +56,23 @@ def apply_lora_bias(bias: torch.Tensor, w: LoraWeight, dtype: torch.dtype = torc
     return bias.to(dtype) + w.bias.to(dtype) * scale
 
 
+def rounds_delta_first(w: Delta) -> bool:
+    """Does PEFT's merge round this delta to the stored dtype before adding it (so a 16-bit
+    weight is rounded twice)? A plain embedding LoRA (``Embedding.merge``: ``weight +=
+    delta.to(orig_dtype)``) and a target_parameters LoRA (``ParamWrapper.merge``: ``param +=
+    get_delta_weight()``, cast to the parameter's dtype, kernels/param_lora.py) do; a no-op
+    for fp32 bases."""
+    return w.layer == "param" or (w.layer == "embedding" and w.magnitude is None)
+
+
 def merge_step(weight: torch.Tensor, c: Contribution) -> torch.Tensor:
     """One adapter folded into ``weight`` in PEFT's order; the result is in ``weight.dtype``.
 
     This is what ``merge_and_unload`` does to one layer, bit for bit on CPU.
     """
     w = c.weight
-    if w.layer == "param":
-        # PEFT's ParamWrapper.merge: ``param += get_delta_weight()``, which casts the delta to
-        # the parameter's dtype first (kernels/param_lora.py): rounded twice, as an embedding
-        return weight + deltas.delta(w, torch.float32, c.factor).reshape(weight.shape).to(
-            weight.dtype)
-    if w.layer == "embedding" and w.magnitude is None:
-        # PEFT's Embedding.merge: ``weight += delta.to(orig_dtype)``; the delta is rounded to the
-        # stored dtype first, then the sum is rounded again (a no-op for fp32 bases)
-        delta = lora_delta(w, torch.float32, c.factor).to(weight.dtype)     # (vocab, dim)
+    if rounds_delta_first(w):
+        delta = deltas.delta(w, torch.float32, c.factor).reshape(weight.shape).to(weight.dtype)
         return weight + delta
     return apply_lora(weight, w, torch.float32, c.factor).to(weight.dtype)
 

@@ -102,18 +102,18 @@ class Term:
 def terms_of(job: Job, *, stacked: bool) -> list[Term]:
     from ..adapter import LoraWeight
     from ..kernels.deltas import delta
+    from ..kernels.reference import rounds_delta_first
 
     out = []
     for c in job.contributions:
         w = c.weight
         if not isinstance(w, LoraWeight):       # LoHa, LoKr: their dense delta, in float64
-            # a target_parameters LoRA (kernels/param_lora.py) is rounded first, as an embedding
             out.append(Term(c.factor, dense=delta(w, torch.float64), magnitude=w.magnitude,
                             norm_dim=getattr(w, "norm_dim", 1), norm_eps=getattr(w, "norm_eps", 0.0),
-                            pre_round=stacked and w.layer == "param"))
+                            pre_round=stacked and rounds_delta_first(w)))
             continue
         out.append(Term(w.scale * c.factor, w.a, w.b, None, w.magnitude, w.norm_dim,
-                        pre_round=stacked and w.layer == "embedding" and w.magnitude is None))
+                        pre_round=stacked and rounds_delta_first(w)))
     for c in job.bias_contributions:
         out.append(Term(c.weight.scale * c.factor, dense=c.weight.bias.reshape(1, -1)))
     return out
