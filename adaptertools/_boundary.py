@@ -19,6 +19,9 @@ import warnings
 
 import click
 
+from . import _signals
+from ._signals import Terminated
+
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     from . import _ui
@@ -28,13 +31,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 # ----------------------------------------------------------------------------- signals
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: the library's
-    atomic outputs clean up on the way out, and the CLI exits 143."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_raise_terminated = _signals.terminate
+_raise_interrupt = _signals.interrupt
 
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}      # 128 + the signal, as shells say
@@ -64,12 +62,13 @@ class StartupSignals:
     def defer(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return                              # (signal handlers can only be set there)
-        for signum, default in ((signal.SIGINT, signal.default_int_handler),
+        for signum, default in ((signal.SIGINT, _raise_interrupt),
                                 (signal.SIGTERM, _raise_terminated)):
             current = signal.getsignal(signum)
             if current is signal.SIG_IGN or current is None:   # None: set outside Python
                 continue
-            self.after[signum] = default if current is signal.SIG_DFL else current
+            ours = current in (signal.SIG_DFL, signal.default_int_handler)   # Python's defaults
+            self.after[signum] = default if ours else current
             signal.signal(signum, self._record)
 
     def _record(self, signum, frame) -> None:
@@ -158,23 +157,27 @@ def handle_errors(func):
 
         warnings.showwarning = _show_warning
         ctx = click.get_current_context(silent=True)
+        _signals.clear()       # this command's record (in process, tests run many)
         try:
             try:
-                return func(*args, **kwargs)
-            finally:
-                ready()
-        except CLICK_FLOW:
-            raise
-        except OptionError as exc:
-            fail(str(exc) + usage_hint(ctx), 2, exc)
-        except (AdapterToolsError, OSError) as exc:
-            fail(str(exc), 1, exc)
-        except KeyboardInterrupt as exc:
-            # outputs are atomic: the library removed its temporary files on the way out
-            fail("interrupted (Ctrl-C); no partial output was left behind", 130, exc)
-        except Terminated as exc:
-            fail("terminated (SIGTERM); no partial output was left behind", 143, exc)
-        except Exception as exc:  # noqa: BLE001  (RecursionError, MemoryError... too)
-            fail(internal_error(exc, ctx.info_name if ctx else None), 1, exc)
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    ready()
+            except CLICK_FLOW:
+                raise
+            except OptionError as exc:
+                fail(str(exc) + usage_hint(ctx), 2, exc)
+            except (AdapterToolsError, OSError) as exc:
+                fail(str(exc), 1, exc)
+            except KeyboardInterrupt as exc:
+                # outputs are atomic: the library removed its temporary files on the way out
+                fail("interrupted (Ctrl-C); no partial output was left behind", 130, exc)
+            except Terminated as exc:
+                fail("terminated (SIGTERM); no partial output was left behind", 143, exc)
+            except Exception as exc:  # noqa: BLE001  (RecursionError, MemoryError... too)
+                fail(internal_error(exc, ctx.info_name if ctx else None), 1, exc)
+        finally:
+            _signals.clear()
 
     return wrapper

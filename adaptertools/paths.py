@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ._io import _existing_ancestor, ensure_free_space
+from ._signals import raise_if_signalled
 from .errors import AdapterToolsWarning, FormatError, OutputExistsError, UnsupportedError
 
 NAME_MAX = 255                       # bytes in one file name (ext4, xfs, btrfs, tmpfs, APFS)
@@ -393,7 +394,9 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 
 def _replace(tmp: Path, out: Path, *, force: bool, dst) -> None:
     """Rename ``tmp`` onto ``out``; an existing ``out`` (only with ``force``) is moved aside
-    first and put back if the rename fails."""
+    first and put back if the rename fails. A Ctrl-C or SIGTERM whose exception was lost on
+    its way (_signals.py) raises here instead, before anything is committed."""
+    raise_if_signalled()
     if not os.path.lexists(out) or not force:
         try:
             _rename_noreplace(tmp, out)

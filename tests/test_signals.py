@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import adaptertools as at
-from adaptertools import _boundary
+from adaptertools import _boundary, _signals, paths
 from adaptertools.merging import streams
 from adaptertools.tiny import TinyLlama, make_adapter, make_base
 
@@ -74,7 +74,8 @@ def signal_a_merge(inputs, out: Path, delay: float, signum: int = signal.SIGINT)
     code, where = proc.returncode, f"{signal.Signals(signum).name} at {delay} s"
     assert code != -signal.SIGABRT, f"{where}: aborted: {stderr}"
     if code == 0:
-        assert done, f"{where}: exit 0, but OUT did not exist yet when the signal was sent"
+        assert done, (f"{where}: exit 0, but OUT did not exist yet when the signal was sent; "
+                      f"stderr: {stderr[-3000:]!r}")
         assert folder_bytes(out) == inputs["reference"], where
     elif code == _boundary.EXIT_CODES[signum]:
         lines = error_lines(stderr)
@@ -144,6 +145,7 @@ def handlers():
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+    _signals.clear()          # what our handlers noted here must not stop later commits
 
 
 @pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt),
@@ -155,9 +157,30 @@ def test_startup_signals_remembered_then_raised_at_ready(handlers, signum, raise
     assert startup.received == [signum]
     with pytest.raises(raised):
         startup.ready()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is _boundary._raise_interrupt
     assert signal.getsignal(signal.SIGTERM) is _boundary._raise_terminated
     startup.ready()                        # once only
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_whose_exception_was_lost_still_stops_the_commit(handlers, tmp_path):
+    """A handler that ran inside a ``__del__`` raised into the void (Python prints "Exception
+    ignored in" and goes on): the atomic output must still refuse to rename, and leave
+    nothing (_signals.py)."""
+    class Finalized:
+        def __del__(self):
+            _boundary._raise_terminated(signal.SIGTERM, None)
+
+    _signals.clear()
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(_boundary.Terminated):
+            with paths.atomic_output(out, is_dir=True) as tmp:
+                (tmp / "a.txt").write_text("x")
+                Finalized()            # dropped at once: its __del__ runs here
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        _signals.clear()
 
 
 def test_startup_signals_without_a_signal_just_restore(handlers):
@@ -165,7 +188,7 @@ def test_startup_signals_without_a_signal_just_restore(handlers):
     startup.defer()
     assert signal.getsignal(signal.SIGINT) == startup._record
     startup.ready()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is _boundary._raise_interrupt
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)
 
