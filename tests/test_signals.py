@@ -174,10 +174,9 @@ def test_a_signal_whose_exception_was_lost_still_stops_the_commit(handlers, tmp_
     _signals.clear()
     out = tmp_path / "out"
     try:
-        with pytest.raises(_boundary.Terminated):
-            with paths.atomic_output(out, is_dir=True) as tmp:
-                (tmp / "a.txt").write_text("x")
-                Finalized()            # dropped at once: its __del__ runs here
+        with pytest.raises(_boundary.Terminated), paths.atomic_output(out, is_dir=True) as tmp:
+            (tmp / "a.txt").write_text("x")
+            Finalized()                # dropped at once: its __del__ runs here
         assert list(tmp_path.iterdir()) == []
     finally:
         _signals.clear()
