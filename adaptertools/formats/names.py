@@ -66,6 +66,9 @@ HF_ARCHITECTURES = {
     # qwen.py Qwen3MoeModel(Qwen2MoeModel), olmo.py OlmoeModel: attention only (fused experts)
     "Qwen3MoeForCausalLM": "qwen3moe",
     "OlmoeForCausalLM": "olmoe",
+    # llama.py LlamaModel (RoPE permute; block_sparse_moe.experts.{e}.w1/w3/w2 stacked into
+    # ffn_gate_exps / ffn_up_exps / ffn_down_exps; expert LoRAs: gguf_experts.py)
+    "MixtralForCausalLM": "llama",
 }
 # transformers' default of ``tie_word_embeddings`` per model_type, for configs that omit it.
 TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
@@ -75,7 +78,8 @@ TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": Fa
                    "falcon": True, "cohere": True, "smollm3": True, "exaone4": False,
                    "qwen2_moe": False, "granitemoe": False, "glm4": False, "nemotron": False,
                    "ernie4_5": True, "cohere2": True, "arcee": False, "seed_oss": False,
-                   "olmo3": False, "apertus": False, "qwen3_moe": False, "olmoe": False}
+                   "olmo3": False, "apertus": False, "qwen3_moe": False, "olmoe": False,
+                   "mixtral": False}
 # llama.cpp permutes q/k rows for RoPE (``LlamaModel.permute``, ``undo_permute`` True in
 # conversion/llama.py LlamaModel and its subclasses GraniteModel, GraniteMoeModel, SmolLM3Model
 # and ArceeModel; OlmoModel
