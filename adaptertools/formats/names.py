@@ -19,11 +19,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .._io import read_json, require_exists
 from ..errors import FormatError, UnsupportedError
+
+if TYPE_CHECKING:     # imported where used: a PEFT reader without torch (light/) imports this
+    import torch
 
 # HF architecture class -> llama.cpp architecture (``@ModelBase.register`` in conversion/*.py),
 # one row per class, naming the llama.cpp model class whose ``modify_tensors`` the factor
@@ -369,6 +371,8 @@ def qkv_row_order(hf_name: str, base: BaseInfo, rows: int) -> torch.Tensor | Non
     if base.n_head_kv < 1 or rows % (groups * per):
         raise FormatError(f"{hf_name}: {rows} fused q/k/v rows cannot be split into {groups} "
                           f"groups of {per} heads; the adapter does not fit this base (check --base)")
+    import torch
+
     index = torch.arange(rows).reshape(groups, per, rows // groups // per)
     if layout == "per_head":
         return index.transpose(0, 1).reshape(-1)
@@ -398,6 +402,8 @@ def from_gguf_rows(hf_name: str, base: BaseInfo, rows: torch.Tensor) -> torch.Te
 
 def inverse_order(order: torch.Tensor) -> torch.Tensor:
     """``inverse`` with ``x[order][inverse] == x``."""
+    import torch
+
     return torch.argsort(order)
 
 
