@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from .errors import FormatError, UnsupportedError
+
+if TYPE_CHECKING:        # the light path's tensors are light.arrays.Stored (numpy), not torch
+    import torch
 
 # How the base layer stores its weight, which decides the layout of the factors and the DoRA axis.
 #   linear    nn.Linear           weight (out, in)        delta = b @ a
@@ -127,7 +128,13 @@ def check_weight(name: str, w: LoraWeight, *, where: str = "") -> None:
 def tensor_fields(w) -> dict[str, torch.Tensor]:
     """Every tensor a delta holds, by field name: a LoraWeight's ``a``, ``b``, ``magnitude`` and
     ``bias`` where set; a LoHa/LoKr's factors and cores (kernels/deltas.py)."""
-    return {f.name: t for f in fields(w) if isinstance(t := getattr(w, f.name), torch.Tensor)}
+    return {f.name: t for f in fields(w) if _is_tensor(t := getattr(w, f.name))}
+
+
+def _is_tensor(value) -> bool:
+    """A torch tensor or a light path's Stored (both have a shape and a dtype; a weight_shape
+    tuple has no dtype)."""
+    return hasattr(value, "dtype") and hasattr(value, "shape")
 
 
 # how errors name a LoraWeight's fields (PEFT's names); other kinds keep their field names
@@ -136,14 +143,16 @@ PART_NAMES = {"a": "lora_A", "b": "lora_B"}
 
 def nonfinite_tensors(adapter: Adapter) -> list[str]:
     """Names ('<tensor>.lora_A' etc.) of every factor or tensor holding NaN or Inf."""
+    from .light.arrays import all_finite
+
     bad = []
     for name, w in adapter.weights.items():
         bad += [f"{name} ({PART_NAMES.get(part, part)})" for part, t in tensor_fields(w).items()
-                if t.is_floating_point() and not torch.isfinite(t).all()]
+                if t.is_floating_point() and not all_finite(t)]
     bad += [name for name, t in adapter.replacements.items()
-            if t.is_floating_point() and not torch.isfinite(t).all()]
+            if t.is_floating_point() and not all_finite(t)]
     bad += [f"{name} (trainable tokens)" for name, rows in adapter.token_rows.items()
-            if not torch.isfinite(rows.values).all()]
+            if not all_finite(rows.values)]
     return bad
 
 
@@ -159,6 +168,8 @@ def check_cast(name: str, original: torch.Tensor, cast: torch.Tensor, type_name:
     finite ``original`` to ``type_name`` that gave Inf or NaN: its values are too large for that
     type, which holds magnitudes up to ``most`` (default: the largest finite value of ``cast``'s
     dtype)."""
+    import torch
+
     if not cast.is_floating_point() or bool(torch.isfinite(cast).all()):
         return
     if not bool(torch.isfinite(original).all()):
@@ -202,10 +213,12 @@ def module_name(tensor_name: str) -> str:
 def first_difference(x: Adapter, y: Adapter) -> str | None:
     """None when x and y are bit-exact equal (factors, dtypes, scales, extras, replacements),
     else a line saying where they first differ."""
+    from .light.arrays import equal
+
     def same(s: torch.Tensor | None, t: torch.Tensor | None) -> bool:
         if s is None or t is None:
             return s is t
-        return s.dtype == t.dtype and s.shape == t.shape and torch.equal(s, t)
+        return equal(s, t)
 
     if x.weights.keys() != y.weights.keys():
         return f"LoRA tensors differ: {sorted(x.weights.keys() ^ y.weights.keys())[:3]}"

@@ -64,8 +64,15 @@ def _base_for(module, base):
     return _base_info(base)
 
 
-def _readable(path: Path, format: str | None) -> Format:
-    fmt = get_format(format) if format else detect_format(path)
+def _readable(path: Path, format: str | None, *, light: bool = False) -> Format:
+    """The format that reads ``path``; ``light``: found without importing the other formats
+    (light/route.py), NeedsTorch where it is not a light one."""
+    if light:
+        from .light.route import readable
+
+        fmt = readable(path, format)
+    else:
+        fmt = get_format(format) if format else detect_format(path)
     if not fmt.can_read:
         raise UnsupportedError(f"format {fmt.name!r} can only be written, not read")
     if format and path.is_dir() and not fmt.output_is_dir and not _sniffs(fmt, path):
@@ -158,13 +165,14 @@ def load(path: str | os.PathLike, *, format: str | None = None, scale: float | N
 
 
 def _read(fmt: Format, path: Path, scale: float | None, base=None, *,
-          unplaced: bool = False) -> Adapter:
+          unplaced: bool = False, light: bool = False) -> Adapter:
     """``fmt.read`` with the options it takes; ``base`` (path or BaseInfo) is only resolved
     when the format uses it, so a PEFT adapter never needs a GGUF-mappable base. ``unplaced``
     (inspect without a base): a format whose names need the base (kohya) keys the adapter by
     the file's own names instead of refusing; such an adapter is never merged or written. Only a
-    reader that names it gets it (not every ``**opts`` plugin: it is no user's option)."""
-    options = {}
+    reader that names it gets it (not every ``**opts`` plugin: it is no user's option).
+    ``light``: the tensors as numpy (light/), from the built-in readers that take it."""
+    options = {"light": True} if light else {}
     if unplaced and "unplaced" in _signature.signature(fmt.module.read).parameters:
         options["unplaced"] = True
     if scale is not None:
@@ -182,7 +190,8 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
     from .kernels.deltas import exactly_low_rank, kind
 
     name, w = next(((n, w) for n, w in adapter.weights.items() if not exactly_low_rank(w)
-                    and not (w.layer == "param" and format_name == "peft")), (None, None))
+                    and not (w.layer == "param" and format_name in ("peft", "gguf"))),
+                (None, None))
     if name is not None and w.layer == "param":    # PEFT target_parameters (peft_params.py)
         from .formats.peft_params import REFUSED_BY_OTHER_FORMATS
 

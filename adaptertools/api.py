@@ -78,17 +78,23 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, format: str | None
         ('peft', [8, 8])
     """
     from .inspection import adapter_report
+    from .light.route import light_or_torch
 
     hub, sources = {"endpoint": endpoint, "token": token}, []
     path = local_input_path(path, "adapter", hub, sources)
     base = local_input_path(base, "config", hub, sources, role="base")
     path = require_exists(path)
-    fmt = _readable(path, format)
-    adapter = _read(fmt, path, scale, base, unplaced=base is None)
-    report = adapter_report(adapter, path=path, format_name=fmt.name, layers=layers)
-    describe = getattr(fmt.module, "describe", None)
-    if callable(describe):  # storage facts only the format knows (e.g. GGUF tensor types)
-        report["storage"] = describe(path)
+
+    def report_of(light: bool) -> dict:     # light: numpy, no torch (light/route.py)
+        fmt = _readable(path, format, light=light)
+        adapter = _read(fmt, path, scale, base, unplaced=base is None, light=light)
+        report = adapter_report(adapter, path=path, format_name=fmt.name, layers=layers)
+        describe = getattr(fmt.module, "describe", None)
+        if callable(describe):  # storage facts only the format knows (e.g. GGUF tensor types)
+            report["storage"] = describe(path)
+        return report
+
+    report = light_or_torch(report_of)
     if sources:
         report["hub_inputs"] = sources
     return InspectReport.from_dict(report)

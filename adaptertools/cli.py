@@ -88,6 +88,13 @@ def formats_cmd(as_json: bool) -> None:
     _ui.print_json(rows) if as_json else _ui.formats_table(rows)
 
 
+def _one_blas_thread() -> None:
+    """numpy's OpenBLAS on one thread for the light path's small float64 QRs (inspect), set
+    before numpy loads: its threads fight for this machine's 2 cores, 80x slower on a (5632, 16)
+    QR with other work running. torch's own threads (a fallback, a fold) are not OpenBLAS's."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 @cli.command("inspect", short_help="Show an adapter's ranks, scales, targets, size and problems.")
 @click.argument("path", type=click.Path())
 @click.option("--layers", is_flag=True, help="One row per adapted tensor.")
@@ -102,6 +109,7 @@ def inspect_cmd(path: str, layers: bool, as_json: bool, from_format: str | None,
                 endpoint: str | None) -> None:
     """Show what an adapter holds: ranks, scales, targets, sizes and problems (PATH may be
     hf://owner/name[@revision][/subfolder])."""
+    _one_blas_thread()
     from . import _ui
     from .api import inspect
 

@@ -16,10 +16,12 @@ loads the adapter, and says so.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .adapter import Adapter
-from .dtypes import PRECISION
+
+if TYPE_CHECKING:     # saved_copies is asked by the light path's inspect, without torch
+    import torch
 
 SAVED_COPIES = "saved_base_copies"     # Adapter.metadata key (set by formats/peft.py read)
 
@@ -37,6 +39,8 @@ def saved_copies(adapter: Adapter) -> set[str]:
 
 def coarser(x: torch.dtype, y: torch.dtype) -> torch.dtype:
     """The float dtype of the two with fewer mantissa bits (fp16 vs bf16: bf16)."""
+    from .dtypes import PRECISION
+
     return x if PRECISION.get(x, 0) <= PRECISION.get(y, 0) else y
 
 
@@ -54,6 +58,10 @@ def same_weight(copy: torch.Tensor, base: torch.Tensor) -> bool:
     two, elements also count as equal when they differ by at most one bf16 step at their
     magnitude plus fp16's subnormal step (2^-24). A trained, resized or otherwise changed
     tensor differs by far more than that in some element."""
+    import torch
+
+    from .dtypes import PRECISION
+
     if copy.shape != base.shape or not (copy.is_floating_point() and base.is_floating_point()):
         return False
     if copy.dtype not in PRECISION or base.dtype not in PRECISION:

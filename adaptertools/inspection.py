@@ -5,19 +5,33 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .adapter import Adapter, LoraWeight, module_name, nonfinite_tensors, tensor_fields
 from .copies import saved_copies
+from .light.arrays import all_finite, is_stored
+
+if TYPE_CHECKING:    # the light path (light/) passes light.arrays.Stored factors: numpy float64
+    import torch
 
 
 def delta_singular_values(w: LoraWeight) -> torch.Tensor:
     """Singular values of ``scale * b @ a``, (min(r, rows, cols),), from two thin QRs.
 
     b = Qb Rb and a.T = Qa Ra give b @ a = Qb (Rb Ra^T) Qa^T, so the spectrum is that of the
-    small (r, r) core: O((rows + cols) r^2) work instead of O(rows cols r).
+    small (r, r) core: O((rows + cols) r^2) work instead of O(rows cols r). Factors held as
+    numpy (light.arrays.Stored) take numpy's LAPACK (the same geqrf and gesdd), in float64.
     """
+    if is_stored(w.a):
+        import numpy as np
+
+        # column-major, as LAPACK takes them (a C-order input costs a transposed copy inside
+        # numpy's qr: 10x here); a.T of the C-order (r, cols) a is column-major already
+        rb = np.linalg.qr(np.asfortranarray(w.b.double()), mode="r")   # (rows, r) -> Rb (r, r)
+        ra = np.linalg.qr(w.a.double().T, mode="r")                    # (cols, r) -> Ra (r, r)
+        return np.linalg.svd(rb @ ra.T, compute_uv=False) * abs(w.scale)
+    import torch
+
     _, rb = torch.linalg.qr(w.b.double())      # (rows, r) -> Rb (r, r)
     _, ra = torch.linalg.qr(w.a.double().T)    # (cols, r) -> Ra (r, r)
     return torch.linalg.svdvals(rb @ ra.T) * abs(w.scale)
@@ -30,7 +44,20 @@ def effective_rank(singular_values: torch.Tensor) -> float:
         return 0.0
     p = singular_values / total
     p = p[p > 0]
+    if not hasattr(p, "log"):      # numpy (the light path)
+        import numpy as np
+
+        return float(np.exp(-(p * np.log(p)).sum()))
+    import torch
+
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _norm(singular_values) -> float:
+    """The Frobenius norm of the delta: the root of its squared singular values' sum."""
+    if not hasattr(singular_values, "square"):      # numpy (the light path)
+        return float(((singular_values ** 2).sum()) ** 0.5)
+    return float(singular_values.square().sum().sqrt())
 
 
 def _dense_kind_report(name: str, w) -> dict:
@@ -38,7 +65,7 @@ def _dense_kind_report(name: str, w) -> dict:
     from .kernels.deltas import kind, norm, rank_bound
 
     tensors = list(tensor_fields(w).values())
-    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    finite = all(all_finite(t) for t in tensors)
     return {"name": name, "kind": kind(w).name, "layer": w.layer, "shape": list(w.stored_shape),
             "rank": None, "rank_bound": rank_bound(w), "scale": w.scale,
             "dtype": str(tensors[0].dtype).removeprefix("torch."),
@@ -51,7 +78,7 @@ def layer_report(name: str, w: LoraWeight) -> dict:
     LoKr row also says its kind and, instead of a rank, the bound on its delta's rank."""
     if not isinstance(w, LoraWeight):
         return _dense_kind_report(name, w)
-    finite = all(bool(torch.isfinite(t).all()) for t in (w.a, w.b))
+    finite = all(all_finite(t) for t in (w.a, w.b))
     sv = delta_singular_values(w) if finite else None
     flags = [] if finite else ["nan/inf"]
     if finite and not w.b.any():
@@ -63,7 +90,7 @@ def layer_report(name: str, w: LoraWeight) -> dict:
         "rank": w.rank,
         "scale": w.scale,
         "dtype": str(w.a.dtype).removeprefix("torch."),
-        "delta_norm": float(sv.square().sum().sqrt()) if sv is not None else None,
+        "delta_norm": _norm(sv) if sv is not None else None,
         "effective_rank": effective_rank(sv) if sv is not None else None,
         "dora": w.magnitude is not None,
         "lora_bias": w.bias is not None,
@@ -78,9 +105,12 @@ KIND_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 def kind_label(w) -> str:
     """LoRA, LoCon, LoHa or LoKr, with ``+DoRA`` where the delta carries DoRA magnitudes: the
     same words for every format's adapters."""
-    from .kernels.deltas import kind
+    if isinstance(w, LoraWeight):     # deltas.LORA, named without importing the kernels (torch)
+        label = KIND_LABELS["lora"]
+    else:
+        from .kernels.deltas import kind
 
-    label = KIND_LABELS.get(kind(w).name, kind(w).name)
+        label = KIND_LABELS.get(kind(w).name, kind(w).name)
     if label == "LoRA" and getattr(w, "layer", "") == "conv":
         label = "LoCon"
     return label + ("+DoRA" if getattr(w, "magnitude", None) is not None else "")

@@ -19,15 +19,13 @@ import math
 import re
 import warnings
 
-import torch
-
 from ..adapter import Adapter, LoraWeight
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
 from . import foreign
 
 # The largest Frobenius norm whose square float32 holds: a delta beyond it cannot be used in
 # fp32 arithmetic (a DoRA norm, an RMSNorm of the layer's outputs, our own SQNR all square it).
-MAX_DELTA_NORM = math.sqrt(torch.finfo(torch.float32).max)        # ~1.8e19
+MAX_DELTA_NORM = math.sqrt((2 - 2 ** -23) * 2.0 ** 127)   # float32's largest; ~1.8e19
 
 
 def _saved_copy(stem: str, module: str) -> bool:

@@ -26,13 +26,15 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
 from ..errors import AdapterToolsWarning, FormatError, UnsupportedError
 from . import accounting, foreign
+
+if TYPE_CHECKING:    # read(light=True) holds light.arrays.Stored tensors instead
+    import torch
 
 DESCRIPTION = "mlx-lm adapter folder (adapters.safetensors + adapter_config.json)"
 SNIFF_ORDER = 5            # before PEFT (10): both folders hold an adapter_config.json
@@ -123,7 +125,8 @@ def config_value(config: dict, dotted: str):
 
 # ----------------------------------------------------------------------------- read
 
-def read(path: Path) -> Adapter:
+def read(path: Path, *, light: bool = False) -> Adapter:
+    """``light``: the tensors as light.arrays.Stored (numpy, no torch)."""
     folder = locate(Path(path))
     if folder is None:
         raise FormatError(f"{path}: no mlx-lm adapter here ({CONFIG_NAME} with lora_parameters "
@@ -131,7 +134,12 @@ def read(path: Path) -> Adapter:
     config = read_json(folder / CONFIG_NAME)
     s = settings(config, folder / CONFIG_NAME)
     file = folder / WEIGHTS_NAME
-    tensors, _ = load_safetensors(file)
+    if light:
+        from ..light.arrays import load_safetensors as load_light
+
+        tensors, _ = load_light(file)
+    else:
+        tensors, _ = load_safetensors(file)
     if not tensors:
         raise FormatError(f"{file}: holds no tensors; {REMADE}")
     if s.fine_tune_type == "full":

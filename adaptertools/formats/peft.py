@@ -20,8 +20,7 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .._io import load_safetensors, read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
@@ -29,6 +28,9 @@ from ..errors import AdapterToolsError, AdapterToolsWarning, FormatError, Unsupp
 from . import (accounting, foreign, peft_bdlora, peft_lycoris, peft_mha, peft_params,
                peft_tokens, peft_training_only)
 from .peft_keys import KEY_PREFIX, SAVED_EMBEDDING_LAYERS, split_key
+
+if TYPE_CHECKING:    # read(light=True) holds light.arrays.Stored tensors instead
+    import torch
 
 DESCRIPTION = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
 SNIFF_ORDER = 10
@@ -383,12 +385,21 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], scale_for, *,
     return adapter
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(folder: Path, *, light: bool = False) -> dict[str, torch.Tensor]:
+    """The weights file's tensors; ``light``: as numpy (light.arrays.Stored), no torch."""
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
+        if light:
+            from ..light.arrays import load_safetensors as load_light
+
+            return load_light(weights)[0]
         return load_safetensors(weights)[0]
     legacy = folder / LEGACY_WEIGHTS_NAME
     if legacy.is_file():
+        if light:                  # a pickle: only torch's weights-only unpickler reads it
+            from ..light.arrays import NeedsTorch
+
+            raise NeedsTorch(f"{legacy}: pickled")
         return load_legacy_bin(legacy)
     if (folder / "adapter_model.pt").is_file():
         raise UnsupportedError(f"{folder}: has {CONFIG_NAME} and torchtune's adapter_model.pt "
@@ -423,6 +434,8 @@ def _unpickling_refusal(path: Path, exc: BaseException) -> FormatError:
 
 def load_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, loaded with ``weights_only=True`` so no code in it can run."""
+    import torch
+
     try:
         with warnings.catch_warnings():      # its notes on pickle protocols are not ours to show
             warnings.simplefilter("ignore")
@@ -488,7 +501,9 @@ def _torchtune_export(config: dict, state_dict: dict, base, where: Path) -> dict
     return fixed
 
 
-def read(path: Path, *, base=None) -> Adapter:
+def read(path: Path, *, base=None, light: bool = False) -> Adapter:
+    """``light``: the tensors as light.arrays.Stored (numpy, no torch); what the light path
+    does not read raises light.arrays.NeedsTorch (the caller takes the torch path)."""
     folder = locate(Path(path))
     if folder is None:
         raise FormatError(f"{path}: no {CONFIG_NAME} here; pass the PEFT adapter folder")
@@ -497,6 +512,7 @@ def read(path: Path, *, base=None) -> Adapter:
     check_types({k: v for k, v in config.items() if k == "peft_type"}, config_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type in peft_lycoris.KINDS or peft_type == peft_tokens.TRAINABLE_TOKENS:
+        _needs_torch(light, folder, peft_type)
         return _read_other_kind(folder, config, peft_type)
     check_config(config, config_path)
     use_rslora = bool(config.get("use_rslora", False))
@@ -508,7 +524,10 @@ def read(path: Path, *, base=None) -> Adapter:
                               f"{expected_rank} (r / rank_pattern); fix the config")
         return scale_of(alpha, expected_rank, use_rslora)
 
-    state_dict = _torchtune_export(config, read_state_dict(folder), base, folder)
+    if config.get(peft_params.CONFIG_FIELD) or config.get(peft_bdlora.CONFIG_FIELD) or \
+            config.get("trainable_token_indices") or uses_base(folder):
+        _needs_torch(light, folder, "expert slices, block-diagonal A, token rows or torchtune")
+    state_dict = _torchtune_export(config, read_state_dict(folder, light=light), base, folder)
     state_dict, note = peft_training_only.set_aside(state_dict, config)
     if note is not None:
         warnings.warn(f"{folder}: {note}", AdapterToolsWarning, stacklevel=3)
@@ -536,6 +555,14 @@ def read(path: Path, *, base=None) -> Adapter:
 
         adapter.metadata[SAVED_COPIES] = copies
     return adapter
+
+
+def _needs_torch(light: bool, folder: Path, what: str) -> None:
+    """In the light path, what it does not read goes to the torch path."""
+    if light:
+        from ..light.arrays import NeedsTorch
+
+        raise NeedsTorch(f"{folder}: {what}")
 
 
 def _read_other_kind(folder: Path, config: dict, peft_type: str) -> Adapter:

@@ -12,9 +12,12 @@ ordinary LoRA with the same delta (the zeros are exact), which every LoRA format
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
+
+if TYPE_CHECKING:      # the light path's tensors are numpy (light.arrays.Stored)
+    import torch
 
 CONFIG_FIELD = "use_bdlora"
 
@@ -41,5 +44,7 @@ def expand(config: dict, module: str, parts: dict[str, torch.Tensor], where) -> 
         raise FormatError(f"{where}: {module}.{side} is {tuple(stored.shape)}, which is not "
                           f"{blocks} diagonal blocks stacked (use_bdlora.nblocks); the file "
                           "does not match its adapter_config.json")
+    import torch
+
     full = torch.block_diag(*torch.chunk(stored, blocks, dim=0))   # (rows, cols)
     return {**parts, side: full}

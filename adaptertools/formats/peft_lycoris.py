@@ -14,12 +14,14 @@ plan time (the same row-major values: PEFT reshapes its delta to the base's shap
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
 from ..errors import FormatError, UnsupportedError
 from .peft_keys import KEY_PREFIX
+
+if TYPE_CHECKING:      # the light path's tensors are numpy (light.arrays.Stored)
+    import torch
 
 PARTS = {"LOHA": ("hada_", ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")),
          "LOKR": ("lokr_", ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"))}

@@ -17,11 +17,13 @@ Facts (PEFT 0.21.2, peft/tuners/tuners_utils.py ``_inject_parameters``):
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError, UnsupportedError
 from .peft_keys import KEY_PREFIX, split_key
+
+if TYPE_CHECKING:      # the light path's tensors are numpy (light.arrays.Stored)
+    import torch
 
 CONFIG_FIELD = "target_parameters"
 BASE_LAYER = ".base_layer"

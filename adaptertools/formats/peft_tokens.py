@@ -19,12 +19,14 @@ still tied, embedding serves both.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter import TokenRows
 from ..errors import FormatError
 from .peft_keys import KEY_PREFIX
+
+if TYPE_CHECKING:      # the light path's tensors are numpy (light.arrays.Stored)
+    import torch
 
 DELTA = "trainable_tokens_delta"
 WRAPPER = "token_adapter"

@@ -1,0 +1,147 @@
+"""Stored tensors as numpy, with the few ``torch.Tensor`` methods the readers call.
+
+The format readers (formats/peft.py, gguf.py, mlx.py) only move stored values around: split
+keys, transpose, reshape, check shapes and dtypes. ``Stored`` answers those calls on a numpy
+array, so the same reader code builds an ``Adapter`` of ``Stored`` tensors without torch.
+Arithmetic is never done in the stored dtype: ``double()`` widens exactly to float64, which
+holds every float32, float16 and bfloat16 value.
+
+bfloat16 (numpy has none) is kept as its raw 16-bit words (uint16); widened exactly by
+``uint32 << 16`` viewed as float32 (bf16 is the top half of an fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import AdapterToolsError
+
+# safetensors dtype -> (numpy dtype of the stored words, torch's name of the dtype)
+SAFETENSORS = {"F64": ("<f8", "float64"), "F32": ("<f4", "float32"), "F16": ("<f2", "float16"),
+               "BF16": ("<u2", "bfloat16"), "I64": ("<i8", "int64"), "I32": ("<i4", "int32"),
+               "I16": ("<i2", "int16"), "I8": ("i1", "int8"), "U8": ("u1", "uint8"),
+               "BOOL": ("?", "bool")}
+FLOATS = ("float64", "float32", "float16", "bfloat16")
+# torch's dtype name -> safetensors' (the writers' header names)
+SAFETENSORS_NAMES = {name: code for code, (_, name) in SAFETENSORS.items()}
+
+
+class NeedsTorch(AdapterToolsError):
+    """Raised inside the light path for what it does not do; the command then takes the torch
+    path (never shown to a user)."""
+
+
+class Stored:
+    """One stored tensor: ``words`` (numpy, the stored dtype's values, bf16 as uint16 words) and
+    ``dtype``, torch's name of the stored dtype (``str(tensor.dtype)`` without ``torch.``)."""
+
+    __slots__ = ("dtype", "words")
+
+    def __init__(self, words: np.ndarray, dtype: str):
+        self.words = words
+        self.dtype = dtype
+
+    # -- what the readers ask (torch.Tensor's names)
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.words.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.words.ndim
+
+    def dim(self) -> int:
+        return self.words.ndim
+
+    def numel(self) -> int:
+        return math.prod(self.words.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def T(self) -> Stored:
+        return Stored(self.words.T, self.dtype)
+
+    def reshape(self, *shape) -> Stored:
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return Stored(self.words.reshape(tuple(int(s) for s in shape)), self.dtype)
+
+    def contiguous(self) -> Stored:
+        return Stored(np.ascontiguousarray(self.words), self.dtype)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype in FLOATS
+
+    def __getitem__(self, index) -> Stored:
+        return Stored(self.words[index], self.dtype)
+
+    # -- values
+    def double(self) -> np.ndarray:
+        """The values as float64, exactly."""
+        if self.dtype == "bfloat16":
+            return (self.words.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return self.words.astype(np.float64)
+
+    def any(self) -> bool:
+        """Any value nonzero (-0.0 is zero, as in torch)."""
+        if self.dtype == "bfloat16":
+            return bool((self.words & 0x7FFF).any())
+        return bool(self.words.any())
+
+    def all_finite(self) -> bool:
+        if self.dtype == "bfloat16":    # exponent bits all set: Inf or NaN
+            return not bool(((self.words & 0x7F80) == 0x7F80).any())
+        if not self.is_floating_point():
+            return True
+        return bool(np.isfinite(self.words).all())
+
+    def __repr__(self) -> str:
+        return f"Stored({self.dtype}, shape={self.shape})"
+
+
+def is_stored(t) -> bool:
+    return isinstance(t, Stored)
+
+
+def all_finite(t) -> bool:
+    """No Inf or NaN in ``t`` (a Stored or a torch tensor)."""
+    if isinstance(t, Stored):
+        return t.all_finite()
+    import torch
+
+    return bool(torch.isfinite(t).all())
+
+
+def equal(s, t) -> bool:
+    """Same dtype, shape and stored values (bit for bit but -0.0 == 0.0, as torch.equal)."""
+    if isinstance(s, Stored) and isinstance(t, Stored):
+        return s.dtype == t.dtype and s.shape == t.shape and \
+            bool(np.array_equal(s.double(), t.double()))
+    import torch
+
+    return s.dtype == t.dtype and s.shape == t.shape and torch.equal(s, t)
+
+
+def load_safetensors(path) -> tuple[dict[str, Stored], dict[str, str]]:
+    """All tensors of a safetensors file as ``Stored`` (mapped, not read) and its
+    ``__metadata__``; the header is checked by tensor_index.read_safetensors_header. A dtype
+    not in SAFETENSORS (fp8, unsigned words) raises NeedsTorch."""
+    from .._io import check_fits_in_memory
+    from ..tensor_index import read_safetensors_header
+
+    header = read_safetensors_header(path)
+    check_fits_in_memory(path, {t.name: t.nbytes for t in header.tensors})
+    if any(t.dtype not in SAFETENSORS for t in header.tensors):
+        raise NeedsTorch(f"{path}: a dtype numpy does not hold")
+    if not header.tensors:
+        return {}, dict(header.metadata)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for t in sorted(header.tensors, key=lambda t: t.name):     # safe_open's keys() order
+        words, name = SAFETENSORS[t.dtype]
+        raw = data[t.offset:t.offset + t.nbytes]
+        tensors[t.name] = Stored(raw.view(words).reshape(t.shape), name)
+    return tensors, dict(header.metadata)

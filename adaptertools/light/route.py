@@ -1,0 +1,87 @@
+"""Which path a command takes: the light one (numpy, no torch) where it can, else torch's.
+
+``light_or_torch(run)`` calls ``run(True)``; whatever goes wrong in it (``NeedsTorch`` for what
+the light path does not do, or any error, whose words the torch path then gives) makes it call
+``run(False)``, today's path, instead. Warnings the light run raised are shown only when its
+answer is the one returned, so none is shown twice.
+
+The light path finds formats without the registry, which imports every format module (and
+torch with them): only when every registered format is one of ours, whose sniffing order puts
+the light formats (``LIGHT``) before all the others (tests/test_light.py checks that order).
+``ADAPTERTOOLS_LIGHT=0`` turns the light path off.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from pathlib import Path
+
+from ..registry import ENTRY_POINT_GROUP, Format
+from .arrays import NeedsTorch
+
+# the built-in formats whose readers take light=True, in sniffing order (mlx 5, peft 10)
+LIGHT = ("mlx", "peft")
+PACKAGE = "adaptertools"
+# the path the last light_or_torch call took, "light" or "torch" (what tests and benchmarks ask)
+taken: list[str] = []
+
+
+@functools.cache
+def _builtin_only() -> bool:
+    """Every registered format is one of ours (a plugin could sniff before ours)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        if not ep.value.startswith(f"{PACKAGE}.formats.") or \
+                (dist is not None and dist.name != PACKAGE):
+            return False
+    return True
+
+
+def enabled() -> bool:
+    return os.environ.get("ADAPTERTOOLS_LIGHT", "1") != "0" and _builtin_only()
+
+
+def _format(name: str) -> Format:
+    return Format(name, importlib.import_module(f"{PACKAGE}.formats.{name}"), PACKAGE)
+
+
+def readable(path: Path, format: str | None) -> Format:
+    """The format the registry would pick for ``path`` (or ``format``), when it is a light
+    one; else NeedsTorch."""
+    if format is not None:
+        if format in LIGHT:
+            return _format(format)
+        raise NeedsTorch(f"format {format}")
+    for name in LIGHT:
+        fmt = _format(name)
+        if fmt.module.sniff(path):
+            return fmt
+    raise NeedsTorch(f"{path}: no light format sniffs it first")
+
+
+def light_or_torch(run):
+    """``run(light=True)``'s answer, or ``run(light=False)``'s where the light run failed."""
+    if enabled():
+        import numpy as np
+
+        # np.errstate: numpy's float warnings (Inf * 0 in a norm) are none of torch's, which
+        # says nothing there; the readers name NaN/Inf values themselves
+        with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
+            warnings.simplefilter("always")
+            try:
+                answer = run(True)
+            except Exception:       # noqa: BLE001  (the torch path answers, in its words)
+                answer = caught = None
+        if caught is not None:
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                       source=w.source)
+            taken[:] = ["light"]
+            return answer
+    taken[:] = ["torch"]
+    return run(False)

@@ -1,0 +1,199 @@
+"""The torch-free light path (adaptertools/light/): ``inspect`` of PEFT and MLX adapters gives
+today's torch path's report, without importing torch.
+
+Each case is inspected twice in process, light (the default) and with ADAPTERTOOLS_LIGHT=0
+(today's path): every field equal, except the spectra's figures (delta_norm, effective_rank,
+total_delta_norm), numpy's float64 LAPACK against torch's, within 1e-12 relative. Both take
+the same float64 QRs and SVD of the same exactly widened factors; they differ in rounding
+order only: a few ulps of float64 (2.2e-16) per value, far below 1e-12 for these ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import adaptertools as at
+from adaptertools.adapter import Adapter, LoraWeight
+from adaptertools.light import route
+from adaptertools.tiny import make_adapter
+
+SPECTRA = ("delta_norm", "effective_rank", "total_delta_norm")
+RTOL = 1e-12
+
+
+def _lora(rows: int, cols: int, rank: int = 4, seed: int = 0, dtype=torch.float32, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.randn(rank, cols, generator=gen) / cols ** 0.5).to(dtype)
+    b = (torch.randn(rows, rank, generator=gen) * 0.01).to(dtype)
+    return LoraWeight(a=a, b=b, scale=2.0, **kw)
+
+
+def _cases() -> dict:
+    """name -> (Adapter, format): the layer kinds, dtypes, extras and problems inspect reports."""
+    plain = make_adapter()
+    name = next(iter(plain.weights))
+    zero = make_adapter()
+    zero.weights[name] = replace(zero.weights[name], b=torch.zeros_like(zero.weights[name].b))
+    gen = torch.Generator().manual_seed(5)
+    dora = Adapter(weights={
+        "model.layers.0.self_attn.q_proj.weight": replace(
+            _lora(64, 64), magnitude=torch.rand(64, generator=gen) + 0.5,
+            bias=torch.randn(64, generator=gen)),
+        "model.layers.0.mlp.up_proj.weight": replace(
+            _lora(128, 64, seed=1), magnitude=torch.rand(128, generator=gen) + 0.5,
+            bias=torch.randn(128, generator=gen))})
+    kinds = Adapter(weights={
+        "transformer.h.0.attn.c_attn.weight": _lora(64, 192, layer="conv1d"),   # stored (in, out)
+        "model.embed_tokens.weight": _lora(256, 64, seed=2, layer="embedding"),
+        "unet.conv_in.weight": _lora(8, 4 * 3 * 3, seed=3, layer="conv", weight_shape=(8, 4, 3, 3)),
+    })
+    full = make_adapter()
+    full.replacements["lm_head.weight"] = torch.randn(256, 64, generator=gen)
+    return {
+        "fp32": (plain, "peft"),
+        "bf16": (make_adapter(dtype=torch.bfloat16), "peft"),
+        "fp16": (make_adapter(dtype=torch.float16, rank=4), "peft"),
+        "nan": (make_adapter(), "peft"),         # a NaN planted in the file (_plant_nan)
+        "zero_b": (zero, "peft"),
+        "dora_bias": (dora, "peft"),
+        "conv1d_embedding_conv": (kinds, "peft"),
+        "modules_to_save": (full, "peft"),
+        "mlx": (make_adapter(rank=4), "mlx"),
+        "mlx_bf16": (make_adapter(dtype=torch.bfloat16), "mlx"),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("light")
+    out = {}
+    for case, (adapter, fmt) in CASES.items():
+        at.save(adapter, root / case, format=fmt)
+        out[case] = root / case
+    _plant_nan(out["nan"] / "adapter_model.safetensors")
+    return out
+
+
+def _plant_nan(file) -> None:
+    """One NaN in the first lora_B (save refuses to write one)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    key = min(k for k in tensors if "lora_B" in k)
+    tensors[key].view(-1)[3] = float("nan")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _inspect(path, monkeypatch, *, light: bool, **kw) -> dict:
+    monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1" if light else "0")
+    report = at.inspect(path, **kw).to_dict()
+    assert route.taken == ["light" if light else "torch"]
+    return report
+
+
+def _assert_same(light, torch_report, where=""):
+    """Equal, but for the spectra: within RTOL relative (None where torch's is None)."""
+    if isinstance(torch_report, dict):
+        assert light.keys() == torch_report.keys(), where
+        for key in torch_report:
+            if key in SPECTRA and torch_report[key] is not None:
+                assert math.isclose(light[key], torch_report[key], rel_tol=RTOL, abs_tol=0), \
+                    (where, key, light[key], torch_report[key])
+            else:
+                _assert_same(light[key], torch_report[key], f"{where}.{key}")
+    elif isinstance(torch_report, list):
+        assert len(light) == len(torch_report), where
+        for i, (x, y) in enumerate(zip(light, torch_report)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert light == torch_report and type(light) is type(torch_report), (where, light)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_light_inspect_is_todays_report(case, written, monkeypatch):
+    path = written[case]
+    light = _inspect(path, monkeypatch, light=True, layers=True)
+    today = _inspect(path, monkeypatch, light=False, layers=True)
+    _assert_same(light, today)
+    assert light["format"] == CASES[case][1]
+
+
+def test_the_cases_report_what_they_hold(written, monkeypatch):
+    """The cases reach the fields they are for (a parity test of empty fields proves little)."""
+    report = {c: _inspect(p, monkeypatch, light=True, layers=True) for c, p in written.items()}
+    assert report["bf16"]["dtypes"] == ["bfloat16"] and report["fp16"]["dtypes"] == ["float16"]
+    assert report["mlx_bf16"]["dtypes"] == ["bfloat16"]
+    assert report["nan"]["total_delta_norm"] is None and "nan/inf" in report["nan"]["layers"][0]["flags"]
+    assert any("all-zero B" in p for p in report["zero_b"]["problems"])
+    assert report["dora_bias"]["dora"] and report["dora_bias"]["lora_bias"]
+    assert report["conv1d_embedding_conv"]["layer_kinds"] == {"conv1d": 1, "embedding": 1, "conv": 1}
+    assert report["modules_to_save"]["replaced_tensors"] == ["lm_head.weight"]
+    assert report["fp32"]["total_delta_norm"] > 0
+
+
+def test_fallbacks_give_todays_answer(written, tmp_path, monkeypatch):
+    """What the light path does not read (a pickled adapter_model.bin, a --from it has no light
+    reader for) goes to the torch path, silently: the same report."""
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    source = written["fp32"]
+    (legacy / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    torch.save(load_file(str(source / "adapter_model.safetensors")), legacy / "adapter_model.bin")
+    monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1")
+    fallback = at.inspect(legacy).to_dict()
+    assert route.taken == ["torch"]
+    direct = _inspect(source, monkeypatch, light=False)
+    for key in ("adapted_tensors", "parameters", "ranks", "scales", "dtypes"):
+        assert fallback[key] == direct[key]
+
+
+def test_errors_are_todays(written, tmp_path, monkeypatch):
+    """A broken adapter fails the light read; the torch path then says what is wrong, in its
+    words, and only once."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((written["fp32"] / "adapter_config.json").read_text())
+    data = (written["fp32"] / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    messages = {}
+    for light in (True, False):
+        monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1" if light else "0")
+        with pytest.raises(at.FormatError) as err:
+            at.inspect(bad)
+        messages[light] = str(err.value)
+    assert messages[True] == messages[False] and "adapter_model.safetensors" in messages[True]
+
+
+def test_sniffing_order_puts_the_light_formats_first():
+    """route.readable sniffs only LIGHT: right only while every other built-in format sniffs
+    after all of them (registry order)."""
+    from adaptertools.registry import formats
+
+    order = {name: fmt.sniff_order for name, fmt in formats().items()}
+    assert list(route.LIGHT) == sorted(route.LIGHT, key=order.get)
+    assert max(order[n] for n in route.LIGHT) < min(o for n, o in order.items() if n not in route.LIGHT)
+
+
+@pytest.mark.parametrize("case", ["fp32", "mlx_bf16"])
+def test_inspect_command_does_not_import_torch(case, written):
+    code = ("import json, sys\nfrom adaptertools.cli import _main\n"
+            "try:\n    _main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(json.dumps('torch' in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, "inspect", str(written[case]), "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report_text, imported = proc.stdout.rsplit("\n", 2)[:2]
+    assert json.loads(report_text)["adapted_tensors"] > 0
+    assert imported == "false"
