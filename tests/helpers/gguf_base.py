@@ -269,3 +269,41 @@ def run_llama_cpp_script(script: Path, jobs: list[list[str]], *, dummy_vocab: bo
     if run.returncode != 0 or not run.stdout.strip():
         raise RuntimeError(f"{script.name} driver failed: {run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_bases(converter: Path, hf_dirs: dict[str, Path]) -> dict[str, Path]:
+    """name -> the F32 GGUF model llama.cpp's convert_hf_to_gguf.py (beside ``converter``, the
+    sdist's convert_lora_to_gguf.py) writes of each HF folder, with the dummy vocabulary, all
+    in one interpreter; written beside each folder as ``base_<name>.gguf``."""
+    script = converter.with_name("convert_hf_to_gguf.py")
+    outputs = {name: folder.parent / f"base_{name}.gguf" for name, folder in hf_dirs.items()}
+    failed = run_llama_cpp_script(script, [["--outtype", "f32", "--outfile", str(out),
+                                            str(hf_dirs[name])] for name, out in outputs.items()],
+                                  dummy_vocab=True)
+    assert not failed, failed
+    return outputs
+
+
+def gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Every tensor of a GGUF file: name -> (type name, raw data as gguf-py reads it)."""
+    import gguf
+
+    return {t.name: (t.tensor_type.name, np.array(t.data))
+            for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def runtime_loras(root: Path, folders: dict[str, tuple[Path, Path]], bases: dict[str, Path]):
+    """get(name) -> (our GGUF adapter of the PEFT folder, llama.cpp's logits of the GGUF base
+    with it as the runtime LoRA), each computed once; ``folders``: name -> (HF base folder, PEFT
+    adapter folder), ``bases``: name -> GGUF base."""
+    import adaptertools as at
+
+    done: dict[str, tuple[Path, np.ndarray]] = {}
+
+    def get(name: str) -> tuple[Path, np.ndarray]:
+        if name not in done:
+            ours = root / f"{name}.gguf"
+            at.convert(folders[name][1], ours, to="gguf", base=folders[name][0])
+            done[name] = ours, llama_logits(bases[name], ours)
+        return done[name]
+    return get

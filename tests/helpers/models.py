@@ -163,11 +163,17 @@ MORE_GGUF_ARCHS = {
     # MHA, as OLMoE-1B-7B: llama.cpp's olmoe sizes k_norm by head_count, not head_count_kv
     "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
                                                   "num_key_value_heads": 4}),
+    # saved by transformers 5 as block_sparse_moe.experts.{e}.w1/w2/w3, which LlamaModel stacks
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", {"num_local_experts": 4,
+                                                        "num_experts_per_tok": 2}),
 }
 # what the arch's LoRA targets where "all-linear" would reach the fused routed experts (PEFT
 # wraps their 3-D parameters; llama.cpp's converter refuses those: "Unprocessed experts")
 ARCH_TARGETS = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+                "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+# MoE architectures whose routed experts (and router) take a LoRA in GGUF (tests/test_moe_gguf.py)
+MOE_GGUF_ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")
 
 
 def make_arch_model(arch: str) -> torch.nn.Module:

@@ -1,0 +1,182 @@
+"""MoE expert LoRAs in llama.cpp's GGUF adapters: PEFT ``target_parameters`` LoRAs on the fused
+3-D expert tensors of transformers-5 models (kernels/param_lora.py), and on 2-D parameters such
+as the router, re-laid as the tensors llama.cpp applies them to.
+
+Facts (llama.cpp vendored by llama-cpp-python 0.3.36):
+  * llama.cpp applies a LoRA to an expert matmul in ``build_lora_mm_id`` (src/llama-graph.cpp
+    1555-1595): ``mul_mat_id(lora_b, mul_mat_id(lora_a, x, ids), ids) * alpha / rank``, rank =
+    ``lora_b->ne[0]``. ``ggml_mul_mat_id`` (ggml/src/ggml.c 3401) takes one matrix per expert,
+    so both factors are 3-D: ``lora_a`` ne (in, r, E) = numpy (E, r, in), ``lora_b`` ne
+    (r, out, E) = numpy (E, out, r), for the base ``ffn_{gate,up,down}_exps`` ne (in, out, E).
+  * the loader (src/llama-adapter.cpp 359-371) checks only ne[0] and ne[1] (base in == a's,
+    base out == b's, a's r == b's r), not the expert count, so a wrong E is refused here.
+  * qwen2moe, qwen3moe, olmoe and Mixtral (arch llama) store gate and up separately
+    (src/models/qwen2moe.cpp 47-49, qwen3moe.cpp 52-54, olmoe.cpp 43-45, llama.cpp 80-82), and
+    llama.cpp's converter splits transformers-5's ``gate_up_proj`` (E, 2*inter, hidden) rows at
+    ``inter``, gate first (conversion/qwen.py Qwen2MoeModel.modify_tensors), or stacks the
+    per-expert gate/up/down (w1/w3/w2) weights of a saved checkpoint (OlmoeModel, LlamaModel):
+    the gate rows of B go to ``ffn_gate_exps``, the up rows to ``ffn_up_exps``, A to both.
+  * a router LoRA (``mlp.gate.weight``, a 2-D parameter) is an ordinary 2-D LoRA on
+    ``ffn_gate_inp`` (``build_lora_mm`` on gate_inp in ``build_moe_ffn``).
+
+PEFT's factors (kernels/param_lora.py): A (r*E, in) expert-major, B (out, r*E) rank-major, so
+expert e's A is ``A.reshape(E, r, in)[e]`` and its B ``B.reshape(out, r, E)[:, :, e]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import FormatError, UnsupportedError
+
+# llama.cpp architectures whose routed experts take a LoRA (names.HF_ARCHITECTURES), with the
+# converter class whose expert layout the split below follows
+EXPERT_ARCHS = {
+    "qwen2moe": "qwen.py Qwen2MoeModel (gate_up_proj rows split at inter)",
+    "qwen3moe": "qwen.py Qwen3MoeModel(Qwen2MoeModel)",
+    "olmoe": "olmo.py OlmoeModel (experts.{e}.gate_proj/up_proj/down_proj stacked)",
+    "llama": "llama.py LlamaModel (Mixtral block_sparse_moe.experts.{e}.w1/w3/w2 stacked)",
+}
+# fused expert parameter -> the parameters gguf-py maps to llama.cpp's tensors, each with
+# (part, parts): its share of the fused rows
+SPLITS = {"gate_up_proj": (("gate_proj", 0, 2), ("up_proj", 1, 2)),
+          "gate_proj": (("gate_proj", 0, 1),), "up_proj": (("up_proj", 0, 1),),
+          "down_proj": (("down_proj", 0, 1),)}
+# the per-expert names a saved checkpoint may hold for each fused parameter (transformers 5
+# saves the transformers-4 layout back: mlp.experts.{e}.gate_proj, Mixtral's w1/w3/w2)
+PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+              "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",)),
+              "down_proj": (("down_proj",), ("w2",))}
+RENAMED = (("mlp.", "block_sparse_moe."),)     # transformers 5's Mixtral module, as saved
+
+
+def is_param(w) -> bool:
+    return getattr(w, "layer", None) == "param"
+
+
+def gguf_view(weights: dict, base) -> tuple[dict, dict[str, dict]]:
+    """``weights`` with every target_parameters LoRA re-expressed on llama.cpp's tensors, and
+    for each re-expressed name what our GGUF entry records to undo it.
+
+    A 3-D LoRA (E, out, in) becomes one ParamLoraWeight per GGUF tensor, under the HF name
+    gguf-py maps to it (``...experts.gate_proj.weight``), with B's rows of that part; a 2-D one
+    (the router) becomes a plain linear LoraWeight of the same delta (``B @ A * scale``)."""
+    from ..adapter import LoraWeight
+
+    view, origin = {}, {}
+    for name, w in weights.items():
+        if not is_param(w):
+            view[name] = w
+            continue
+        if w.num_experts == 1:
+            view[name] = LoraWeight(a=w.a, b=w.b, scale=w.scale, layer="linear")
+            origin[name] = {"param": True}
+            continue
+        owner, _, param = name.rpartition(".")
+        if base.arch not in EXPERT_ARCHS or param not in SPLITS or w.transposed:
+            raise UnsupportedError(
+                f"{name}: llama.cpp's {base.arch!r} has no expert LoRA layout for this "
+                f"{'(E, in, out) ' if w.transposed else ''}expert tensor (GGUF expert LoRAs: "
+                f"{', '.join(f'{p} of {a}' for a in sorted(EXPERT_ARCHS) for p in SPLITS)}); "
+                "merge it into its base (adaptertools merge), or keep the PEFT folder")
+        rows = int(w.b.shape[0])
+        parts = SPLITS[param]
+        if rows % len(parts):
+            raise FormatError(f"{name}: {rows} rows of lora_B cannot be split into gate and up "
+                              "halves; the adapter is damaged or not for this model")
+        size = rows // len(parts)
+        for target, part, _ in parts:
+            piece = f"{owner}.{target}.weight"
+            view[piece] = replace(w, b=w.b[part * size:(part + 1) * size])
+            origin[piece] = {"name": name, "experts": w.num_experts,
+                             "rows": [part * size, (part + 1) * size]}
+    return view, origin
+
+
+def to_gguf_expert_factors(w) -> tuple:
+    """(lora_a (E, r, in), lora_b (E, out, r)), numpy order, of a 3-D ParamLoraWeight piece."""
+    e = w.num_experts
+    a = w.a.reshape(e, -1, w.a.shape[-1])                                   # (E, r, in)
+    b = w.b.reshape(w.b.shape[0], -1, e).permute(2, 0, 1)                   # (E, out, r)
+    return a.contiguous(), b.contiguous()
+
+
+def from_gguf_expert_factors(lora_a, lora_b) -> tuple:
+    """The exact inverse: PEFT's A (r*E, in) and B (out, r*E)."""
+    e, r, inp = (int(s) for s in lora_a.shape)
+    return lora_a.reshape(e * r, inp), lora_b.permute(1, 2, 0).reshape(lora_b.shape[1], r * e)
+
+
+def check_param_shape(name: str, w, base) -> None:
+    """A target_parameters LoRA must fit its base tensor: the fused one, or the stack of the
+    per-expert tensors a saved transformers-5 checkpoint holds (the expert count included)."""
+    shapes = base.hf_shapes
+    if shapes is None:
+        return
+    expected = _base_shape(name, shapes, w.num_experts > 1)
+    if expected is None:
+        raise FormatError(f"{name} is not a tensor of the base ({base.source}); this adapter is "
+                          "for another model")
+    if tuple(w.stored_shape) != expected:
+        raise FormatError(f"{name}: the adapter's delta is {tuple(w.stored_shape)} but the base "
+                          f"({base.source}) stores {expected}; this adapter is for another model "
+                          "(another expert count or size)")
+
+
+def _base_shape(name: str, shapes: dict, experts: bool) -> tuple[int, ...] | None:
+    owners = [name] + [name.replace(old, new) for old, new in RENAMED if old in name]
+    for candidate in owners:
+        if candidate in shapes:
+            return tuple(shapes[candidate])
+    if not experts:
+        return None
+    for candidate in owners:
+        owner, _, param = candidate.rpartition(".")
+        for names in PER_EXPERT.get(param, ()):
+            stack = _stacked(owner, names, shapes)
+            if stack is not None:
+                return stack
+    return None
+
+
+def _stacked(owner: str, names: tuple[str, ...], shapes: dict) -> tuple[int, ...] | None:
+    """(E, sum of rows, cols) of ``owner.{e}.{name}.weight`` for every expert, or None."""
+    count = 0
+    while all(f"{owner}.{count}.{n}.weight" in shapes for n in names):
+        count += 1
+    if count == 0:
+        return None
+    first = [tuple(shapes[f"{owner}.0.{n}.weight"]) for n in names]
+    return (count, sum(s[0] for s in first), first[0][1])
+
+
+def regroup(pieces: dict[str, list], where) -> dict:
+    """Our own file's expert pieces back into PEFT's ParamLoraWeights: ``pieces`` maps the HF
+    name to [(rows start, lora_a (E, r, in), lora_b (E, out, r), scale)], one per GGUF tensor;
+    the parts share A (written once per part), and B's rows are concatenated in order."""
+    import torch
+
+    from ..kernels.param_lora import ParamLoraWeight, check
+
+    weights = {}
+    for name, parts in pieces.items():
+        parts = sorted(parts, key=lambda p: p[0])
+        first_a, scale = parts[0][1], parts[0][3]
+        if any(not torch.equal(p[1], first_a) or p[3] != scale for p in parts[1:]):
+            raise FormatError(f"{where}: {name}: its gate and up parts carry different lora_a or "
+                              "scales, which one target_parameters LoRA cannot hold; the file "
+                              "was damaged, convert it again")
+        a, _ = from_gguf_expert_factors(first_a, parts[0][2])
+        b = torch.cat([from_gguf_expert_factors(p[1], p[2])[1] for p in parts])
+        w = ParamLoraWeight(a=a.contiguous(), b=b.contiguous(), scale=scale,
+                            num_experts=int(first_a.shape[0]))
+        check(name, w, str(where))
+        weights[name] = w
+    return weights
+
+
+def param_weight(w):
+    """A router-like 2-D target_parameters LoRA back from its plain LoraWeight."""
+    from ..kernels.param_lora import ParamLoraWeight
+
+    return ParamLoraWeight(a=w.a, b=w.b, scale=w.scale, num_experts=1)

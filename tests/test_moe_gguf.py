@@ -1,0 +1,260 @@
+"""MoE expert LoRAs in GGUF (formats/gguf_experts.py): PEFT ``target_parameters`` LoRAs on the
+fused 3-D experts of transformers-5 Qwen3-MoE, Qwen2-MoE, OLMoE and Mixtral (and on their 2-D
+router), written as llama.cpp's 3-D ``ffn_{gate,up,down}_exps`` LoRA tensors.
+
+Oracles: llama.cpp itself (llama-cpp-python, child process, extra buffer types off) running
+llama.cpp's own GGUF of the base (convert_hf_to_gguf.py) with our adapter as a runtime LoRA,
+against transformers + PEFT; PEFT loading our GGUF -> PEFT folder. llama.cpp's
+convert_lora_to_gguf.py refuses these adapters, so there are no bytes of its to compare with;
+the layout is checked against PEFT's factors sliced by hand instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from helpers.gguf_base import (
+    IDS,
+    gguf_tensors,
+    llama_cpp_bases,
+    llama_logits,
+    llama_quantize,
+    max_diff,
+    runtime_loras,
+)
+from helpers.models import MOE_GGUF_ARCHS, make_arch_model
+from helpers.peft_adapters import perturb_trainables
+from safetensors.torch import load_file, save_file
+
+import adaptertools as at
+from adaptertools.adapter import first_difference
+from adaptertools.errors import FormatError
+
+ARCHS = list(MOE_GGUF_ARCHS)
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# SiLU architectures: the bound of tests/test_gguf_archs.py (a few 1e-6 measured there)
+TOLERANCE = 1e-4
+LORA_MATTERS = 1e-2
+
+
+def lora_config(arch: str):
+    """PEFT's all-linear (transformers 5: attention as modules; experts and router as
+    target_parameters) where PEFT maps the architecture; Qwen2-MoE's experts and router named
+    (PEFT 0.21.2's all-linear leaves them out). Qwen3-MoE gets a rank pattern, so one expert
+    tensor's rank and alpha differ from the file's (the scale folded into B, undone on reading)."""
+    from peft import LoraConfig
+
+    extra = {}
+    if arch == "qwen2_moe":
+        extra["target_parameters"] = [*EXPERTS, "mlp.gate.weight"]
+    if arch == "qwen3_moe":
+        extra["rank_pattern"] = {"layers.1.mlp.experts.down_proj": 2}
+        extra["alpha_pattern"] = {"layers.1.mlp.experts.down_proj": 4}
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                      **extra)
+
+
+@dataclass(frozen=True)
+class Built:
+    hf_dir: Path
+    peft_dir: Path
+    base_logits: np.ndarray          # transformers, (len(IDS), vocab)
+    peft_logits: np.ndarray          # the unmerged PeftModel's
+    no_expert_logits: np.ndarray     # the same PeftModel with the expert LoRAs zeroed
+
+
+def _expert_lora_params(peft_model):
+    return [p for n, p in peft_model.named_parameters()
+            if "lora_B" in n and ".experts." in n]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> dict[str, Built]:
+    from peft import get_peft_model
+
+    root, out, ids = tmp_path_factory.mktemp("moe_gguf"), {}, torch.tensor([IDS])
+    for arch in ARCHS:
+        model = make_arch_model(arch)
+        model.save_pretrained(root / f"hf_{arch}")
+        with torch.no_grad():
+            base_logits = model(ids).logits[0].double().numpy()
+        peft_model = get_peft_model(model, lora_config(arch))
+        perturb_trainables(peft_model, spread=0.1)
+        with torch.no_grad():   # larger expert LoRAs, so that they visibly matter
+            for p in _expert_lora_params(peft_model):
+                p.mul_(4)
+        peft_model.save_pretrained(root / f"peft_{arch}")
+        peft_model.eval()
+        with torch.no_grad():
+            peft_logits = peft_model(ids).logits[0].double().numpy()
+            for p in _expert_lora_params(peft_model):
+                p.zero_()
+            no_experts = peft_model(ids).logits[0].double().numpy()
+        out[arch] = Built(root / f"hf_{arch}", root / f"peft_{arch}", base_logits, peft_logits,
+                          no_experts)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gguf_bases(built, llama_cpp_converter) -> dict[str, Path]:
+    """arch -> llama.cpp's own F32 GGUF of the tiny base (convert_hf_to_gguf.py)."""
+    return llama_cpp_bases(llama_cpp_converter, {a: built[a].hf_dir for a in ARCHS})
+
+
+@pytest.fixture(scope="session")
+def runtime(built, gguf_bases, tmp_path_factory):
+    """arch -> (our GGUF adapter, llama.cpp's logits of the base with it as runtime LoRA)."""
+    return runtime_loras(tmp_path_factory.mktemp("moe_gguf_ours"),
+                         {a: (built[a].hf_dir, built[a].peft_dir) for a in ARCHS}, gguf_bases)
+
+
+# ----------------------------------------------------------------------------- layout
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_factors_are_peft_factors_sliced_per_expert(arch, built, runtime):
+    """ffn_gate_exps / ffn_up_exps / ffn_down_exps carry lora_a (E, r, in) = PEFT's A rows
+    e*r.. e*r+r-1 and lora_b (E, out, r) = PEFT's B columns e, e+E, ... (gate rows to
+    ffn_gate_exps, up rows to ffn_up_exps), bit for bit where no scale is folded into B."""
+    state = load_file(built[arch].peft_dir / "adapter_model.safetensors")
+    stored = gguf_tensors(runtime(arch)[0])
+    alpha = gguf.GGUFReader(str(runtime(arch)[0])).get_field("adapter.lora.alpha").contents()
+    scales = {n: w.scale for n, w in at.load(built[arch].peft_dir).weights.items()}
+    checked = 0
+    for layer in (0, 1):
+        stem = f"base_model.model.model.layers.{layer}.mlp.experts"
+        parts = {"gate_up_proj": (f"{stem}.base_layer", ("gate", "up")),
+                 "down_proj": (stem, ("down",))}
+        for key, names in parts.values():
+            a, b = state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"]   # (r*E, in), (out, r*E)
+            experts = 4
+            r = a.shape[0] // experts
+            rows = b.shape[0] // len(names)
+            for i, part in enumerate(names):
+                kind_a, lora_a = stored[f"blk.{layer}.ffn_{part}_exps.weight.lora_a"]
+                kind_b, lora_b = stored[f"blk.{layer}.ffn_{part}_exps.weight.lora_b"]
+                assert (kind_a, kind_b) == ("F32", "F32")
+                assert lora_a.shape == (experts, r, a.shape[1])
+                assert lora_b.shape == (experts, rows, r)
+                # this tensor's scale * r (its alpha) over the file's alpha (PEFT's all-linear
+                # gives gate_up_proj twice the rank and alpha; the rank pattern one down_proj)
+                name = key.removeprefix("base_model.model.").replace(".base_layer", "")
+                fold = scales[f"{name}.{'down_proj' if part == 'down' else 'gate_up_proj'}"] \
+                    * r / alpha
+                for e in range(experts):
+                    assert np.array_equal(lora_a[e], a[e * r:(e + 1) * r].numpy())
+                    want = b[i * rows:(i + 1) * rows, e::experts]
+                    if fold == 1:
+                        assert np.array_equal(lora_b[e], want.numpy())
+                    else:
+                        assert np.allclose(lora_b[e], want.double().numpy() * fold, rtol=1e-6)
+                checked += 1
+    assert checked == 6
+    # the router (E, hidden): a plain 2-D LoRA on ffn_gate_inp, a (r, hidden), b (E, r)
+    assert stored["blk.0.ffn_gate_inp.weight.lora_a"][1].shape == (4, 64)
+    assert stored["blk.0.ffn_gate_inp.weight.lora_b"][1].shape == (4, 4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_to_peft_round_trip_is_exact(arch, built, runtime, tmp_path):
+    """GGUF -> PEFT gives PEFT's saved factors back bit for bit (the rank pattern's fold
+    undone), and PEFT loads the written folder to the original adapter's logits."""
+    from peft import PeftModel
+
+    ours = runtime(arch)[0]
+    assert first_difference(at.load(built[arch].peft_dir), at.load(ours)) is None
+    at.convert(ours, tmp_path / "back", to="peft")
+    original = load_file(built[arch].peft_dir / "adapter_model.safetensors")
+    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    model = PeftModel.from_pretrained(make_arch_model(arch), tmp_path / "back").eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([IDS])).logits[0].double().numpy()
+    assert np.array_equal(logits, built[arch].peft_logits)
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llamacpp_runtime_expert_lora_matches_peft(arch, built, gguf_bases, runtime):
+    """llama.cpp with our adapter gives PEFT's logits as near as its base alone is to
+    transformers' (both within TOLERANCE), and the expert LoRAs are visibly applied: without
+    them PEFT's logits are more than LORA_MATTERS away."""
+    case = built[arch]
+    base_gap = max_diff(llama_logits(gguf_bases[arch]), case.base_logits)
+    ours = max_diff(runtime(arch)[1], case.peft_logits)
+    experts = max_diff(case.no_expert_logits, case.peft_logits)
+    print(f"{arch}: base gap {base_gap:.3g}, with our LoRA {ours:.3g}, expert LoRAs' effect "
+          f"{experts:.3g}")
+    assert base_gap <= TOLERANCE
+    assert ours <= TOLERANCE
+    assert experts > LORA_MATTERS and ours < experts / 100
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_into_llama_cpp_base_matches_runtime_lora(arch, built, gguf_bases, runtime,
+                                                        tmp_path):
+    """The PEFT adapter merged into llama.cpp's F32 GGUF base (keep-type): the runtime LoRA's
+    logits; the GGUF adapter merged writes the very same tensors."""
+    at.merge(gguf_bases[arch], [built[arch].peft_dir], tmp_path / "merged.gguf")
+    merged = llama_logits(tmp_path / "merged.gguf")
+    diff = max_diff(merged, runtime(arch)[1])
+    print(f"{arch}: merged vs runtime LoRA {diff:.3g}, vs PEFT "
+          f"{max_diff(merged, built[arch].peft_logits):.3g}")
+    assert diff <= TOLERANCE
+    assert max_diff(merged, built[arch].peft_logits) <= TOLERANCE
+    at.merge(gguf_bases[arch], [runtime(arch)[0]], tmp_path / "from_gguf.gguf")
+    a, b = gguf_tensors(tmp_path / "merged.gguf"), gguf_tensors(tmp_path / "from_gguf.gguf")
+    assert a.keys() == b.keys() and all(np.array_equal(a[n][1], b[n][1]) for n in a)
+    base = gguf_tensors(gguf_bases[arch])
+    changed = {n for n in a if not np.array_equal(a[n][1], base[n][1])}
+    assert {f"blk.{i}.ffn_{p}_exps.weight" for i in (0, 1) for p in ("gate", "up", "down")} \
+        <= changed
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_keep_type_merge_into_q8_0_base(arch, built, gguf_bases, runtime, tmp_path):
+    """Into llama.cpp's Q8_0 quantization of the base: every tensor keeps its type (the 3-D
+    experts too), and the logits are as near the runtime LoRA on that base as llama.cpp's own
+    route (export-lora's F16 tensors requantized by llama_model_quantize), within 10% (the
+    bound of tests/test_gguf_archs.py)."""
+    base = llama_quantize(gguf_bases[arch], tmp_path / "q8_0.gguf", "Q8_0")
+    kinds = {n: t for n, (t, _) in gguf_tensors(base).items()}
+    assert kinds["blk.0.ffn_gate_exps.weight"] == "Q8_0"
+    at.merge(base, [built[arch].peft_dir], tmp_path / "ours.gguf")
+    at.merge(base, [built[arch].peft_dir], tmp_path / "f16.gguf", requantize="f16")
+    theirs = llama_quantize(tmp_path / "f16.gguf", tmp_path / "theirs.gguf", "Q8_0",
+                            allow_requantize=True)
+    assert {n: t for n, (t, _) in gguf_tensors(tmp_path / "ours.gguf").items()} == kinds
+    on_base = llama_logits(base, runtime(arch)[0])
+    ours_err = max_diff(llama_logits(tmp_path / "ours.gguf"), on_base)
+    theirs_err = max_diff(llama_logits(theirs), on_base)
+    print(f"{arch} Q8_0: ours {ours_err:.3g}, llama.cpp's route {theirs_err:.3g}")
+    assert max_diff(llama_logits(base), on_base) > LORA_MATTERS
+    assert ours_err <= 1.1 * theirs_err
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_expert_count_that_differs_from_the_base_is_refused(built, tmp_path):
+    """An adapter for 3 experts against a base of 4: one line naming the tensor, nothing
+    written."""
+    import shutil
+
+    folder = tmp_path / "three"
+    shutil.copytree(built["qwen3_moe"].peft_dir, folder)
+    state = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"       # down_proj, r=4
+    b_key = key.replace("lora_A", "lora_B")
+    state[key] = state[key][:12].clone()                                    # (r*3, in)
+    state[b_key] = state[b_key].reshape(64, 4, 4)[:, :, :3].reshape(64, 12).clone()
+    save_file(state, folder / "adapter_model.safetensors")
+    with pytest.raises(FormatError, match=r"layers\.0\.mlp\.experts\.down_proj: the adapter's "
+                                          r"delta is \(3, 64, 32\) but the base .* \(4, 64, 32\)"):
+        at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built["qwen3_moe"].hf_dir)
+    assert not (tmp_path / "o.gguf").exists()
