@@ -30,6 +30,14 @@ from ..adapter import Adapter, LoraWeight, check_cast, check_weight
 from ..dtypes import OPTION_DTYPES, OPTION_NAMES, SAME_WIDTH_INTS
 from ..errors import FormatError, OptionError, UnsupportedError
 from .accounting import check_factors, invocation_tokens
+from .gguf_experts import (
+    check_param_shape,
+    gguf_view,
+    is_param,
+    param_weight,
+    regroup,
+    to_gguf_expert_factors,
+)
 from .names import (
     TRANSPOSED_ARCHS,
     BaseInfo,
@@ -215,12 +223,18 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
         writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
                              gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     entries = {}
-    for name, w in adapter.weights.items():
-        check_base_shape("", name, w, base)   # not `path`: that is the temporary output
+    for name, w in adapter.weights.items():   # not `path`: that is the temporary output
+        if is_param(w):
+            check_param_shape(name, w, base)
+        else:
+            check_base_shape("", name, w, base)
+    view, origin = gguf_view(adapter.weights, base)     # MoE experts: gguf_experts.py
+    for name, w in view.items():
         gguf_name = hf_to_gguf_name(name, base)
-        lora_a, lora_b = to_gguf_factors(name, w, base)
+        lora_a, lora_b = (to_gguf_expert_factors(w) if is_param(w)
+                          else to_gguf_factors(name, w, base))
         fold = w.scale * w.rank / alpha
-        entry = {"name": name, "scale": w.scale, "fold": fold}
+        entry = {"name": name, "scale": w.scale, "fold": fold, **origin.get(name, {})}
         if fold != 1.0:  # llama.cpp applies alpha / rank: carry the rest in B
             folded = (lora_b.double() * fold).to(lora_b.dtype)
             if dtype in ("keep", OPTION_NAMES.get(lora_b.dtype)):
@@ -358,11 +372,15 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
     entries = info.get("tensors", {})
     # loaded whole, as float32 at most (quantized factors are dequantized)
     check_fits_in_memory(path, {t.name: int(t.n_elements) * 4 for t in reader.tensors})
-    weights = {}
+    weights, experts = {}, {}
     for gguf_name, pair in _pairs(reader, path).items():
         lora_a, lora_b = (_tensor_data(pair[p], path) for p in ("lora_a", "lora_b"))
         entry = entries.get(gguf_name)
         hf_name = entry["name"] if entry else gguf_to_hf_name(gguf_name, base)
+        if entry and "experts" in entry:      # one part of a 3-D expert LoRA (gguf_experts.py)
+            experts.setdefault(hf_name, []).append(_expert_part(path, gguf_name, entry, lora_a,
+                                                                lora_b))
+            continue
         _check_rank(path, gguf_name, lora_a, lora_b)
         rank = int(lora_b.shape[1])
         if entry:   # our own file: undo the fold, take the exact scale
@@ -376,10 +394,17 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
         weight = LoraWeight(a=a.contiguous(), b=b.contiguous(), scale=scale, layer=layer)
         if not entry:
             _check_known_transpose_bug(path, gguf_name, hf_name, weight, base)
-        check_base_shape(str(path), hf_name, weight, base)
         check_weight(hf_name, weight, where=str(path))
         check_factors(hf_name, weight, path)
+        if entry and entry.get("param"):      # a 2-D target_parameters LoRA (the router)
+            weight = param_weight(weight)
+        else:
+            check_base_shape(str(path), hf_name, weight, base)
         weights[hf_name] = weight
+    weights.update(regroup(experts, path))
+    for hf_name, weight in weights.items():
+        if is_param(weight):
+            check_param_shape(hf_name, weight, base)
     metadata = dict(info.get("metadata") or {"source_format": "gguf"})
     metadata["gguf_base"] = base.to_json()
     tokens = field_value(reader, "adapter.alora.invocation_tokens")
@@ -407,6 +432,25 @@ def _check_known_transpose_bug(path: Path, gguf_name: str, hf_name: str, w: Lora
                           "llama.cpp's convert_lora_to_gguf.py writes them (a known llama.cpp bug; "
                           "llama.cpp aborts on this file); convert the PEFT adapter with "
                           "`adaptertools convert --to gguf --base MODEL` instead")
+
+
+def _expert_part(path: Path, gguf_name: str, entry: dict, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor) -> tuple:
+    """(first row, lora_a (E, r, in), lora_b (E, out, r), scale) of our own expert entry, the
+    fold undone."""
+    rows, e = entry.get("rows"), entry["experts"]
+    if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[0] != e or \
+            lora_b.shape[0] != e or lora_a.shape[1] != lora_b.shape[2] or \
+            not (isinstance(rows, list) and len(rows) == 2 and all(type(x) is int for x in rows)
+                 and rows[1] - rows[0] == lora_b.shape[1]):
+        raise FormatError(f"{path}: {gguf_name}: lora_a {tuple(lora_a.shape)} and lora_b "
+                          f"{tuple(lora_b.shape)} are not the (E, r, in) and (E, out, r) of "
+                          f"{e} experts its `{META_KEY}` entry names; the file was damaged, "
+                          "convert it again")
+    if entry["fold"] != 1.0:
+        lora_b = apply_restore(unfold(lora_b, entry["fold"]), entry.get("restore"),
+                               f"{path}: {gguf_name}: ")
+    return rows[0], lora_a, lora_b, float(entry["scale"])
 
 
 def _check_rank(path: Path, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
