@@ -489,6 +489,10 @@ def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors
                           f"--requantize {DTYPE_NAMES.get(dtype, dtype).lower()}")
     info = base.info                     # parsed once, from the header open_base read
     entries = base.entries()
+    # target_parameters LoRAs (MoE experts) re-laid on GGUF's tensors (formats/gguf_experts.py)
+    from ..formats.gguf_experts import gguf_view
+
+    adapters = [replace(a, weights=gguf_view(a.weights, info)[0]) for a in adapters]
     targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries),
                        compare=lambda name, copy: copy_matches_base(copy, base, entries[name]))
     _check_modes(targets, mode, names)
@@ -575,8 +579,8 @@ def gguf_target(name: str, w: LoraWeight | None, info, entries) -> tuple[str, Lo
         return None
     if gguf_name not in entries:
         return None
-    if w is None:
-        return gguf_name, None
+    if w is None or getattr(w, "layer", None) == "param":   # an expert tensor's part, (E, out, in)
+        return gguf_name, w
     if not isinstance(w, LoraWeight):
         from ..kernels.deltas import kind
 
