@@ -48,9 +48,10 @@ LLAMA_CPP_ARCH = {"gemma": "gemma", "starcoder2": "starcoder2", "olmo": "olmo", 
                   "granitemoe": "granitemoe", "glm4": "glm4", "nemotron": "nemotron",
                   "ernie4_5": "ernie4_5", "cohere2": "cohere2", "arcee": "arcee",
                   "seed_oss": "seed_oss", "olmo3": "olmo2", "apertus": "apertus",
-                  "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+                  "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama"}
 # architectures whose B rows llama.cpp moves (so the byte comparison tests a transform)
-TRANSFORMED = {"olmo", "granite", "granitemoe", "smollm3", "arcee", "gpt_neox", "falcon"}
+TRANSFORMED = {"olmo", "granite", "granitemoe", "smollm3", "arcee", "gpt_neox", "falcon",
+               "mixtral"}
 
 
 CASES = [(a, "f32") for a in ARCHS] + [("falcon", "q8_0"), ("gpt_neox", "bf16"), ("olmo", "f16")]
