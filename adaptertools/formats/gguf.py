@@ -21,13 +21,13 @@ import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from .. import dtypes
 from .._io import check_fits_in_memory
 from ..adapter import Adapter, LoraWeight, check_cast, check_weight
-from ..dtypes import OPTION_DTYPES, OPTION_NAMES, SAME_WIDTH_INTS
 from ..errors import FormatError, OptionError, UnsupportedError
 from .accounting import check_factors, invocation_tokens
 from .gguf_experts import (
@@ -35,6 +35,7 @@ from .gguf_experts import (
     gguf_view,
     is_param,
     param_weight,
+    per_expert_names,
     regroup,
     to_gguf_expert_factors,
 )
@@ -50,6 +51,9 @@ from .names import (
     to_gguf_rows,
 )
 from .peft_keys import base_layer_layout
+
+if TYPE_CHECKING:     # imported where used: the light path (light/) reads and writes without it
+    import torch
 
 DESCRIPTION = "llama.cpp GGUF LoRA adapter (needs --base for foreign files and for writing)"
 SNIFF_ORDER = 20
@@ -135,7 +139,9 @@ def restore_list(original: torch.Tensor, folded: torch.Tensor, fold: float) -> l
     Dividing a rounded product by the same factor recovers x in all but a few elements; storing
     those few bit patterns makes GGUF -> PEFT bit-exact even for folded tensors.
     """
-    bits = SAME_WIDTH_INTS[original.dtype]
+    import torch
+
+    bits = dtypes.SAME_WIDTH_INTS[original.dtype]
     back = unfold(folded, fold).reshape(-1).view(bits)
     want = original.reshape(-1).view(bits)
     wrong = torch.nonzero(back != want).reshape(-1)
@@ -143,6 +149,9 @@ def restore_list(original: torch.Tensor, folded: torch.Tensor, fold: float) -> l
 
 
 def apply_restore(tensor: torch.Tensor, restore: list[list[int]], where: str = "") -> torch.Tensor:
+    import torch
+
+    SAME_WIDTH_INTS = dtypes.SAME_WIDTH_INTS
     if not restore or tensor.dtype not in SAME_WIDTH_INTS:
         return tensor
     flat = tensor.contiguous().reshape(-1).clone()
@@ -164,17 +173,19 @@ def _file_alpha(adapter: Adapter) -> float:
 
 def _tensor_type(dtype: str, source: torch.dtype, row: int):
     import gguf
+    import torch
 
     T = gguf.GGMLQuantizationType
     if dtype == "q8_0":
         block = gguf.GGML_QUANT_SIZES[T.Q8_0][0]
         return T.Q8_0 if row % block == 0 else T.F16
-    wanted = OPTION_DTYPES.get(dtype, source)
+    wanted = dtypes.OPTION_DTYPES.get(dtype, source)
     return {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}.get(wanted, T.F32)
 
 
 def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
     import gguf
+    import torch
 
     T = gguf.GGMLQuantizationType
     kind = _tensor_type(dtype, tensor.dtype, int(tensor.shape[-1]))
@@ -237,7 +248,7 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
         entry = {"name": name, "scale": w.scale, "fold": fold, **origin.get(name, {})}
         if fold != 1.0:  # llama.cpp applies alpha / rank: carry the rest in B
             folded = (lora_b.double() * fold).to(lora_b.dtype)
-            if dtype in ("keep", OPTION_NAMES.get(lora_b.dtype)):
+            if dtype in ("keep", dtypes.OPTION_NAMES.get(lora_b.dtype)):
                 entry["restore"] = restore_list(lora_b, folded, fold)
             lora_b = folded
         entry["types"] = [_add_tensor(writer, f"{gguf_name}.lora_a", lora_a, dtype),
@@ -262,6 +273,7 @@ def _base_from_metadata(metadata: dict) -> BaseInfo | None:
 def _tensor_data(tensor, path: Path) -> torch.Tensor:
     """A GGUF tensor as torch, numpy order, keeping F32/F16/BF16 and dequantizing the rest."""
     import gguf
+    import torch
 
     T = gguf.GGMLQuantizationType
     shape = tuple(int(s) for s in reversed(tensor.shape))
@@ -376,6 +388,9 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
     for gguf_name, pair in _pairs(reader, path).items():
         lora_a, lora_b = (_tensor_data(pair[p], path) for p in ("lora_a", "lora_b"))
         entry = entries.get(gguf_name)
+        if lora_a.dim() == 3 and not (entry and "experts" in entry):   # per-expert LoRAs stacked
+            weights.update(_per_expert(path, gguf_name, entry, lora_a, lora_b, alpha, base))
+            continue
         hf_name = entry["name"] if entry else gguf_to_hf_name(gguf_name, base)
         if entry and "experts" in entry:      # one part of a 3-D expert LoRA (gguf_experts.py)
             experts.setdefault(hf_name, []).append(_expert_part(path, gguf_name, entry, lora_a,
@@ -451,6 +466,36 @@ def _expert_part(path: Path, gguf_name: str, entry: dict, lora_a: torch.Tensor,
         lora_b = apply_restore(unfold(lora_b, entry["fold"]), entry.get("restore"),
                                f"{path}: {gguf_name}: ")
     return rows[0], lora_a, lora_b, float(entry["scale"])
+
+
+def _per_expert(path: Path, gguf_name: str, entry: dict | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, alpha: float, base: BaseInfo) -> dict[str, LoraWeight]:
+    """A 3-D expert LoRA, lora_a (E, r, in) and lora_b (E, out, r), as the per-expert 2-D LoRAs
+    it stacks: ours (``per_expert`` names in our entry, the fold undone) or llama.cpp's
+    converter's (names from the base, llama.cpp's scale alpha / rank)."""
+    e = int(lora_a.shape[0])
+    names = entry.get("per_expert") if entry else per_expert_names(gguf_name, base, e)
+    if lora_b.dim() != 3 or lora_b.shape[0] != e or lora_a.shape[1] != lora_b.shape[2] or \
+            not (isinstance(names, list) and len(names) == e
+                 and all(isinstance(n, str) for n in names)):
+        raise FormatError(f"{path}: {gguf_name}: lora_a {tuple(lora_a.shape)} and lora_b "
+                          f"{tuple(lora_b.shape)} are not (E, r, in) and (E, out, r) of one "
+                          "expert stack; the file is corrupt, convert it again")
+    if entry:
+        if entry["fold"] != 1.0:
+            lora_b = apply_restore(unfold(lora_b, entry["fold"]), entry.get("restore"),
+                                   f"{path}: {gguf_name}: ")
+        scale = float(entry["scale"])
+    else:
+        scale = alpha / int(lora_b.shape[2]) if alpha else 1.0
+    out = {}
+    for name, a, b in zip(names, lora_a, lora_b):
+        w = LoraWeight(a=a.contiguous(), b=b.contiguous(), scale=scale, layer="linear")
+        check_base_shape(str(path), name, w, base)
+        check_weight(name, w, where=str(path))
+        check_factors(name, w, path)
+        out[name] = w
+    return out
 
 
 def _check_rank(path: Path, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
