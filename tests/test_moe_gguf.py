@@ -25,6 +25,7 @@ from helpers.gguf_base import (
     llama_logits,
     llama_quantize,
     max_diff,
+    run_llama_cpp_script,
     runtime_loras,
 )
 from helpers.models import MOE_GGUF_ARCHS, make_arch_model
@@ -258,3 +259,85 @@ def test_expert_count_that_differs_from_the_base_is_refused(built, tmp_path):
                                           r"delta is \(3, 64, 32\) but the base .* \(4, 64, 32\)"):
         at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built["qwen3_moe"].hf_dir)
     assert not (tmp_path / "o.gguf").exists()
+
+
+# ----------------------------------------------------------------------------- per-expert LoRAs
+
+def per_expert_folder(arch: str, hf_dir: Path, folder: Path) -> Path:
+    """A PEFT adapter in the transformers-4 layout (one LoRA per expert and projection:
+    ``mlp.experts.{e}.gate_proj`` / Mixtral's ``block_sparse_moe.experts.{e}.w1``), on the
+    per-expert tensors transformers 5 saves the experts back as; seeded random factors."""
+    import json
+
+    shapes = {k: tuple(t.shape) for k, t in load_file(hf_dir / "model.safetensors").items()
+              if ".experts." in k}
+    gen, state = torch.Generator().manual_seed(17), {}
+    for name, (out, inp) in sorted(shapes.items()):
+        stem = "base_model.model." + name.removesuffix(".weight")
+        state[f"{stem}.lora_A.weight"] = torch.randn(4, inp, generator=gen) * 0.3
+        state[f"{stem}.lora_B.weight"] = torch.randn(out, 4, generator=gen) * 0.3
+    folder.mkdir()
+    save_file(state, folder / "adapter_model.safetensors")
+    projections = ["w1", "w2", "w3"] if arch == "mixtral" else ["gate_proj", "up_proj",
+                                                                 "down_proj"]
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": projections,
+        "base_model_name_or_path": None, "task_type": "CAUSAL_LM", "bias": "none",
+        "fan_in_fan_out": False}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def per_expert(built, llama_cpp_converter, tmp_path_factory):
+    """arch -> (per-expert PEFT folder, llama.cpp's convert_lora_to_gguf.py output of it)."""
+    root = tmp_path_factory.mktemp("moe_gguf_per_expert")
+    folders = {a: per_expert_folder(a, built[a].hf_dir, root / a) for a in ARCHS}
+    outputs = {a: root / f"llamacpp_{a}.gguf" for a in ARCHS}
+    failed = run_llama_cpp_script(llama_cpp_converter, [
+        ["--base", str(built[a].hf_dir), "--outtype", "f32", "--outfile", str(outputs[a]),
+         str(folders[a])] for a in ARCHS])
+    assert not failed, failed
+    return {a: (folders[a], outputs[a]) for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_expert_loras_same_bytes_as_llama_cpp_converter(arch, built, per_expert, tmp_path):
+    """llama.cpp's own converter stacks per-expert LoRAs into 3-D ffn_*_exps factors: ours
+    are the same tensors, byte for byte (the layout our target_parameters LoRAs use too)."""
+    folder, theirs = per_expert[arch]
+    at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built[arch].hf_dir)
+    ours, want = gguf_tensors(tmp_path / "o.gguf"), gguf_tensors(theirs)
+    assert sorted(ours) == sorted(want)
+    assert len(want) == 2 * 3 * 2          # 2 blocks, gate/up/down, lora_a and lora_b
+    for name, (kind, data) in want.items():
+        assert ours[name][0] == kind and data.ndim == 3, name
+        assert np.array_equal(ours[name][1], data), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reads_llama_cpp_per_expert_file_exactly(arch, built, per_expert, tmp_path):
+    """GGUF -> PEFT of llama.cpp's file (names from the base) and of ours (no --base): the
+    per-expert factors back bit for bit."""
+    folder, theirs = per_expert[arch]
+    original = at.load(folder)
+    assert first_difference(original, at.load(theirs, base=built[arch].hf_dir)) is None
+    at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built[arch].hf_dir)
+    assert first_difference(original, at.load(tmp_path / "o.gguf")) is None
+    at.convert(theirs, tmp_path / "back", to="peft", base=built[arch].hf_dir)
+    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    state = load_file(folder / "adapter_model.safetensors")
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_per_expert_merge_into_gguf_base_matches_llama_cpp_runtime(arch, gguf_bases, per_expert,
+                                                                   tmp_path):
+    """The per-expert PEFT adapter merged into llama.cpp's GGUF base: the logits llama.cpp
+    computes with its own converter's adapter as the runtime LoRA."""
+    folder, theirs = per_expert[arch]
+    at.merge(gguf_bases[arch], [folder], tmp_path / "merged.gguf")
+    runtime_logits = llama_logits(gguf_bases[arch], theirs)
+    diff = max_diff(llama_logits(tmp_path / "merged.gguf"), runtime_logits)
+    effect = max_diff(llama_logits(gguf_bases[arch]), runtime_logits)
+    print(f"{arch} per-expert: merged vs llama.cpp's runtime LoRA {diff:.3g}, effect {effect:.3g}")
+    assert diff <= TOLERANCE and effect > LORA_MATTERS

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import FormatError, UnsupportedError
+from ..merging.expert_slices import PER_EXPERT as PER_EXPERT_NAME
 
 # llama.cpp architectures whose routed experts take a LoRA (names.HF_ARCHITECTURES), with the
 # converter class whose expert layout the split below follows
@@ -44,10 +45,14 @@ SPLITS = {"gate_up_proj": (("gate_proj", 0, 2), ("up_proj", 1, 2)),
           "down_proj": (("down_proj", 0, 1),)}
 # the per-expert names a saved checkpoint may hold for each fused parameter (transformers 5
 # saves the transformers-4 layout back: mlp.experts.{e}.gate_proj, Mixtral's w1/w3/w2)
-PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+SAVED_NAMES = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
               "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",)),
               "down_proj": (("down_proj",), ("w2",))}
 RENAMED = (("mlp.", "block_sparse_moe."),)     # transformers 5's Mixtral module, as saved
+# the per-expert HF names a GGUF expert tensor maps back to when no base weights say which
+# (llama.cpp's converter stacks these: LlamaModel Mixtral's, the others' mlp.experts.{e})
+PER_EXPERT_NAMING = {"llama": r"model\.layers\.\d+\.block_sparse_moe\.experts\.w[123]"}
+DEFAULT_PER_EXPERT_NAMING = r"model\.layers\.\d+\.mlp\.experts\.(gate|up|down)_proj"
 
 
 def is_param(w) -> bool:
@@ -64,7 +69,12 @@ def gguf_view(weights: dict, base) -> tuple[dict, dict[str, dict]]:
     from ..adapter import LoraWeight
 
     view, origin = {}, {}
+    stacks: dict[tuple[str, str], dict[int, tuple[str, object]]] = {}
     for name, w in weights.items():
+        match = PER_EXPERT_NAME.match(name)
+        if match is not None and isinstance(w, LoraWeight) and w.layer == "linear":
+            stacks.setdefault((match["stem"], match["proj"]), {})[int(match["e"])] = (name, w)
+            continue
         if not is_param(w):
             view[name] = w
             continue
@@ -90,7 +100,73 @@ def gguf_view(weights: dict, base) -> tuple[dict, dict[str, dict]]:
             view[piece] = replace(w, b=w.b[part * size:(part + 1) * size])
             origin[piece] = {"name": name, "experts": w.num_experts,
                              "rows": [part * size, (part + 1) * size]}
+    for (stem, proj), members in stacks.items():
+        piece = f"{stem}.{proj}.weight"
+        view[piece] = _stacked_lora(piece, members, base)
+        origin[piece] = {"per_expert": [members[e][0] for e in sorted(members)]}
     return view, origin
+
+
+def _stacked_lora(piece: str, members: dict[int, tuple[str, object]], base):
+    """Per-expert 2-D LoRAs of one projection (``experts.{e}.gate_proj``, a transformers-4
+    layout adapter) as the one 3-D LoRA llama.cpp applies: A (r*E, in) expert-major, B
+    (out, r*E) rank-major, as PEFT lays a target_parameters LoRA (stacking per expert is what
+    llama.cpp's convert_lora_to_gguf.py does with them, LoraTorchTensor's torch.stack)."""
+    import torch
+
+    from ..kernels.param_lora import ParamLoraWeight
+
+    experts = sorted(members)
+    names = [members[e][0] for e in experts]
+    loras = [members[e][1] for e in experts]
+    expected = _saved_count(names[0], base)
+    if experts != list(range(len(experts))) or (expected is not None and expected != len(experts)):
+        raise UnsupportedError(f"{piece}: the adapter has LoRAs for experts "
+                               f"{', '.join(map(str, experts))} of {expected or 'its'} experts; "
+                               "llama.cpp applies one 3-D LoRA to all of a layer's experts, so a "
+                               "GGUF adapter needs one for each; merge it into its base instead")
+    if len({(w.rank, w.scale) for w in loras}) > 1:
+        raise UnsupportedError(f"{piece}: its per-expert LoRAs differ in rank or scale "
+                               f"({', '.join(f'{w.rank}/{w.scale:g}' for w in loras)}), which one "
+                               "stacked GGUF tensor cannot hold; merge it into its base instead")
+    a = torch.cat([w.a for w in loras])                                 # (E*r, in)
+    b = torch.stack([w.b for w in loras], dim=-1)                       # (out, r, E)
+    return ParamLoraWeight(a=a, b=b.reshape(b.shape[0], -1), scale=loras[0].scale,
+                           num_experts=len(loras))
+
+
+def _saved_count(name: str, base) -> int | None:
+    """How many experts the base's saved checkpoint has beside the per-expert tensor ``name``."""
+    if base.hf_shapes is None:
+        return None
+    match = PER_EXPERT_NAME.match(name)
+    count = 0
+    while f"{match['stem']}.{count}.{match['proj']}.weight" in base.hf_shapes:
+        count += 1
+    return count
+
+
+def per_expert_names(gguf_name: str, base, experts: int) -> list[str]:
+    """The per-expert HF names a foreign 3-D GGUF expert LoRA (llama.cpp's converter stacks a
+    transformers-4 layout adapter) maps back to: the base's own where its weights are at hand,
+    else the architecture's (PER_EXPERT_NAMING)."""
+    import re
+
+    from .names import _hf_aliases
+
+    owners = _hf_aliases(base.arch, base.n_blocks).get(gguf_name.removesuffix(".weight"), [])
+    options = [[f"{o.rpartition('.')[0]}.{e}.{o.rpartition('.')[2]}.weight"
+                for e in range(experts)] for o in owners]
+    if base.hf_shapes is not None:
+        found = [names for names in options if all(n in base.hf_shapes for n in names)]
+    else:
+        naming = re.compile(PER_EXPERT_NAMING.get(base.arch, DEFAULT_PER_EXPERT_NAMING))
+        found = [names for names, o in zip(options, owners) if naming.fullmatch(o)]
+    if not found:
+        raise UnsupportedError(f"{gguf_name}: no per-expert HF tensors of architecture "
+                               f"{base.arch!r} map to it ({experts} experts); the adapter does "
+                               "not fit this base")
+    return found[0]
 
 
 def to_gguf_expert_factors(w) -> tuple:
@@ -132,7 +208,7 @@ def _base_shape(name: str, shapes: dict, experts: bool) -> tuple[int, ...] | Non
         return None
     for candidate in owners:
         owner, _, param = candidate.rpartition(".")
-        for names in PER_EXPERT.get(param, ()):
+        for names in SAVED_NAMES.get(param, ()):
             stack = _stacked(owner, names, shapes)
             if stack is not None:
                 return stack
