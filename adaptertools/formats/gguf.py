@@ -94,6 +94,7 @@ def _check_expressible(adapter: Adapter, base: BaseInfo) -> None:
     from ..copies import same_weight
 
     for name, tensor in adapter.replacements.items():
+        _torch_folds(tensor, name)      # (copies.same_weight compares in torch)
         # PEFT saves a targeted embedding's untouched base weights too (save_embedding_layers);
         # a copy that is the base's own weight (in any float dtype: copies.same_weight)
         # changes nothing and is dropped, anything else is refused
@@ -166,6 +167,14 @@ def apply_restore(tensor: torch.Tensor, restore: list[list[int]], where: str = "
     return flat.reshape(tensor.shape)
 
 
+def _torch_folds(tensor, name: str) -> None:
+    """A fold rounds (float64 product to the stored dtype, Tensor.to's rounding): torch's."""
+    from ..light.arrays import NeedsTorch, is_stored
+
+    if is_stored(tensor):
+        raise NeedsTorch(f"{name}: a fold")
+
+
 def _file_alpha(adapter: Adapter) -> float:
     products = Counter(w.scale * w.rank for w in adapter.weights.values())
     return products.most_common(1)[0][0] if products else 1.0
@@ -185,9 +194,18 @@ def _tensor_type(dtype: str, source: torch.dtype, row: int):
 
 def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
     import gguf
-    import torch
+
+    from ..light.arrays import NeedsTorch, is_stored
 
     T = gguf.GGMLQuantizationType
+    if is_stored(tensor):     # the light path: the stored values as they are, no cast
+        kind = {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16}.get(tensor.dtype)
+        if dtype != "keep" or kind is None:
+            raise NeedsTorch(f"{name}: {tensor.dtype} as {dtype}")
+        writer.add_tensor(name, np.ascontiguousarray(tensor.words), raw_dtype=kind)
+        return kind.name
+    import torch
+
     kind = _tensor_type(dtype, tensor.dtype, int(tensor.shape[-1]))
     tensor = tensor.contiguous()
     if kind == T.Q8_0:
@@ -247,6 +265,7 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
         fold = w.scale * w.rank / alpha
         entry = {"name": name, "scale": w.scale, "fold": fold, **origin.get(name, {})}
         if fold != 1.0:  # llama.cpp applies alpha / rank: carry the rest in B
+            _torch_folds(lora_b, name)
             folded = (lora_b.double() * fold).to(lora_b.dtype)
             if dtype in ("keep", dtypes.OPTION_NAMES.get(lora_b.dtype)):
                 entry["restore"] = restore_list(lora_b, folded, fold)
@@ -270,26 +289,35 @@ def _base_from_metadata(metadata: dict) -> BaseInfo | None:
     return BaseInfo.from_json(stored, "adapter metadata") if isinstance(stored, dict) else None
 
 
-def _tensor_data(tensor, path: Path) -> torch.Tensor:
-    """A GGUF tensor as torch, numpy order, keeping F32/F16/BF16 and dequantizing the rest."""
+def _tensor_data(tensor, path: Path, light: bool = False) -> torch.Tensor:
+    """A GGUF tensor as torch (``light``: light.arrays.Stored), numpy order, keeping
+    F32/F16/BF16 and dequantizing the rest (gguf-py's numpy code, to float32)."""
     import gguf
-    import torch
 
     T = gguf.GGMLQuantizationType
     shape = tuple(int(s) for s in reversed(tensor.shape))
     if tensor.tensor_type == T.F32:
-        return torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(shape)
-    if tensor.tensor_type == T.F16:
-        return torch.from_numpy(np.array(tensor.data, dtype=np.float16)).reshape(shape)
-    if tensor.tensor_type == T.BF16:
-        raw = np.array(tensor.data).view(np.int16)
-        return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
-    try:
-        values = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
-    except NotImplementedError:
-        raise UnsupportedError(f"{path}: {tensor.name} is {tensor.tensor_type.name}, which gguf-py "
-                               "cannot dequantize") from None
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        values, name = np.array(tensor.data, dtype=np.float32), "float32"
+    elif tensor.tensor_type == T.F16:
+        values, name = np.array(tensor.data, dtype=np.float16), "float16"
+    elif tensor.tensor_type == T.BF16:
+        values, name = np.array(tensor.data).view(np.int16), "bfloat16"   # the raw words
+    else:
+        try:
+            values = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
+        except NotImplementedError:
+            raise UnsupportedError(f"{path}: {tensor.name} is {tensor.tensor_type.name}, which "
+                                   "gguf-py cannot dequantize") from None
+        values, name = np.ascontiguousarray(values, dtype=np.float32), "float32"
+    if light:
+        from ..light.arrays import Stored
+
+        words = values.view(np.uint16) if name == "bfloat16" else values
+        return Stored(words.reshape(shape), name)
+    import torch
+
+    out = torch.from_numpy(values)
+    return (out.view(torch.bfloat16) if name == "bfloat16" else out).reshape(shape)
 
 
 def _alpha(reader, path: Path) -> float:
@@ -363,7 +391,9 @@ def _pairs(reader, path: Path) -> dict[str, dict[str, object]]:
     return pairs
 
 
-def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
+def read(path: Path, *, base: BaseInfo | None = None, light: bool = False) -> Adapter:
+    """``light``: the tensors as light.arrays.Stored (numpy, no torch); what needs torch (a
+    fold to undo, expert stacks) raises light.arrays.NeedsTorch."""
     path = Path(path)
     reader = open_gguf(path)
     kind, adapter_type = field_value(reader, "general.type"), field_value(reader, "adapter.type")
@@ -386,8 +416,11 @@ def read(path: Path, *, base: BaseInfo | None = None) -> Adapter:
     check_fits_in_memory(path, {t.name: int(t.n_elements) * 4 for t in reader.tensors})
     weights, experts = {}, {}
     for gguf_name, pair in _pairs(reader, path).items():
-        lora_a, lora_b = (_tensor_data(pair[p], path) for p in ("lora_a", "lora_b"))
+        lora_a, lora_b = (_tensor_data(pair[p], path, light) for p in ("lora_a", "lora_b"))
         entry = entries.get(gguf_name)
+        if light and (lora_a.dim() != 2 or (entry and (entry["fold"] != 1.0 or "experts" in entry
+                                                      or entry.get("param")))):
+            _torch_folds(lora_b, gguf_name)
         if lora_a.dim() == 3 and not (entry and "experts" in entry):   # per-expert LoRAs stacked
             weights.update(_per_expert(path, gguf_name, entry, lora_a, lora_b, alpha, base))
             continue
