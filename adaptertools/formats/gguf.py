@@ -449,7 +449,8 @@ def read(path: Path, *, base: BaseInfo | None = None, light: bool = False) -> Ad
         else:
             check_base_shape(str(path), hf_name, weight, base)
         weights[hf_name] = weight
-    weights.update(regroup(experts, path))
+    if experts:       # (regroup imports torch)
+        weights.update(regroup(experts, path))
     for hf_name, weight in weights.items():
         if is_param(weight):
             check_param_shape(hf_name, weight, base)
