@@ -52,7 +52,7 @@ HF_ARCHITECTURES = {
     "SmolLM3ForCausalLM": "smollm3",      # llama.py SmolLM3Model(LlamaModel) (RoPE permute)
     "Exaone4ForCausalLM": "exaone4",      # exaone.py Exaone4Model (no transform)
     # qwen.py Qwen2MoeModel: attention, shared expert and its gate as stored; the routed experts
-    # (fused 3-D tensors in llama.cpp) are not mapped, so a LoRA on them is refused by name
+    # and the router as gguf_experts.py lays them (gate_up_proj rows split at inter)
     "Qwen2MoeForCausalLM": "qwen2moe",
     # granite.py GraniteMoeModel(GraniteModel(LlamaModel)) (RoPE permute; attention only, the
     # experts are fused 3-D tensors with no LoRA mapping)
@@ -65,7 +65,8 @@ HF_ARCHITECTURES = {
     "SeedOssForCausalLM": "seed_oss",     # olmo.py SeedOssModel (no transform)
     "Olmo3ForCausalLM": "olmo2",          # olmo.py Olmo2Model, registered for Olmo3 (no transform)
     "ApertusForCausalLM": "apertus",      # llama.py ApertusModel(LlamaModel), undo_permute False
-    # qwen.py Qwen3MoeModel(Qwen2MoeModel), olmo.py OlmoeModel: attention only (fused experts)
+    # qwen.py Qwen3MoeModel(Qwen2MoeModel), olmo.py OlmoeModel (experts stacked): attention as
+    # stored, routed experts and router by gguf_experts.py
     "Qwen3MoeForCausalLM": "qwen3moe",
     "OlmoeForCausalLM": "olmoe",
     # llama.py LlamaModel (RoPE permute; block_sparse_moe.experts.{e}.w1/w3/w2 stacked into
