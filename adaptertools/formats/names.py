@@ -226,17 +226,17 @@ def read_base_tensor(base: BaseInfo, name: str) -> torch.Tensor | None:
 
 
 def _header_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
-    """Tensor shapes from the safetensors headers of an HF folder (no tensor data is read)."""
-    from safetensors import safe_open
+    """Tensor shapes from the safetensors headers of an HF folder (no tensor data is read; no
+    torch: safe_open's framework="pt" imports it, the light path converts without it)."""
+    from ..tensor_index import read_safetensors_header
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
     shapes = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
-                shapes[key] = tuple(fh.get_slice(key).get_shape())
+        for entry in sorted(read_safetensors_header(file).tensors, key=lambda e: e.name):
+            shapes[entry.name] = tuple(entry.shape)
     return shapes
 
 
