@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ._io import require_exists
-from .adapter import Adapter, cast_adapter, nonfinite_tensors
+from .adapter import Adapter, LoraWeight, cast_adapter, nonfinite_tensors
 from .errors import FormatError, OptionError, UnsupportedError
 from .options import AdapterDtype
 from .paths import atomic_output, refuse_output
@@ -25,6 +25,8 @@ FORMAT_DTYPES = ("q8_0",)
 
 def parse_dtype(name: str):
     """``keep`` -> None, else the torch dtype (``fp32``, ``fp16``, ``bf16``)."""
+    if name == "keep":            # the light path's (no torch dtype table needed)
+        return None
     from .dtypes import OPTION_DTYPES
 
     table = {"keep": None, **OPTION_DTYPES}
@@ -187,6 +189,8 @@ def _read(fmt: Format, path: Path, scale: float | None, base=None, *,
 
 def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
     """The writers store LoRA factors (B, A); a LoHa/LoKr delta is none (kernels/deltas.py)."""
+    if all(isinstance(w, LoraWeight) for w in adapter.weights.values()):
+        return          # (deltas.LORA, exactly low rank; asked without importing the kernels)
     from .kernels.deltas import exactly_low_rank, kind
 
     name, w = next(((n, w) for n, w in adapter.weights.items() if not exactly_low_rank(w)
@@ -204,16 +208,22 @@ def _refuse_dense_kinds(adapter: Adapter, format_name: str) -> None:
             "and convert that, or merge it into its base directly")
 
 
+def _kohya_unplaced(adapter: Adapter) -> bool:
+    from .formats.kohya import UNPLACED
+
+    return bool(adapter.metadata.get(UNPLACED))
+
+
 def _refuse_unwritable(adapter: Adapter, fmt: Format) -> None:
     """What no writer (or only some) can hold, refused before anything is written: a kohya
     adapter read without its base (its keys are the file's own names), PEFT's LoRA on
     nn.MultiheadAttention (peft_mha.py), and trained token rows (PEFT trainable tokens) except
     where the format keeps them (``WRITES_TOKEN_ROWS``): dropping any of them would change what
     the adapter computes."""
-    from .formats.kohya import UNPLACED
     from .formats.peft_mha import METADATA
 
-    if adapter.metadata.get(UNPLACED):
+    # the flag only a kohya read sets (kohya.py, which imports torch, is imported only then)
+    if adapter.metadata.get("source_format") == "kohya" and _kohya_unplaced(adapter):
         raise UnsupportedError("a kohya adapter read without its base (keyed by its own module "
                                "names) cannot be written; pass --base <the model it was "
                                "trained on>")
@@ -258,7 +268,12 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str, dtype: Adapt
         >>> from adaptertools import load, save
         >>> save(load("peft_adapter"), "adapter.safetensors", format="safetensors", dtype="bf16")
     """
-    fmt = get_format(format)
+    _save(adapter, path, get_format(format), dtype=dtype, force=force, base=base, inputs=inputs)
+
+
+def _save(adapter: Adapter, path, fmt: Format, *, dtype: str, force: bool, base,
+          inputs) -> None:
+    """``save`` to the format ``fmt`` (convert's light path finds it without the registry)."""
     if not fmt.can_write:
         raise UnsupportedError(f"format {fmt.name!r} can be read but not written")
     _refuse_dense_kinds(adapter, fmt.name)
@@ -349,24 +364,33 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     src = local_input_path(src, "adapter", hub, sources)
     base = local_input_path(base, "config", hub, sources, role="base")
     src_path = require_exists(src)
-    fmt, target = _readable(src_path, from_format), get_format(to)
     inputs = (src_path, base if isinstance(base, (str, os.PathLike)) else None)
-    refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
-    reads_base = _accepts(fmt.module.read, "base") and \
-        getattr(fmt.module, "uses_base", lambda path: True)(src_path)
-    if base is not None and not (reads_base or _accepts(target.module.write, "base")):
-        raise OptionError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
-    if not any(getattr(f.module, "BASE_AS_PATH", False) for f in (fmt, target)):
-        base = _base_info(base)     # parsed once, for the reader and the writer
-    adapter = _read(fmt, src_path, scale, base)
-    named, notes = None, []
-    if base is None:
-        named = _named_base(adapter, target)
-        if named is not None:
-            base = _base_info(named)
-            notes.append(f"base model {named}: the one the adapter names (its "
-                         "base_model_name_or_path); pass --base to use another")
-    save(adapter, dst, format=to, dtype=dtype, force=force, base=base, inputs=inputs)
+
+    def run(light: bool):       # light: numpy, no torch (light/route.py)
+        fmt = _readable(src_path, from_format, light=light)
+        target = writable(to, dtype) if light else get_format(to)
+        refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
+        reads_base = _accepts(fmt.module.read, "base") and \
+            getattr(fmt.module, "uses_base", lambda path: True)(src_path)
+        given_base = base
+        if given_base is not None and not (reads_base or _accepts(target.module.write, "base")):
+            raise OptionError(f"--base does not apply to {fmt.name} -> {target.name}; drop it")
+        if not any(getattr(f.module, "BASE_AS_PATH", False) for f in (fmt, target)):
+            given_base = _base_info(given_base)     # parsed once, for the reader and the writer
+        adapter = _read(fmt, src_path, scale, given_base, light=light)
+        named, notes = None, []
+        if given_base is None:
+            named = _named_base(adapter, target)
+            if named is not None:
+                given_base = _base_info(named)
+                notes.append(f"base model {named}: the one the adapter names (its "
+                             "base_model_name_or_path); pass --base to use another")
+        _save(adapter, dst, target, dtype=dtype, force=force, base=given_base, inputs=inputs)
+        return fmt, target, adapter, named, notes
+
+    from .light.route import light_or_torch, writable
+
+    fmt, target, adapter, named, notes = light_or_torch(run)
     from_hub = any(s["role"] == "adapter" for s in sources)
     # a GGUF LoRA stores no full tensors: the writer dropped those (unchanged copies of the
     # base, as PEFT saves beside an adapted embedding) or refused the conversion

@@ -197,3 +197,115 @@ def test_inspect_command_does_not_import_torch(case, written):
     report_text, imported = proc.stdout.rsplit("\n", 2)[:2]
     assert json.loads(report_text)["adapted_tensors"] > 0
     assert imported == "false"
+
+
+# ----------------------------------------------------------------------------- convert
+
+CONVERT_ARCHS = ("llama", "gpt2", "phi3")     # RoPE-permuted q/k, Conv1D transposes, fused qkv
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory):
+    """Per architecture: the HF base folder and a PEFT adapter (real PEFT) on its linear layers,
+    also in bf16, and with an rank_pattern (a per-tensor fold: torch's path)."""
+    from helpers.models import GGUF_TARGETS, make_causal_lm
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("light_archs")
+    dirs = {}
+    for arch in CONVERT_ARCHS:
+        model = make_causal_lm(arch)
+        model.save_pretrained(root / f"hf_{arch}")
+        targets = GGUF_TARGETS.get(arch, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                          "up_proj", "down_proj"])
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False))
+        peft_model.save_pretrained(root / f"peft_{arch}")
+        dirs[arch] = (root / f"hf_{arch}", root / f"peft_{arch}")
+    base, peft = dirs["llama"]
+    bf16 = root / "peft_llama_bf16"
+    bf16.mkdir()
+    (bf16 / "adapter_config.json").write_text((peft / "adapter_config.json").read_text())
+    tensors = load_file(str(peft / "adapter_model.safetensors"))
+    save_file({k: t.to(torch.bfloat16) for k, t in tensors.items()},
+              str(bf16 / "adapter_model.safetensors"), metadata={"format": "pt"})
+    dirs["llama_bf16"] = (base, bf16)
+    folded = root / "peft_llama_pattern"
+    folded.mkdir()
+    config = json.loads((peft / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"q_proj": 16}
+    (folded / "adapter_config.json").write_text(json.dumps(config))
+    (folded / "adapter_model.safetensors").write_bytes(
+        (peft / "adapter_model.safetensors").read_bytes())
+    dirs["llama_pattern"] = (base, folded)
+    return dirs
+
+
+def _files(out) -> dict:
+    if out.is_file():
+        return {"(file)": out.read_bytes()}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _convert_both(src, out_dir, to, monkeypatch, **kw) -> tuple[dict, str]:
+    """Converted by the light path (the default) and by today's; the files of each, and the
+    path the light run took."""
+    files, taken = {}, None
+    for light in (True, False):
+        monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1" if light else "0")
+        out = out_dir / (("light" if light else "torch") + (".gguf" if to == "gguf" else ""))
+        at.convert(src, out, to=to, **kw)
+        files[light] = _files(out)
+        taken = taken or route.taken[0]
+    assert files[True] == files[False]       # byte for byte, every file
+    return files[True], taken
+
+
+# (case, target, dtype, path the light run takes): every other dtype casts, a fold rounds
+GGUF_CASES = [(arch, "keep", "light") for arch in CONVERT_ARCHS] + [
+    ("llama_bf16", "keep", "light"), ("llama", "fp16", "torch"), ("llama", "q8_0", "torch"),
+    ("llama_pattern", "keep", "torch")]
+
+
+@pytest.mark.parametrize(("case", "dtype", "path"), GGUF_CASES)
+def test_gguf_both_ways_byte_identical(case, dtype, path, arch_dirs, tmp_path, monkeypatch):
+    base, peft = arch_dirs[case]
+    files, taken = _convert_both(peft, tmp_path / "to", "gguf", monkeypatch, base=base, dtype=dtype)
+    assert taken == path and len(files["(file)"]) > 1000
+    gguf_file = tmp_path / "to" / "torch.gguf"
+    back, taken = _convert_both(gguf_file, tmp_path / "back", "peft", monkeypatch)
+    # back is light unless undoing a fold (the rank_pattern case)
+    assert taken == ("torch" if case == "llama_pattern" else "light")
+    assert set(back) == {"adapter_config.json", "adapter_model.safetensors"}
+    monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1")
+    light = at.inspect(gguf_file, layers=True).to_dict()
+    monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "0")
+    _assert_same(light, at.inspect(gguf_file, layers=True).to_dict())
+
+
+@pytest.mark.parametrize("to", ["mlx", "peft"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "dora_bias", "mlx", "mlx_bf16"])
+def test_peft_mlx_byte_identical(case, to, written, tmp_path, monkeypatch):
+    if to == "mlx" and case == "dora_bias":
+        pytest.skip("mlx-lm has no lora_bias (refused on both paths)")
+    files, taken = _convert_both(written[case], tmp_path, to, monkeypatch)
+    assert taken == "light" and files
+
+
+@pytest.mark.parametrize("direction", ["to_gguf", "from_gguf"])
+def test_convert_command_does_not_import_torch(direction, arch_dirs, tmp_path):
+    base, peft = arch_dirs["llama"]
+    gguf_file = tmp_path / "a.gguf"
+    if direction == "from_gguf":
+        at.convert(peft, gguf_file, to="gguf", base=base)
+        args = ["convert", str(gguf_file), str(tmp_path / "back"), "--to", "peft"]
+    else:
+        args = ["convert", str(peft), str(gguf_file), "--to", "gguf", "--base", str(base)]
+    code = ("import json, sys\nfrom adaptertools.cli import _main\n"
+            "try:\n    _main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(json.dumps('torch' in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "false"

@@ -349,7 +349,7 @@ def tensors_for(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def write(adapter: Adapter, path: Path) -> None:
     """Fill the folder ``path`` (it exists and is empty) with an mlx-lm adapter."""
-    from safetensors.torch import save_file
+    from ..light.arrays import save_file     # torch's, or the light path's Stored tensors
 
     config = config_for(adapter)         # refuses first: nothing is written then
     path = Path(path)

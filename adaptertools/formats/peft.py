@@ -756,7 +756,7 @@ def state_dict_for(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def write(adapter: Adapter, path: Path) -> None:
     """Fill the folder ``path`` (it exists and is empty) with a PEFT adapter."""
-    from safetensors.torch import save_file
+    from ..light.arrays import save_file     # torch's, or the light path's Stored tensors
 
     path = Path(path)
     config = config_for(adapter)

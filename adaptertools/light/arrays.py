@@ -72,10 +72,18 @@ class Stored:
     def contiguous(self) -> Stored:
         return Stored(np.ascontiguousarray(self.words), self.dtype)
 
+    def element_size(self) -> int:
+        return self.words.itemsize
+
     def is_floating_point(self) -> bool:
         return self.dtype in FLOATS
 
+    def swapaxes(self, first: int, second: int) -> Stored:
+        return Stored(self.words.swapaxes(first, second), self.dtype)
+
     def __getitem__(self, index) -> Stored:
+        if hasattr(index, "__array__") and not isinstance(index, np.ndarray):
+            index = np.asarray(index)        # a torch index (names.qkv_row_order's)
         return Stored(self.words[index], self.dtype)
 
     # -- values
@@ -145,3 +153,19 @@ def load_safetensors(path) -> tuple[dict[str, Stored], dict[str, str]]:
         raw = data[t.offset:t.offset + t.nbytes]
         tensors[t.name] = Stored(raw.view(words).reshape(t.shape), name)
     return tensors, dict(header.metadata)
+
+
+def save_file(tensors: dict, filename, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save_file, for Stored tensors too: the same serializer (safetensors'
+    serialize_file) gets the same dtype names, shapes and bytes, so the file is the same."""
+    if not any(isinstance(t, Stored) for t in tensors.values()):
+        from safetensors.torch import save_file as save_torch
+
+        save_torch(tensors, str(filename), metadata=metadata)
+        return
+    from safetensors import TensorSpec, serialize_file
+
+    kept = {k: np.ascontiguousarray(t.words) for k, t in tensors.items()}   # alive while written
+    specs = {k: TensorSpec(dtype=t.dtype, shape=t.shape, data_ptr=kept[k].ctypes.data,
+                           data_len=kept[k].nbytes) for k, t in tensors.items()}
+    serialize_file(specs, str(filename), metadata=metadata)

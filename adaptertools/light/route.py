@@ -22,8 +22,12 @@ from pathlib import Path
 from ..registry import ENTRY_POINT_GROUP, Format
 from .arrays import NeedsTorch
 
-# the built-in formats whose readers take light=True, in sniffing order (mlx 5, peft 10)
-LIGHT = ("mlx", "peft")
+# the built-in formats whose readers take light=True, in sniffing order (mlx 5, peft 10,
+# gguf 20)
+LIGHT = ("mlx", "peft", "gguf")
+# the built-in formats whose writers take Stored tensors: they only rename, transpose and
+# reshape (a cast, --dtype other than keep, is torch's: Tensor.to's rounding)
+LIGHT_WRITERS = ("mlx", "peft", "gguf")
 PACKAGE = "adaptertools"
 # the path the last light_or_torch call took, "light" or "torch" (what tests and benchmarks ask)
 taken: list[str] = []
@@ -62,6 +66,13 @@ def readable(path: Path, format: str | None) -> Format:
         if fmt.module.sniff(path):
             return fmt
     raise NeedsTorch(f"{path}: no light format sniffs it first")
+
+
+def writable(to: str, dtype: str) -> Format:
+    """The format ``to`` writes with, when its writer takes Stored tensors at ``dtype``."""
+    if to in LIGHT_WRITERS and dtype == "keep":
+        return _format(to)
+    raise NeedsTorch(f"writing {to} at dtype {dtype}")
 
 
 def light_or_torch(run):
