@@ -52,7 +52,7 @@ ENTRY_POINT_GROUP = "adaptertools.codecs"
 BUILT_IN = {"bitsandbytes": "adaptertools.codecs.bnb", "gguf": "adaptertools.codecs.gguf",
             "fp8": "adaptertools.codecs.fp8",
             "compressed-tensors": "adaptertools.codecs.compressed_tensors",
-            "mxfp4": "adaptertools.codecs.mxfp4"}
+            "mxfp4": "adaptertools.codecs.mxfp4", "gptq": "adaptertools.codecs.gptq"}
 REQUIRED = ("NAME", "QUANT_METHODS", "describe", "decode", "encode")
 _REGISTERED: dict[str, ModuleType] = {}
 
