@@ -188,15 +188,20 @@ def test_sniffing_order_puts_the_light_formats_first():
 
 @pytest.mark.parametrize("case", ["fp32", "mlx_bf16"])
 def test_inspect_command_does_not_import_torch(case, written):
-    code = ("import json, sys\nfrom adaptertools.cli import _main\n"
+    stdout, imported = _cli_in_fresh_interpreter("inspect", str(written[case]), "--json")
+    assert json.loads(stdout)["adapted_tensors"] > 0
+    assert not imported
+
+
+def _cli_in_fresh_interpreter(*args) -> tuple[str, bool]:
+    """``adaptertools ARGS`` in a new interpreter: its stdout, and whether torch got imported."""
+    code = ("import sys\nfrom adaptertools.cli import _main\n"
             "try:\n    _main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(json.dumps('torch' in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, "inspect", str(written[case]), "--json"],
-                          capture_output=True, text=True, timeout=120, check=False)
+            "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    report_text, imported = proc.stdout.rsplit("\n", 2)[:2]
-    assert json.loads(report_text)["adapted_tensors"] > 0
-    assert imported == "false"
+    return proc.stdout, "torch imported: True" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- convert
@@ -302,10 +307,27 @@ def test_convert_command_does_not_import_torch(direction, arch_dirs, tmp_path):
         args = ["convert", str(gguf_file), str(tmp_path / "back"), "--to", "peft"]
     else:
         args = ["convert", str(peft), str(gguf_file), "--to", "gguf", "--base", str(base)]
-    code = ("import json, sys\nfrom adaptertools.cli import _main\n"
-            "try:\n    _main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(json.dumps('torch' in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "false"
+    assert not _cli_in_fresh_interpreter(*args)[1]
+
+
+def test_warnings_are_todays(written, tmp_path, monkeypatch):
+    """A light read's warnings (here: the config and the weights disagree) are shown as the
+    torch path shows them: the same messages, once each."""
+    import warnings
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    config = json.loads((written["fp32"] / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj"]
+    (odd / "adapter_config.json").write_text(json.dumps(config))
+    (odd / "adapter_model.safetensors").write_bytes(
+        (written["fp32"] / "adapter_model.safetensors").read_bytes())
+    shown = {}
+    for light in (True, False):
+        monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1" if light else "0")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            at.inspect(odd)
+        assert route.taken == ["light" if light else "torch"]
+        shown[light] = [(w.category, str(w.message)) for w in caught]
+    assert shown[True] == shown[False] and shown[True]

@@ -89,9 +89,10 @@ def light_or_torch(run):
             except Exception:       # noqa: BLE001  (the torch path answers, in its words)
                 answer = caught = None
         if caught is not None:
+            registry: dict = {}      # as the torch path's warnings: once per place (``default``)
             for w in caught:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
-                                       source=w.source)
+                                       registry=registry, source=w.source)
             taken[:] = ["light"]
             return answer
     taken[:] = ["torch"]
