@@ -289,13 +289,29 @@ def test_gguf_both_ways_byte_identical(case, dtype, path, arch_dirs, tmp_path, m
     _assert_same(light, at.inspect(gguf_file, layers=True).to_dict())
 
 
-@pytest.mark.parametrize("to", ["mlx", "peft"])
-@pytest.mark.parametrize("case", ["fp32", "bf16", "dora_bias", "mlx", "mlx_bf16"])
-def test_peft_mlx_byte_identical(case, to, written, tmp_path, monkeypatch):
-    if to == "mlx" and case == "dora_bias":
-        pytest.skip("mlx-lm has no lora_bias (refused on both paths)")
-    files, taken = _convert_both(written[case], tmp_path, to, monkeypatch)
-    assert taken == "light" and files
+@pytest.mark.parametrize("to", ["mlx", "peft", "gguf"])
+@pytest.mark.parametrize("case", [c for c in CASES if c != "nan"])
+def test_every_case_converts_as_today(case, to, written, tmp_path, monkeypatch):
+    """Each inspect case to each format: the same files byte for byte, or the same refusal
+    (mlx-lm has no lora_bias, GGUF no DoRA or convolution, ...)."""
+    from adaptertools.tiny import TinyLlama
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(TinyLlama().config()))
+    kw = {"base": base} if to == "gguf" else {}
+    outcome = {}
+    for light in (True, False):
+        monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1" if light else "0")
+        out = tmp_path / (("light" if light else "torch") + (".gguf" if to == "gguf" else ""))
+        try:
+            at.convert(written[case], out, to=to, **kw)
+            outcome[light] = _files(out)
+        except at.AdapterToolsError as exc:
+            outcome[light] = (type(exc), str(exc).replace(str(out), "OUT"))
+    assert outcome[True] == outcome[False]
+    if case in ("fp32", "bf16", "fp16", "mlx", "mlx_bf16", "zero_b"):
+        assert isinstance(outcome[True], dict), outcome[True]          # written, not refused
 
 
 @pytest.mark.parametrize("direction", ["to_gguf", "from_gguf"])
