@@ -118,7 +118,7 @@ def test_mapped_reads_view_the_file_and_let_the_pages_go(tmp_path):
     path, tensor, job = _file_with_tensor(tmp_path, offset=3 * 4096 + 128)
     fd = os.open(path, os.O_RDONLY)
     try:
-        reads = streams.Reads(fd, streams.BufferPool())
+        reads = streams.Reads(fd, streams.BufferPool(), mapped=True)
         assert reads.base is not None
         source = reads.read(job)
         resident = _mapping_rss(source.data_ptr())               # before anything touches it
@@ -141,14 +141,37 @@ def test_reads_fall_back_to_pread(tmp_path, monkeypatch):
     fd = os.open(path, os.O_RDONLY)
     try:
         pool = streams.BufferPool()
-        reads = streams.Reads(fd, pool)
+        reads = streams.Reads(fd, pool, mapped=True)
         source = reads.read(job)                                 # odd offset for bf16
         assert torch.equal(source.view(torch.int16), tensor.view(torch.int16))
         assert reads.base is None or not reads._mapped(source)
         reads.done(source)
         assert len(pool.free) == 1                               # its buffer is back
         monkeypatch.setattr(streams, "MADVISE", None)
-        assert streams.Reads(fd, pool).base is None
+        assert streams.Reads(fd, pool, mapped=True).base is None
+    finally:
+        os.close(fd)
+
+
+def test_pread_is_the_default_and_drops_written_pages(tmp_path, monkeypatch):
+    """Reads are pread into pooled buffers unless mapped; with ``drop``, each tensor's bytes
+    leave the page cache once it is written (POSIX_FADV_DONTNEED over exactly its range)."""
+    path, tensor, job = _file_with_tensor(tmp_path, offset=3 * 4096 + 128)
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: (advised.append(a[1:]), real(*a))[1])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pool = streams.BufferPool()
+        for drop in (False, True):
+            reads = streams.Reads(fd, pool, drop=drop)
+            assert reads.base is None
+            source = reads.read(job)
+            assert torch.equal(source.view(torch.int16), tensor.view(torch.int16))
+            reads.done(source)
+            reads.close()
+        assert advised == [(job.source.offset, job.source.nbytes, os.POSIX_FADV_DONTNEED)]
+        assert len(pool.free) == 1                               # the one buffer, reused
     finally:
         os.close(fd)
 
@@ -174,8 +197,11 @@ def test_mapped_and_pread_merges_are_byte_identical(tmp_path, monkeypatch, kind)
         at.save(make_adapter(spec, seed=5), adapter, format="peft")
         base = make_base(tmp_path / "base", spec, dtype=torch.bfloat16)
         outs = [tmp_path / "mapped", tmp_path / "pread"]
+    monkeypatch.setattr(streams, "MAPPED_READS", True)
     at.merge(base, [adapter], outs[0])
-    monkeypatch.setattr(streams, "MADVISE", None)
+    monkeypatch.setattr(streams, "MAPPED_READS", False)
+    # and the pages of a base "larger than memory" dropped as it goes (run.drops_pages)
+    monkeypatch.setattr(merge_run, "available_memory", lambda: 0)
     at.merge(base, [adapter], outs[1])
     files = [sorted(p.rglob("*.safetensors")) if p.is_dir() else [p] for p in outs]
     assert [f.read_bytes() for f in files[0]] == [f.read_bytes() for f in files[1]]

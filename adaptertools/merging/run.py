@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import write_json
+from .._io import available_memory, write_json
 from ..dtypes import TORCH_DTYPES
 from ..kernels.fold import Buffers
 from ..kernels.folding import fold_tensor
@@ -179,8 +179,8 @@ def write_sequential(ctx: RunContext, out_file: OutputFile, dst: Path, progress:
 class Sources:
     """The base files one output file reads, each opened on first use: (fd, its Reads)."""
 
-    def __init__(self, path_of, pool: BufferPool, sequential: bool) -> None:
-        self.path_of, self.pool, self.sequential = path_of, pool, sequential
+    def __init__(self, path_of, pool: BufferPool, sequential: bool, drop: bool = False) -> None:
+        self.path_of, self.pool, self.sequential, self.drop = path_of, pool, sequential, drop
         self.opened: dict[str, tuple[int, Reads]] = {}
 
     def get(self, name: str) -> tuple[int, Reads]:
@@ -189,7 +189,7 @@ class Sources:
             try:
                 if self.sequential:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self.opened[name] = fd, Reads(fd, self.pool)
+                self.opened[name] = fd, Reads(fd, self.pool, drop=self.drop)
             except BaseException:
                 os.close(fd)
                 raise
@@ -203,6 +203,14 @@ class Sources:
                 reads.close()
             finally:
                 os.close(fd)
+
+
+def drops_pages(plan: Plan) -> bool:
+    """Whether the base's pages are dropped from the page cache once read and written: for a
+    base of more than half the memory available, which the page cache cannot hold beside the
+    output anyway (a smaller one stays cached for the next command, as after ``cp``)."""
+    return hasattr(os, "posix_fadvise") and plan.size is not None and \
+        plan.size > available_memory() // 2
 
 
 @contextmanager
@@ -223,7 +231,7 @@ def _file_pair(path_of, dst: Path, ctx: RunContext, progress: Progress,
         os.lseek(out, at, os.SEEK_SET)
         sink = open_sink(out, dst, None)
     writer = OrderedWriter(ctx.writer, progress)
-    sources = Sources(path_of, ctx.pool, sequential)
+    sources = Sources(path_of, ctx.pool, sequential, drop=drops_pages(ctx.plan))
     try:
         yield sources, sink, writer
         writer.drain()

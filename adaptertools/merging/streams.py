@@ -96,29 +96,44 @@ MADV_POPULATE_READ = 22        # Linux 5.14+: fault the range in now (EINVAL bef
 PAGE = mmap.PAGESIZE
 
 
+# Source tensors are read with pread into pooled buffers by default, not as views of a mapping.
+# Measured on the 2-core VM (kernel 6.18, ext4, read_ahead_kb 4096), a 2.2 GB shard:
+# cold, pread of 32 or 117 MB with POSIX_FADV_SEQUENTIAL 1.0-2.3 GB/s against 0.5-1.0 GB/s for
+# the mapping faulted in 117 MB at a time (MADV_POPULATE_READ, then MADV_DONTNEED) and 1.0-1.4
+# GB/s for O_DIRECT 8-32 MB reads (dd iflag=direct agrees): a fault reads around the faulting
+# page, one readahead window at a time, where a large read keeps the kernel's asynchronous
+# readahead going; warm, pread 6-11 GB/s against 0.9-1.0 GB/s (a page-table entry set up and
+# torn down per 4 KB page costs more than the copy). benchmarks/coldread.py has the engine's
+# figures.
+MAPPED_READS = False
+
+
 class Reads:
     """The source tensors of one base file, for the reading thread.
 
-    Where it can (Linux), tensors are views of a private mapping of the file (ACCESS_COPY: an
-    accidental in-place write changes a private page, never the file): the fold reads the page
-    cache directly, where ``pread`` copied every byte into a buffer first (W1: 2.2 GB of copies,
-    0.45 s of the second core, and as much memory traffic again for the fold to read back). The
-    reading thread faults each tensor's pages in ahead of the fold (MADV_POPULATE_READ; this is
-    where a cold read waits for the disk), and ``done`` drops them from this process once the
-    tensor is written (MADV_DONTNEED: the pages stay in the page cache, but no longer count as
-    this process's memory), so resident memory stays at the tensors in flight. Only pages wholly
-    inside a tensor are dropped; the one or two it shares with a neighbour go with the mapping.
+    By default (MAPPED_READS False) ``tensor_index.read_entry`` (pread) into pooled buffers:
+    large sequential reads, and with ``drop`` set (a base larger than about half the memory
+    available, run.py) the page cache of each tensor's bytes is dropped once it is written
+    (POSIX_FADV_DONTNEED), so that a base larger than RAM does not push the rest out.
 
-    Elsewhere, or for a tensor not aligned to its element size, ``tensor_index.read_entry``
-    (pread) into pooled buffers, as before.
+    With ``mapped`` (Linux), tensors are views of a private mapping of the file (ACCESS_COPY: an
+    accidental in-place write changes a private page, never the file): no copy, but slower (see
+    MAPPED_READS). The reading thread faults each tensor's pages in ahead of the fold
+    (MADV_POPULATE_READ), and ``done`` drops them from this process once the tensor is written
+    (MADV_DONTNEED: the pages stay in the page cache, but no longer count as this process's
+    memory). Only pages wholly inside a tensor are dropped; the one or two it shares with a
+    neighbour go with the mapping. A tensor not aligned to its element size is read with pread.
     """
 
-    def __init__(self, fd: int, pool: BufferPool | None) -> None:
-        self.fd, self.pool = fd, pool
+    def __init__(self, fd: int, pool: BufferPool | None, *, mapped: bool | None = None,
+                 drop: bool = False) -> None:
+        self.fd, self.pool, self.drop = fd, pool, drop
         self.base: torch.Tensor | None = None        # uint8 (file size,) over the mapping
         self.populate = True
+        self.ranges: dict[int, tuple[int, int]] = {}   # buffer address -> (offset, nbytes) read
         size = os.fstat(fd).st_size
-        if MADVISE is not None and size > 0:
+        mapped = MAPPED_READS if mapped is None else mapped
+        if mapped and MADVISE is not None and size > 0:
             try:
                 self.base = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY),
                                              dtype=torch.uint8)
@@ -134,7 +149,10 @@ class Reads:
         dtype = stored_dtype(entry.dtype)
         size = dtype.itemsize if dtype is not None else 1
         if self.base is None or start + nbytes > self.base.numel() or start % size or nbytes == 0:
-            return read_entry(self.fd, entry, pool=self.pool)   # (a short file raises there)
+            tensor = read_entry(self.fd, entry, pool=self.pool)   # (a short file raises there)
+            if self.drop:
+                self.ranges[tensor.data_ptr()] = (start, nbytes)
+            return tensor
         view = self.base[start:start + nbytes]
         if self.populate:
             address = view.data_ptr()
@@ -148,6 +166,9 @@ class Reads:
         if tensor is None:
             return
         if self.base is None or not self._mapped(tensor):
+            read = self.ranges.pop(tensor.data_ptr(), None)
+            if read is not None:      # written: its bytes are not read again by this merge
+                os.posix_fadvise(self.fd, read[0], read[1], os.POSIX_FADV_DONTNEED)
             if self.pool is not None:
                 self.pool.give(tensor)
             return
