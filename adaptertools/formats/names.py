@@ -72,6 +72,9 @@ HF_ARCHITECTURES = {
     # llama.py LlamaModel (RoPE permute; block_sparse_moe.experts.{e}.w1/w3/w2 stacked into
     # ffn_gate_exps / ffn_up_exps / ffn_down_exps; expert LoRAs: gguf_experts.py)
     "MixtralForCausalLM": "llama",
+    # deepseek.py DeepseekV2Model (no q/k permute; experts stacked; kv_b_proj split into
+    # attn_k_b / attn_v_b). Its MLA projections take no runtime LoRA: NO_RUNTIME_LORA
+    "DeepseekV3ForCausalLM": "deepseek2",
 }
 # transformers' default of ``tie_word_embeddings`` per model_type, for configs that omit it.
 TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
@@ -82,7 +85,7 @@ TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": Fa
                    "qwen2_moe": False, "granitemoe": False, "glm4": False, "nemotron": False,
                    "ernie4_5": True, "cohere2": True, "arcee": False, "seed_oss": False,
                    "olmo3": False, "apertus": False, "qwen3_moe": False, "olmoe": False,
-                   "mixtral": False}
+                   "mixtral": False, "deepseek_v3": False}
 # llama.cpp permutes q/k rows for RoPE (``LlamaModel.permute``, ``undo_permute`` True in
 # conversion/llama.py LlamaModel and its subclasses GraniteModel, GraniteMoeModel, SmolLM3Model
 # and ArceeModel; OlmoModel
@@ -95,6 +98,12 @@ TRANSPOSED_ARCHS = frozenset({"gpt2"})
 # (n_head, 3, head_dim); FalconModel.modify_tensors as (n_head_kv, n_head / n_head_kv + 2,
 # head_dim), each kv group holding its q heads, then one k and one v.
 FUSED_QKV_ROWS = {"gptneox": "per_head", "falcon": "per_kv_group"}
+# Layers llama.cpp loads a LoRA for but never applies one to: its graph multiplies their weights
+# with a plain ggml_mul_mat, not build_lora_mm (src/models/deepseek2.cpp 501-517: wq_a, wq_b,
+# wq, wkv_a_mqa; 560 and 592-594: wk_b, wv_b, wkv_b), so a GGUF LoRA there is silently dropped;
+# kv_b_proj is moreover split per head into attn_k_b (transposed) and attn_v_b by the converter.
+NO_RUNTIME_LORA = {"deepseek2": ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa",
+                                 "kv_b_proj")}
 # llama.cpp's FalconModel reads n_head_kv from num_kv_heads / n_head_kv, else 1 (multi-query)
 KV_HEADS_DEFAULT_ONE = frozenset({"falcon"})
 # The HF naming each architecture's transformers class uses; picks one of gguf-py's many HF
@@ -112,6 +121,9 @@ HF_NAMING = {
                 r"|mlp\.dense_(h_to_4h|4h_to_h))|embed_in)|embed_out"),
     "falcon": (r"transformer\.(h\.\d+\.(self_attention\.(query_key_value|dense)"
                r"|mlp\.dense_(h_to_4h|4h_to_h))|word_embeddings)|lm_head"),
+    "deepseek2": (r"model\.(layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj"
+                  r"|kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(gate|up|down)_proj"
+                  r"|mlp\.shared_experts\.(gate|up|down)_proj|mlp\.gate)|embed_tokens)|lm_head"),
     "qwen2moe": (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
                  r"|mlp\.shared_expert\.(gate|up|down)_proj|mlp\.shared_expert_gate)"
                  r"|embed_tokens)|lm_head"),
@@ -305,6 +317,19 @@ def _tensor_map_for(arch: str, n_blocks: int):
     if arch not in arch_ids or arch not in HF_NAMING:
         raise UnsupportedError(unsupported_message(arch))
     return gguf.get_tensor_name_map(arch_ids[arch], n_blocks)
+
+
+def check_runtime_lora(name: str, base: BaseInfo) -> None:
+    """An UnsupportedError naming ``name`` when llama.cpp would load its LoRA and drop it."""
+    layer = name.removesuffix(".weight").rpartition(".")[2]
+    if layer in NO_RUNTIME_LORA.get(base.arch, ()):
+        split = (" (and llama.cpp's converter splits kv_b_proj per head into attn_k_b, "
+                 "transposed, and attn_v_b)") if layer == "kv_b_proj" else ""
+        raise UnsupportedError(
+            f"{name}: llama.cpp's {base.arch} multiplies this MLA projection with a plain "
+            f"ggml_mul_mat, not its LoRA hook (src/models/deepseek2.cpp), so a GGUF LoRA on it "
+            f"would be silently ignored{split}; merge the adapter into the base instead "
+            "(adaptertools merge), or train without it")
 
 
 def hf_to_gguf_name(name: str, base: BaseInfo) -> str:
