@@ -42,6 +42,7 @@ from .gguf_experts import (
 from .names import (
     TRANSPOSED_ARCHS,
     BaseInfo,
+    check_runtime_lora,
     field_value,
     from_gguf_rows,
     gguf_to_hf_name,
@@ -259,6 +260,7 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None, dtype: 
             check_base_shape("", name, w, base)
     view, origin = gguf_view(adapter.weights, base)     # MoE experts: gguf_experts.py
     for name, w in view.items():
+        check_runtime_lora(name, base)          # llama.cpp would load it and drop it
         gguf_name = hf_to_gguf_name(name, base)
         lora_a, lora_b = (to_gguf_expert_factors(w) if is_param(w)
                           else to_gguf_factors(name, w, base))
