@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import adaptertools as at
 from adaptertools.adapter import first_difference
-from adaptertools.errors import FormatError
+from adaptertools.errors import FormatError, UnsupportedError
 
 ARCHS = list(MOE_GGUF_ARCHS)
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -46,18 +46,25 @@ LORA_MATTERS = 1e-2
 def lora_config(arch: str):
     """PEFT's all-linear (transformers 5: attention as modules; experts and router as
     target_parameters) where PEFT maps the architecture; Qwen2-MoE's experts and router named
-    (PEFT 0.21.2's all-linear leaves them out). Qwen3-MoE gets a rank pattern, so one expert
+    (PEFT 0.21.2's all-linear leaves them out), and DeepSeek-V3's with its o_proj. Qwen3-MoE gets a rank pattern, so one expert
     tensor's rank and alpha differ from the file's (the scale folded into B, undone on reading)."""
     from peft import LoraConfig
 
-    extra = {}
+    extra, targets = {}, "all-linear"
     if arch == "qwen2_moe":
         extra["target_parameters"] = [*EXPERTS, "mlp.gate.weight"]
+    if arch == "deepseek_v3":     # llama.cpp applies no LoRA to MLA (names.NO_RUNTIME_LORA)
+        targets, extra["target_parameters"] = ["o_proj"], [*EXPERTS, "mlp.gate.weight"]
     if arch == "qwen3_moe":
         extra["rank_pattern"] = {"layers.1.mlp.experts.down_proj": 2}
         extra["alpha_pattern"] = {"layers.1.mlp.experts.down_proj": 4}
-    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
                       **extra)
+
+
+def moe_layers(arch: str) -> tuple[int, ...]:
+    """The blocks with routed experts (deepseek_v3's first is dense: first_k_dense_replace)."""
+    return (1,) if arch == "deepseek_v3" else (0, 1)
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ def test_expert_factors_are_peft_factors_sliced_per_expert(arch, built, runtime)
     alpha = gguf.GGUFReader(str(runtime(arch)[0])).get_field("adapter.lora.alpha").contents()
     scales = {n: w.scale for n, w in at.load(built[arch].peft_dir).weights.items()}
     checked = 0
-    for layer in (0, 1):
+    for layer in moe_layers(arch):
         stem = f"base_model.model.model.layers.{layer}.mlp.experts"
         parts = {"gate_up_proj": (f"{stem}.base_layer", ("gate", "up")),
                  "down_proj": (stem, ("down",))}
@@ -154,10 +161,11 @@ def test_expert_factors_are_peft_factors_sliced_per_expert(arch, built, runtime)
                     else:
                         assert np.allclose(lora_b[e], want.double().numpy() * fold, rtol=1e-6)
                 checked += 1
-    assert checked == 6
+    assert checked == 3 * len(moe_layers(arch))
     # the router (E, hidden): a plain 2-D LoRA on ffn_gate_inp, a (r, hidden), b (E, r)
-    assert stored["blk.0.ffn_gate_inp.weight.lora_a"][1].shape == (4, 64)
-    assert stored["blk.0.ffn_gate_inp.weight.lora_b"][1].shape == (4, 4)
+    first = moe_layers(arch)[0]
+    assert stored[f"blk.{first}.ffn_gate_inp.weight.lora_a"][1].shape == (4, 64)
+    assert stored[f"blk.{first}.ffn_gate_inp.weight.lora_b"][1].shape == (4, 4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -214,11 +222,12 @@ def test_merge_into_llama_cpp_base_matches_runtime_lora(arch, built, gguf_bases,
     assert a.keys() == b.keys() and all(np.array_equal(a[n][1], b[n][1]) for n in a)
     base = gguf_tensors(gguf_bases[arch])
     changed = {n for n in a if not np.array_equal(a[n][1], base[n][1])}
-    assert {f"blk.{i}.ffn_{p}_exps.weight" for i in (0, 1) for p in ("gate", "up", "down")} \
+    assert {f"blk.{i}.ffn_{p}_exps.weight" for i in moe_layers(arch)
+                                 for p in ("gate", "up", "down")} \
         <= changed
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["mixtral"])
 def test_keep_type_merge_into_q8_0_base(arch, built, gguf_bases, runtime, tmp_path):
     """Into llama.cpp's Q8_0 quantization of the base: every tensor keeps its type (the 3-D
     experts too), and the logits are as near the runtime LoRA on that base as llama.cpp's own
@@ -308,7 +317,7 @@ def test_per_expert_loras_same_bytes_as_llama_cpp_converter(arch, built, per_exp
     at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built[arch].hf_dir)
     ours, want = gguf_tensors(tmp_path / "o.gguf"), gguf_tensors(theirs)
     assert sorted(ours) == sorted(want)
-    assert len(want) == 2 * 3 * 2          # 2 blocks, gate/up/down, lora_a and lora_b
+    assert len(want) == len(moe_layers(arch)) * 3 * 2     # MoE blocks, gate/up/down, a and b
     for name, (kind, data) in want.items():
         assert ours[name][0] == kind and data.ndim == 3, name
         assert np.array_equal(ours[name][1], data), name
@@ -329,7 +338,7 @@ def test_reads_llama_cpp_per_expert_file_exactly(arch, built, per_expert, tmp_pa
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe"])
 def test_per_expert_merge_into_gguf_base_matches_llama_cpp_runtime(arch, gguf_bases, per_expert,
                                                                    tmp_path):
     """The per-expert PEFT adapter merged into llama.cpp's GGUF base: the logits llama.cpp
@@ -341,3 +350,44 @@ def test_per_expert_merge_into_gguf_base_matches_llama_cpp_runtime(arch, gguf_ba
     effect = max_diff(llama_logits(gguf_bases[arch]), runtime_logits)
     print(f"{arch} per-expert: merged vs llama.cpp's runtime LoRA {diff:.3g}, effect {effect:.3g}")
     assert diff <= TOLERANCE and effect > LORA_MATTERS
+
+
+# ----------------------------------------------------------------------------- DeepSeek MLA
+
+def test_mla_projections_refused_by_name(built, tmp_path):
+    """DeepSeek-V3's all-linear LoRA reaches its MLA projections, which llama.cpp multiplies
+    without its LoRA hook: refused in one line naming the tensor and why, nothing written."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_arch_model("deepseek_v3"), LoraConfig(
+        r=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "all")
+    with pytest.raises(UnsupportedError, match=r"self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa"
+                                               r"|kv_b_proj)\.weight: llama.cpp's deepseek2 "
+                                               r"multiplies this MLA projection with a plain "
+                                               r"ggml_mul_mat.*silently ignored"):
+        at.convert(tmp_path / "all", tmp_path / "o.gguf", to="gguf",
+                   base=built["deepseek_v3"].hf_dir)
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_llama_cpp_drops_an_mla_lora_silently(built, gguf_bases, llama_cpp_converter, tmp_path):
+    """Why: llama.cpp's own converter writes a q_a_proj / q_b_proj / kv_a_proj_with_mqa LoRA,
+    llama.cpp loads it, and its logits are the base's bit for bit, while PEFT's differ."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_arch_model("deepseek_v3"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"],
+        init_lora_weights=False))
+    perturb_trainables(model)
+    model.save_pretrained(tmp_path / "mla")
+    with torch.no_grad():
+        peft_logits = model.eval()(torch.tensor([IDS])).logits[0].double().numpy()
+    failed = run_llama_cpp_script(llama_cpp_converter, [[
+        "--base", str(built["deepseek_v3"].hf_dir), "--outtype", "f32", "--outfile",
+        str(tmp_path / "theirs.gguf"), str(tmp_path / "mla")]])
+    assert not failed, failed
+    assert any(n.endswith("attn_q_a.weight.lora_a") for n in gguf_tensors(tmp_path / "theirs.gguf"))
+    base = gguf_bases["deepseek_v3"]
+    assert np.array_equal(llama_logits(base, tmp_path / "theirs.gguf"), llama_logits(base))
+    assert max_diff(peft_logits, built["deepseek_v3"].base_logits) > LORA_MATTERS

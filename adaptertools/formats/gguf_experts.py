@@ -37,6 +37,8 @@ EXPERT_ARCHS = {
     "qwen3moe": "qwen.py Qwen3MoeModel(Qwen2MoeModel)",
     "olmoe": "olmo.py OlmoeModel (experts.{e}.gate_proj/up_proj/down_proj stacked)",
     "llama": "llama.py LlamaModel (Mixtral block_sparse_moe.experts.{e}.w1/w3/w2 stacked)",
+    "deepseek2": "deepseek.py DeepseekV2Model (mlp.experts.{e}.gate_proj/up_proj/down_proj "
+                 "stacked; src/models/deepseek2.cpp takes ffn_gate_up_exps or, as here, the two)",
 }
 # fused expert parameter -> the parameters gguf-py maps to llama.cpp's tensors, each with
 # (part, parts): its share of the fused rows

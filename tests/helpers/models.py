@@ -173,14 +173,31 @@ ARCH_TARGETS = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 # MoE architectures whose routed experts (and router) take a LoRA in GGUF (tests/test_moe_gguf.py)
-MOE_GGUF_ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")
+MOE_GGUF_ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
+# MoE architectures tested in tests/test_moe_gguf.py only: PEFT 0.21.2 on transformers 5 remaps
+# any gate_proj / up_proj / down_proj target of deepseek_v3 to its fused experts' parameters
+# (peft/utils/transformers_weight_conversion.py _convert_peft_config_moe), so no LoRA reaches
+# its dense and shared-expert MLPs, and llama.cpp applies none to its MLA projections: the
+# all-linear matrix of tests/test_gguf_archs.py has nothing to compare there
+MOE_ONLY_ARCHS = {
+    # MLA (q_lora_rank, kv_lora_rank), layer 0 dense, layer 1 routed + shared experts; MHA as
+    # the released models. scoring_func as DeepSeek-V3's config.json has it: transformers 5
+    # does not write it, and llama.cpp's converter (base.py) otherwise leaves llama.cpp on
+    # softmax gating where DeepSeek-V3 is sigmoid (3e-3 off transformers on this model)
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", {
+        "num_key_value_heads": 4, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1,
+        "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16, "v_head_dim": 16, "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc"}),
+}
 
 
 def make_arch_model(arch: str) -> torch.nn.Module:
     """A tiny seeded transformers model of MORE_GGUF_ARCHS[arch], float32, eval mode."""
     import transformers as tf
 
-    model_cls, config_cls, extra = MORE_GGUF_ARCHS[arch]
+    model_cls, config_cls, extra = MORE_GGUF_ARCHS.get(arch) or MOE_ONLY_ARCHS[arch]
     torch.manual_seed(4321)
     config = getattr(tf, config_cls)(**{**ARCH_SMALL, **extra})
     return getattr(tf, model_cls)(config).float().eval()
