@@ -347,3 +347,31 @@ def test_warnings_are_todays(written, tmp_path, monkeypatch):
         assert route.taken == ["light" if light else "torch"]
         shown[light] = [(w.category, str(w.message)) for w in caught]
     assert shown[True] == shown[False] and shown[True]
+
+
+def test_a_plugin_format_takes_the_torch_path(written, tmp_path, monkeypatch):
+    """A plugin may sniff before our formats: with one registered, the registry decides (the
+    torch path), as before."""
+    import importlib
+
+    from adaptertools import registry
+
+    root = tmp_path / "site"
+    info = root / "lightplugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (root / "lightplugin_fmt.py").write_text(
+        "SNIFF_ORDER = 1\ndef sniff(path):\n    return False\n"
+        "def read(path):\n    raise NotImplementedError\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lightplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n"
+                                           "lightplugin = lightplugin_fmt\n")
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    registry.formats.cache_clear()
+    monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1")
+    try:
+        assert at.inspect(written["fp32"]).format == "peft"
+        assert route.taken == ["torch"]
+    finally:
+        registry.formats.cache_clear()
+        sys.modules.pop("lightplugin_fmt", None)

@@ -13,7 +13,6 @@ the light formats (``LIGHT``) before all the others (tests/test_light.py checks 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -33,17 +32,18 @@ PACKAGE = "adaptertools"
 taken: list[str] = []
 
 
-@functools.cache
 def _builtin_only() -> bool:
-    """Every registered format is one of ours (a plugin could sniff before ours)."""
+    """Every registered format is one of ours (a plugin could sniff before ours). Asked each
+    time (a plugin installed meanwhile counts, as registry.formats after its cache_clear)."""
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    for ep in found:
         dist = getattr(ep, "dist", None)
         if not ep.value.startswith(f"{PACKAGE}.formats.") or \
                 (dist is not None and dist.name != PACKAGE):
             return False
-    return True
+    return bool(found)       # none: not installed, which the registry's own error says
 
 
 def enabled() -> bool:
