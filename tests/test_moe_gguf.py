@@ -391,3 +391,32 @@ def test_llama_cpp_drops_an_mla_lora_silently(built, gguf_bases, llama_cpp_conve
     base = gguf_bases["deepseek_v3"]
     assert np.array_equal(llama_logits(base, tmp_path / "theirs.gguf"), llama_logits(base))
     assert max_diff(peft_logits, built["deepseek_v3"].base_logits) > LORA_MATTERS
+
+
+def test_all_linear_lora_merges_into_deepseek_gguf_base(built, gguf_bases, tmp_path):
+    """Merges need no runtime hook: DeepSeek-V3's all-linear LoRA (MLA projections, kv_b_proj
+    re-laid on llama.cpp's per-head attn_k_b (transposed) and attn_v_b, o_proj, experts and
+    router) merged into llama.cpp's GGUF base gives PEFT's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_arch_model("deepseek_v3"), LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    perturb_trainables(model)
+    model.save_pretrained(tmp_path / "all")
+    with torch.no_grad():
+        peft_logits = model.eval()(torch.tensor([IDS])).logits[0].double().numpy()
+        for name, p in model.named_parameters():       # how much kv_b_proj's LoRA alone does
+            if "kv_b_proj.lora_B" in name:
+                p.zero_()
+        without_kv_b = model(torch.tensor([IDS])).logits[0].double().numpy()
+    at.merge(gguf_bases["deepseek_v3"], [tmp_path / "all"], tmp_path / "merged.gguf")
+    merged, base = gguf_tensors(tmp_path / "merged.gguf"), gguf_tensors(gguf_bases["deepseek_v3"])
+    changed = {n for n in merged if not np.array_equal(merged[n][1], base[n][1])}
+    assert {f"blk.{i}.attn_{t}.weight" for i in (0, 1) for t in ("q_a", "q_b", "kv_a_mqa", "k_b",
+                                                                 "v_b")} <= changed
+    diff = max_diff(llama_logits(tmp_path / "merged.gguf"), peft_logits)
+    effect = max_diff(peft_logits, built["deepseek_v3"].base_logits)
+    kv_b = max_diff(peft_logits, without_kv_b)
+    print(f"deepseek_v3 all-linear merged vs PEFT {diff:.3g}, LoRA effect {effect:.3g}, "
+          f"kv_b_proj's {kv_b:.3g}")
+    assert diff <= TOLERANCE and effect > LORA_MATTERS and kv_b > LORA_MATTERS

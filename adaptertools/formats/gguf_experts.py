@@ -61,9 +61,11 @@ def is_param(w) -> bool:
     return getattr(w, "layer", None) == "param"
 
 
-def gguf_view(weights: dict, base) -> tuple[dict, dict[str, dict]]:
+def gguf_view(weights: dict, base, shapes: dict | None = None) -> tuple[dict, dict[str, dict]]:
     """``weights`` with every target_parameters LoRA re-expressed on llama.cpp's tensors, and
-    for each re-expressed name what our GGUF entry records to undo it.
+    for each re-expressed name what our GGUF entry records to undo it. ``shapes`` (a GGUF
+    base's tensor shapes, for merges): a DeepSeek kv_b_proj LoRA is re-laid on the attn_k_b /
+    attn_v_b the base holds instead (split_kv_b).
 
     A 3-D LoRA (E, out, in) becomes one ParamLoraWeight per GGUF tensor, under the HF name
     gguf-py maps to it (``...experts.gate_proj.weight``), with B's rows of that part; a 2-D one
@@ -76,6 +78,10 @@ def gguf_view(weights: dict, base) -> tuple[dict, dict[str, dict]]:
         match = PER_EXPERT_NAME.match(name)
         if match is not None and isinstance(w, LoraWeight) and w.layer == "linear":
             stacks.setdefault((match["stem"], match["proj"]), {})[int(match["e"])] = (name, w)
+            continue
+        if name.endswith("kv_b_proj.weight") and shapes is not None and \
+                _kv_b_names(name, base)[0] in shapes:
+            view.update(split_kv_b(name, w, base, shapes))
             continue
         if not is_param(w):
             view[name] = w
@@ -258,3 +264,49 @@ def param_weight(w):
     from ..kernels.param_lora import ParamLoraWeight
 
     return ParamLoraWeight(a=w.a, b=w.b, scale=w.scale, num_experts=1)
+
+
+def _kv_b_names(name: str, base) -> tuple[str, str]:
+    from .names import hf_to_gguf_name
+
+    return tuple(hf_to_gguf_name(name.replace("kv_b_proj", part), base)
+                 for part in ("k_b_proj", "v_b_proj"))
+
+
+def split_kv_b(name: str, w, base, shapes: dict) -> dict:
+    """A LoRA on DeepSeek's kv_b_proj (n_head * (nope + v), kv_lora_rank) laid on the two
+    tensors llama.cpp's DeepseekV2Model splits it into (conversion/deepseek.py: kv_b viewed
+    (n_head, nope + v, kv_lora_rank), split at nope, the k part transposed):
+      attn_v_b (n_head, v, kv_lora_rank): head h's delta B_v[h] @ A, a 3-D LoRA with A shared;
+      attn_k_b (n_head, kv_lora_rank, nope): (B_k[h] @ A).T = A.T @ B_k[h].T, a 3-D LoRA whose
+      per-head A is B_k[h].T (r, nope) and whose B is A.T (kv_lora_rank, r) for every head.
+    Both as ParamLoraWeights (E = n_head) under the HF names gguf-py maps to those tensors."""
+    import torch
+
+    from ..adapter import LoraWeight
+    from ..kernels.param_lora import ParamLoraWeight
+
+    k_name, v_name = _kv_b_names(name, base)
+    heads, _, nope = (int(x) for x in shapes[k_name])
+    v = int(shapes[v_name][1]) if v_name in shapes else -1
+    if not isinstance(w, LoraWeight) or w.layer != "linear" or w.magnitude is not None or \
+            w.bias is not None:
+        raise UnsupportedError(f"{name}: llama.cpp stores kv_b_proj split per head into "
+                               "attn_k_b (transposed) and attn_v_b; only a plain LoRA is re-laid "
+                               "there (not DoRA, lora_bias or other deltas); merge it into the "
+                               "HF checkpoint, then convert that with llama.cpp")
+    if w.b.shape[0] != heads * (nope + v):
+        raise FormatError(f"{name}: {w.b.shape[0]} rows do not split into {heads} heads of "
+                          f"{nope} + {v} (the base's attn_k_b / attn_v_b); the adapter is for "
+                          "another model")
+    b = w.b.reshape(heads, nope + v, -1)                       # (heads, nope + v, r)
+    b_k, b_v = b[:, :nope], b[:, nope:]                        # (heads, nope, r), (heads, v, r)
+    r = int(w.a.shape[0])
+    v_lora = ParamLoraWeight(a=w.a.repeat(heads, 1),                          # (heads*r, rank)
+                             b=b_v.permute(1, 2, 0).reshape(v, r * heads),    # (v, r*heads)
+                             scale=w.scale, num_experts=heads)
+    k_lora = ParamLoraWeight(a=b_k.transpose(1, 2).reshape(heads * r, nope),  # (heads*r, nope)
+                             b=torch.stack([w.a.T] * heads, dim=-1).reshape(w.a.shape[1], -1),
+                             scale=w.scale, num_experts=heads)
+    stem = name.removesuffix("kv_b_proj.weight")
+    return {f"{stem}k_b_proj.weight": k_lora, f"{stem}v_b_proj.weight": v_lora}

@@ -492,7 +492,8 @@ def plan_gguf(base: GGUFBase, adapters: list[Adapter], names: list[str], factors
     # target_parameters LoRAs (MoE experts) re-laid on GGUF's tensors (formats/gguf_experts.py)
     from ..formats.gguf_experts import gguf_view
 
-    adapters = [replace(a, weights=gguf_view(a.weights, info)[0]) for a in adapters]
+    shapes = {name: tuple(e.shape) for name, e in entries.items()}
+    adapters = [replace(a, weights=gguf_view(a.weights, info, shapes)[0]) for a in adapters]
     targets = _collect(adapters, names, factors, entries, lambda n, w: gguf_target(n, w, info, entries),
                        compare=lambda name, copy: copy_matches_base(copy, base, entries[name]))
     _check_modes(targets, mode, names)
