@@ -181,47 +181,60 @@ def _file_alpha(adapter: Adapter) -> float:
     return products.most_common(1)[0][0] if products else 1.0
 
 
-def _tensor_type(dtype: str, source: torch.dtype, row: int):
+# the GGML type of each float dtype a factor is stored in (torch's names); others (float64): F32
+GGML_FLOATS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _tensor_type(dtype: str, source: str, row: int):
+    """The GGML type of a factor of the float dtype ``source`` (torch's name) at ``--dtype``."""
     import gguf
-    import torch
 
     T = gguf.GGMLQuantizationType
     if dtype == "q8_0":
         block = gguf.GGML_QUANT_SIZES[T.Q8_0][0]
         return T.Q8_0 if row % block == 0 else T.F16
-    wanted = dtypes.OPTION_DTYPES.get(dtype, source)
-    return {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}.get(wanted, T.F32)
+    wanted = (dtypes.CONFIG_DTYPES[dtypes.DTYPE_NAMES[dtype]] if dtype in dtypes.DTYPE_NAMES
+              else source)
+    return T[GGML_FLOATS.get(wanted, "F32")]
 
 
 def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
+    """Add one factor, a torch tensor or the light path's Stored (light/arrays.py casts as
+    Tensor.to rounds; Q8_0 is gguf-py's numpy code for both)."""
     import gguf
 
-    from ..light.arrays import NeedsTorch, is_stored
+    from ..light.arrays import FLOAT_MAX, Stored, cast, float32_values, is_stored
 
     T = gguf.GGMLQuantizationType
-    if is_stored(tensor):     # the light path: the stored values as they are, no cast
-        kind = {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16}.get(tensor.dtype)
-        if dtype != "keep" or kind is None:
-            raise NeedsTorch(f"{name}: {tensor.dtype} as {dtype}")
-        writer.add_tensor(name, np.ascontiguousarray(tensor.words), raw_dtype=kind)
-        return kind.name
-    import torch
-
-    kind = _tensor_type(dtype, tensor.dtype, int(tensor.shape[-1]))
+    kind = _tensor_type(dtype, str(tensor.dtype).removeprefix("torch."), int(tensor.shape[-1]))
     tensor = tensor.contiguous()
+    light = is_stored(tensor)
     if kind == T.Q8_0:
         with np.errstate(over="ignore", invalid="ignore"):     # check_cast below says it
-            data = gguf.quants.quantize(tensor.float().numpy(), T.Q8_0)
-            stored = torch.from_numpy(gguf.quants.dequantize(data, T.Q8_0))  # fp16 scales
-    elif kind == T.BF16:
-        stored = tensor.to(torch.bfloat16)
-        data = stored.view(torch.int16).numpy().view(np.uint16)
+            data = gguf.quants.quantize(float32_values(tensor) if light
+                                        else tensor.float().numpy(), T.Q8_0)
+            values = gguf.quants.dequantize(data, T.Q8_0)     # fp16 scales
+        if light:
+            stored = Stored(values, "float32")
+        else:
+            import torch
+
+            stored = torch.from_numpy(values)
+    elif light:
+        stored = cast(tensor, {v: k for k, v in GGML_FLOATS.items()}[kind.name])
+        data = stored.words                                   # bf16: the raw 16-bit words
     else:
-        stored = tensor.to(torch.float32 if kind == T.F32 else torch.float16)
-        data = stored.numpy()
+        import torch
+
+        if kind == T.BF16:
+            stored = tensor.to(torch.bfloat16)
+            data = stored.view(torch.int16).numpy().view(np.uint16)
+        else:
+            stored = tensor.to(torch.float32 if kind == T.F32 else torch.float16)
+            data = stored.numpy()
     # Q8_0: 8-bit codes times an fp16 scale per block of 32
     check_cast(name, tensor, stored, kind.name,
-               most=127 * torch.finfo(torch.float16).max if kind == T.Q8_0 else None)
+               most=127 * FLOAT_MAX["float16"] if kind == T.Q8_0 else None)
     writer.add_tensor(name, data, raw_dtype=kind)
     return kind.name
 
