@@ -168,14 +168,14 @@ def check_cast(name: str, original: torch.Tensor, cast: torch.Tensor, type_name:
     finite ``original`` to ``type_name`` that gave Inf or NaN: its values are too large for that
     type, which holds magnitudes up to ``most`` (default: the largest finite value of ``cast``'s
     dtype)."""
-    import torch
+    from .light.arrays import FLOAT_MAX, all_finite, max_abs   # (Stored tensors too)
 
-    if not cast.is_floating_point() or bool(torch.isfinite(cast).all()):
+    if not cast.is_floating_point() or all_finite(cast):
         return
-    if not bool(torch.isfinite(original).all()):
+    if not all_finite(original):
         return           # already non-finite: the callers' own NaN/Inf refusal says so
-    largest = float(original.abs().max())
-    most = most if most is not None else torch.finfo(cast.dtype).max
+    largest = max_abs(original)
+    most = most if most is not None else FLOAT_MAX[str(cast.dtype).removeprefix("torch.")]
     limit = f" (at most {most:g})"
     raise UnsupportedError(f"{name}: values up to {largest:g} do not fit {type_name}{limit}; "
                            f"{hint}")

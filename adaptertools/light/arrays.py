@@ -169,3 +169,45 @@ def save_file(tensors: dict, filename, metadata: dict[str, str] | None = None) -
     specs = {k: TensorSpec(dtype=t.dtype, shape=t.shape, data_ptr=kept[k].ctypes.data,
                            data_len=kept[k].nbytes) for k, t in tensors.items()}
     serialize_file(specs, str(filename), metadata=metadata)
+
+
+# torch's name of a float dtype -> its largest finite value (torch.finfo(dtype).max)
+FLOAT_MAX = {"float64": float(np.finfo(np.float64).max), "float32": float(np.finfo(np.float32).max),
+             "float16": float(np.finfo(np.float16).max), "bfloat16": (2 - 2 ** -7) * 2.0 ** 127}
+
+
+def max_abs(t) -> float:
+    """The largest magnitude in ``t`` (a Stored or a torch tensor)."""
+    if isinstance(t, Stored):
+        return float(np.abs(t.double()).max())
+    return float(t.abs().max())
+
+
+def float32_values(t: Stored) -> np.ndarray:
+    """The values as float32: exact for float32, float16 and bfloat16 (torch's ``.float()``)."""
+    if t.dtype == "bfloat16":
+        return (t.words.astype(np.uint32) << 16).view(np.float32)
+    if t.dtype not in FLOATS or t.dtype == "float64":
+        raise NeedsTorch(f"{t.dtype} as float32")
+    return t.words.astype(np.float32)
+
+
+def cast(t: Stored, dtype: str) -> Stored:
+    """``t`` in the float dtype ``dtype`` (torch's name), rounded as torch's ``Tensor.to``
+    rounds: to nearest, ties to even. float32 and float16 by numpy's IEEE casts (widening is
+    exact); bfloat16 by c10::BFloat16's rounding of the float32 bits (round_to_nearest_even:
+    add 0x7FFF plus the lowest kept bit, keep the top 16), for finite values (NaN never gets
+    here: writers refuse it first)."""
+    if dtype == t.dtype:
+        return t
+    values = float32_values(t)
+    if dtype == "float32":
+        return Stored(values, dtype)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):       # Inf: check_cast names the tensor
+            return Stored(values.astype(np.float16), dtype)
+    if dtype == "bfloat16":
+        bits = values.view(np.uint32)
+        rounded = (bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return Stored(rounded.astype(np.uint16), dtype)
+    raise NeedsTorch(f"a cast to {dtype}")
