@@ -296,38 +296,47 @@ def per_expert_folder(arch: str, hf_dir: Path, folder: Path) -> Path:
     return folder
 
 
+PER_EXPERT_CASES = [(a, "f32") for a in ARCHS] + [("mixtral", "q8_0"), ("qwen3_moe", "f16")]
+
+
 @pytest.fixture(scope="session")
 def per_expert(built, llama_cpp_converter, tmp_path_factory):
-    """arch -> (per-expert PEFT folder, llama.cpp's convert_lora_to_gguf.py output of it)."""
+    """(arch, outtype) -> (per-expert PEFT folder, llama.cpp's convert_lora_to_gguf.py output
+    of it), for PER_EXPERT_CASES."""
     root = tmp_path_factory.mktemp("moe_gguf_per_expert")
     folders = {a: per_expert_folder(a, built[a].hf_dir, root / a) for a in ARCHS}
-    outputs = {a: root / f"llamacpp_{a}.gguf" for a in ARCHS}
+    outputs = {(a, t): root / f"llamacpp_{a}_{t}.gguf" for a, t in PER_EXPERT_CASES}
     failed = run_llama_cpp_script(llama_cpp_converter, [
-        ["--base", str(built[a].hf_dir), "--outtype", "f32", "--outfile", str(outputs[a]),
-         str(folders[a])] for a in ARCHS])
+        ["--base", str(built[a].hf_dir), "--outtype", t, "--outfile", str(out), str(folders[a])]
+        for (a, t), out in outputs.items()])
     assert not failed, failed
-    return {a: (folders[a], outputs[a]) for a in ARCHS}
+    return {(a, t): (folders[a], out) for (a, t), out in outputs.items()}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_per_expert_loras_same_bytes_as_llama_cpp_converter(arch, built, per_expert, tmp_path):
+@pytest.mark.parametrize("arch, outtype", PER_EXPERT_CASES)
+def test_per_expert_loras_same_bytes_as_llama_cpp_converter(arch, outtype, built, per_expert,
+                                                            tmp_path):
     """llama.cpp's own converter stacks per-expert LoRAs into 3-D ffn_*_exps factors: ours
-    are the same tensors, byte for byte (the layout our target_parameters LoRAs use too)."""
-    folder, theirs = per_expert[arch]
-    at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built[arch].hf_dir)
+    are the same tensors, byte for byte, types included (Q8_0 blocks of the 3-D lora_a; lora_b
+    rows of r = 4 values stay F16), the layout our target_parameters LoRAs use too."""
+    folder, theirs = per_expert[arch, outtype]
+    dtype = {"f32": "fp32", "f16": "fp16", "q8_0": "q8_0"}[outtype]
+    at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built[arch].hf_dir, dtype=dtype)
     ours, want = gguf_tensors(tmp_path / "o.gguf"), gguf_tensors(theirs)
     assert sorted(ours) == sorted(want)
     assert len(want) == len(moe_layers(arch)) * 3 * 2     # MoE blocks, gate/up/down, a and b
     for name, (kind, data) in want.items():
-        assert ours[name][0] == kind and data.ndim == 3, name
+        assert ours[name][0] == kind, name
         assert np.array_equal(ours[name][1], data), name
+    kinds = {kind for kind, _ in want.values()}
+    assert kinds == {"F32": {"F32"}, "F16": {"F16"}, "Q8_0": {"Q8_0", "F16"}}[outtype.upper()]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_reads_llama_cpp_per_expert_file_exactly(arch, built, per_expert, tmp_path):
     """GGUF -> PEFT of llama.cpp's file (names from the base) and of ours (no --base): the
     per-expert factors back bit for bit."""
-    folder, theirs = per_expert[arch]
+    folder, theirs = per_expert[arch, "f32"]
     original = at.load(folder)
     assert first_difference(original, at.load(theirs, base=built[arch].hf_dir)) is None
     at.convert(folder, tmp_path / "o.gguf", to="gguf", base=built[arch].hf_dir)
@@ -338,18 +347,23 @@ def test_reads_llama_cpp_per_expert_file_exactly(arch, built, per_expert, tmp_pa
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_per_expert_merge_into_gguf_base_matches_llama_cpp_runtime(arch, gguf_bases, per_expert,
                                                                    tmp_path):
     """The per-expert PEFT adapter merged into llama.cpp's GGUF base: the logits llama.cpp
     computes with its own converter's adapter as the runtime LoRA."""
-    folder, theirs = per_expert[arch]
+    folder, theirs = per_expert[arch, "f32"]
     at.merge(gguf_bases[arch], [folder], tmp_path / "merged.gguf")
     runtime_logits = llama_logits(gguf_bases[arch], theirs)
     diff = max_diff(llama_logits(tmp_path / "merged.gguf"), runtime_logits)
     effect = max_diff(llama_logits(gguf_bases[arch]), runtime_logits)
     print(f"{arch} per-expert: merged vs llama.cpp's runtime LoRA {diff:.3g}, effect {effect:.3g}")
     assert diff <= TOLERANCE and effect > LORA_MATTERS
+    # llama.cpp's adapter into llama.cpp's base, no HF folder at hand (per-expert names from
+    # the architecture's naming): the very tensors the PEFT folder's merge writes
+    at.merge(gguf_bases[arch], [theirs], tmp_path / "from_gguf.gguf")
+    a, b = gguf_tensors(tmp_path / "merged.gguf"), gguf_tensors(tmp_path / "from_gguf.gguf")
+    assert a.keys() == b.keys() and all(np.array_equal(a[n][1], b[n][1]) for n in a)
 
 
 # ----------------------------------------------------------------------------- DeepSeek MLA
