@@ -267,10 +267,11 @@ def _convert_both(src, out_dir, to, monkeypatch, **kw) -> tuple[dict, str]:
     return files[True], taken
 
 
-# (case, target, dtype, path the light run takes): every other dtype casts, a fold rounds
+# (case, dtype, path the light run takes): a fold rounds in float64 (torch's path)
 GGUF_CASES = [(arch, "keep", "light") for arch in CONVERT_ARCHS] + [
-    ("llama_bf16", "keep", "light"), ("llama", "fp16", "torch"), ("llama", "q8_0", "torch"),
-    ("llama_pattern", "keep", "torch")]
+    (case, dtype, "light") for case in ("llama", "llama_bf16")
+    for dtype in ("fp32", "fp16", "bf16", "q8_0")] + [
+    ("llama_bf16", "keep", "light"), ("gpt2", "q8_0", "light"), ("llama_pattern", "keep", "torch")]
 
 
 @pytest.mark.parametrize(("case", "dtype", "path"), GGUF_CASES)
@@ -375,3 +376,58 @@ def test_a_plugin_format_takes_the_torch_path(written, tmp_path, monkeypatch):
     finally:
         registry.formats.cache_clear()
         sys.modules.pop("lightplugin_fmt", None)
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("fp16", 1e5), ("q8_0", 1e7)])   # > 65504, 127 x
+def test_too_large_for_the_dtype_is_todays_refusal(dtype, value, written, tmp_path, monkeypatch):
+    """Values beyond what the GGUF dtype holds: the light cast refuses them as torch's does."""
+    from safetensors.torch import load_file, save_file
+
+    from adaptertools.tiny import TinyLlama
+
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "adapter_config.json").write_text((written["fp32"] / "adapter_config.json").read_text())
+    tensors = load_file(str(written["fp32"] / "adapter_model.safetensors"))
+    key = min(k for k in tensors if "lora_B" in k)
+    tensors[key].view(-1)[5] = value
+    save_file(tensors, str(big / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(TinyLlama().config()))
+    refusals = {}
+    for light in (True, False):
+        # the light run alone (no fallback that would answer in torch's words)
+        monkeypatch.setattr(route, "light_or_torch", lambda run, light=light: run(light))
+        with pytest.raises(at.UnsupportedError) as err:
+            at.convert(big, tmp_path / f"{light}.gguf", to="gguf", base=base, dtype=dtype)
+        refusals[light] = str(err.value)
+    assert refusals[True] == refusals[False] and "do not fit" in refusals[True]
+
+
+def test_cast_rounds_as_tensor_to():
+    """light.arrays.cast against torch's Tensor.to, bit for bit: float32 values over every
+    magnitude float32 holds (subnormals, overflow to Inf in the narrower types, ties) into
+    float16 and bfloat16, and bfloat16 into float16 and float32."""
+    import numpy as np
+
+    from adaptertools.light.arrays import Stored, cast
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=gen) * 10.0 ** torch.randint(-45, 39, (200_000,),
+                                                                    generator=gen).float()
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, 65520.0, 65519.0, 2 ** -25, -0.0, 0.0])
+    x = torch.cat([x[torch.isfinite(x)], ties])
+
+    def bits(t):
+        return t.view(torch.int16 if t.element_size() == 2 else torch.int32).numpy()
+
+    source = Stored(x.numpy(), "float32")
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        assert np.array_equal(cast(source, name).words.view(bits(x.to(dtype)).dtype),
+                              bits(x.to(dtype)))
+    b16 = x.to(torch.bfloat16)
+    stored = Stored(bits(b16).view(np.uint16), "bfloat16")
+    for name, dtype in (("float16", torch.float16), ("float32", torch.float32)):
+        assert np.array_equal(cast(stored, name).words.view(bits(b16.to(dtype)).dtype),
+                              bits(b16.to(dtype)))

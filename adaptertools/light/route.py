@@ -24,9 +24,10 @@ from .arrays import NeedsTorch
 # the built-in formats whose readers take light=True, in sniffing order (mlx 5, peft 10,
 # gguf 20)
 LIGHT = ("mlx", "peft", "gguf")
-# the built-in formats whose writers take Stored tensors: they only rename, transpose and
-# reshape (a cast, --dtype other than keep, is torch's: Tensor.to's rounding)
-LIGHT_WRITERS = ("mlx", "peft", "gguf")
+# the built-in formats whose writers take Stored tensors at which --dtype: they rename,
+# transpose and reshape; GGUF's writer also casts (light.arrays.cast) and quantizes to Q8_0
+# (gguf-py); the others' casts are adapter.cast_adapter's, in torch
+LIGHT_WRITERS = {"mlx": ("keep",), "peft": ("keep",), "gguf": None}   # None: every dtype
 PACKAGE = "adaptertools"
 # the path the last light_or_torch call took, "light" or "torch" (what tests and benchmarks ask)
 taken: list[str] = []
@@ -70,7 +71,7 @@ def readable(path: Path, format: str | None) -> Format:
 
 def writable(to: str, dtype: str) -> Format:
     """The format ``to`` writes with, when its writer takes Stored tensors at ``dtype``."""
-    if to in LIGHT_WRITERS and dtype == "keep":
+    if to in LIGHT_WRITERS and (LIGHT_WRITERS[to] is None or dtype in LIGHT_WRITERS[to]):
         return _format(to)
     raise NeedsTorch(f"writing {to} at dtype {dtype}")
 
