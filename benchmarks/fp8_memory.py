@@ -13,6 +13,7 @@ quantized once afterwards, Q(bf16(W + delta)). Survival: the median over the 14 
 cos(delta, deq(out) - deq(Q(W))).
 
     .venv/bin/python benchmarks/fp8_memory.py [--work /tmp/fp8-bench] [--skip-memory]
+                                              [--skip-survival] [--before DIR]
 """
 
 from __future__ import annotations
@@ -98,15 +99,20 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def memory(work: Path) -> None:
+def memory(work: Path, root: Path | None = None) -> None:
+    """``root``: run the adaptertools package found there instead (ab.py's runner)."""
+    from ab import RUNNER
     from workloads import w1_adapter
 
     base = w1_fp8_base(work / "w1_fp8")
     adapter = w1_adapter(work / "w1_adapter")
     out = work / "w1_fp8_out"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "adaptertools.cli", "merge", str(base), str(adapter),
-           "--out", str(out), "--json"]
+    tail = ["merge", str(base), str(adapter), "--out", str(out), "--json"]
+    cmd = [sys.executable, "-m", "adaptertools.cli", *tail]
+    if root is not None:
+        (work / "runner.py").write_text(RUNNER)
+        cmd = [sys.executable, str(work / "runner.py"), str(root.resolve()), *tail]
     start = time.perf_counter()
     # the merge child's own peak (wait4): RUSAGE_CHILDREN's maxrss is the largest of every child
     # so far, which includes the PEFT child that w1_adapter runs the first time (0.95-1.3 GB)
@@ -124,7 +130,7 @@ def memory(work: Path) -> None:
     report = json.loads(stdout)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     out_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"W1 FP8 base {size / 1e9:.2f} GB -> out {out_size / 1e9:.2f} GB; merge wall {wall:.1f} s,"
+    print(f"{root or 'this tree'}: W1 FP8 base {size / 1e9:.2f} GB -> out {out_size / 1e9:.2f} GB; merge wall {wall:.1f} s,"
           f" peak RSS {peak / 1e9:.3f} GB; {report['survival']['tensors']} adapted, median "
           f"survival {report['survival']['median_cosine']:.3f}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -177,10 +183,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("/tmp/fp8-bench"))
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-survival", action="store_true")
+    parser.add_argument("--before", type=Path, help="also measure the package in this folder "
+                        "(git archive REV adaptertools | tar -x -C DIR)")
     args = parser.parse_args()
-    survival(args.work, [0.02, 0.1])
+    if not args.skip_survival:
+        survival(args.work, [0.02, 0.1])
     if not args.skip_memory:
         memory(args.work)
+        if args.before:
+            memory(args.work, args.before)
 
 
 if __name__ == "__main__":

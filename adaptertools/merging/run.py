@@ -128,6 +128,11 @@ def _runs(jobs: tuple[Job, ...]) -> list[list[Job]]:
     return runs
 
 
+# Tensors read ahead of the fold (on the reading thread, in file order). Two keep a read in
+# the disk's queue while the fold and the writer's queue are busy with the ones before.
+READ_AHEAD = 2
+
+
 def source_path(plan: Plan, name: str) -> Path:
     """The base file holding a tensor whose ``TensorEntry.file`` is ``name``."""
     return plan.base.folder / name if isinstance(plan.base, HFBase) else plan.base.path
@@ -152,9 +157,10 @@ def write_sequential(ctx: RunContext, out_file: OutputFile, dst: Path, progress:
                     size if direct else None, sequential=True) as (sources, out, writer):
         writer.submit(len(out_file.header), out.write, out_file.header)
         runs = _runs(out_file.jobs)
-        pending = _prefetch(ctx.reader, sources, runs, 0)
+        reading = {j: _prefetch(ctx.reader, sources, runs, j) for j in range(READ_AHEAD)}
         for i, run in enumerate(runs):
-            current, pending = pending, _prefetch(ctx.reader, sources, runs, i + 1)
+            current = reading.pop(i)
+            reading[i + READ_AHEAD] = _prefetch(ctx.reader, sources, runs, i + READ_AHEAD)
             position = _pad(writer, out, position, alignment)
             src, reads = sources.get(run[0].source.file)
             if _is_plain(run[0]):
