@@ -434,3 +434,25 @@ def test_all_linear_lora_merges_into_deepseek_gguf_base(built, gguf_bases, tmp_p
     print(f"deepseek_v3 all-linear merged vs PEFT {diff:.3g}, LoRA effect {effect:.3g}, "
           f"kv_b_proj's {kv_b:.3g}")
     assert diff <= TOLERANCE and effect > LORA_MATTERS and kv_b > LORA_MATTERS
+
+
+# ----------------------------------------------------------------------------- HF, saved per expert
+
+@pytest.mark.parametrize("arch, dtype", [("qwen3_moe", torch.float32), ("mixtral", torch.float32),
+                                         ("qwen3_moe", torch.bfloat16)])
+def test_fused_lora_merges_into_checkpoint_saved_per_expert(arch, dtype, built, tmp_path):
+    """transformers 5 saves the fused experts back per expert (the Hub's layout); a fused
+    target_parameters LoRA merged into such a folder (merging/expert_slices.split_fused) writes
+    what PEFT's merge_and_unload saves, bit for bit, every other tensor untouched."""
+    from peft import PeftModel
+
+    make_arch_model(arch).to(dtype).save_pretrained(tmp_path / "base")
+    model = PeftModel.from_pretrained(make_arch_model(arch).to(dtype), built[arch].peft_dir)
+    model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
+    at.merge(tmp_path / "base", [built[arch].peft_dir], tmp_path / "ours")
+    want = load_file(tmp_path / "peft_merged" / "model.safetensors")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert ours.keys() == want.keys()
+    assert [k for k in want if not torch.equal(ours[k], want[k])] == []
+    assert any(".experts.3." in k and not torch.equal(ours[k], base[k]) for k in ours)

@@ -225,13 +225,32 @@ def _base_shape(name: str, shapes: dict, experts: bool) -> tuple[int, ...] | Non
 
 def _stacked(owner: str, names: tuple[str, ...], shapes: dict) -> tuple[int, ...] | None:
     """(E, sum of rows, cols) of ``owner.{e}.{name}.weight`` for every expert, or None."""
-    count = 0
-    while all(f"{owner}.{count}.{n}.weight" in shapes for n in names):
-        count += 1
-    if count == 0:
+    stack = _expert_names(owner, names, shapes)
+    if not stack:
         return None
-    first = [tuple(shapes[f"{owner}.0.{n}.weight"]) for n in names]
-    return (count, sum(s[0] for s in first), first[0][1])
+    first = [tuple(shapes[n]) for n in stack[0]]
+    return (len(stack), sum(s[0] for s in first), first[0][1])
+
+
+def _expert_names(owner: str, names: tuple[str, ...], shapes: dict) -> list[list[str]]:
+    """``[[owner.{e}.{name}.weight for name in names] for e]`` while every one is in shapes."""
+    stack: list[list[str]] = []
+    while all(f"{owner}.{len(stack)}.{n}.weight" in shapes for n in names):
+        stack.append([f"{owner}.{len(stack)}.{n}.weight" for n in names])
+    return stack
+
+
+def per_expert_stack(name: str, shapes: dict) -> list[list[str]] | None:
+    """For the fused expert parameter ``name`` (``...mlp.experts.gate_up_proj``): the names of
+    the per-expert tensors a saved checkpoint holds for it, per expert in row order (gate, up),
+    or None when ``shapes`` has none."""
+    for candidate in [name] + [name.replace(old, new) for old, new in RENAMED if old in name]:
+        owner, _, param = candidate.rpartition(".")
+        for names in SAVED_NAMES.get(param, ()):
+            stack = _expert_names(owner, names, shapes)
+            if stack:
+                return stack
+    return None
 
 
 def regroup(pieces: dict[str, list], where) -> dict:

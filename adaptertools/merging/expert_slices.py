@@ -38,10 +38,12 @@ def _fused_name(stem: str, param: str, known) -> str | None:
 
 def fold_per_expert(adapter, known: dict, adapter_name: str):
     """``adapter`` with its per-expert 2-D LoRAs that have no base tensor of their own gathered
-    into one ``ExpertSlices`` per fused base tensor; itself when it has none."""
+    into one ``ExpertSlices`` per fused base tensor; itself when it has none. A fused
+    target_parameters LoRA on a base saved per expert goes the other way first (split_fused)."""
     from ..adapter import LoraWeight
     from ..kernels.param_lora import ExpertSlices
 
+    adapter = split_fused(adapter, known, adapter_name)
     groups: dict[str, list] = {}
     kept = {}
     for name, w in adapter.weights.items():
@@ -91,3 +93,61 @@ def _check_experts(fused: str, experts: int, members, adapter_name: str) -> None
                               f"{len(seen)} expert(s) (0..{max(seen)}) but the base fuses "
                               f"{experts}; the adapter is for a model with another expert "
                               "count")
+
+
+# -- the other way: a fused target_parameters LoRA onto a checkpoint saved per expert --------------
+
+def split_fused(adapter, known: dict, adapter_name: str):
+    """``adapter`` with each target_parameters LoRA on a fused expert tensor the base does not
+    store, but stores per expert (transformers 5's save_pretrained writes the transformers-4
+    layout back: ``mlp.experts.{e}.gate_proj`` / Mixtral's ``block_sparse_moe.experts.{e}.w1``),
+    split into one 2-D target_parameters LoRA per expert and projection: expert e's delta is
+    B3[rows, :, e] @ A3[e] with A3 = A (E, r, in) and B3 = B (out, r, E) (kernels/param_lora.py),
+    the rows of gate_up_proj split gate first, as transformers 5's conversion concatenates them."""
+    from ..formats.gguf_experts import RENAMED as SAVED_RENAMES
+    from ..formats.gguf_experts import per_expert_stack
+
+    weights, changed = {}, False
+    for name, w in adapter.weights.items():
+        if name in known or getattr(w, "layer", None) != "param" or w.transposed:
+            weights[name] = w
+            continue
+        saved = [name.replace(old, new) for old, new in SAVED_RENAMES if old in name]
+        if w.num_experts == 1 and saved and saved[0] in known:    # Mixtral's router, as saved
+            weights[saved[0]], changed = w, True
+            continue
+        stack = per_expert_stack(name, known) if w.num_experts > 1 else None
+        if stack is None:
+            weights[name] = w
+            continue
+        changed = True
+        if len(stack) != w.num_experts:
+            raise FormatError(f"{name} (adapter {adapter_name}): a LoRA for {w.num_experts} "
+                              f"experts, but the base stores {len(stack)} per-expert tensors; "
+                              "the adapter is for a model with another expert count")
+        weights.update(_per_expert_loras(name, w, stack, known, adapter_name))
+    return replace(adapter, weights=weights) if changed else adapter
+
+
+def _per_expert_loras(name: str, w, stack: list[list[str]], known: dict, adapter_name: str):
+    from ..kernels.param_lora import ParamLoraWeight
+
+    e = w.num_experts
+    a3 = w.a.reshape(e, -1, w.a.shape[-1])                               # (E, r, in)
+    b3 = w.b.reshape(w.b.shape[0], -1, e)                                # (out, r, E)
+    rows = [int(known[n].shape[0]) for n in stack[0]]
+    if sum(rows) != b3.shape[0] or any(tuple(known[n].shape)[1:] != (a3.shape[-1],)
+                                       for n in stack[0]):
+        raise FormatError(f"{name} (adapter {adapter_name}): LoRA delta {tuple(w.stored_shape)} "
+                          f"does not fit the base's per-expert {', '.join(stack[0])} "
+                          f"({', '.join(str(tuple(known[n].shape)) for n in stack[0])}); is the "
+                          "adapter for another model?")
+    out = {}
+    for expert, names in enumerate(stack):
+        start = 0
+        for part, count in zip(names, rows):
+            out[part] = ParamLoraWeight(a=a3[expert].contiguous(),
+                                        b=b3[start:start + count, :, expert].contiguous(),
+                                        scale=w.scale, num_experts=1)
+            start += count
+    return out
