@@ -115,10 +115,11 @@ def _settings(qc: dict, where: str) -> tuple[str, int, int, bool]:
                                f"is): {ROUTE}")
     if method == "awq":
         version = str(qc.get("version", qc.get("format", "gemm"))).lower()
-        if version not in AWQ_VERSIONS or qc.get("zero_point", True) is not True:
-            raise UnsupportedError(f"{where}: AWQ version {version!r} (zero_point="
-                                   f"{qc.get('zero_point', True)}) is not supported (gemm with "
-                                   f"zero points is): {ROUTE}")
+        # zero_point false (GPTQModel's symmetric AWQ) still stores qzeros (all 2^(b-1)),
+        # which dequantization uses as any
+        if version not in AWQ_VERSIONS:
+            raise UnsupportedError(f"{where}: AWQ version {version!r} is not supported "
+                                   f"({', '.join(AWQ_VERSIONS)} is): {ROUTE}")
         return method, bits, group_size, False
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
     if fmt not in GPTQ_FORMATS:
