@@ -120,6 +120,14 @@ def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
+def within_one_rounding(stored: torch.Tensor, ref: torch.Tensor, ulp: float = 2.0 ** -7) -> bool:
+    """Every value of ``stored`` within one spacing of its format (``ulp`` in [1, 2): bf16's
+    2^-7) of the float64 ``ref``, the spacing taken at ref's binade."""
+    err = (stored.double() - ref).abs()
+    binade = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))))
+    return bool((err <= ulp * binade).all())
+
+
 def scaled_lora(model, base: dict[str, torch.Tensor], folder: Path, *, targets, rel: float,
                 rank: int = 8, seed: int = 7, zero: bool = False) -> dict[str, torch.Tensor]:
     """A PEFT LoRA on ``model`` whose every delta has ||delta|| / ||W|| = ``rel`` against

@@ -33,22 +33,32 @@ def cache_root() -> Path:
 def oracle_python() -> Path:
     """The oracle environment's python, made on first use; RuntimeError saying why it could
     not be made (no index to install from, an install that fails)."""
-    env = cache_root() / f"torchtune-{TORCHTUNE.split('==')[1]}"
-    python, done = env / "bin" / "python", env / ".complete"
-    env.parent.mkdir(parents=True, exist_ok=True)
-    with open(env.parent / f".{env.name}.lock", "w") as lock:   # one maker at a time
+    return cached_venv(f"torchtune-{TORCHTUNE.split('==')[1]}", [TORCHTUNE, TORCHAO],
+                       "import torchtune, torchao, torch; print(torch.__version__)")
+
+
+def cached_venv(name: str, packages: list[str], probe: str, *, share_main: bool = True,
+                env: dict[str, str] | None = None) -> Path:
+    """The python of the venv ``cache_root() / name`` with ``packages`` pip-installed, made once
+    (under a lock, one maker at a time) and checked by running ``probe``; ``share_main``: a
+    ``main-venv.pth`` puts the test environment's site-packages after its own."""
+    folder = cache_root() / name
+    python, done = folder / "bin" / "python", folder / ".complete"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.exists():
             return python
-        shutil.rmtree(env, ignore_errors=True)        # a half-made one from an interrupted run
-        _run([sys.executable, "-m", "venv", str(env)], env)
-        purelib = Path(sysconfig.get_paths()["purelib"])
-        (_site_packages(env) / "main-venv.pth").write_text(f"{purelib}\n")
+        shutil.rmtree(folder, ignore_errors=True)     # a half-made one from an interrupted run
+        base = getattr(sys, "_base_executable", sys.executable) if not share_main else sys.executable
+        _run([base, "-m", "venv", str(folder)], folder, env)
+        if share_main:
+            purelib = Path(sysconfig.get_paths()["purelib"])
+            (_site_packages(folder) / "main-venv.pth").write_text(f"{purelib}\n")
         _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-              TORCHTUNE, TORCHAO], env)
-        _run([str(python), "-c", "import torchtune, torchao, torch; print(torch.__version__)"],
-             env)
-        done.write_text(f"{TORCHTUNE} {TORCHAO}\n")
+              *packages], folder, env)
+        _run([str(python), "-c", probe], folder, env)
+        done.write_text(" ".join(packages) + "\n")
     return python
 
 
@@ -56,12 +66,13 @@ def _site_packages(env: Path) -> Path:
     return next((env / "lib").glob("python3*/site-packages"))
 
 
-def _run(argv: list[str], env: Path) -> None:
-    result = subprocess.run(argv, check=False, capture_output=True, text=True)
+def _run(argv: list[str], folder: Path, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(argv, check=False, capture_output=True, text=True,
+                            env=None if env is None else {**os.environ, **env})
     if result.returncode:
-        shutil.rmtree(env, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"making the torchtune oracle environment failed at "
+        raise RuntimeError(f"making the oracle environment {folder.name} failed at "
                            f"`{' '.join(argv[:4])} ...`: {' | '.join(tail)}")
 
 
