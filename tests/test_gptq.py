@@ -31,6 +31,7 @@ import json
 
 import pytest
 import torch
+from helpers import gptqmodel_env
 from helpers import quantized_bases as qb
 from helpers.cli import assert_cli_error, assert_nothing_written, run_cli
 from safetensors.torch import load_file, save_file
@@ -68,14 +69,7 @@ SYNTHETIC = ("synthetic-gptq", "synthetic-awq")
 
 def float_folder(folder):
     """The seeded float Llama as an HF folder with a word-level tokenizer (GPTQModel loads one)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    qb.tiny_llama(hidden=HIDDEN, intermediate=INTER, seed=0).save_pretrained(folder)
-    vocab = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
-    PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="t0", eos_token="t1",
-                            pad_token="t2").save_pretrained(folder)
-    return folder
+    return gptqmodel_env.hf_folder(qb.tiny_llama(hidden=HIDDEN, intermediate=INTER, seed=0), folder)
 
 
 def synthetic_base(source, folder, method: str):
@@ -116,19 +110,7 @@ def synthetic_base(source, folder, method: str):
     return folder
 
 
-def decodings(folder) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    """(every tensor of a checkpoint as the float model holds it: quantized ones by our decode
-    under X.weight, the rest as stored, fp32; our decode's state by X.weight)."""
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    entries = {t.name: t for t in read_safetensors_header(folder / "model.safetensors").tensors}
-    stored = load_file(folder / "model.safetensors")
-    found = gptq.describe(entries, qc, lambda e: read_entry(folder / e.file, e), str(folder))
-    out = {k: v.float() for k, v in stored.items() if not k.endswith(gptq.MEMBERS)}
-    states = {}
-    for enc in found:
-        key = gptq.logical_name(enc)
-        out[key], states[key] = gptq.decode(enc, {m: stored[m] for m in enc.members})
-    return out, states
+decodings = gptqmodel_env.decodings
 
 
 def decoded(folder) -> dict[str, torch.Tensor]:
@@ -146,8 +128,6 @@ def root(tmp_path_factory):
 def oracle(root):
     """{name: (GPTQModel's checkpoint folder, its dequantized weights)}; skipped without the
     oracle environment."""
-    from helpers import gptqmodel_env
-
     try:
         gptqmodel_env.oracle_python()
     except RuntimeError as e:
@@ -241,7 +221,7 @@ def check_keep(folder, out, deltas, bits=4):
     assert all(before[k] != after[k] for k in adapted)
     (base, _), (merged, states) = decodings(folder), decodings(out)
     for key, delta in deltas.items():
-        codes, _, scales, _ = states[key]
+        codes, _, scales, _ = states[key][1]
         inside = (codes > -(1 << (bits - 1))) & (codes < (1 << (bits - 1)) - 1)
         # half a grid step (with room for the fp32 fold's error), plus the rounding of
         # (q - z) * s to the scales' dtype (half its ulp: 2^-11 relative for fp16, 2^-8 bf16)
@@ -254,8 +234,6 @@ def check_keep(folder, out, deltas, bits=4):
 
 @pytest.mark.parametrize("name", ["gptq-act", "awq"])
 def test_keep_merge_loads_in_gptqmodel_and_matches_the_float_model(oracle, root, tmp_path, name):
-    from helpers import gptqmodel_env
-
     folder = oracle[name][0]
     adapter, deltas = lora(root, folder, name, rel=REL_KEEP)
     report = at.merge(folder, [adapter], tmp_path / "out")

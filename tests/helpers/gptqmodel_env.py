@@ -9,6 +9,9 @@ configured index (about 3 minutes and 6 GB: torch 2.14.1's wheel pulls the CUDA 
 sdist is pure Python: its kernels are built at run time, and on the CPU the torch ones need no
 build. GPTQModel then runs there in a subprocess (helpers/gptqmodel_oracle.py).
 
+``hf_folder`` saves a model as GPTQModel wants to load it (with a tokenizer); ``decodings``
+reads a GPTQ / AWQ checkpoint back through our codec (codecs/gptq.py).
+
 Every oracle result is cached too, under ``gptqmodel-runs/<sha256 of the job, the oracle's
 source and the bytes of its input folders>/``, so a rerun of the tests costs no GPTQModel time.
 """
@@ -79,3 +82,37 @@ def run(jobs: list[dict]) -> list[Path]:
         for out, _ in todo:
             (out / ".complete").write_text("")
     return outs
+
+
+def hf_folder(model, folder: Path) -> Path:
+    """``model`` saved as an HF folder with a word-level tokenizer over its 128 ids (GPTQModel's
+    loader needs one)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(folder)
+    vocab = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="t0", eos_token="t1",
+                            pad_token="t2").save_pretrained(folder)
+    return folder
+
+
+def decodings(folder: Path) -> tuple[dict, dict]:
+    """(every tensor of a GPTQ / AWQ checkpoint as the float model holds it: quantized ones by
+    our decode under X.weight, the rest as stored, fp32; (encoding, decode state) by X.weight)."""
+    from safetensors.torch import load_file
+
+    from adaptertools.codecs import gptq
+    from adaptertools.tensor_index import read_entry, read_safetensors_header
+
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    entries = {t.name: t for t in read_safetensors_header(folder / "model.safetensors").tensors}
+    stored = load_file(folder / "model.safetensors")
+    found = gptq.describe(entries, qc, lambda e: read_entry(folder / e.file, e), str(folder))
+    out = {k: v.float() for k, v in stored.items() if not k.endswith(gptq.MEMBERS)}
+    states = {}
+    for enc in found:
+        key = gptq.logical_name(enc)
+        out[key], state = gptq.decode(enc, {m: stored[m] for m in enc.members})
+        states[key] = (enc, state)
+    return out, states
