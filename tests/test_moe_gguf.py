@@ -299,18 +299,38 @@ def per_expert_folder(arch: str, hf_dir: Path, folder: Path) -> Path:
 PER_EXPERT_CASES = [(a, "f32") for a in ARCHS] + [("mixtral", "q8_0"), ("qwen3_moe", "f16")]
 
 
+def mla_folder(folder: Path) -> np.ndarray:
+    """A DeepSeek-V3 PEFT LoRA on the MLA projections q_a_proj, q_b_proj and kv_a_proj_with_mqa
+    saved to ``folder``; returns PEFT's logits with it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_arch_model("deepseek_v3"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"],
+        init_lora_weights=False))
+    perturb_trainables(model)
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        return model.eval()(torch.tensor([IDS])).logits[0].double().numpy()
+
+
 @pytest.fixture(scope="session")
 def per_expert(built, llama_cpp_converter, tmp_path_factory):
     """(arch, outtype) -> (per-expert PEFT folder, llama.cpp's convert_lora_to_gguf.py output
-    of it), for PER_EXPERT_CASES."""
+    of it), for PER_EXPERT_CASES; and ("deepseek_v3", "mla") -> (mla_folder, llama.cpp's
+    output), the converter run once for all."""
     root = tmp_path_factory.mktemp("moe_gguf_per_expert")
     folders = {a: per_expert_folder(a, built[a].hf_dir, root / a) for a in ARCHS}
+    folders["mla"] = root / "mla"
+    mla_logits = mla_folder(folders["mla"])
     outputs = {(a, t): root / f"llamacpp_{a}_{t}.gguf" for a, t in PER_EXPERT_CASES}
+    outputs["deepseek_v3", "mla"] = root / "llamacpp_mla.gguf"
     failed = run_llama_cpp_script(llama_cpp_converter, [
-        ["--base", str(built[a].hf_dir), "--outtype", t, "--outfile", str(out), str(folders[a])]
-        for (a, t), out in outputs.items()])
+        ["--base", str(built[a].hf_dir), "--outtype", "f32" if t == "mla" else t, "--outfile",
+         str(out), str(folders[t if t == "mla" else a])] for (a, t), out in outputs.items()])
     assert not failed, failed
-    return {(a, t): (folders[a], out) for (a, t), out in outputs.items()}
+    cases = {(a, t): (folders[t if t == "mla" else a], out) for (a, t), out in outputs.items()}
+    cases["mla logits"] = mla_logits
+    return cases
 
 
 @pytest.mark.parametrize("arch, outtype", PER_EXPERT_CASES)
@@ -385,26 +405,14 @@ def test_mla_projections_refused_by_name(built, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
-def test_llama_cpp_drops_an_mla_lora_silently(built, gguf_bases, llama_cpp_converter, tmp_path):
+def test_llama_cpp_drops_an_mla_lora_silently(built, gguf_bases, per_expert):
     """Why: llama.cpp's own converter writes a q_a_proj / q_b_proj / kv_a_proj_with_mqa LoRA,
     llama.cpp loads it, and its logits are the base's bit for bit, while PEFT's differ."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(make_arch_model("deepseek_v3"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"],
-        init_lora_weights=False))
-    perturb_trainables(model)
-    model.save_pretrained(tmp_path / "mla")
-    with torch.no_grad():
-        peft_logits = model.eval()(torch.tensor([IDS])).logits[0].double().numpy()
-    failed = run_llama_cpp_script(llama_cpp_converter, [[
-        "--base", str(built["deepseek_v3"].hf_dir), "--outtype", "f32", "--outfile",
-        str(tmp_path / "theirs.gguf"), str(tmp_path / "mla")]])
-    assert not failed, failed
-    assert any(n.endswith("attn_q_a.weight.lora_a") for n in gguf_tensors(tmp_path / "theirs.gguf"))
+    _, theirs = per_expert["deepseek_v3", "mla"]
+    assert any(n.endswith("attn_q_a.weight.lora_a") for n in gguf_tensors(theirs))
     base = gguf_bases["deepseek_v3"]
-    assert np.array_equal(llama_logits(base, tmp_path / "theirs.gguf"), llama_logits(base))
-    assert max_diff(peft_logits, built["deepseek_v3"].base_logits) > LORA_MATTERS
+    assert np.array_equal(llama_logits(base, theirs), llama_logits(base))
+    assert max_diff(per_expert["mla logits"], built["deepseek_v3"].base_logits) > LORA_MATTERS
 
 
 def test_all_linear_lora_merges_into_deepseek_gguf_base(built, gguf_bases, tmp_path):
