@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .._io import read_json, write_json
 from ..adapter import Adapter, LoraWeight, check_weight, module_name
@@ -39,6 +38,9 @@ from .torchtune_export import (  # noqa: F401 (re-exported: the export's fix)
     is_torchtune_export,
     peft_export_fix,
 )
+
+if TYPE_CHECKING:      # imported where used: sniffing a .safetensors needs no torch
+    import torch
 
 DESCRIPTION = "torchtune LoRA/DoRA checkpoint (adapter_model.pt; alpha from adapter_config.json)"
 SNIFF_ORDER = 40
@@ -91,8 +93,10 @@ def _keys(file: Path) -> list[str] | None:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(file), framework="pt") as fh:
+            with safe_open(str(file), framework="numpy") as fh:   # names only: no torch
                 return list(fh.keys())
+        import torch
+
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001  (sniffing: anything unreadable is simply not ours)
         return None
@@ -144,6 +148,8 @@ def _load(file: Path) -> dict[str, torch.Tensor]:
         from .._io import load_safetensors
 
         return load_safetensors(file)[0]
+    import torch
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (weights_only refuses code objects: say so)
@@ -353,5 +359,7 @@ def write(adapter: Adapter, path: Path, *, base: BaseInfo | None = None) -> None
               "peft_type": "LORA"}
     if adapter.base_model:
         config["base_model_name_or_path"] = adapter.base_model
+    import torch
+
     torch.save(tensors, Path(path) / WEIGHTS_NAME)
     write_json(Path(path) / CONFIG_NAME, config)
