@@ -67,14 +67,13 @@ def _base_for(module, base):
 
 
 def _readable(path: Path, format: str | None, *, light: bool = False) -> Format:
-    """The format that reads ``path``; ``light``: found without importing the other formats
-    (light/route.py), NeedsTorch where it is not a light one."""
+    """The format that reads ``path``; ``light``: NeedsTorch where the light path does not
+    read it (light/route.py)."""
+    fmt = get_format(format) if format else detect_format(path)
     if light:
-        from .light.route import readable
+        from .light.route import require_reader
 
-        fmt = readable(path, format)
-    else:
-        fmt = get_format(format) if format else detect_format(path)
+        require_reader(fmt)
     if not fmt.can_read:
         raise UnsupportedError(f"format {fmt.name!r} can only be written, not read")
     if format and path.is_dir() and not fmt.output_is_dir and not _sniffs(fmt, path):
@@ -368,7 +367,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
 
     def run(light: bool):       # light: numpy, no torch (light/route.py)
         fmt = _readable(src_path, from_format, light=light)
-        target = writable(to, dtype) if light else get_format(to)
+        target = require_writer(get_format(to), dtype) if light else get_format(to)
         refuse_output(dst, force=force, is_dir=target.output_is_dir, inputs=inputs)
         reads_base = _accepts(fmt.module.read, "base") and \
             getattr(fmt.module, "uses_base", lambda path: True)(src_path)
@@ -388,7 +387,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
         _save(adapter, dst, target, dtype=dtype, force=force, base=given_base, inputs=inputs)
         return fmt, target, adapter, named, notes
 
-    from .light.route import light_or_torch, writable
+    from .light.route import light_or_torch, require_writer
 
     fmt, target, adapter, named, notes = light_or_torch(run)
     from_hub = any(s["role"] == "adapter" for s in sources)

@@ -67,6 +67,9 @@ def _cases() -> dict:
         "modules_to_save": (full, "peft"),
         "mlx": (make_adapter(rank=4), "mlx"),
         "mlx_bf16": (make_adapter(dtype=torch.bfloat16), "mlx"),
+        "ours": (dora, "safetensors"),                # our own file (alpha tensors, entries)
+        "ours_bf16": (make_adapter(dtype=torch.bfloat16), "safetensors"),
+        "ours_kinds": (kinds, "safetensors"),
     }
 
 
@@ -78,8 +81,8 @@ def written(tmp_path_factory):
     root = tmp_path_factory.mktemp("light")
     out = {}
     for case, (adapter, fmt) in CASES.items():
-        at.save(adapter, root / case, format=fmt)
-        out[case] = root / case
+        out[case] = root / (case + (".safetensors" if fmt == "safetensors" else ""))
+        at.save(adapter, out[case], format=fmt)
     _plant_nan(out["nan"] / "adapter_model.safetensors")
     return out
 
@@ -176,17 +179,18 @@ def test_errors_are_todays(written, tmp_path, monkeypatch):
     assert messages[True] == messages[False] and "adapter_model.safetensors" in messages[True]
 
 
-def test_sniffing_order_puts_the_light_formats_first():
-    """route.readable sniffs only LIGHT: right only while every other built-in format sniffs
-    after all of them (registry order)."""
-    from adaptertools.registry import formats
+def test_format_modules_load_without_torch():
+    """The registry finds formats for the light path: every built-in format module (and the
+    command line, api) must load without importing torch."""
+    code = ("import sys\nfrom adaptertools.registry import formats\nimport adaptertools.api\n"
+            "print(sorted(formats()), 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip().endswith("False"), proc.stdout
+    assert "'gguf'" in proc.stdout and "'torchtune'" in proc.stdout
 
-    order = {name: fmt.sniff_order for name, fmt in formats().items()}
-    assert list(route.LIGHT) == sorted(route.LIGHT, key=order.get)
-    assert max(order[n] for n in route.LIGHT) < min(o for n, o in order.items() if n not in route.LIGHT)
 
-
-@pytest.mark.parametrize("case", ["fp32", "mlx_bf16"])
+@pytest.mark.parametrize("case", ["fp32", "mlx_bf16", "ours"])
 def test_inspect_command_does_not_import_torch(case, written):
     stdout, imported = _cli_in_fresh_interpreter("inspect", str(written[case]), "--json")
     assert json.loads(stdout)["adapted_tensors"] > 0
@@ -249,8 +253,19 @@ def arch_dirs(tmp_path_factory):
 
 def _files(out) -> dict:
     if out.is_file():
-        return {"(file)": out.read_bytes()}
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        return {"(file)": _content(out)}
+    return {p.name: _content(p) for p in sorted(out.iterdir())}
+
+
+def _content(path):
+    """The file's bytes; for our own safetensors format (several metadata keys), the header as
+    parsed JSON and the data bytes: safetensors orders __metadata__ by a hash map's iteration,
+    which differs from process to process on either path."""
+    data = path.read_bytes()
+    if path.suffix != ".safetensors" or b'"format":"adaptertools' not in data[:200_000]:
+        return data
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]), data[8 + length:]
 
 
 def _convert_both(src, out_dir, to, monkeypatch, **kw) -> tuple[dict, str]:
@@ -290,7 +305,7 @@ def test_gguf_both_ways_byte_identical(case, dtype, path, arch_dirs, tmp_path, m
     _assert_same(light, at.inspect(gguf_file, layers=True).to_dict())
 
 
-@pytest.mark.parametrize("to", ["mlx", "peft", "gguf"])
+@pytest.mark.parametrize("to", ["mlx", "peft", "gguf", "safetensors"])
 @pytest.mark.parametrize("case", [c for c in CASES if c != "nan"])
 def test_every_case_converts_as_today(case, to, written, tmp_path, monkeypatch):
     """Each inspect case to each format: the same files byte for byte, or the same refusal
@@ -304,14 +319,15 @@ def test_every_case_converts_as_today(case, to, written, tmp_path, monkeypatch):
     outcome = {}
     for light in (True, False):
         monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1" if light else "0")
-        out = tmp_path / (("light" if light else "torch") + (".gguf" if to == "gguf" else ""))
+        out = tmp_path / (("light" if light else "torch") +
+                          {"gguf": ".gguf", "safetensors": ".safetensors"}.get(to, ""))
         try:
             at.convert(written[case], out, to=to, **kw)
             outcome[light] = _files(out)
         except at.AdapterToolsError as exc:
             outcome[light] = (type(exc), str(exc).replace(str(out), "OUT"))
     assert outcome[True] == outcome[False]
-    if case in ("fp32", "bf16", "fp16", "mlx", "mlx_bf16", "zero_b"):
+    if case in ("fp32", "bf16", "fp16", "mlx", "mlx_bf16", "zero_b", "ours_bf16"):
         assert isinstance(outcome[True], dict), outcome[True]          # written, not refused
 
 
@@ -350,9 +366,10 @@ def test_warnings_are_todays(written, tmp_path, monkeypatch):
     assert shown[True] == shown[False] and shown[True]
 
 
-def test_a_plugin_format_takes_the_torch_path(written, tmp_path, monkeypatch):
-    """A plugin may sniff before our formats: with one registered, the registry decides (the
-    torch path), as before."""
+@pytest.mark.parametrize("claims", [False, True])
+def test_a_plugin_format_sniffs_first(claims, written, tmp_path, monkeypatch):
+    """A plugin may sniff before our formats: the registry decides, as before; a path the
+    plugin claims is the plugin's, read by the torch path."""
     import importlib
 
     from adaptertools import registry
@@ -361,8 +378,9 @@ def test_a_plugin_format_takes_the_torch_path(written, tmp_path, monkeypatch):
     info = root / "lightplugin-0.1.dist-info"
     info.mkdir(parents=True)
     (root / "lightplugin_fmt.py").write_text(
-        "SNIFF_ORDER = 1\ndef sniff(path):\n    return False\n"
-        "def read(path):\n    raise NotImplementedError\n")
+        f"SNIFF_ORDER = 1\ndef sniff(path):\n    return {claims}\n"
+        "def read(path):\n    from adaptertools.adapter import Adapter\n"
+        "    return Adapter(metadata={'source_format': 'plugin'})\n")
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lightplugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n"
                                            "lightplugin = lightplugin_fmt\n")
@@ -371,8 +389,8 @@ def test_a_plugin_format_takes_the_torch_path(written, tmp_path, monkeypatch):
     registry.formats.cache_clear()
     monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1")
     try:
-        assert at.inspect(written["fp32"]).format == "peft"
-        assert route.taken == ["torch"]
+        assert at.inspect(written["fp32"]).format == ("lightplugin" if claims else "peft")
+        assert route.taken == ["torch" if claims else "light"]
     finally:
         registry.formats.cache_clear()
         sys.modules.pop("lightplugin_fmt", None)

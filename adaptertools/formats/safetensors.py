@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .._io import load_safetensors
 from ..adapter import Adapter, LoraWeight, check_weight
 from ..errors import AdapterToolsWarning, FormatError, OptionError, UnsupportedError
 from . import accounting, foreign, peft
+
+if TYPE_CHECKING:    # read(light=True) holds light.arrays.Stored tensors instead
+    import torch
 
 DESCRIPTION = "single self-describing .safetensors file (kohya-style keys, config in __metadata__)"
 SNIFF_ORDER = 50
@@ -67,9 +69,15 @@ def _tagged(path: Path) -> bool:
     return isinstance(metadata, dict) and metadata.get("format") == FORMAT_TAG
 
 
-def read(path: Path, *, scale: float | None = None) -> Adapter:
+def read(path: Path, *, scale: float | None = None, light: bool = False) -> Adapter:
+    """``light``: the tensors as light.arrays.Stored (numpy, no torch)."""
     path = Path(path)
-    tensors, metadata = load_safetensors(path)
+    if light:
+        from ..light.arrays import load_safetensors as load_light
+
+        tensors, metadata = load_light(path)
+    else:
+        tensors, metadata = load_safetensors(path)
     if metadata.get("format") == FORMAT_TAG:
         if scale is not None:
             raise OptionError(f"{path}: --scale only applies to files without a config; "
@@ -180,8 +188,23 @@ def _read_own(path: Path, tensors: dict, metadata: dict[str, str]) -> Adapter:
                    metadata=info.get("metadata", {}))
 
 
+def _alpha_tensor(value: float, like):
+    """The 0-d float32 alpha tensor kohya-style readers take: torch, or Stored beside Stored
+    factors (numpy's float64 -> float32 rounds as torch's, to nearest even)."""
+    from ..light.arrays import Stored, is_stored
+
+    if is_stored(like):
+        import numpy as np
+
+        return Stored(np.array(value, dtype=np.float32), "float32")
+    import torch
+
+    return torch.tensor(value, dtype=torch.float32)
+
+
 def write(adapter: Adapter, path: Path) -> None:
-    from safetensors.torch import save_file
+    """``adapter`` (torch or the light path's Stored tensors) as our own safetensors file."""
+    from ..light.arrays import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     entries = {}
@@ -189,7 +212,7 @@ def write(adapter: Adapter, path: Path) -> None:
         stem = stem_of(name)
         tensors[stem + SUFFIXES["a"]] = w.a.contiguous()
         tensors[stem + SUFFIXES["b"]] = w.b.contiguous()
-        tensors[stem + SUFFIXES["alpha"]] = torch.tensor(w.scale * w.rank, dtype=torch.float32)
+        tensors[stem + SUFFIXES["alpha"]] = _alpha_tensor(w.scale * w.rank, w.a)
         if w.magnitude is not None:
             tensors[stem + SUFFIXES["magnitude"]] = w.magnitude.contiguous()
         if w.bias is not None:
