@@ -101,12 +101,7 @@ def survival(work: Path, rels: list[float]) -> None:
         print(f"| {label} | {rel:.0%} | {len(deltas)} | {' | '.join(row)} |", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gptq-bench"))
-    args = parser.parse_args()
-    survival(args.work, [0.02, 0.1])
-
-
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gptq-bench"))
+    survival(parser.parse_args().work, [0.02, 0.1])
