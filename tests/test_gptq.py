@@ -13,7 +13,9 @@ GPTQModel's files.
 - decode equals GPTQModel's own dequantization bit for bit (its loader with the TORCH /
   AWQ_TORCH kernels in float16, v1 -> v2 zero conversion included: ``dequantize_weight()``,
   AWQ's ``dequantize_gemm``); decode -> encode gives back every stored qweight;
-- a zero adapter merges to a byte copy of the whole model.safetensors (and config.json);
+- a zero adapter merges to a byte copy of the whole model.safetensors (and config.json); a 2%
+  LoRA on a 4-bit grid mostly rounds back to the stored codes: a low survival score and the
+  warning that names the better routes;
 - keep: same size, header and config; only the adapted qweights change (qzeros, scales, g_idx
   byte for byte); GPTQModel loads the output on the CPU and its logits match a float32 Llama
   holding our dequantized merged weights within relative L2 ``KERNEL_NOISE`` (8 roundings of
@@ -205,6 +207,20 @@ def test_zero_adapter_merge_is_a_byte_copy(request, root, tmp_path, name):
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == \
         json.loads((folder / "config.json").read_text())
     assert report["survival"]["tensors"] == 2 * len(TARGETS)
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC))
+def test_a_small_lora_on_a_4_bit_grid_is_reported_lost(synthetic, root, tmp_path, name):
+    """2%: almost every value rounds back to its stored code: a low survival score, and the
+    report's warning names the better routes."""
+    from adaptertools.merging.quantized import LOW_SURVIVAL
+
+    adapter, _ = lora(root, synthetic[name], name)
+    report = at.merge(synthetic[name], [adapter], tmp_path / "out")
+    survival = report["survival"]
+    assert survival["tensors"] == 2 * len(TARGETS) and survival["median_cosine"] < LOW_SURVIVAL
+    assert {r["type"] for r in survival["rows"]} == {f"{name.split('-')[1].upper()}-INT4"}
+    assert "merging into the unquantized model" in survival["warning"]
 
 
 def check_keep(folder, out, deltas, bits=4):
