@@ -286,7 +286,7 @@ def _save(adapter: Adapter, path, fmt: Format, *, dtype: str, force: bool, base,
     if _accepts(fmt.module.write, "dtype"):
         options["dtype"] = dtype          # the format casts (and may quantize) itself
     else:
-        adapter = cast_adapter(adapter, parse_dtype(dtype))
+        adapter = cast_adapter(adapter, _cast_target(adapter, dtype))
     if base is not None and _accepts(fmt.module.write, "base"):
         options["base"] = _base_for(fmt.module, base)
     nbytes = sum(t.numel() * t.element_size() for w in adapter.weights.values()
@@ -295,6 +295,19 @@ def _save(adapter: Adapter, path, fmt: Format, *, dtype: str, force: bool, base,
     with atomic_output(path, force=force, is_dir=fmt.output_is_dir, expected_bytes=nbytes,
                        inputs=inputs) as tmp:
         fmt.module.write(adapter, tmp, **options)
+
+
+def _cast_target(adapter: Adapter, dtype: str):
+    """``parse_dtype(dtype)``; for the light path's Stored tensors torch's name of it instead
+    (``Stored.to`` casts as ``Tensor.to`` does, light/arrays.py), no torch needed."""
+    from .dtypes import CONFIG_DTYPES, DTYPE_NAMES
+    from .light.arrays import is_stored
+
+    stored = any(is_stored(w.a) for w in adapter.weights.values()) or \
+        any(is_stored(t) for t in adapter.replacements.values())
+    if stored and dtype in DTYPE_NAMES:
+        return CONFIG_DTYPES[DTYPE_NAMES[dtype]]
+    return parse_dtype(dtype)
 
 
 def _one_component(adapter: Adapter, fmt: Format) -> Adapter:

@@ -449,3 +449,25 @@ def test_cast_rounds_as_tensor_to():
     for name, dtype in (("float16", torch.float16), ("float32", torch.float32)):
         assert np.array_equal(cast(stored, name).words.view(bits(b16.to(dtype)).dtype),
                               bits(b16.to(dtype)))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("to", ["peft", "mlx", "safetensors"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "mlx_bf16", "ours"])
+def test_casts_convert_as_today(case, to, dtype, written, tmp_path, monkeypatch):
+    """--dtype to PEFT, MLX and our format on the light path (Stored.to): today's files."""
+    outcome = {}
+    for light in (True, False):
+        monkeypatch.setenv("ADAPTERTOOLS_LIGHT", "1" if light else "0")
+        out = tmp_path / (("light" if light else "torch") + (".safetensors" if to == "safetensors"
+                                                              else ""))
+        try:
+            at.convert(written[case], out, to=to, dtype=dtype)
+            outcome[light] = _files(out)
+        except at.AdapterToolsError as exc:
+            outcome[light] = (type(exc), str(exc).replace(str(out), "OUT"))
+        if light:
+            assert route.taken == ["light"] or isinstance(outcome[light], tuple)
+    assert outcome[True] == outcome[False]
+    if not (case == "ours" and to == "mlx"):        # mlx-lm has no lora_bias
+        assert isinstance(outcome[True], dict), outcome[True]

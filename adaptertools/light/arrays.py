@@ -72,6 +72,10 @@ class Stored:
     def contiguous(self) -> Stored:
         return Stored(np.ascontiguousarray(self.words), self.dtype)
 
+    def to(self, dtype: str) -> Stored:
+        """``Tensor.to`` for a float dtype named as torch names it (``cast``)."""
+        return cast(self, dtype)
+
     def element_size(self) -> int:
         return self.words.itemsize
 

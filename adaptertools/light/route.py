@@ -20,11 +20,10 @@ from .arrays import NeedsTorch
 
 # the built-in formats whose readers take light=True
 LIGHT = ("mlx", "peft", "gguf", "safetensors")
-# the built-in formats whose writers take Stored tensors at which --dtype: they rename,
-# transpose and reshape; GGUF's writer also casts (light.arrays.cast) and quantizes to Q8_0
-# (gguf-py); the others' casts are adapter.cast_adapter's, in torch
-LIGHT_WRITERS = {"mlx": ("keep",), "peft": ("keep",), "safetensors": ("keep",),
-                 "gguf": None}   # None: every dtype
+# the built-in formats whose writers take Stored tensors at which --dtype (None: every one):
+# they rename, transpose and reshape; casts are light.arrays.cast's (Tensor.to's rounding),
+# through adapter.cast_adapter or GGUF's writer, which also quantizes to Q8_0 (gguf-py)
+LIGHT_WRITERS = {"mlx": None, "peft": None, "safetensors": None, "gguf": None}
 PACKAGE = "adaptertools"
 # the path the last light_or_torch call took, "light" or "torch" (what tests and benchmarks ask)
 taken: list[str] = []
