@@ -17,8 +17,9 @@ GPTQModel's files.
   LoRA on a 4-bit grid mostly rounds back to the stored codes: a low survival score and the
   warning that names the better routes;
 - keep: same size, header and config; only the adapted qweights change (qzeros, scales, g_idx
-  byte for byte); GPTQModel loads the output on the CPU and its logits match a float32 Llama
-  holding our dequantized merged weights within relative L2 ``KERNEL_NOISE`` (8 roundings of
+  byte for byte); the validator passes it (and fails the base given as the output);
+  GPTQModel loads the output on the CPU and its logits match a float32 Llama holding our
+  dequantized merged weights within relative L2 ``KERNEL_NOISE`` (8 roundings of
   the kernel's dtype; seen 6.4e-4 for GPTQ in fp16, 5.1e-3 for AWQ in bf16), for a 25% LoRA (a
   2% one moves almost no 4-bit code);
 - --requantize bf16: a plain model (no qweight / qzeros / scales / g_idx, no
@@ -221,6 +222,20 @@ def test_a_small_lora_on_a_4_bit_grid_is_reported_lost(synthetic, root, tmp_path
     assert survival["tensors"] == 2 * len(TARGETS) and survival["median_cosine"] < LOW_SURVIVAL
     assert {r["type"] for r in survival["rows"]} == {f"{name.split('-')[1].upper()}-INT4"}
     assert "merging into the unquantized model" in survival["warning"]
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC))
+def test_validator_checks_gptq_weights(synthetic, root, tmp_path, name):
+    """validate decodes the base and the output with the codec: a keep merge passes; the base
+    itself given as the output (the adapter left out) fails on the adapted weights."""
+    adapter, _ = lora(root, synthetic[name], name, rel=REL_KEEP)
+    at.merge(synthetic[name], [adapter], tmp_path / "out")
+    report = at.validate(synthetic[name], [adapter], tmp_path / "out")
+    assert report["passed"], [r for r in report["tensors"] if not r["passed"]][:3]
+    assert len([r for r in report["tensors"] if r["kind"] == "adapted"]) == 2 * len(TARGETS)
+    report = at.validate(synthetic[name], [adapter], synthetic[name])
+    failed = {r["name"] for r in report["tensors"] if not r["passed"]}
+    assert not report["passed"] and len(failed) == 2 * len(TARGETS), failed
 
 
 def check_keep(folder, out, deltas, bits=4):
