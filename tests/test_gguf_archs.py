@@ -20,10 +20,13 @@ import pytest
 import torch
 from helpers.gguf_base import (
     IDS,
+    gguf_tensors,
+    llama_cpp_bases,
     llama_logits,
     llama_quantize,
     max_diff,
     run_llama_cpp_script,
+    runtime_loras,
 )
 from helpers.models import ARCH_TARGETS, MORE_GGUF_ARCHS, make_arch_model
 from helpers.peft_adapters import perturb_trainables
@@ -107,24 +110,13 @@ def arch_files(built, llama_cpp_converter):
 def gguf_bases(built, llama_cpp_converter) -> dict[str, Path]:
     """arch -> the F32 GGUF model llama.cpp's convert_hf_to_gguf.py writes of the base (with the
     dummy vocabulary of helpers.gguf_base.run_llama_cpp_script), once per session."""
-    script = llama_cpp_converter.with_name("convert_hf_to_gguf.py")
-    outputs = {a: built[a].hf_dir.parent / f"base_{a}.gguf" for a in ARCHS}
-    failed = run_llama_cpp_script(script, [["--outtype", "f32", "--outfile", str(out),
-                                            str(built[a].hf_dir)] for a, out in outputs.items()],
-                                  dummy_vocab=True)
-    assert not failed, failed
-    return outputs
-
-
-def gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
-    return {t.name: (t.tensor_type.name, np.array(t.data)) for t in gguf.GGUFReader(str(path)).tensors}
+    return llama_cpp_bases(llama_cpp_converter, {a: built[a].hf_dir for a in ARCHS})
 
 
 def saved_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(folder / "adapter_model.safetensors")
-
 
 
 @pytest.mark.parametrize("arch, outtype", CASES)
@@ -187,15 +179,8 @@ def test_every_arch_has_a_table_row():
 def runtime(built, gguf_bases, tmp_path_factory):
     """arch -> (our GGUF adapter, llama.cpp's logits of the base with it as the runtime LoRA),
     computed once per session (each llama.cpp run is a child process)."""
-    root, done = tmp_path_factory.mktemp("gguf_archs_ours"), {}
-
-    def get(arch: str) -> tuple[Path, np.ndarray]:
-        if arch not in done:
-            ours = root / f"{arch}.gguf"
-            at.convert(built[arch].peft_dir, ours, to="gguf", base=built[arch].hf_dir)
-            done[arch] = ours, llama_logits(gguf_bases[arch], ours)
-        return done[arch]
-    return get
+    return runtime_loras(tmp_path_factory.mktemp("gguf_archs_ours"),
+                         {a: (built[a].hf_dir, built[a].peft_dir) for a in ARCHS}, gguf_bases)
 
 
 # SiLU architectures: the existing llama/qwen bound (tests/test_gguf_llamacpp.py, FORMATS.md
