@@ -4,9 +4,9 @@ The float model is a seeded tiny Llama (hidden 128, intermediate 256). GPTQModel
 the CPU in its own environment (helpers/gptqmodel_env.py: torch 2.14.1, cached) with 8 seeded
 random calibration sequences: GPTQ asymmetric groups of 32 with act-order (desc_act: g_idx
 permuted) in checkpoint_format gptq (v1, zeros minus one), GPTQ symmetric per channel
-(group_size -1), GPTQ asymmetric groups of 32 in gptq_v2, GPTQ 8-bit symmetric groups of 32, and
-AWQ gemm groups of 32 (GPTQModel stores its scales in bf16). Without that environment those tests are skipped with its reason; the rest
-run on synthetic checkpoints written to the same layout by the codec's own packing (round to
+(group_size -1), GPTQ asymmetric groups of 32 in gptq_v2, GPTQ 8-bit symmetric and 2-bit
+asymmetric groups of 32, and AWQ gemm groups of 32 (GPTQModel stores its scales in bf16).
+Without that environment those tests are skipped with its reason; the rest run on synthetic checkpoints written to the same layout by the codec's own packing (round to
 nearest on min-max grids, act-order by a seeded permutation), which the oracle tests tie to
 GPTQModel's files.
 
@@ -65,6 +65,8 @@ ORACLE = {
                 "format": "gptq_v2"},
     "gptq-int8": {"method": "gptq", "bits": 8, "group_size": 32, "desc_act": False, "sym": True,
                   "format": "gptq"},
+    "gptq-int2": {"method": "gptq", "bits": 2, "group_size": 32, "desc_act": False,
+                  "sym": False, "format": "gptq"},
     "awq": {"method": "awq", "bits": 4, "group_size": 32},
 }
 SYNTHETIC = ("synthetic-gptq", "synthetic-awq")
