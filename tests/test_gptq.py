@@ -6,9 +6,9 @@ random calibration sequences: GPTQ asymmetric groups of 32 with act-order (desc_
 permuted) in checkpoint_format gptq (v1, zeros minus one), GPTQ symmetric per channel
 (group_size -1), GPTQ asymmetric groups of 32 in gptq_v2, GPTQ 8-bit symmetric and 2-bit
 asymmetric groups of 32, and AWQ gemm groups of 32 (GPTQModel stores its scales in bf16).
-Without that environment those tests are skipped with its reason; the rest run on synthetic checkpoints written to the same layout by the codec's own packing (round to
-nearest on min-max grids, act-order by a seeded permutation), which the oracle tests tie to
-GPTQModel's files.
+Without that environment those tests are skipped with its reason; the rest run on synthetic
+checkpoints written to the same layout by the codec's own packing (round to nearest on min-max
+grids, act-order by a seeded permutation), which the oracle tests tie to GPTQModel's files.
 
 - decode equals GPTQModel's own dequantization bit for bit (its loader with the TORCH /
   AWQ_TORCH kernels in float16, v1 -> v2 zero conversion included: ``dequantize_weight()``,
