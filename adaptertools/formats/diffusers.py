@@ -333,7 +333,7 @@ def write(adapter: Adapter, path: Path) -> None:
     """Fill the folder ``path`` with ``pytorch_lora_weights.safetensors``, as diffusers'
     save_lora_weights writes it (metadata included, so load_lora_weights gets each component's
     alpha and r)."""
-    from safetensors.torch import save_file
+    from ..light.arrays import save_file   # metadata in sorted order
 
     source = adapter.metadata.get("diffusers_metadata")
     source = source if isinstance(source, dict) else None

@@ -392,7 +392,7 @@ def metadata_for(adapter: Adapter) -> dict[str, str]:
 
 def write(adapter: Adapter, path: Path, *, base=None) -> None:
     """One kohya .safetensors at ``path``; ``base`` (a path) names the modules."""
-    from safetensors.torch import save_file
+    from ..light.arrays import save_file   # metadata in sorted order
 
     _check_writable(adapter)
     stems = _stems(adapter, base)

@@ -161,18 +161,48 @@ def load_safetensors(path) -> tuple[dict[str, Stored], dict[str, str]]:
 
 def save_file(tensors: dict, filename, metadata: dict[str, str] | None = None) -> None:
     """safetensors.torch.save_file, for Stored tensors too: the same serializer (safetensors'
-    serialize_file) gets the same dtype names, shapes and bytes, so the file is the same."""
+    serialize_file) gets the same dtype names, shapes and bytes, so the file is the same. The
+    ``__metadata__`` keys are then put in sorted order (``sort_metadata``)."""
     if not any(isinstance(t, Stored) for t in tensors.values()):
         from safetensors.torch import save_file as save_torch
 
         save_torch(tensors, str(filename), metadata=metadata)
-        return
-    from safetensors import TensorSpec, serialize_file
+    else:
+        from safetensors import TensorSpec, serialize_file
 
-    kept = {k: np.ascontiguousarray(t.words) for k, t in tensors.items()}   # alive while written
-    specs = {k: TensorSpec(dtype=t.dtype, shape=t.shape, data_ptr=kept[k].ctypes.data,
-                           data_len=kept[k].nbytes) for k, t in tensors.items()}
-    serialize_file(specs, str(filename), metadata=metadata)
+        kept = {k: np.ascontiguousarray(t.words) for k, t in tensors.items()}   # alive while written
+        specs = {k: TensorSpec(dtype=t.dtype, shape=t.shape, data_ptr=kept[k].ctypes.data,
+                               data_len=kept[k].nbytes) for k, t in tensors.items()}
+        serialize_file(specs, str(filename), metadata=metadata)
+    if metadata and len(metadata) > 1:
+        sort_metadata(filename)
+
+
+def sort_metadata(filename) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted.
+
+    safetensors serializes the metadata from a Rust HashMap, whose order is random per map: the
+    same adapter written twice gave files that differ in their first bytes. Sorting keeps the
+    header's length (same JSON, other order; the padding is unchanged), so offsets stay. Done only
+    when re-serializing the header as parsed gives back its bytes exactly (serde_json's compact
+    form), so nothing else in it can change."""
+    import json
+    import struct
+
+    with open(filename, "r+b") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(length)
+        header = json.loads(raw)
+
+        def dump(obj) -> bytes:
+            return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+        text = raw.rstrip(b" ")
+        if dump(header) != text or not isinstance(header.get("__metadata__"), dict):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        fh.seek(8)
+        fh.write(dump(header))
 
 
 # torch's name of a float dtype -> its largest finite value (torch.finfo(dtype).max)
