@@ -74,8 +74,10 @@ def run(jobs: list[dict]) -> list[Path]:
             out.mkdir(parents=True)
         specs = runs / f".specs-{os.getpid()}.json"
         specs.write_text(json.dumps([job for _, job in todo]))
+        # cwd: GPTQModel writes a logs/ folder into the working directory (not the checkout)
         result = subprocess.run([str(python), str(ORACLE), str(specs)], check=False,
-                                capture_output=True, text=True, env={**os.environ, **ENV})
+                                capture_output=True, text=True, env={**os.environ, **ENV},
+                                cwd=runs)
         specs.unlink()
         if result.returncode:
             raise AssertionError(f"GPTQModel failed:\n{result.stderr[-3000:]}")
