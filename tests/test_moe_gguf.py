@@ -1,6 +1,6 @@
 """MoE expert LoRAs in GGUF (formats/gguf_experts.py): PEFT ``target_parameters`` LoRAs on the
-fused 3-D experts of transformers-5 Qwen3-MoE, Qwen2-MoE, OLMoE and Mixtral (and on their 2-D
-router), written as llama.cpp's 3-D ``ffn_{gate,up,down}_exps`` LoRA tensors.
+fused 3-D experts of transformers-5 Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V3, GLM-4.5
+(glm4_moe), dots.llm1 and ERNIE-4.5-MoE (and on their 2-D router), written as llama.cpp's 3-D ``ffn_{gate,up,down}_exps`` LoRA tensors.
 
 Oracles: llama.cpp itself (llama-cpp-python, child process, extra buffer types off) running
 llama.cpp's own GGUF of the base (convert_hf_to_gguf.py) with our adapter as a runtime LoRA,
@@ -24,6 +24,7 @@ from helpers.gguf_base import (
     llama_cpp_bases,
     llama_logits,
     llama_quantize,
+    lora_folder,
     max_diff,
     run_llama_cpp_script,
     runtime_loras,
@@ -37,6 +38,7 @@ from adaptertools.adapter import first_difference
 from adaptertools.errors import FormatError, UnsupportedError
 
 ARCHS = list(MOE_GGUF_ARCHS)
+FIRST_DENSE = {"deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe"}
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # SiLU architectures: the bound of tests/test_gguf_archs.py (a few 1e-6 measured there)
 TOLERANCE = 1e-4
@@ -63,8 +65,9 @@ def lora_config(arch: str):
 
 
 def moe_layers(arch: str) -> tuple[int, ...]:
-    """The blocks with routed experts (deepseek_v3's first is dense: first_k_dense_replace)."""
-    return (1,) if arch == "deepseek_v3" else (0, 1)
+    """The blocks with routed experts (the first is dense in deepseek_v3, glm4_moe and dots1:
+    first_k_dense_replace; in ernie4_5_moe: moe_layer_start_index)."""
+    return (1,) if arch in FIRST_DENSE else (0, 1)
 
 
 @dataclass(frozen=True)
@@ -302,15 +305,8 @@ PER_EXPERT_CASES = [(a, "f32") for a in ARCHS] + [("mixtral", "q8_0"), ("qwen3_m
 def mla_folder(folder: Path) -> np.ndarray:
     """A DeepSeek-V3 PEFT LoRA on the MLA projections q_a_proj, q_b_proj and kv_a_proj_with_mqa
     saved to ``folder``; returns PEFT's logits with it."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(make_arch_model("deepseek_v3"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"],
-        init_lora_weights=False))
-    perturb_trainables(model)
-    model.save_pretrained(folder)
-    with torch.no_grad():
-        return model.eval()(torch.tensor([IDS])).logits[0].double().numpy()
+    return lora_folder(make_arch_model("deepseek_v3"), folder,
+                       ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"])
 
 
 @pytest.fixture(scope="session")

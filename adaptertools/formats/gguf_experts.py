@@ -39,6 +39,11 @@ EXPERT_ARCHS = {
     "llama": "llama.py LlamaModel (Mixtral block_sparse_moe.experts.{e}.w1/w3/w2 stacked)",
     "deepseek2": "deepseek.py DeepseekV2Model (mlp.experts.{e}.gate_proj/up_proj/down_proj "
                  "stacked; src/models/deepseek2.cpp takes ffn_gate_up_exps or, as here, the two)",
+    "glm4moe": "glm.py Glm4MoeModel (mlp.experts.{e}.gate_proj/up_proj/down_proj stacked)",
+    "dots1": "dots1.py Dots1Model(Qwen2MoeModel) (mlp.experts.{e}.gate_proj/up_proj/down_proj "
+             "stacked)",
+    "ernie4_5-moe": "ernie.py Ernie4_5MoeModel (mlp.experts.{e}.gate_proj/up_proj/down_proj "
+                    "stacked)",
 }
 # fused expert parameter -> the parameters gguf-py maps to llama.cpp's tensors, each with
 # (part, parts): its share of the fused rows
@@ -50,6 +55,9 @@ SPLITS = {"gate_up_proj": (("gate_proj", 0, 2), ("up_proj", 1, 2)),
 SAVED_NAMES = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
               "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",)),
               "down_proj": (("down_proj",), ("w2",))}
+# architectures whose converter splits kv_b_proj per head into attn_k_b / attn_v_b (split_kv_b);
+# minicpm3 (minicpm.py MiniCPM3Model) stores it whole, as attn_kv_b
+KV_B_SPLIT = frozenset({"deepseek2"})
 RENAMED = (("mlp.", "block_sparse_moe."),)     # transformers 5's Mixtral module, as saved
 # the per-expert HF names a GGUF expert tensor maps back to when no base weights say which
 # (llama.cpp's converter stacks these: LlamaModel Mixtral's, the others' mlp.experts.{e})
@@ -80,7 +88,7 @@ def gguf_view(weights: dict, base, shapes: dict | None = None) -> tuple[dict, di
             stacks.setdefault((match["stem"], match["proj"]), {})[int(match["e"])] = (name, w)
             continue
         if name.endswith("kv_b_proj.weight") and shapes is not None and \
-                _kv_b_names(name, base)[0] in shapes:
+                base.arch in KV_B_SPLIT and _kv_b_names(name, base)[0] in shapes:
             view.update(split_kv_b(name, w, base, shapes))
             continue
         if not is_param(w):

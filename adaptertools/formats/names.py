@@ -75,6 +75,21 @@ HF_ARCHITECTURES = {
     # deepseek.py DeepseekV2Model (no q/k permute; experts stacked; kv_b_proj split into
     # attn_k_b / attn_v_b). Its MLA projections take no runtime LoRA: NO_RUNTIME_LORA
     "DeepseekV3ForCausalLM": "deepseek2",
+    "HunYuanDenseV1ForCausalLM": "hunyuan-dense",  # hunyuan.py HunYuanModel (no transform)
+    # minicpm.py MiniCPM3Model (no transform; kv_b_proj stored whole). Its MLA projections take
+    # no runtime LoRA: NO_RUNTIME_LORA
+    "MiniCPM3ForCausalLM": "minicpm3",
+    # glm.py Glm4MoeModel (no q/k permute: "GLM4V_MOE uses Neox ordering already"), qwen.py
+    # Dots1Model(Qwen2MoeModel) (shared experts as stored), ernie.py Ernie4_5MoeModel
+    # (Ernie4_5Model: splits fused qkv/up_gate only): attention and shared experts as stored,
+    # routed experts (stacked per expert) and router by gguf_experts.py
+    "Glm4MoeForCausalLM": "glm4moe",
+    "Dots1ForCausalLM": "dots1",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5-moe",
+    # granite.py GraniteMoeModel, registered for GraniteMoeShared too (RoPE permute; the shared
+    # MLP's output_linear as stored; its fused input_linear, which the converter splits at
+    # shared_intermediate_size into ffn_gate_shexp / ffn_up_shexp, has no mapping here yet)
+    "GraniteMoeSharedForCausalLM": "granitemoe",
 }
 # transformers' default of ``tie_word_embeddings`` per model_type, for configs that omit it.
 TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False,
@@ -85,7 +100,9 @@ TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "qwen3": Fa
                    "qwen2_moe": False, "granitemoe": False, "glm4": False, "nemotron": False,
                    "ernie4_5": True, "cohere2": True, "arcee": False, "seed_oss": False,
                    "olmo3": False, "apertus": False, "qwen3_moe": False, "olmoe": False,
-                   "mixtral": False, "deepseek_v3": False}
+                   "mixtral": False, "deepseek_v3": False, "hunyuan_v1_dense": False,
+                   "minicpm3": True, "glm4_moe": False, "dots1": False, "ernie4_5_moe": True,
+                   "granitemoeshared": False}
 # llama.cpp permutes q/k rows for RoPE (``LlamaModel.permute``, ``undo_permute`` True in
 # conversion/llama.py LlamaModel and its subclasses GraniteModel, GraniteMoeModel, SmolLM3Model
 # and ArceeModel; OlmoModel
@@ -102,8 +119,17 @@ FUSED_QKV_ROWS = {"gptneox": "per_head", "falcon": "per_kv_group"}
 # with a plain ggml_mul_mat, not build_lora_mm (src/models/deepseek2.cpp 501-517: wq_a, wq_b,
 # wq, wkv_a_mqa; 560 and 592-594: wk_b, wv_b, wkv_b), so a GGUF LoRA there is silently dropped;
 # kv_b_proj is moreover split per head into attn_k_b (transposed) and attn_v_b by the converter.
+# minicpm3 likewise (measured: llama.cpp's logits with its own converter's LoRA on these four are
+# the base's; tests/test_gguf_archs.py), its kv_b_proj stored whole.
 NO_RUNTIME_LORA = {"deepseek2": ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa",
-                                 "kv_b_proj")}
+                                 "kv_b_proj"),
+                   "minicpm3": ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")}
+# why, as the refusal says it
+NO_RUNTIME_LORA_WHY = {
+    "deepseek2": ("multiplies this MLA projection with a plain ggml_mul_mat, not its LoRA hook "
+                  "(src/models/deepseek2.cpp)"),
+    "minicpm3": ("applies no LoRA to this MLA projection (measured: its logits with its own "
+                 "converter's LoRA there are the base's)")}
 # llama.cpp's FalconModel reads n_head_kv from num_kv_heads / n_head_kv, else 1 (multi-query)
 KV_HEADS_DEFAULT_ONE = frozenset({"falcon"})
 # The HF naming each architecture's transformers class uses; picks one of gguf-py's many HF
@@ -124,14 +150,25 @@ HF_NAMING = {
     "deepseek2": (r"model\.(layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj"
                   r"|kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(gate|up|down)_proj"
                   r"|mlp\.shared_experts\.(gate|up|down)_proj|mlp\.gate)|embed_tokens)|lm_head"),
+    "minicpm3": (r"model\.(layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa"
+                 r"|kv_b_proj|o_proj)|mlp\.(gate|up|down)_proj)|embed_tokens)|lm_head"),
+    "granitemoe": (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|shared_mlp\.output_linear)"
+                   r"|embed_tokens)|lm_head"),
     "qwen2moe": (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
                  r"|mlp\.shared_expert\.(gate|up|down)_proj|mlp\.shared_expert_gate)"
                  r"|embed_tokens)|lm_head"),
 }
 for _arch in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gemma", "olmo", "olmo2", "granite",
-              "stablelm", "command-r", "smollm3", "exaone4", "granitemoe", "glm4", "nemotron",
-              "ernie4_5", "cohere2", "arcee", "seed_oss", "apertus", "qwen3moe", "olmoe"):
+              "stablelm", "command-r", "smollm3", "exaone4", "glm4", "nemotron",
+              "ernie4_5", "cohere2", "arcee", "seed_oss", "apertus", "qwen3moe", "olmoe",
+              "hunyuan-dense"):
     HF_NAMING[_arch] = _LLAMA_NAMING
+# DeepSeek-style MoE blocks: attention, dense MLPs, shared experts and the router
+_SHARED_EXPERTS_NAMING = (r"model\.(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+                          r"|mlp\.shared_experts\.(gate|up|down)_proj|mlp\.gate)|embed_tokens)"
+                          r"|lm_head")
+for _arch in ("glm4moe", "dots1", "ernie4_5-moe"):
+    HF_NAMING[_arch] = _SHARED_EXPERTS_NAMING
 
 
 @dataclass(frozen=True)
@@ -324,11 +361,11 @@ def check_runtime_lora(name: str, base: BaseInfo) -> None:
     layer = name.removesuffix(".weight").rpartition(".")[2]
     if layer in NO_RUNTIME_LORA.get(base.arch, ()):
         split = (" (and llama.cpp's converter splits kv_b_proj per head into attn_k_b, "
-                 "transposed, and attn_v_b)") if layer == "kv_b_proj" else ""
+                 "transposed, and attn_v_b)") if (layer, base.arch) == ("kv_b_proj",
+                                                                         "deepseek2") else ""
         raise UnsupportedError(
-            f"{name}: llama.cpp's {base.arch} multiplies this MLA projection with a plain "
-            f"ggml_mul_mat, not its LoRA hook (src/models/deepseek2.cpp), so a GGUF LoRA on it "
-            f"would be silently ignored{split}; merge the adapter into the base instead "
+            f"{name}: llama.cpp's {base.arch} {NO_RUNTIME_LORA_WHY[base.arch]}, so a GGUF "
+            f"LoRA on it would be silently ignored{split}; merge the adapter into the base instead "
             "(adaptertools merge), or train without it")
 
 

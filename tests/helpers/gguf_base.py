@@ -292,6 +292,22 @@ def gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
             for t in gguf.GGUFReader(str(path)).tensors}
 
 
+def lora_folder(model: torch.nn.Module, folder: Path, targets) -> np.ndarray:
+    """An r = 4, alpha 8 PEFT LoRA on ``targets`` of ``model`` (random A and B, as
+    helpers.peft_adapters.perturb_trainables makes them) saved to ``folder``; returns PEFT's
+    logits with it on IDS, (len(IDS), vocab) float64."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.peft_adapters import perturb_trainables
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                  init_lora_weights=False))
+    perturb_trainables(peft_model)
+    peft_model.save_pretrained(folder)
+    with torch.no_grad():
+        return peft_model.eval()(torch.tensor([IDS])).logits[0].double().numpy()
+
+
 def runtime_loras(root: Path, folders: dict[str, tuple[Path, Path]], bases: dict[str, Path]):
     """get(name) -> (our GGUF adapter of the PEFT folder, llama.cpp's logits of the GGUF base
     with it as the runtime LoRA), each computed once; ``folders``: name -> (HF base folder, PEFT

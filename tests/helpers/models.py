@@ -166,14 +166,43 @@ MORE_GGUF_ARCHS = {
     # saved by transformers 5 as block_sparse_moe.experts.{e}.w1/w2/w3, which LlamaModel stacks
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", {"num_local_experts": 4,
                                                         "num_experts_per_tok": 2}),
+    "hunyuan_v1_dense": ("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", {"head_dim": 16}),
+    # MLA (q_lora_rank, kv_lora_rank) and MHA, as MiniCPM3-4B
+    "minicpm3": ("MiniCPM3ForCausalLM", "MiniCPM3Config", {
+        "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8, "v_head_dim": 16}),
+    # layer 0 dense, layer 1 routed + one shared expert (first_k_dense_replace), as GLM-4.5
+    "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig", {
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "n_shared_experts": 1, "first_k_dense_replace": 1, "head_dim": 16}),
+    # MHA as dots.llm1 (with 2 kv heads llama.cpp finds attn_k the wrong shape). scoring_func:
+    # transformers' Dots1 gates with a sigmoid but does not write it, and without it llama.cpp's
+    # converter writes no gating function and llama.cpp aborts in build_moe_ffn
+    "dots1": ("Dots1ForCausalLM", "Dots1Config", {
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+        "moe_intermediate_size": 32, "first_k_dense_replace": 1, "num_key_value_heads": 4,
+        "scoring_func": "sigmoid"}),
+    # two shared experts of 24 = intermediate_size / num_key_value_heads, the shared size
+    # llama.cpp's Ernie4_5MoeModel writes (as ERNIE-4.5-21B-A3B: 12288 / 4 = 2 * 1536)
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeConfig", {
+        "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 24,
+        "moe_num_shared_experts": 2, "moe_layer_start_index": 1}),
+    "granitemoeshared": ("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 48}),
 }
 # what the arch's LoRA targets where "all-linear" would reach the fused routed experts (PEFT
 # wraps their 3-D parameters; llama.cpp's converter refuses those: "Unprocessed experts")
-ARCH_TARGETS = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ARCH_TARGETS = {"qwen3_moe": ATTENTION, "olmoe": ATTENTION, "mixtral": ATTENTION,
+                "glm4_moe": ATTENTION, "dots1": ATTENTION, "ernie4_5_moe": ATTENTION,
+                # the MLA projections take no runtime LoRA in llama.cpp (names.NO_RUNTIME_LORA)
+                "minicpm3": ["o_proj", "gate_proj", "up_proj", "down_proj"],
+                # shared_mlp.input_linear (fused gate/up, split by llama.cpp's converter) has no
+                # mapping here yet
+                "granitemoeshared": [*ATTENTION, "output_linear"]}
 # MoE architectures whose routed experts (and router) take a LoRA in GGUF (tests/test_moe_gguf.py)
-MOE_GGUF_ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
+MOE_GGUF_ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "glm4_moe",
+                  "dots1", "ernie4_5_moe")
 # MoE architectures tested in tests/test_moe_gguf.py only: PEFT 0.21.2 on transformers 5 remaps
 # any gate_proj / up_proj / down_proj target of deepseek_v3 to its fused experts' parameters
 # (peft/utils/transformers_weight_conversion.py _convert_peft_config_moe), so no LoRA reaches
@@ -193,11 +222,12 @@ MOE_ONLY_ARCHS = {
 }
 
 
-def make_arch_model(arch: str) -> torch.nn.Module:
-    """A tiny seeded transformers model of MORE_GGUF_ARCHS[arch], float32, eval mode."""
+def make_arch_model(arch: str, **overrides) -> torch.nn.Module:
+    """A tiny seeded transformers model of MORE_GGUF_ARCHS[arch], float32, eval mode;
+    ``overrides``: config kwargs over the table's (K-quant tests: sizes multiples of 256)."""
     import transformers as tf
 
     model_cls, config_cls, extra = MORE_GGUF_ARCHS.get(arch) or MOE_ONLY_ARCHS[arch]
     torch.manual_seed(4321)
-    config = getattr(tf, config_cls)(**{**ARCH_SMALL, **extra})
+    config = getattr(tf, config_cls)(**{**ARCH_SMALL, **extra, **overrides})
     return getattr(tf, model_cls)(config).float().eval()
