@@ -1,7 +1,7 @@
 """Executes a plan: read each base tensor once, fold, write it once, atomically.
 
-Reading the next tensor (a thread: its pages faulted into a mapping, or ``os.pread``; see
-``streams.Reads``) overlaps folding the current one and writing the one before (another thread:
+Reading the next tensors (a thread: ``os.pread`` into pooled buffers, in file order, one or two
+ahead; see ``streams.Reads`` and READ_AHEAD) overlaps folding the current one and writing the one before (another thread:
 files of 64 MB or more with O_DIRECT from double-buffered staging, smaller ones through the page
 cache 256 KB per call with writeback started every 64 MB; ``streams.open_sink``).
 Runs of tensors the adapters do not touch are copied inside the kernel (``copy_file_range``), so

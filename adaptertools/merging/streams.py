@@ -1,4 +1,4 @@
-"""Streaming I/O for the merge engine: mapped (or pread) source tensors, pooled buffers, writes
+"""Streaming I/O for the merge engine: pread (or mapped) source tensors, pooled buffers, writes
 in order on a background thread, and kernel-side copies of untouched byte ranges. No tensor
 maths here."""
 
