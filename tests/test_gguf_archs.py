@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers.gguf_base import (
     IDS,
+    check_q8_0_keep_merge,
     gguf_tensors,
     llama_cpp_bases,
     llama_logits,
@@ -311,21 +312,6 @@ def test_llama_cpp_adapter_merges_into_llama_cpp_base(arch, arch_files, gguf_bas
     assert len(changed) == len(gguf_tensors(theirs)) // 2    # every adapted tensor, no other
 
 
-def decoded(kind: str, data: np.ndarray) -> np.ndarray:
-    """A GGUF tensor's values in float64 (gguf-py's dequantization for block types)."""
-    if kind in ("F32", "F16"):
-        return data.astype(np.float64)
-    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).astype(np.float64)
-
-
-def q8_0_steps(data: np.ndarray) -> np.ndarray:
-    """Each value's Q8_0 step d (its block's fp16 scale), the shape of the decoded tensor:
-    a block is 2 bytes of d and 32 int8 values, x = d * q."""
-    blocks = data.reshape(*data.shape[:-1], -1, 34)
-    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float64)
-    return np.repeat(d, 32, axis=-1)
-
-
 # llama_model_quantize writes Qwen2-MoE's (1, hidden) ffn_gate_inp_shexp as 1-D (hidden,), and
 # the merge planner then refuses its (1, hidden) LoRA delta ("adapter delta (1, 64), base (64,)")
 SQUEEZED_BY_QUANTIZE = {"qwen2_moe"}
@@ -337,38 +323,12 @@ SQUEEZED_BY_QUANTIZE = {"qwen2_moe"}
 def test_keep_type_merge_into_q8_0_base_is_one_rounding(arch, built, gguf_bases, merged_f32,
                                                          q8_0_bases, tmp_path):
     """Into llama.cpp's Q8_0 quantization of the base (llama_model_quantize), keep-type: every
-    tensor keeps its type, untouched ones their bytes, and every adapted one holds (the base's
-    Q8_0 decoded + the delta our F32 merge adds, which the test above checks against llama.cpp's
-    runtime LoRA and PEFT) to one Q8_0 rounding. Q8_0 (ggml's quantize_row_q8_0_ref, gguf-py's
-    numpy copy) rounds q = round(x / d) with d = amax / 127 in fp32 and stores d in fp16, so
-    |x - fp16(d) q| <= d / 2 + 127 |d - fp16(d)| <= (1/2 + 127 * 2^-11) d per value, d its
-    block's step (2^-10 relative slack for the fp32 fold); F32 / F16 tensors llama.cpp left
-    unquantized to one rounding of their type. The delta is tens of those steps, so a
-    misplaced or missing delta cannot pass."""
-    base32, merged32 = gguf_tensors(gguf_bases[arch]), gguf_tensors(merged_f32(arch))
-    qbase = gguf_tensors(q8_0_bases(arch))
+    tensor keeps its type, untouched ones their bytes, and every adapted one holds the base's
+    Q8_0 decoded + the delta our F32 merge adds (which the test above checks against llama.cpp's
+    runtime LoRA and PEFT) to one Q8_0 rounding (helpers.gguf_base.check_q8_0_keep_merge)."""
     at.merge(q8_0_bases(arch), [built[arch].peft_dir], tmp_path / "ours.gguf")
-    ours = gguf_tensors(tmp_path / "ours.gguf")
-    assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in qbase.items()}
-    touched = {n for n in base32 if not np.array_equal(base32[n][1], merged32[n][1])}
-    assert touched and all(qbase[n][0] == "Q8_0" for n in touched if len(qbase[n][1].shape) > 1
-                           and base32[n][1].shape[-1] % 32 == 0)
-    worst = 0.0
-    for name, (kind, data) in ours.items():
-        if name not in touched:
-            assert np.array_equal(data, qbase[name][1]), name
-            continue
-        delta = merged32[name][1].astype(np.float64) - base32[name][1]
-        want = decoded(qbase[name][0], qbase[name][1]) + delta
-        err = np.abs(decoded(kind, data) - want)
-        if kind == "Q8_0":
-            step = q8_0_steps(data)
-            assert np.all(err <= (0.5 + 127 * 2.0**-11) * step * (1 + 2**-10)), name
-            worst = max(worst, float((err / step).max()))
-            assert np.abs(delta).max() > 10 * step.max(), name     # the test sees the delta
-        else:
-            ulp = 2.0**-23 if kind == "F32" else 2.0**-10
-            assert np.all(err <= ulp * np.abs(want) + 2.0**-24), (name, kind)
+    touched, worst = check_q8_0_keep_merge(gguf_bases[arch], merged_f32(arch), q8_0_bases(arch),
+                                           tmp_path / "ours.gguf")
     print(f"{arch} Q8_0: {len(touched)} adapted tensors, worst error {worst:.3f} steps")
 
 

@@ -323,3 +323,55 @@ def runtime_loras(root: Path, folders: dict[str, tuple[Path, Path]], bases: dict
             done[name] = ours, llama_logits(bases[name], ours)
         return done[name]
     return get
+
+
+def decoded(kind: str, data: np.ndarray) -> np.ndarray:
+    """A GGUF tensor's values in float64 (gguf-py's dequantization for block types)."""
+    import gguf
+
+    if kind in ("F32", "F16"):
+        return data.astype(np.float64)
+    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).astype(np.float64)
+
+
+def q8_0_steps(data: np.ndarray) -> np.ndarray:
+    """Each value's Q8_0 step d (its block's fp16 scale), the shape of the decoded tensor:
+    a block is 2 bytes of d and 32 int8 values, x = d * q."""
+    blocks = data.reshape(*data.shape[:-1], -1, 34)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float64)
+    return np.repeat(d, 32, axis=-1)
+
+
+def check_q8_0_keep_merge(base_f32: Path, merged_f32: Path, base_q8_0: Path,
+                          merged_q8_0: Path) -> tuple[set[str], float]:
+    """A keep-type merge into the Q8_0 base ``base_q8_0`` (llama.cpp's quantization of the F32
+    base ``base_f32``), against the same adapter merged into ``base_f32``: every tensor keeps
+    its type, untouched ones their bytes, and each adapted one holds (the Q8_0 base decoded +
+    the F32 merge's delta) to one Q8_0 rounding. Q8_0 (ggml's quantize_row_q8_0_ref, gguf-py's
+    numpy copy) rounds q = round(x / d) with d = amax / 127 in fp32 and stores d in fp16, so
+    |x - fp16(d) q| <= d / 2 + 127 |d - fp16(d)| <= (1/2 + 127 * 2^-11) d per value, d its
+    block's step (2^-10 relative slack for the fp32 fold); F32 / F16 tensors llama.cpp left
+    unquantized hold it to one rounding of their type. Each delta must be over 10 steps, so a
+    misplaced or missing one cannot pass. Returns (adapted tensors, worst error in steps)."""
+    base32, merged32 = gguf_tensors(base_f32), gguf_tensors(merged_f32)
+    qbase, ours = gguf_tensors(base_q8_0), gguf_tensors(merged_q8_0)
+    assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in qbase.items()}
+    touched = {n for n in base32 if not np.array_equal(base32[n][1], merged32[n][1])}
+    assert any(qbase[n][0] == "Q8_0" for n in touched)    # (llama.cpp keeps routers in F32)
+    worst = 0.0
+    for name, (kind, data) in ours.items():
+        if name not in touched:
+            assert np.array_equal(data, qbase[name][1]), name
+            continue
+        delta = merged32[name][1].astype(np.float64) - base32[name][1]
+        want = decoded(qbase[name][0], qbase[name][1]) + delta
+        err = np.abs(decoded(kind, data) - want)
+        if kind == "Q8_0":
+            step = q8_0_steps(data)
+            assert np.all(err <= (0.5 + 127 * 2.0**-11) * step * (1 + 2**-10)), name
+            worst = max(worst, float((err / step).max()))
+            assert np.abs(delta).max() > 10 * step.max(), name
+        else:
+            ulp = 2.0**-23 if kind == "F32" else 2.0**-10
+            assert np.all(err <= ulp * np.abs(want) + 2.0**-24), (name, kind)
+    return touched, worst
