@@ -126,7 +126,7 @@ def summarize(records: list[Survival], *, gguf: bool) -> dict | None:
                "rows": [asdict(s) for s in rows]}
     if median < LOW_SURVIVAL:
         routes = ("--requantize bf16 (a plain 16-bit model), merging into the unquantized model and "
-                  "quantizing the result once" if not gguf else
+                  "quantizing the result once with the tool that made this checkpoint" if not gguf else
                   "merge into the F16/BF16 base with --quantize-like REF.gguf (one quantization "
                   "instead of two), --requantize f16 or q8_0")
         summary["warning"] = (
