@@ -594,5 +594,10 @@ def gguf_target(name: str, w: LoraWeight | None, info, entries) -> tuple[str, Lo
     # rows moved (RoPE permutation, fused q/k/v regrouped): their norms and biases move too
     magnitude = to_gguf_rows(name, info, w.magnitude) if w.magnitude is not None else None
     bias = to_gguf_rows(name, info, w.bias) if w.bias is not None else None
+    # llama.cpp's quantizer writes a (1, n) tensor (Qwen2-MoE's ffn_gate_inp_shexp) as (n,):
+    # the same values, so the (1, n) delta folds onto it (the fold reshapes to (rows, cols))
+    stored = tuple(entries[gguf_name].shape)
+    squeezed = stored if len(stored) == 1 and int(b.shape[0]) * int(a.shape[1]) == stored[0] \
+        and 1 in (int(b.shape[0]), int(a.shape[1])) else None
     return gguf_name, LoraWeight(a=a, b=b, scale=w.scale, layer="linear", magnitude=magnitude,
-                                 bias=bias)
+                                 bias=bias, weight_shape=squeezed)
