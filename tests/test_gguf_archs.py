@@ -312,14 +312,7 @@ def test_llama_cpp_adapter_merges_into_llama_cpp_base(arch, arch_files, gguf_bas
     assert len(changed) == len(gguf_tensors(theirs)) // 2    # every adapted tensor, no other
 
 
-# llama_model_quantize writes Qwen2-MoE's (1, hidden) ffn_gate_inp_shexp as 1-D (hidden,), and
-# the merge planner then refuses its (1, hidden) LoRA delta ("adapter delta (1, 64), base (64,)")
-SQUEEZED_BY_QUANTIZE = {"qwen2_moe"}
-
-
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.xfail(
-    strict=True, reason="merge planner: a (1, n) delta on the (n,) tensor llama.cpp's quantizer "
-    "wrote")) if a in SQUEEZED_BY_QUANTIZE else a for a in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_keep_type_merge_into_q8_0_base_is_one_rounding(arch, built, gguf_bases, merged_f32,
                                                          q8_0_bases, tmp_path):
     """Into llama.cpp's Q8_0 quantization of the base (llama_model_quantize), keep-type: every

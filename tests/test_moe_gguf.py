@@ -231,10 +231,7 @@ def test_merge_into_llama_cpp_base_matches_runtime_lora(arch, built, gguf_bases,
         <= changed
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.xfail(
-    strict=True, reason="merge planner: llama_model_quantize writes Qwen2-MoE's (1, hidden) "
-    "ffn_gate_inp_shexp 1-D, and its (1, hidden) delta is refused")) if a == "qwen2_moe" else a
-    for a in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_expert_keep_type_merge_into_q8_0_base_is_one_rounding(arch, built, gguf_bases,
                                                                tmp_path):
     """Into llama.cpp's Q8_0 quantization of the base, keep-type: the 3-D expert tensors (and
