@@ -89,7 +89,8 @@ def measure(work: Path, size: str, cache: str, runs: int, peft: bool) -> Row:
     base, adapter = make_inputs(work, size)
     row = Row(size, cache, folder_bytes(base))
     dst, out, log = work / "cp-dst", work / "merged", work / "log"
-    cp = ["sh", "-c", f"cp -r '{base}' '{dst}' && sync"]
+    # sync of the copy's own files (as coldread.py): a bare sync also waits for other writers
+    cp = ["sh", "-c", f"cp -r '{base}' '{dst}' && find '{dst}' -type f -exec sync {{}} +"]
     merge = [*merge_cli(), "merge", str(base), str(adapter), "--out", str(out), "--quiet"]
     for _ in range(runs):
         settle([dst, out], [base, adapter], cache)
