@@ -29,6 +29,9 @@ from dataclasses import replace
 
 from ..errors import FormatError, UnsupportedError
 from ..merging.expert_slices import PER_EXPERT as PER_EXPERT_NAME
+from ..merging.expert_slices import SAVED_NAMES
+from ..merging.expert_slices import SAVED_RENAMES as RENAMED
+from ..merging.expert_slices import expert_names as _expert_names
 
 # llama.cpp architectures whose routed experts take a LoRA (names.HF_ARCHITECTURES), with the
 # converter class whose expert layout the split below follows
@@ -50,15 +53,9 @@ EXPERT_ARCHS = {
 SPLITS = {"gate_up_proj": (("gate_proj", 0, 2), ("up_proj", 1, 2)),
           "gate_proj": (("gate_proj", 0, 1),), "up_proj": (("up_proj", 0, 1),),
           "down_proj": (("down_proj", 0, 1),)}
-# the per-expert names a saved checkpoint may hold for each fused parameter (transformers 5
-# saves the transformers-4 layout back: mlp.experts.{e}.gate_proj, Mixtral's w1/w3/w2)
-SAVED_NAMES = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
-              "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",)),
-              "down_proj": (("down_proj",), ("w2",))}
 # architectures whose converter splits kv_b_proj per head into attn_k_b / attn_v_b (split_kv_b);
 # minicpm3 (minicpm.py MiniCPM3Model) stores it whole, as attn_kv_b
 KV_B_SPLIT = frozenset({"deepseek2"})
-RENAMED = (("mlp.", "block_sparse_moe."),)     # transformers 5's Mixtral module, as saved
 # the per-expert HF names a GGUF expert tensor maps back to when no base weights say which
 # (llama.cpp's converter stacks these: LlamaModel Mixtral's, the others' mlp.experts.{e})
 PER_EXPERT_NAMING = {"llama": r"model\.layers\.\d+\.block_sparse_moe\.experts\.w[123]"}
@@ -238,27 +235,6 @@ def _stacked(owner: str, names: tuple[str, ...], shapes: dict) -> tuple[int, ...
         return None
     first = [tuple(shapes[n]) for n in stack[0]]
     return (len(stack), sum(s[0] for s in first), first[0][1])
-
-
-def _expert_names(owner: str, names: tuple[str, ...], shapes: dict) -> list[list[str]]:
-    """``[[owner.{e}.{name}.weight for name in names] for e]`` while every one is in shapes."""
-    stack: list[list[str]] = []
-    while all(f"{owner}.{len(stack)}.{n}.weight" in shapes for n in names):
-        stack.append([f"{owner}.{len(stack)}.{n}.weight" for n in names])
-    return stack
-
-
-def per_expert_stack(name: str, shapes: dict) -> list[list[str]] | None:
-    """For the fused expert parameter ``name`` (``...mlp.experts.gate_up_proj``): the names of
-    the per-expert tensors a saved checkpoint holds for it, per expert in row order (gate, up),
-    or None when ``shapes`` has none."""
-    for candidate in [name] + [name.replace(old, new) for old, new in RENAMED if old in name]:
-        owner, _, param = candidate.rpartition(".")
-        for names in SAVED_NAMES.get(param, ()):
-            stack = _expert_names(owner, names, shapes)
-            if stack:
-                return stack
-    return None
 
 
 def regroup(pieces: dict[str, list], where) -> dict:

@@ -26,6 +26,12 @@ FUSED = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0),
          "up_proj": ("gate_up_proj", 1), "w3": ("gate_up_proj", 1),
          "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
 RENAMED = (("block_sparse_moe.", "mlp."),)     # transformers 5's Mixtral module rename
+SAVED_RENAMES = tuple((new, old) for old, new in RENAMED)    # ... and back, as it saves them
+# the per-expert names a saved checkpoint may hold for each fused parameter (transformers 5
+# saves the transformers-4 layout back: mlp.experts.{e}.gate_proj, Mixtral's w1/w3/w2)
+SAVED_NAMES = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+              "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",)),
+              "down_proj": (("down_proj",), ("w2",))}
 
 
 def _fused_name(stem: str, param: str, known) -> str | None:
@@ -104,9 +110,6 @@ def split_fused(adapter, known: dict, adapter_name: str):
     split into one 2-D target_parameters LoRA per expert and projection: expert e's delta is
     B3[rows, :, e] @ A3[e] with A3 = A (E, r, in) and B3 = B (out, r, E) (kernels/param_lora.py),
     the rows of gate_up_proj split gate first, as transformers 5's conversion concatenates them."""
-    from ..formats.gguf_experts import RENAMED as SAVED_RENAMES
-    from ..formats.gguf_experts import per_expert_stack
-
     weights, changed = {}, False
     for name, w in adapter.weights.items():
         if name in known or getattr(w, "layer", None) != "param" or w.transposed:
@@ -151,3 +154,24 @@ def _per_expert_loras(name: str, w, stack: list[list[str]], known: dict, adapter
                                         scale=w.scale, num_experts=1)
             start += count
     return out
+
+
+def expert_names(owner: str, names: tuple[str, ...], shapes: dict) -> list[list[str]]:
+    """``[[owner.{e}.{name}.weight for name in names] for e]`` while every one is in shapes."""
+    stack: list[list[str]] = []
+    while all(f"{owner}.{len(stack)}.{n}.weight" in shapes for n in names):
+        stack.append([f"{owner}.{len(stack)}.{n}.weight" for n in names])
+    return stack
+
+
+def per_expert_stack(name: str, shapes: dict) -> list[list[str]] | None:
+    """For the fused expert parameter ``name`` (``...mlp.experts.gate_up_proj``): the names of
+    the per-expert tensors a saved checkpoint holds for it, per expert in row order (gate, up),
+    or None when ``shapes`` has none."""
+    for candidate in [name] + [name.replace(old, new) for old, new in SAVED_RENAMES if old in name]:
+        owner, _, param = candidate.rpartition(".")
+        for names in SAVED_NAMES.get(param, ()):
+            stack = expert_names(owner, names, shapes)
+            if stack:
+                return stack
+    return None
