@@ -422,7 +422,7 @@ def test_missing_scb_is_format_error(bnb_case, tmp_path):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda q: q.update(bnb_4bit_quant_storage="bfloat16"), "bnb_4bit_quant_storage 'bfloat16'"),
-    (lambda q: q.update(quant_method="gptq"), "quant_method 'gptq' is not supported"),
+    (lambda q: q.update(quant_method="hqq"), "quant_method 'hqq' is not supported"),
     (lambda q: q.update(load_in_8bit=True, _load_in_8bit=True), "exactly one of load_in_4bit"),
 ])
 def test_unsupported_bnb_config(bnb_case, tmp_path, edit, message):
