@@ -48,6 +48,7 @@ from helpers.quantized_bases import (
     rel_l2,
     scaled_lora,
     tiny_llama,
+    within_one_rounding,
 )
 from safetensors.torch import load_file
 
@@ -61,7 +62,6 @@ HIDDEN, INTER = 256, 320
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 REL = 0.02
 FP32_LOGITS = 1e-5       # relative L2, fp32 compute of a 2-layer model (FORMATS.md: ~1e-6)
-BF16_ULP = 2.0 ** -7     # spacing of bf16 values in [1, 2)
 Q = "model.layers.0.self_attn.q_proj"
 FP8_ACT = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
 INT8_ACT = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -360,9 +360,7 @@ def check_bf16(case, name, out):
             continue
         assert stored[key].dtype == torch.bfloat16, key
         ref = w.double() + deltas.get(key, 0)
-        err = (stored[key].double() - ref).abs()
-        binade = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))))
-        assert bool((err <= BF16_ULP * binade).all()), key            # within one bf16 rounding
+        assert within_one_rounding(stored[key], ref), key            # within one bf16 rounding
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert getattr(model.config, "quantization_config", None) is None
 

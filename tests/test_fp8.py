@@ -42,6 +42,7 @@ from helpers.quantized_bases import (
     tiny_llama,
     transformers_fp8_dequantize,
     transformers_fp8_quantize,
+    within_one_rounding,
 )
 from safetensors.torch import load_file
 
@@ -54,7 +55,6 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 REL = 0.02
 BLOCK = (128, 128)
 FP32_LOGITS = 1e-5       # relative L2, fp32 compute of a 2-layer model (FORMATS.md: ~1e-6)
-BF16_ULP = 2.0 ** -7     # spacing of bf16 values in [1, 2)
 Q = "model.layers.0.self_attn.q_proj.weight"
 
 
@@ -278,9 +278,7 @@ def test_requantize_bf16_is_a_plain_model(case, tmp_path):
             continue
         assert stored[name].dtype == torch.bfloat16, name
         ref = w.double() + deltas[REL].get(name, 0)
-        err = (stored[name].double() - ref).abs()
-        binade = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))))
-        assert bool((err <= BF16_ULP * binade).all()), name          # within one bf16 rounding
+        assert within_one_rounding(stored[name], ref), name          # within one bf16 rounding
         assert float((stored[name] != ref.to(torch.bfloat16)).double().mean()) < 1e-3, name
     assert report["survival"]["median_cosine"] > 0.98
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

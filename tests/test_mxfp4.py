@@ -53,6 +53,7 @@ from helpers.quantized_bases import (
     round_up_exponents,
     scaled_lora,
     tiny_gpt_oss,
+    within_one_rounding,
 )
 from safetensors.torch import load_file, save_file
 
@@ -64,7 +65,6 @@ pytest.importorskip("transformers.integrations.mxfp4")
 TARGETS = ["q_proj", "v_proj", "o_proj"]
 REL = 0.02
 FP32_LOGITS = 1e-5       # relative L2, fp32 compute of a 2-layer model (FORMATS.md: ~1e-6)
-BF16_ULP = 2.0 ** -7     # spacing of bf16 values in [1, 2)
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
 GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -262,9 +262,7 @@ def test_requantize_bf16_is_a_plain_model(case, tmp_path):
             assert torch.equal(stored[name].float(), w), name
             continue
         ref = w.double() + deltas[name]
-        err = (stored[name].double() - ref).abs()
-        binade = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))))
-        assert bool((err <= BF16_ULP * binade).all()), name          # within one bf16 rounding
+        assert within_one_rounding(stored[name], ref), name          # within one bf16 rounding
     assert stored[GATE_UP].shape == (4, 64, 192)
     model = load_transformers(out)
     assert getattr(model.config, "quantization_config", None) is None
