@@ -150,6 +150,8 @@ def changes_survival(name: str, type_name: str, merged: torch.Tensor, realized: 
     ``realized - weight`` (all fp32, the same shape), SCORE_ROWS rows at a time: the two
     differences never exist at full size (2 x 46 MB for a 5632 x 2048 weight). Sums of the
     per-step fp32 reductions in float64; the score equals the one-shot one to about 1e-6."""
+    from .quantized import from_sums
+
     flat = [t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
             for t in (merged, realized, weight)]
     dot = ii = rr = dd = 0.0
@@ -162,13 +164,7 @@ def changes_survival(name: str, type_name: str, merged: torch.Tensor, realized: 
         rr += float(torch.dot(d, d))
         d.sub_(i)                                  # realized - intended
         dd += float(torch.dot(d, d))
-    norm_i, norm_r = math.sqrt(ii), math.sqrt(rr)
-    if norm_i and norm_r:
-        cosine = min(1.0, max(-1.0, dot / (norm_i * norm_r)))
-    else:
-        cosine = 1.0 if norm_i == norm_r else 0.0
-    rel_error = math.sqrt(dd) / norm_i if norm_i else float(norm_r > 0)
-    return Survival(name, type_name, cosine, rel_error)
+    return from_sums(name, type_name, dot, math.sqrt(ii), math.sqrt(rr), math.sqrt(dd))
 
 
 # ----------------------------------------------------------------------------- plan

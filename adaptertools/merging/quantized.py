@@ -104,13 +104,21 @@ def survival(name: str, type_name: str, intended: torch.Tensor, realized: torch.
     per large tensor. ``scratch``: ``realized`` may be overwritten (no full-size temporary)."""
     i, r = intended.float().reshape(-1), realized.float().reshape(-1)
     norm_i, norm_r = float(torch.linalg.vector_norm(i)), float(torch.linalg.vector_norm(r))
-    if norm_i and norm_r:
-        cosine = min(1.0, max(-1.0, float(torch.dot(i, r)) / (norm_i * norm_r)))
-    else:
-        cosine = 1.0 if norm_i == norm_r else 0.0
+    dot = float(torch.dot(i, r)) if norm_i and norm_r else 0.0
     # one pass; torch.dist is 3-4x slower on one thread
     difference = r.sub_(i) if scratch else torch.sub(r, i)
-    rel_error = float(torch.linalg.vector_norm(difference)) / norm_i if norm_i else float(norm_r > 0)
+    return from_sums(name, type_name, dot, norm_i, norm_r, float(torch.linalg.vector_norm(difference)))
+
+
+def from_sums(name: str, type_name: str, dot: float, norm_i: float, norm_r: float,
+              norm_difference: float) -> Survival:
+    """The score from <intended, realized>, their norms and ||realized - intended||: a change
+    that vanished on both sides survived (cosine 1), on one side only not (0)."""
+    if norm_i and norm_r:
+        cosine = min(1.0, max(-1.0, dot / (norm_i * norm_r)))
+    else:
+        cosine = 1.0 if norm_i == norm_r else 0.0
+    rel_error = norm_difference / norm_i if norm_i else float(norm_r > 0)
     return Survival(name, type_name, cosine, rel_error)
 
 
